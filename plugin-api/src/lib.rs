@@ -1,0 +1,23 @@
+//! Contracts between the SealDB server and its plugins.
+//!
+//! This crate is deliberately small and has no heavy dependencies: a storage backend, a key
+//! management service or a user directory implements one trait from here and nothing else.
+//!
+//! * [`IndexStore`] — an ordered key/value store with atomic batches. It only ever sees sealed
+//!   (encrypted and authenticated) values; see the server's `docs/FORMAT.md` for what the keys
+//!   and values are.
+//! * [`KmsProvider`] — wraps and unwraps index key-encryption keys with an external KMS.
+//! * [`UserStore`] — keeps per-index user records for RBAC.
+//!
+//! All traits are object safe (`Arc<dyn IndexStore>` is how the server holds them) and their
+//! methods are blocking: the server calls them from its blocking thread pool, never from an
+//! async task, so an implementation may do file or network I/O directly. This also keeps them
+//! expressible over a plain C ABI for dynamically loaded plugins.
+
+pub mod kms;
+pub mod store;
+pub mod users;
+
+pub use kms::{KmsError, KmsProvider};
+pub use store::{IndexStore, StoreError, WriteBatch, WriteOp};
+pub use users::{UserStore, UserStoreError};

@@ -1,0 +1,205 @@
+//! Store keys and record encodings. `docs/FORMAT.md` describes every byte; keep them in step.
+//!
+//! Every value except the clear header of a meta record is sealed with AES-256-GCM under the
+//! index's record key, with associated data `"SDB1" || store key`: a sealed value only opens
+//! under the exact key it was written at, so a blob swapped, copied or moved inside the store
+//! fails to open instead of returning another record's data.
+
+use super::EngineError;
+
+/// Format version written into meta records and associated data.
+pub const FORMAT_VERSION: u8 = 1;
+/// Magic at the start of a meta record.
+pub const META_MAGIC: &[u8; 4] = b"SDBM";
+/// Length of index ids.
+pub const INDEX_ID_LEN: usize = 16;
+
+/// Record kinds: the first byte of every store key.
+pub mod kind {
+    /// `M || index name` -> meta record (clear header, wrapped DEK, sealed config).
+    pub const META: u8 = b'M';
+    /// `S || index id` -> sealed index state.
+    pub const STATE: u8 = b'S';
+    /// `C || index id || gen` -> sealed centroids of one training generation.
+    pub const CENTROIDS: u8 = b'C';
+    /// `L || index id || gen || list || block` -> sealed posting-list block.
+    pub const LIST: u8 = b'L';
+    /// `I || index id || locator` -> sealed item record (id and contents).
+    pub const ITEM: u8 = b'I';
+    /// `U || index id || user id` -> sealed user record (RBAC).
+    pub const USER: u8 = b'U';
+}
+
+pub type IndexId = [u8; INDEX_ID_LEN];
+
+pub fn meta_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(kind::META);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn scoped_prefix(kind: u8, id: &IndexId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + INDEX_ID_LEN + 12);
+    k.push(kind);
+    k.extend_from_slice(id);
+    k
+}
+
+pub fn state_key(id: &IndexId) -> Vec<u8> {
+    scoped_prefix(kind::STATE, id)
+}
+
+pub fn centroids_key(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::CENTROIDS, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn list_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::LIST, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn block_key(id: &IndexId, gen: u32, list: u32, block: u32) -> Vec<u8> {
+    let mut k = list_gen_prefix(id, gen);
+    k.extend_from_slice(&list.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+/// Parse `(list, block)` out of a block key produced by [`block_key`].
+pub fn parse_block_key(key: &[u8]) -> Option<(u32, u32)> {
+    let tail = key.get(1 + INDEX_ID_LEN + 4..)?;
+    if tail.len() != 8 {
+        return None;
+    }
+    Some((
+        u32::from_be_bytes(tail[..4].try_into().ok()?),
+        u32::from_be_bytes(tail[4..].try_into().ok()?),
+    ))
+}
+
+pub fn item_key(id: &IndexId, locator: &[u8; 16]) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::ITEM, id);
+    k.extend_from_slice(locator);
+    k
+}
+
+/// Associated data for the sealed value stored at `store_key`.
+pub fn aad(store_key: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(4 + store_key.len());
+    a.extend_from_slice(b"SDB");
+    a.push(b'0' + FORMAT_VERSION);
+    a.extend_from_slice(store_key);
+    a
+}
+
+/// Little-endian byte writer.
+#[derive(Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// `u32 length || bytes`.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+        self
+    }
+    pub fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+}
+
+/// Little-endian byte reader; every read is bounds-checked and reports corruption.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, what }
+    }
+    fn corrupt(&self) -> EngineError {
+        EngineError::Corrupt(format!("truncated {}", self.what))
+    }
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], EngineError> {
+        if self.buf.len() < n {
+            return Err(self.corrupt());
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    pub fn u8(&mut self) -> Result<u8, EngineError> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn u32(&mut self) -> Result<u32, EngineError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    pub fn u64(&mut self) -> Result<u64, EngineError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    pub fn bytes(&mut self) -> Result<&'a [u8], EngineError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    pub fn str(&mut self) -> Result<&'a str, EngineError> {
+        let what = self.what;
+        std::str::from_utf8(self.bytes()?)
+            .map_err(|_| EngineError::Corrupt(format!("invalid UTF-8 in {what}")))
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_keys_sort_by_list_then_block_and_parse_back() {
+        let id = [7u8; INDEX_ID_LEN];
+        let a = block_key(&id, 1, 2, 300);
+        let b = block_key(&id, 1, 3, 0);
+        assert!(a < b);
+        assert!(a.starts_with(&list_gen_prefix(&id, 1)));
+        assert_eq!(parse_block_key(&a), Some((2, 300)));
+        assert_eq!(parse_block_key(&a[..10]), None);
+    }
+
+    #[test]
+    fn reader_reports_truncation() {
+        let mut w = Writer::default();
+        w.u32(7).bytes(b"abc");
+        let mut r = Reader::new(&w.0, "test");
+        assert_eq!(r.u32().unwrap(), 7);
+        assert_eq!(r.str().unwrap(), "abc");
+        assert!(r.is_empty());
+        let mut r = Reader::new(&w.0[..6], "test");
+        r.u32().unwrap();
+        assert!(matches!(r.bytes(), Err(EngineError::Corrupt(_))));
+    }
+}

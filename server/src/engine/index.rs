@@ -1,0 +1,968 @@
+//! One open index: its keys, its posting lists in memory, and every operation on it.
+//!
+//! Concurrency: `writer` serialises everything that changes the index (upsert, delete, the
+//! final step of training, deleting the index). A writer prepares its change under a *read*
+//! lock of `data` (queries keep running), writes it to the store in one atomic batch, and only
+//! then takes the write lock for the moment it needs to install the change in memory. So a
+//! failed store write leaves memory untouched, and memory never shows what the store lacks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
+use sealdb_plugin_api::{IndexStore, WriteBatch};
+use serde_json::Value;
+
+use super::distance::{self, Metric};
+use super::filter::Filter;
+use super::format::{self as fmt, IndexId, Reader, Writer};
+use super::kmeans::{self, KMeansParams};
+use super::{EngineError, IndexConfig, Precision};
+use crate::keys::{IndexKeys, KeyFingerprint, Kek};
+
+/// Target plaintext size of one posting-list block.
+const BLOCK_BYTES: usize = 64 * 1024;
+
+/// A posting-list block in memory.
+#[derive(Clone, Default)]
+pub(crate) struct Block {
+    ids: Vec<String>,
+    vecs: Vec<f32>,
+    inv_norms: Vec<f32>,
+    meta: Vec<Option<Arc<Value>>>,
+}
+
+impl Block {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>) {
+        self.ids.push(id);
+        self.vecs.extend_from_slice(vec);
+        self.inv_norms.push(distance::inv_norm(vec));
+        self.meta.push(meta);
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.ids.iter().position(|x| x == id)
+    }
+
+    fn swap_remove(&mut self, pos: usize, dim: usize) {
+        let last = self.ids.len() - 1;
+        self.ids.swap_remove(pos);
+        self.inv_norms.swap_remove(pos);
+        self.meta.swap_remove(pos);
+        if pos != last {
+            let (head, tail) = self.vecs.split_at_mut(last * dim);
+            head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
+        }
+        self.vecs.truncate(last * dim);
+    }
+
+    fn vector(&self, pos: usize, dim: usize) -> &[f32] {
+        &self.vecs[pos * dim..(pos + 1) * dim]
+    }
+
+    /// Plaintext encoding; see docs/FORMAT.md "Posting-list block".
+    fn encode(&self, dim: usize, precision: Precision) -> Vec<u8> {
+        let mut w = Writer::with_capacity(10 + self.len() * (24 + dim * 4));
+        w.u8(1).u8(precision.code()).u32(dim as u32).u32(self.len() as u32);
+        for (id, meta) in self.ids.iter().zip(&self.meta) {
+            w.bytes(id.as_bytes());
+            match meta {
+                Some(m) => w.bytes(&serde_json::to_vec(m.as_ref()).unwrap_or_default()),
+                None => w.bytes(b""),
+            };
+        }
+        precision.encode_into(&self.vecs, &mut w.0);
+        w.0
+    }
+
+    fn decode(buf: &[u8]) -> Result<(Block, usize), EngineError> {
+        let mut r = Reader::new(buf, "posting-list block");
+        if r.u8()? != 1 {
+            return Err(EngineError::Corrupt("unknown posting-list block version".into()));
+        }
+        let precision = Precision::from_code(r.u8()?)
+            .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
+        let dim = r.u32()? as usize;
+        let n = r.u32()? as usize;
+        let mut b = Block::default();
+        for _ in 0..n {
+            b.ids.push(r.str()?.to_owned());
+            let m = r.bytes()?;
+            b.meta.push(if m.is_empty() {
+                None
+            } else {
+                Some(Arc::new(serde_json::from_slice(m).map_err(|_| {
+                    EngineError::Corrupt("bad metadata in posting-list block".into())
+                })?))
+            });
+        }
+        b.vecs = precision.decode(r.rest(), n * dim)?;
+        b.inv_norms = b.vecs.chunks_exact(dim.max(1)).map(distance::inv_norm).collect();
+        if dim == 0 {
+            b.inv_norms = vec![0.0; n];
+        }
+        Ok((b, dim))
+    }
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct PostingList {
+    blocks: BTreeMap<u32, Arc<Block>>,
+}
+
+/// Everything about the index that changes, as held in memory.
+#[derive(Default)]
+pub(crate) struct Data {
+    pub dimension: u32,
+    pub gen: u32,
+    pub trained: bool,
+    centroids: Vec<f32>,
+    lists: Vec<PostingList>,
+    locate: HashMap<String, (u32, u32)>,
+}
+
+impl Data {
+    pub fn n_lists(&self) -> usize {
+        self.lists.len().max(1)
+    }
+    pub fn count(&self) -> usize {
+        self.locate.len()
+    }
+    fn block(&self, list: u32, block: u32) -> Option<&Arc<Block>> {
+        self.lists.get(list as usize)?.blocks.get(&block)
+    }
+}
+
+/// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
+pub(crate) fn encode_state(dimension: u32, gen: u32, trained: bool, n_lists: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u8(1).u32(dimension).u32(gen).u8(trained as u8).u32(n_lists);
+    w.0
+}
+
+fn decode_state(buf: &[u8]) -> Result<(u32, u32, bool, u32), EngineError> {
+    let mut r = Reader::new(buf, "state record");
+    if r.u8()? != 1 {
+        return Err(EngineError::Corrupt("unknown state record version".into()));
+    }
+    Ok((r.u32()?, r.u32()?, r.u8()? != 0, r.u32()?))
+}
+
+/// How requests prove they may use the index's key.
+pub(crate) enum KeyCheck {
+    /// The client supplies the KEK on every call; we remember only a fingerprint.
+    Client(KeyFingerprint),
+}
+
+/// What an item looks like on the way in.
+pub struct NewItem {
+    pub id: String,
+    pub vector: Vec<f32>,
+    pub metadata: Option<serde_json::Map<String, Value>>,
+    pub contents: Option<String>,
+}
+
+/// Which optional fields a query or get should return.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Include {
+    pub distance: bool,
+    pub metadata: bool,
+    pub vector: bool,
+    pub contents: bool,
+}
+
+/// One search result.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub id: String,
+    pub distance: f32,
+    pub metadata: Option<Arc<Value>>,
+    pub vector: Option<Vec<f32>>,
+    pub contents: Option<String>,
+}
+
+/// One `get` result.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub id: String,
+    pub metadata: Option<Arc<Value>>,
+    pub vector: Option<Vec<f32>>,
+    pub contents: Option<String>,
+}
+
+/// Search knobs, resolved by the caller.
+#[derive(Debug, Clone)]
+pub struct SearchParams {
+    pub top_k: usize,
+    pub n_probes: Option<usize>,
+    pub greedy: bool,
+    pub filter: Option<Filter>,
+    pub include: Include,
+}
+
+/// Training knobs; `None` means "choose".
+#[derive(Debug, Clone, Default)]
+pub struct TrainParams {
+    pub n_lists: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_iters: Option<usize>,
+    pub tolerance: Option<f64>,
+    pub max_memory_mb: Option<usize>,
+}
+
+/// Auto `n_lists`: the power of two nearest to sqrt(n) (on a log scale), between 1 and 65536.
+pub fn auto_n_lists(n: usize) -> usize {
+    if n < 4 {
+        return 1;
+    }
+    let root = (n as f64).sqrt();
+    let exp = root.log2().round().clamp(0.0, 16.0) as u32;
+    1usize << exp
+}
+
+/// Auto `n_probes` for a trained index.
+pub fn auto_n_probes(n_lists: usize) -> usize {
+    (n_lists / 8).clamp(8.min(n_lists), 256).max(1)
+}
+
+/// An open index.
+pub struct Index {
+    pub name: String,
+    pub id: IndexId,
+    pub config: IndexConfig,
+    keys: IndexKeys,
+    key_check: KeyCheck,
+    store: Arc<dyn IndexStore>,
+    writer: Mutex<()>,
+    training: Mutex<()>,
+    data: RwLock<Data>,
+    deleted: AtomicBool,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+struct UpsertPlan {
+    touched: HashMap<(u32, u32), Block>,
+    locate: Vec<(String, (u32, u32))>,
+    dimension: u32,
+}
+
+impl Index {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        name: String,
+        id: IndexId,
+        config: IndexConfig,
+        keys: IndexKeys,
+        key_check: KeyCheck,
+        store: Arc<dyn IndexStore>,
+        data: Data,
+    ) -> Self {
+        Self {
+            name,
+            id,
+            config,
+            keys,
+            key_check,
+            store,
+            writer: Mutex::new(()),
+            training: Mutex::new(()),
+            data: RwLock::new(data),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// Load the mutable part of an index from the store (state, centroids, blocks).
+    pub(crate) fn load_data(
+        store: &dyn IndexStore,
+        id: &IndexId,
+        keys: &IndexKeys,
+        declared_dim: u32,
+    ) -> Result<Data, EngineError> {
+        let sk = fmt::state_key(id);
+        let (dimension, gen, trained, n_lists) = match store.get(&sk)? {
+            Some(sealed) => decode_state(&keys.open(&fmt::aad(&sk), &sealed).map_err(corrupt)?)?,
+            None => (declared_dim, 0, false, 1),
+        };
+        let mut data = Data {
+            dimension,
+            gen,
+            trained,
+            lists: vec![PostingList::default(); n_lists.max(1) as usize],
+            ..Data::default()
+        };
+        if trained {
+            let ck = fmt::centroids_key(id, gen);
+            let sealed = store
+                .get(&ck)?
+                .ok_or_else(|| EngineError::Corrupt("centroids record missing".into()))?;
+            let raw = keys.open(&fmt::aad(&ck), &sealed).map_err(corrupt)?;
+            data.centroids = Precision::F32.decode(&raw, n_lists as usize * dimension as usize)?;
+        }
+        let records = store.scan_prefix(&fmt::list_gen_prefix(id, gen))?;
+        let blocks: Vec<(u32, u32, Block)> = records
+            .par_iter()
+            .map(|(k, v)| {
+                let (list, bno) = fmt::parse_block_key(k)
+                    .ok_or_else(|| EngineError::Corrupt("malformed block key".into()))?;
+                let plain = keys.open(&fmt::aad(k), v).map_err(corrupt)?;
+                let (block, _) = Block::decode(&plain)?;
+                Ok((list, bno, block))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        for (list, bno, block) in blocks {
+            let pl = data
+                .lists
+                .get_mut(list as usize)
+                .ok_or_else(|| EngineError::Corrupt("block of a list that does not exist".into()))?;
+            for id in &block.ids {
+                data.locate.insert(id.clone(), (list, bno));
+            }
+            pl.blocks.insert(bno, Arc::new(block));
+        }
+        Ok(data)
+    }
+
+    /// Check the key a request brought against the one that opened the index.
+    pub(crate) fn check_key(&self, kek: Option<&Kek>) -> Result<(), EngineError> {
+        match &self.key_check {
+            KeyCheck::Client(fp) => match kek {
+                None => Err(EngineError::MissingKey(self.name.clone())),
+                Some(k) if fp.matches(&KeyFingerprint::of(k, &self.id)) => Ok(()),
+                Some(_) => Err(EngineError::WrongKey(self.name.clone())),
+            },
+        }
+    }
+
+    fn ensure_live(&self) -> Result<(), EngineError> {
+        if self.deleted.load(Ordering::Acquire) {
+            Err(EngineError::NotFound(self.name.clone()))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn mark_deleted(&self) -> parking_lot::MutexGuard<'_, ()> {
+        let g = self.writer.lock();
+        self.deleted.store(true, Ordering::Release);
+        g
+    }
+
+    /// A consistent read view of the index.
+    pub(crate) fn read(&self) -> parking_lot::RwLockReadGuard<'_, Data> {
+        self.data.read()
+    }
+
+    fn block_cap(dim: usize, precision: Precision) -> usize {
+        (BLOCK_BYTES / (dim.max(1) * precision.bytes())).clamp(16, 4096)
+    }
+
+    fn seal_block(&self, gen: u32, list: u32, bno: u32, block: &Block, dim: usize) -> (Vec<u8>, Vec<u8>) {
+        let key = fmt::block_key(&self.id, gen, list, bno);
+        let sealed = self
+            .keys
+            .seal(&fmt::aad(&key), &block.encode(dim, self.config.precision));
+        (key, sealed)
+    }
+
+    fn assign_list(&self, d: &Data, v: &[f32]) -> u32 {
+        if !d.trained || d.lists.len() <= 1 {
+            return 0;
+        }
+        let dim = d.dimension as usize;
+        if self.config.metric.is_angular() {
+            kmeans::nearest(&distance::normalized(v), &d.centroids, dim).0 as u32
+        } else {
+            kmeans::nearest(v, &d.centroids, dim).0 as u32
+        }
+    }
+
+    /// Insert or overwrite items. All items are validated first; on any error nothing is
+    /// written. Returns the number of vectors the index now holds.
+    pub fn upsert(&self, items: Vec<NewItem>) -> Result<usize, EngineError> {
+        let _w = self.writer.lock();
+        self.ensure_live()?;
+        // Later duplicates of an id win, as if the items were upserted one by one.
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            last.insert(it.id.as_str(), i);
+        }
+        let plan;
+        let mut batch = WriteBatch::new();
+        {
+            let d = self.data.read();
+            let mut dimension = d.dimension;
+            for it in &items {
+                if it.id.is_empty() {
+                    return Err(EngineError::Invalid("item ids must not be empty".into()));
+                }
+                if dimension == 0 {
+                    dimension = it.vector.len() as u32;
+                    if dimension == 0 {
+                        return Err(EngineError::Invalid(format!(
+                            "item '{}' has an empty vector",
+                            it.id
+                        )));
+                    }
+                }
+                if it.vector.len() != dimension as usize {
+                    return Err(EngineError::Invalid(format!(
+                        "item '{}' has {} dimensions but index '{}' has {}; nothing was written",
+                        it.id,
+                        it.vector.len(),
+                        self.name,
+                        dimension
+                    )));
+                }
+                if it.vector.iter().any(|x| !x.is_finite()) {
+                    return Err(EngineError::Invalid(format!(
+                        "item '{}' has a NaN or infinite component",
+                        it.id
+                    )));
+                }
+            }
+            let dim = dimension as usize;
+            let cap = Self::block_cap(dim, self.config.precision);
+            let mut touched: HashMap<(u32, u32), Block> = HashMap::new();
+            let mut tails: HashMap<u32, u32> = HashMap::new();
+            let mut locate = Vec::with_capacity(last.len());
+            for (i, it) in items.iter().enumerate() {
+                if last[it.id.as_str()] != i {
+                    continue;
+                }
+                if let Some(&(l, b)) = d.locate.get(&it.id) {
+                    let blk = touched
+                        .entry((l, b))
+                        .or_insert_with(|| d.block(l, b).map(|x| (**x).clone()).unwrap_or_default());
+                    if let Some(pos) = blk.position(&it.id) {
+                        blk.swap_remove(pos, dim);
+                    }
+                }
+                let stored = self.config.precision.round(&it.vector);
+                let list = if dimension == d.dimension {
+                    self.assign_list(&d, &stored)
+                } else {
+                    0
+                };
+                let tail = *tails.entry(list).or_insert_with(|| {
+                    d.lists
+                        .get(list as usize)
+                        .and_then(|pl| pl.blocks.keys().next_back().copied())
+                        .unwrap_or(0)
+                });
+                let mut bno = tail;
+                let full = {
+                    let blk = touched.entry((list, bno)).or_insert_with(|| {
+                        d.block(list, bno).map(|x| (**x).clone()).unwrap_or_default()
+                    });
+                    blk.len() >= cap
+                };
+                if full {
+                    bno = tail + 1;
+                    tails.insert(list, bno);
+                }
+                let meta = it
+                    .metadata
+                    .as_ref()
+                    .map(|m| Arc::new(Value::Object(m.clone())));
+                touched
+                    .entry((list, bno))
+                    .or_default()
+                    .push(it.id.clone(), &stored, meta);
+                locate.push((it.id.clone(), (list, bno)));
+                let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
+                match &it.contents {
+                    Some(c) if !c.is_empty() => {
+                        let mut w = Writer::with_capacity(8 + it.id.len() + c.len());
+                        w.u8(1).bytes(it.id.as_bytes()).bytes(c.as_bytes());
+                        let sealed = self.keys.seal(&fmt::aad(&ik), &w.0);
+                        batch.put(ik, sealed);
+                    }
+                    _ => {
+                        batch.delete(ik);
+                    }
+                }
+            }
+            let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
+                .par_iter()
+                .map(|(&(l, b), blk)| {
+                    if blk.len() == 0 {
+                        (fmt::block_key(&self.id, d.gen, l, b), None)
+                    } else {
+                        let (k, v) = self.seal_block(d.gen, l, b, blk, dim);
+                        (k, Some(v))
+                    }
+                })
+                .collect();
+            for (k, v) in sealed {
+                match v {
+                    Some(v) => batch.put(k, v),
+                    None => batch.delete(k),
+                };
+            }
+            if dimension != d.dimension {
+                let sk = fmt::state_key(&self.id);
+                let st = encode_state(dimension, d.gen, d.trained, d.n_lists() as u32);
+                batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st));
+            }
+            plan = UpsertPlan {
+                touched,
+                locate,
+                dimension,
+            };
+        }
+        self.store.write(batch)?;
+        let mut d = self.data.write();
+        d.dimension = plan.dimension;
+        Self::install(&mut d, plan.touched);
+        for (id, loc) in plan.locate {
+            d.locate.insert(id, loc);
+        }
+        Ok(d.count())
+    }
+
+    fn install(d: &mut Data, touched: HashMap<(u32, u32), Block>) {
+        for ((l, b), blk) in touched {
+            if d.lists.len() <= l as usize {
+                d.lists.resize(l as usize + 1, PostingList::default());
+            }
+            let pl = &mut d.lists[l as usize];
+            if blk.len() == 0 {
+                pl.blocks.remove(&b);
+            } else {
+                pl.blocks.insert(b, Arc::new(blk));
+            }
+        }
+    }
+
+    /// Delete items by id; unknown ids are skipped. Returns how many were deleted.
+    pub fn delete_ids(&self, ids: &[String]) -> Result<usize, EngineError> {
+        let _w = self.writer.lock();
+        self.ensure_live()?;
+        let mut batch = WriteBatch::new();
+        let mut removed = Vec::new();
+        let touched = {
+            let d = self.data.read();
+            let dim = d.dimension as usize;
+            let mut touched: HashMap<(u32, u32), Block> = HashMap::new();
+            let mut seen = HashSet::new();
+            for id in ids {
+                if !seen.insert(id.as_str()) {
+                    continue;
+                }
+                let Some(&(l, b)) = d.locate.get(id) else {
+                    continue;
+                };
+                let blk = touched
+                    .entry((l, b))
+                    .or_insert_with(|| d.block(l, b).map(|x| (**x).clone()).unwrap_or_default());
+                if let Some(pos) = blk.position(id) {
+                    blk.swap_remove(pos, dim);
+                }
+                batch.delete(fmt::item_key(&self.id, &self.keys.id_locator(id)));
+                removed.push(id.clone());
+            }
+            for (&(l, b), blk) in &touched {
+                if blk.len() == 0 {
+                    batch.delete(fmt::block_key(&self.id, d.gen, l, b));
+                } else {
+                    let (k, v) = self.seal_block(d.gen, l, b, blk, dim);
+                    batch.put(k, v);
+                }
+            }
+            touched
+        };
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        self.store.write(batch)?;
+        let mut d = self.data.write();
+        Self::install(&mut d, touched);
+        for id in &removed {
+            d.locate.remove(id);
+        }
+        Ok(removed.len())
+    }
+
+    /// Read the contents of items (empty string when none was stored).
+    fn contents_of(&self, ids: &[&str]) -> Result<Vec<String>, EngineError> {
+        let keys: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| fmt::item_key(&self.id, &self.keys.id_locator(id)))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        keys.iter()
+            .zip(values)
+            .map(|(k, v)| match v {
+                None => Ok(String::new()),
+                Some(sealed) => {
+                    let plain = self.keys.open(&fmt::aad(k), &sealed).map_err(corrupt)?;
+                    let mut r = Reader::new(&plain, "item record");
+                    r.u8()?;
+                    r.bytes()?;
+                    Ok(r.str()?.to_owned())
+                }
+            })
+            .collect()
+    }
+
+    /// Fetch items by id, in request order; unknown ids are omitted.
+    pub fn get(&self, ids: &[String], include: Include) -> Result<Vec<Fetched>, EngineError> {
+        let mut out = Vec::with_capacity(ids.len());
+        {
+            let d = self.data.read();
+            let dim = d.dimension as usize;
+            for id in ids {
+                let Some(&(l, b)) = d.locate.get(id) else {
+                    continue;
+                };
+                let Some(blk) = d.block(l, b) else { continue };
+                let Some(pos) = blk.position(id) else { continue };
+                out.push(Fetched {
+                    id: id.clone(),
+                    metadata: include.metadata.then(|| {
+                        blk.meta[pos]
+                            .clone()
+                            .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
+                    }),
+                    vector: include.vector.then(|| blk.vector(pos, dim).to_vec()),
+                    contents: None,
+                });
+            }
+        }
+        if include.contents && !out.is_empty() {
+            let ids: Vec<&str> = out.iter().map(|f| f.id.as_str()).collect();
+            let contents = self.contents_of(&ids)?;
+            for (f, c) in out.iter_mut().zip(contents) {
+                f.contents = Some(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every id, and the count.
+    pub fn list_ids(&self) -> Vec<String> {
+        let d = self.data.read();
+        let mut ids = Vec::with_capacity(d.count());
+        for pl in &d.lists {
+            for blk in pl.blocks.values() {
+                ids.extend(blk.ids.iter().cloned());
+            }
+        }
+        ids
+    }
+
+    /// Search: one result list per query, nearest first.
+    pub fn search(&self, queries: &[Vec<f32>], p: &SearchParams) -> Result<Vec<Vec<Hit>>, EngineError> {
+        let mut results = {
+            let d = self.data.read();
+            let dim = d.dimension as usize;
+            for q in queries {
+                if dim != 0 && q.len() != dim {
+                    return Err(EngineError::Invalid(format!(
+                        "query vector has {} dimensions but index '{}' has {}",
+                        q.len(),
+                        self.name,
+                        dim
+                    )));
+                }
+                if q.iter().any(|x| !x.is_finite()) {
+                    return Err(EngineError::Invalid(
+                        "query vector has a NaN or infinite component".into(),
+                    ));
+                }
+            }
+            if d.count() == 0 {
+                return Ok(queries.iter().map(|_| Vec::new()).collect());
+            }
+            queries
+                .par_iter()
+                .map(|q| self.search_one(&d, q, p))
+                .collect::<Vec<_>>()
+        };
+        if p.include.contents {
+            for hits in &mut results {
+                let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
+                let contents = self.contents_of(&ids)?;
+                for (h, c) in hits.iter_mut().zip(contents) {
+                    h.contents = Some(c);
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Vec<Hit> {
+        let metric = self.config.metric;
+        let dim = d.dimension as usize;
+        let qn;
+        let q = if metric.is_angular() {
+            qn = distance::normalized(q);
+            &qn[..]
+        } else {
+            q
+        };
+        // Lists in the order to probe them.
+        let order: Vec<usize> = if d.trained && d.lists.len() > 1 {
+            let mut cd: Vec<(f32, usize)> = d
+                .centroids
+                .chunks_exact(dim)
+                .enumerate()
+                .map(|(i, c)| (distance::l2sq(q, c), i))
+                .collect();
+            cd.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+            cd.into_iter().map(|(_, i)| i).collect()
+        } else {
+            (0..d.lists.len()).collect()
+        };
+        let mut probes = if d.trained && d.lists.len() > 1 {
+            p.n_probes
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| auto_n_probes(d.lists.len()))
+        } else {
+            order.len()
+        };
+        if p.greedy {
+            probes = probes.saturating_mul(2);
+        }
+        let k = p.top_k;
+        let mut heap: std::collections::BinaryHeap<Cand> = std::collections::BinaryHeap::with_capacity(k + 1);
+        let mut scores = Vec::new();
+        for (n, &li) in order.iter().enumerate() {
+            // A filtered query keeps probing until it has k matches.
+            if n >= probes && (p.filter.is_none() || heap.len() >= k) {
+                break;
+            }
+            for (&bno, blk) in &d.lists[li].blocks {
+                distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+                for (pos, &s) in scores.iter().enumerate() {
+                    if heap.len() >= k && s >= heap.peek().map_or(f32::INFINITY, |c| c.score) {
+                        continue;
+                    }
+                    if let Some(f) = &p.filter {
+                        if !f.matches(blk.meta[pos].as_deref()) {
+                            continue;
+                        }
+                    }
+                    heap.push(Cand {
+                        score: s,
+                        list: li as u32,
+                        block: bno,
+                        pos: pos as u32,
+                    });
+                    if heap.len() > k {
+                        heap.pop();
+                    }
+                }
+            }
+        }
+        let mut cands = heap.into_vec();
+        cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
+        cands
+            .into_iter()
+            .filter_map(|c| {
+                let blk = d.block(c.list, c.block)?;
+                let pos = c.pos as usize;
+                Some(Hit {
+                    id: blk.ids[pos].clone(),
+                    distance: metric.finish(c.score),
+                    metadata: p.include.metadata.then(|| {
+                        blk.meta[pos]
+                            .clone()
+                            .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
+                    }),
+                    vector: p.include.vector.then(|| blk.vector(pos, dim).to_vec()),
+                    contents: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Train (or retrain) the IVF lists. Blocks until done; queries keep working meanwhile.
+    /// Returns the number of lists.
+    pub fn train(&self, p: &TrainParams) -> Result<usize, EngineError> {
+        let _t = self.training.lock();
+        self.ensure_live()?;
+        let (sample, dim, k, seed) = {
+            let d = self.data.read();
+            let n = d.count();
+            let dim = d.dimension as usize;
+            if n == 0 {
+                return Err(EngineError::Invalid(format!(
+                    "index '{}' has no vectors to train on",
+                    self.name
+                )));
+            }
+            let k = match p.n_lists.filter(|&k| k > 0) {
+                Some(k) => {
+                    if n < 2 * k {
+                        return Err(EngineError::Invalid(format!(
+                            "training {k} lists needs at least {} vectors; index '{}' has {n}",
+                            2 * k,
+                            self.name
+                        )));
+                    }
+                    k
+                }
+                None => auto_n_lists(n),
+            };
+            // Sample at most 256 points per list (more adds time, not quality), and no more
+            // than max_memory allows.
+            let mut cap = (k * 256).max(k);
+            if let Some(mb) = p.max_memory_mb.filter(|&m| m > 0) {
+                cap = cap.min(((mb << 20) / (dim * 4)).max(k));
+            }
+            let stride = (n as f64 / cap.min(n) as f64).max(1.0);
+            let mut sample = Vec::with_capacity(cap.min(n) * dim);
+            let mut next = 0f64;
+            let mut i = 0usize;
+            for pl in &d.lists {
+                for blk in pl.blocks.values() {
+                    for pos in 0..blk.len() {
+                        if i as f64 >= next {
+                            let v = blk.vector(pos, dim);
+                            if self.config.metric.is_angular() {
+                                sample.extend(distance::normalized(v));
+                            } else {
+                                sample.extend_from_slice(v);
+                            }
+                            next += stride;
+                        }
+                        i += 1;
+                    }
+                }
+            }
+            (sample, dim, k, n as u64 ^ d.gen as u64)
+        };
+        let params = KMeansParams {
+            k,
+            max_iters: p.max_iters.filter(|&x| x > 0).unwrap_or(100),
+            tolerance: p.tolerance.filter(|t| *t >= 0.0).unwrap_or(1e-6),
+            batch_size: p.batch_size.filter(|&x| x > 0).unwrap_or(2048),
+            seed,
+        };
+        let centroids = kmeans::train(&sample, dim, &params);
+        drop(sample);
+        let k = centroids.len() / dim;
+        self.install_training(centroids, k, dim, params.batch_size)
+    }
+
+    fn install_training(&self, centroids: Vec<f32>, k: usize, dim: usize, batch: usize) -> Result<usize, EngineError> {
+        let _w = self.writer.lock();
+        self.ensure_live()?;
+        let cap = Self::block_cap(dim, self.config.precision);
+        let (lists, locate, gen, old_gen) = {
+            let d = self.data.read();
+            let mut ids = Vec::with_capacity(d.count());
+            let mut vecs = Vec::with_capacity(d.count() * dim);
+            let mut metas = Vec::with_capacity(d.count());
+            for pl in &d.lists {
+                for blk in pl.blocks.values() {
+                    ids.extend(blk.ids.iter().cloned());
+                    vecs.extend_from_slice(&blk.vecs);
+                    metas.extend(blk.meta.iter().cloned());
+                }
+            }
+            let labels = if self.config.metric.is_angular() {
+                let normed: Vec<f32> = vecs.chunks_exact(dim).flat_map(distance::normalized).collect();
+                kmeans::assign(&normed, dim, &centroids, batch).0
+            } else {
+                kmeans::assign(&vecs, dim, &centroids, batch).0
+            };
+            let gen = d.gen + 1;
+            let mut lists = vec![PostingList::default(); k];
+            let mut building: Vec<Block> = vec![Block::default(); k];
+            let mut locate = HashMap::with_capacity(ids.len());
+            for (i, (id, meta)) in ids.into_iter().zip(metas).enumerate() {
+                let l = labels[i] as usize;
+                let pl = &mut lists[l];
+                let bno = pl.blocks.len() as u32;
+                locate.insert(id.clone(), (l as u32, bno));
+                building[l].push(id, &vecs[i * dim..(i + 1) * dim], meta);
+                if building[l].len() >= cap {
+                    pl.blocks.insert(bno, Arc::new(std::mem::take(&mut building[l])));
+                }
+            }
+            for (l, blk) in building.into_iter().enumerate() {
+                if blk.len() > 0 {
+                    let bno = lists[l].blocks.len() as u32;
+                    lists[l].blocks.insert(bno, Arc::new(blk));
+                }
+            }
+            (lists, locate, gen, d.gen)
+        };
+        let mut batch = WriteBatch::new();
+        let jobs: Vec<(u32, u32, &Arc<Block>)> = lists
+            .iter()
+            .enumerate()
+            .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, blk)| (l as u32, b, blk)))
+            .collect();
+        let sealed: Vec<(Vec<u8>, Vec<u8>)> = jobs
+            .par_iter()
+            .map(|(l, b, blk)| self.seal_block(gen, *l, *b, blk, dim))
+            .collect();
+        batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
+        batch.delete(fmt::centroids_key(&self.id, old_gen));
+        for (k, v) in sealed {
+            batch.put(k, v);
+        }
+        let ck = fmt::centroids_key(&self.id, gen);
+        let mut raw = Vec::with_capacity(centroids.len() * 4);
+        Precision::F32.encode_into(&centroids, &mut raw);
+        batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
+        let sk = fmt::state_key(&self.id);
+        batch.put(
+            sk.clone(),
+            self.keys
+                .seal(&fmt::aad(&sk), &encode_state(dim as u32, gen, true, k as u32)),
+        );
+        self.store.write(batch)?;
+        let mut d = self.data.write();
+        d.gen = gen;
+        d.trained = true;
+        d.centroids = centroids;
+        d.lists = lists;
+        d.locate = locate;
+        Ok(k)
+    }
+}
+
+#[derive(PartialEq)]
+struct Cand {
+    score: f32,
+    list: u32,
+    block: u32,
+    pos: u32,
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&o.score)
+    }
+}
+
+fn corrupt(_: crate::keys::KeyError) -> EngineError {
+    EngineError::Corrupt("a stored record failed authentication (altered or moved)".into())
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Index>();
+    is::<Metric>();
+}

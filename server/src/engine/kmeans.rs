@@ -1,0 +1,193 @@
+//! Lloyd's k-means for IVF training, parallel over points with rayon.
+
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use super::distance::l2sq;
+
+/// Training knobs (the API's `train` fields, resolved to concrete values).
+#[derive(Debug, Clone)]
+pub struct KMeansParams {
+    /// Number of clusters (posting lists).
+    pub k: usize,
+    /// Upper bound on Lloyd iterations.
+    pub max_iters: usize,
+    /// Stop when the objective improves by less than this fraction.
+    pub tolerance: f64,
+    /// Points per parallel work unit during assignment.
+    pub batch_size: usize,
+    /// RNG seed (initial centroids, empty-cluster repair).
+    pub seed: u64,
+}
+
+/// Index of the nearest centroid to every row of `data`, and the summed squared distance.
+pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec<u32>, f64) {
+    let batch = batch.max(1);
+    let parts: Vec<(Vec<u32>, f64)> = data
+        .par_chunks(batch * dim)
+        .map(|chunk| {
+            let mut out = Vec::with_capacity(chunk.len() / dim);
+            let mut obj = 0f64;
+            for row in chunk.chunks_exact(dim) {
+                let (best, d) = nearest(row, centroids, dim);
+                out.push(best as u32);
+                obj += d as f64;
+            }
+            (out, obj)
+        })
+        .collect();
+    let mut all = Vec::with_capacity(data.len() / dim.max(1));
+    let mut obj = 0f64;
+    for (p, o) in parts {
+        all.extend(p);
+        obj += o;
+    }
+    (all, obj)
+}
+
+/// Nearest centroid (index, squared distance).
+pub fn nearest(row: &[f32], centroids: &[f32], dim: usize) -> (usize, f32) {
+    let mut best = (0usize, f32::INFINITY);
+    for (c, cen) in centroids.chunks_exact(dim).enumerate() {
+        let d = l2sq(row, cen);
+        if d < best.1 {
+            best = (c, d);
+        }
+    }
+    best
+}
+
+/// k-means++ seeding on a subsample of at most `16 k` rows: far-apart seeds avoid the local
+/// minima plain random seeding falls into, at a cost of `O(16 k^2 d)`.
+fn init_plus_plus(data: &[f32], dim: usize, k: usize, rng: &mut StdRng) -> Vec<f32> {
+    let n = data.len() / dim;
+    let m = n.min(16 * k).max(k);
+    let rows: Vec<usize> = sample(rng, n, m).into_vec();
+    let mut centroids = Vec::with_capacity(k * dim);
+    let row = |i: usize| &data[rows[i] * dim..(rows[i] + 1) * dim];
+    centroids.extend_from_slice(row(rng.random_range(0..m)));
+    let mut best: Vec<f32> = (0..m).map(|i| l2sq(row(i), &centroids[..dim])).collect();
+    while centroids.len() < k * dim {
+        let total: f64 = best.iter().map(|&d| d as f64).sum();
+        let pick = if total > 0.0 {
+            let mut target = rng.random::<f64>() * total;
+            let mut chosen = m - 1;
+            for (i, &d) in best.iter().enumerate() {
+                target -= d as f64;
+                if target <= 0.0 {
+                    chosen = i;
+                    break;
+                }
+            }
+            chosen
+        } else {
+            rng.random_range(0..m)
+        };
+        let start = centroids.len();
+        centroids.extend_from_slice(row(pick));
+        let c = centroids[start..].to_vec();
+        best.par_iter_mut().enumerate().for_each(|(i, b)| {
+            let d = l2sq(row(i), &c);
+            if d < *b {
+                *b = d;
+            }
+        });
+    }
+    centroids
+}
+
+/// Cluster the rows of `data` (row-major, `dim` wide) into `p.k` centroids.
+/// Requires at least `p.k` rows.
+pub fn train(data: &[f32], dim: usize, p: &KMeansParams) -> Vec<f32> {
+    let n = data.len() / dim;
+    let k = p.k.clamp(1, n.max(1));
+    let mut rng = StdRng::seed_from_u64(p.seed);
+    let mut centroids = init_plus_plus(data, dim, k, &mut rng);
+    let mut prev_obj = f64::INFINITY;
+    for _ in 0..p.max_iters.max(1) {
+        let (labels, obj) = assign(data, dim, &centroids, p.batch_size);
+        // Recompute means.
+        let mut sums = vec![0f64; k * dim];
+        let mut counts = vec![0usize; k];
+        for (row, &l) in data.chunks_exact(dim).zip(&labels) {
+            let l = l as usize;
+            counts[l] += 1;
+            for (s, x) in sums[l * dim..(l + 1) * dim].iter_mut().zip(row) {
+                *s += *x as f64;
+            }
+        }
+        for c in 0..k {
+            if counts[c] > 0 {
+                let inv = 1.0 / counts[c] as f64;
+                for (dst, s) in centroids[c * dim..(c + 1) * dim]
+                    .iter_mut()
+                    .zip(&sums[c * dim..(c + 1) * dim])
+                {
+                    *dst = (*s * inv) as f32;
+                }
+            }
+        }
+        // Repair empty clusters by splitting the largest one (as FAISS does).
+        for c in 0..k {
+            if counts[c] > 0 {
+                continue;
+            }
+            let big = (0..k).max_by_key(|&j| counts[j]).unwrap_or(0);
+            if counts[big] < 2 {
+                break;
+            }
+            for j in 0..dim {
+                let v = centroids[big * dim + j];
+                let eps = if v == 0.0 { 1e-4 } else { v.abs() * 1e-4 };
+                let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+                centroids[c * dim + j] = v + sign * eps;
+                centroids[big * dim + j] = v - sign * eps;
+            }
+            counts[c] = counts[big] / 2;
+            counts[big] -= counts[c];
+        }
+        let improved = (prev_obj - obj) / prev_obj.max(f64::MIN_POSITIVE);
+        prev_obj = obj;
+        if improved.is_finite() && improved >= 0.0 && improved < p.tolerance {
+            break;
+        }
+    }
+    centroids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_separated_clusters() {
+        // Four tight clusters around the corners of a square.
+        let corners = [(0.0f32, 0.0f32), (10.0, 0.0), (0.0, 10.0), (10.0, 10.0)];
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut data = Vec::new();
+        for i in 0..400 {
+            let (x, y) = corners[i % 4];
+            data.push(x + rng.random_range(-0.5..0.5));
+            data.push(y + rng.random_range(-0.5..0.5));
+        }
+        let p = KMeansParams {
+            k: 4,
+            max_iters: 50,
+            tolerance: 1e-6,
+            batch_size: 64,
+            seed: 7,
+        };
+        let c = train(&data, 2, &p);
+        for (x, y) in corners {
+            let (_, d) = nearest(&[x, y], &c, 2);
+            assert!(d < 0.5, "no centroid near ({x},{y}): {c:?}");
+        }
+        let (labels, _) = assign(&data, 2, &c, 10);
+        // Points of the same corner share a label.
+        for i in 4..400 {
+            assert_eq!(labels[i], labels[i % 4]);
+        }
+    }
+}

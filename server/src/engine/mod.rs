@@ -1,0 +1,491 @@
+//! The DiskIVF engine: encrypted indexes on an [`IndexStore`]. Knows nothing of HTTP.
+//!
+//! * [`Engine`] owns the store, the table of open indexes and the training worker.
+//! * [`index::Index`] is one open index (posting lists in memory, sealed blocks in the store).
+//! * [`format`] is the byte layout of everything stored; [`distance`], [`kmeans`], [`filter`]
+//!   are the numeric and query building blocks.
+
+pub mod distance;
+pub mod filter;
+pub mod format;
+pub mod index;
+pub mod kmeans;
+pub mod training;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use parking_lot::{Mutex, RwLock};
+use rand::RngCore;
+use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch};
+
+use crate::keys::{self, Dek, IndexKeys, KeyFingerprint, Kek};
+pub use distance::Metric;
+use format::{IndexId, Reader, Writer};
+pub use index::{Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
+use index::{Data, KeyCheck};
+pub use training::{TrainingStatus, Trainer};
+
+/// Everything that can go wrong in the engine. The API layer maps each variant to exactly one
+/// HTTP status (see `api/error.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("index '{0}' not found")]
+    NotFound(String),
+    #[error("index '{0}' already exists")]
+    AlreadyExists(String),
+    #[error("wrong encryption key for index '{0}'")]
+    WrongKey(String),
+    #[error("index '{0}' is encrypted with a client-supplied key: send its index_key")]
+    MissingKey(String),
+    /// A request that is well formed but not acceptable (bad name, both or neither key, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed input that fails validation (dimensions, filters, parameters).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage failure: {0}")]
+    Store(#[from] StoreError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// How vectors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "float32" => Some(Self::F32),
+            "float16" => Some(Self::F16),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+        }
+    }
+    pub fn code(self) -> u8 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+        }
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(Self::F32),
+            1 => Some(Self::F16),
+            _ => None,
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+    /// The value a vector has after a store/load round trip.
+    pub fn round(self, v: &[f32]) -> Vec<f32> {
+        match self {
+            Self::F32 => v.to_vec(),
+            Self::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+        }
+    }
+    pub fn encode_into(self, v: &[f32], out: &mut Vec<u8>) {
+        out.reserve(v.len() * self.bytes());
+        match self {
+            Self::F32 => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::F16 => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
+        }
+    }
+    pub fn decode(self, raw: &[u8], n: usize) -> Result<Vec<f32>, EngineError> {
+        if raw.len() != n * self.bytes() {
+            return Err(EngineError::Corrupt("vector data has the wrong length".into()));
+        }
+        Ok(match self {
+            Self::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Self::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        })
+    }
+}
+
+/// The immutable part of an index's definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexConfig {
+    pub metric: Metric,
+    pub precision: Precision,
+    pub embedding_model: Option<String>,
+    /// Dimension given at create (0 = fixed by the first upsert).
+    pub declared_dimension: u32,
+    pub created_at: u64,
+}
+
+impl IndexConfig {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(1)
+            .u8(self.metric.code())
+            .u8(self.precision.code())
+            .u32(self.declared_dimension)
+            .bytes(self.embedding_model.as_deref().unwrap_or("").as_bytes())
+            .u64(self.created_at);
+        w.0
+    }
+    fn decode(buf: &[u8]) -> Result<Self, EngineError> {
+        let mut r = Reader::new(buf, "index config");
+        if r.u8()? != 1 {
+            return Err(EngineError::Corrupt("unknown config version".into()));
+        }
+        let metric = Metric::from_code(r.u8()?)
+            .ok_or_else(|| EngineError::Corrupt("unknown metric".into()))?;
+        let precision = Precision::from_code(r.u8()?)
+            .ok_or_else(|| EngineError::Corrupt("unknown precision".into()))?;
+        let declared_dimension = r.u32()?;
+        let model = r.str()?.to_owned();
+        Ok(Self {
+            metric,
+            precision,
+            embedding_model: (!model.is_empty()).then_some(model),
+            declared_dimension,
+            created_at: r.u64()?,
+        })
+    }
+}
+
+/// What `create` needs.
+pub struct CreateSpec {
+    pub name: String,
+    pub kek: Kek,
+    pub config: IndexConfig,
+}
+
+/// What `describe` reports.
+#[derive(Debug, Clone)]
+pub struct IndexInfo {
+    pub name: String,
+    pub dimension: u32,
+    pub metric: Metric,
+    pub precision: Precision,
+    pub embedding_model: Option<String>,
+    pub is_trained: bool,
+    pub n_lists: usize,
+    pub num_vectors: usize,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Start background training once an untrained index holds at least this many vectors.
+    pub auto_train_min_vectors: usize,
+    pub auto_train: bool,
+}
+
+/// Key-mode byte of the meta record.
+const KEY_MODE_CLIENT: u8 = 0;
+
+/// The clear header of a meta record plus its sealed parts.
+struct MetaRecord {
+    id: IndexId,
+    key_mode: u8,
+    wrapped_dek: Vec<u8>,
+    sealed_config: Vec<u8>,
+}
+
+impl MetaRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.raw(format::META_MAGIC)
+            .u8(format::FORMAT_VERSION)
+            .raw(&self.id)
+            .u8(self.key_mode)
+            .bytes(b"") // KMS slot name (KMS-backed indexes only)
+            .bytes(b"") // KMS-wrapped KEK (KMS-backed indexes only)
+            .bytes(&self.wrapped_dek)
+            .bytes(&self.sealed_config);
+        w.0
+    }
+    fn decode(buf: &[u8]) -> Result<Self, EngineError> {
+        let mut r = Reader::new(buf, "meta record");
+        if r.take(4)? != format::META_MAGIC {
+            return Err(EngineError::Corrupt("meta record has a bad magic".into()));
+        }
+        if r.u8()? != format::FORMAT_VERSION {
+            return Err(EngineError::Corrupt("meta record has an unknown format version".into()));
+        }
+        let id: IndexId = r.take(format::INDEX_ID_LEN)?.try_into().expect("16 bytes");
+        let key_mode = r.u8()?;
+        r.bytes()?;
+        r.bytes()?;
+        Ok(Self {
+            id,
+            key_mode,
+            wrapped_dek: r.bytes()?.to_vec(),
+            sealed_config: r.bytes()?.to_vec(),
+        })
+    }
+}
+
+fn dek_aad(meta_key: &[u8], id: &IndexId) -> Vec<u8> {
+    let mut a = format::aad(meta_key);
+    a.extend_from_slice(b"/dek/");
+    a.extend_from_slice(id);
+    a
+}
+
+fn config_aad(meta_key: &[u8], id: &IndexId) -> Vec<u8> {
+    let mut a = format::aad(meta_key);
+    a.extend_from_slice(b"/config/");
+    a.extend_from_slice(id);
+    a
+}
+
+/// Check an index name: 1-255 bytes, no control characters, not the reserved `default`.
+pub fn validate_name(name: &str) -> Result<(), EngineError> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(EngineError::BadRequest(
+            "index_name must be between 1 and 255 bytes long".into(),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(EngineError::BadRequest(
+            "index_name must not contain control characters".into(),
+        ));
+    }
+    if name == "default" {
+        return Err(EngineError::BadRequest(
+            "index_name 'default' is reserved; choose another name".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Slot {
+    index: RwLock<Option<Arc<Index>>>,
+}
+
+/// The engine: one store, many indexes.
+pub struct Engine {
+    store: Arc<dyn IndexStore>,
+    config: EngineConfig,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    create_lock: Mutex<()>,
+    trainer: Arc<Trainer>,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn IndexStore>, config: EngineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            config,
+            slots: Mutex::new(HashMap::new()),
+            create_lock: Mutex::new(()),
+            trainer: Trainer::start(),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn store_backend(&self) -> &str {
+        self.store.backend()
+    }
+
+    /// Names of all indexes, sorted.
+    pub fn list(&self) -> Result<Vec<String>, EngineError> {
+        let keys = self.store.scan_keys(&[format::kind::META])?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k[1..].to_vec()).ok())
+            .collect())
+    }
+
+    /// Create an index.
+    pub fn create(&self, spec: CreateSpec) -> Result<(), EngineError> {
+        validate_name(&spec.name)?;
+        let _g = self.create_lock.lock();
+        let mk = format::meta_key(&spec.name);
+        if self.store.get(&mk)?.is_some() {
+            return Err(EngineError::AlreadyExists(spec.name));
+        }
+        let mut id = [0u8; format::INDEX_ID_LEN];
+        rand::rng().fill_bytes(&mut id);
+        let dek = Dek::random();
+        let keys = IndexKeys::derive(&dek);
+        let meta = MetaRecord {
+            id,
+            key_mode: KEY_MODE_CLIENT,
+            wrapped_dek: keys::wrap_dek(&spec.kek, &dek, &dek_aad(&mk, &id)),
+            sealed_config: keys.seal(&config_aad(&mk, &id), &spec.config.encode()),
+        };
+        let sk = format::state_key(&id);
+        let state = index::encode_state(spec.config.declared_dimension, 0, false, 1);
+        let mut batch = WriteBatch::new();
+        // Clear any leftovers of an id collision (never expected) before writing.
+        batch
+            .put(mk, meta.encode())
+            .put(sk.clone(), keys.seal(&format::aad(&sk), &state));
+        self.store.write(batch)?;
+        // A stale slot (e.g. from a deleted index of the same name) must not survive.
+        self.slots.lock().remove(&spec.name);
+        Ok(())
+    }
+
+    /// Open an index with the caller's key, verifying it.
+    pub fn open(&self, name: &str, kek: Option<&Kek>) -> Result<Arc<Index>, EngineError> {
+        let slot = self.slots.lock().entry(name.to_owned()).or_default().clone();
+        if let Some(ix) = slot.index.read().as_ref() {
+            ix.check_key(kek)?;
+            return Ok(ix.clone());
+        }
+        let mut guard = slot.index.write();
+        if let Some(ix) = guard.as_ref() {
+            ix.check_key(kek)?;
+            return Ok(ix.clone());
+        }
+        let loaded = self.load(name, kek);
+        match loaded {
+            Ok(ix) => {
+                *guard = Some(ix.clone());
+                Ok(ix)
+            }
+            Err(e) => {
+                drop(guard);
+                let mut slots = self.slots.lock();
+                if slots
+                    .get(name)
+                    .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.index.read().is_none())
+                {
+                    slots.remove(name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn load(&self, name: &str, kek: Option<&Kek>) -> Result<Arc<Index>, EngineError> {
+        let mk = format::meta_key(name);
+        let raw = self
+            .store
+            .get(&mk)?
+            .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
+        let meta = MetaRecord::decode(&raw)?;
+        if meta.key_mode != KEY_MODE_CLIENT {
+            return Err(EngineError::Corrupt(format!(
+                "index '{name}' uses a key mode this server does not know"
+            )));
+        }
+        let kek = kek.ok_or_else(|| EngineError::MissingKey(name.to_owned()))?;
+        let dek = keys::unwrap_dek(kek, &meta.wrapped_dek, &dek_aad(&mk, &meta.id))
+            .map_err(|_| EngineError::WrongKey(name.to_owned()))?;
+        let ikeys = IndexKeys::derive(&dek);
+        drop(dek);
+        let config = IndexConfig::decode(
+            &ikeys
+                .open(&config_aad(&mk, &meta.id), &meta.sealed_config)
+                .map_err(|_| EngineError::Corrupt("index config failed authentication".into()))?,
+        )?;
+        let data: Data =
+            Index::load_data(self.store.as_ref(), &meta.id, &ikeys, config.declared_dimension)?;
+        Ok(Arc::new(Index::assemble(
+            name.to_owned(),
+            meta.id,
+            config,
+            ikeys,
+            KeyCheck::Client(KeyFingerprint::of(kek, &meta.id)),
+            self.store.clone(),
+            data,
+        )))
+    }
+
+    /// Delete an index and everything it stores, atomically.
+    pub fn delete(&self, name: &str, kek: Option<&Kek>) -> Result<(), EngineError> {
+        let ix = self.open(name, kek)?;
+        let _g = self.create_lock.lock();
+        let _w = ix.mark_deleted();
+        let mut batch = WriteBatch::new();
+        batch.delete(format::meta_key(name));
+        for kind in [
+            format::kind::STATE,
+            format::kind::CENTROIDS,
+            format::kind::LIST,
+            format::kind::ITEM,
+            format::kind::USER,
+        ] {
+            batch.delete_prefix(format::scoped_prefix(kind, &ix.id));
+        }
+        let res = self.store.write(batch);
+        self.slots.lock().remove(name);
+        self.trainer.forget(name);
+        res.map_err(Into::into)
+    }
+
+    /// What describe shows.
+    pub fn describe(&self, ix: &Index) -> IndexInfo {
+        let d = ix.read();
+        IndexInfo {
+            name: ix.name.clone(),
+            dimension: d.dimension,
+            metric: ix.config.metric,
+            precision: ix.config.precision,
+            embedding_model: ix.config.embedding_model.clone(),
+            is_trained: d.trained,
+            n_lists: if d.trained { d.n_lists() } else { 1 },
+            num_vectors: d.count(),
+        }
+    }
+
+    /// After an upsert: queue background training when the index wants it. Returns the
+    /// message to report, if training was queued.
+    pub fn maybe_auto_train(&self, ix: &Arc<Index>) -> Option<String> {
+        if !self.config.auto_train {
+            return None;
+        }
+        let (n, trained, n_lists) = {
+            let d = ix.read();
+            (d.count(), d.trained, d.n_lists())
+        };
+        let threshold = self.config.auto_train_min_vectors.max(2);
+        let wants = if !trained {
+            n >= threshold
+        } else {
+            index::auto_n_lists(n) > n_lists
+        };
+        if wants && self.trainer.enqueue(ix.clone()) {
+            Some(format!(
+                "Index training has been triggered (vectors: {n}, threshold: {threshold})"
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Train now, in the caller's thread, reporting it in the training status meanwhile.
+    pub fn train_now(&self, ix: &Arc<Index>, p: &TrainParams) -> Result<usize, EngineError> {
+        let _mark = self.trainer.mark_explicit(&ix.name);
+        ix.train(p)
+    }
+
+    pub fn training_status(&self) -> TrainingStatus {
+        self.trainer.status()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+use super::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sealdb_store_memory::MemoryStore;
+use serde_json::json;
+
+fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
+    IndexConfig {
+        metric,
+        precision,
+        embedding_model: None,
+        declared_dimension: dim,
+        created_at: 0,
+    }
+}
+
+fn engine(store: Arc<dyn IndexStore>) -> Arc<Engine> {
+    Engine::new(
+        store,
+        EngineConfig {
+            auto_train_min_vectors: 1_000_000,
+            auto_train: false,
+        },
+    )
+}
+
+fn item(id: &str, v: Vec<f32>, meta: serde_json::Value) -> NewItem {
+    NewItem {
+        id: id.into(),
+        vector: v,
+        metadata: meta.as_object().cloned(),
+        contents: Some(format!("contents of {id}")),
+    }
+}
+
+fn params(k: usize) -> SearchParams {
+    SearchParams {
+        top_k: k,
+        n_probes: None,
+        greedy: false,
+        filter: None,
+        include: Include {
+            distance: true,
+            metadata: true,
+            vector: true,
+            contents: true,
+        },
+    }
+}
+
+#[test]
+fn create_upsert_query_get_delete_reload() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    e.create(CreateSpec {
+        name: "a".into(),
+        kek: kek.clone(),
+        config: cfg(Metric::Euclidean, Precision::F32, 0),
+    })
+    .unwrap();
+    assert!(matches!(
+        e.create(CreateSpec {
+            name: "a".into(),
+            kek: kek.clone(),
+            config: cfg(Metric::Euclidean, Precision::F32, 0)
+        }),
+        Err(EngineError::AlreadyExists(_))
+    ));
+    let ix = e.open("a", Some(&kek)).unwrap();
+    assert_eq!(e.describe(&ix).dimension, 0);
+    ix.upsert(vec![
+        item("x", vec![0.0, 0.0], json!({"k": 1})),
+        item("y", vec![3.0, 4.0], json!({"k": 2})),
+        item("z", vec![1.0, 0.0], json!({})),
+    ])
+    .unwrap();
+    assert_eq!(e.describe(&ix).dimension, 2);
+    // Wrong dimension: rejected, nothing written.
+    assert!(matches!(
+        ix.upsert(vec![item("w", vec![1.0, 2.0, 3.0], json!({}))]),
+        Err(EngineError::Invalid(_))
+    ));
+    let hits = ix.search(&[vec![0.0, 0.0]], &params(10)).unwrap();
+    let ids: Vec<&str> = hits[0].iter().map(|h| h.id.as_str()).collect();
+    assert_eq!(ids, ["x", "z", "y"]);
+    assert_eq!(hits[0][2].distance, 5.0);
+    assert_eq!(hits[0][0].contents.as_deref(), Some("contents of x"));
+    let mut p = params(10);
+    p.filter = filter::Filter::compile(json!({"k": {"$gte": 2}}).as_object().unwrap()).unwrap();
+    let hits = ix.search(&[vec![0.0, 0.0]], &p).unwrap();
+    assert_eq!(hits[0].len(), 1);
+    assert_eq!(hits[0][0].id, "y");
+    // Overwrite moves y.
+    ix.upsert(vec![item("y", vec![0.5, 0.0], json!({"k": 3}))]).unwrap();
+    assert_eq!(ix.list_ids().len(), 3);
+    assert_eq!(ix.delete_ids(&["z".into(), "nope".into()]).unwrap(), 1);
+    let got = ix
+        .get(
+            &["y".into(), "z".into(), "x".into()],
+            Include {
+                vector: true,
+                metadata: true,
+                contents: true,
+                distance: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].vector.as_deref(), Some(&[0.5f32, 0.0][..]));
+    assert_eq!(got[0].metadata.as_deref(), Some(&json!({"k": 3})));
+    // Reload from the store in a fresh engine.
+    let e2 = engine(store.clone());
+    assert!(matches!(
+        e2.open("a", Some(&Kek::random())),
+        Err(EngineError::WrongKey(_))
+    ));
+    assert!(matches!(e2.open("a", None), Err(EngineError::MissingKey(_))));
+    let ix2 = e2.open("a", Some(&kek)).unwrap();
+    let mut ids = ix2.list_ids();
+    ids.sort();
+    assert_eq!(ids, ["x", "y"]);
+    assert!(matches!(
+        e2.open("a", Some(&Kek::random())),
+        Err(EngineError::WrongKey(_))
+    ));
+    e2.delete("a", Some(&kek)).unwrap();
+    assert!(matches!(e2.open("a", Some(&kek)), Err(EngineError::NotFound(_))));
+    assert!(store.scan_prefix(b"").unwrap().is_empty(), "delete leaves nothing behind");
+}
+
+fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..clusters)
+        .map(|_| (0..dim).map(|_| rng.random_range(-3.0..3.0)).collect())
+        .collect();
+    (0..n)
+        .map(|i| {
+            centres[i % clusters]
+                .iter()
+                .map(|c| c + rng.random_range(-1.0..1.0f32))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn training_keeps_every_vector_and_recall() {
+    for (metric, precision) in [
+        (Metric::Euclidean, Precision::F32),
+        (Metric::Cosine, Precision::F16),
+    ] {
+        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+        let kek = Kek::random();
+        let e = engine(store.clone());
+        e.create(CreateSpec {
+            name: "t".into(),
+            kek: kek.clone(),
+            config: cfg(metric, precision, 16),
+        })
+        .unwrap();
+        let ix = e.open("t", Some(&kek)).unwrap();
+        let data = clustered(3000, 16, 20, 3);
+        let items: Vec<NewItem> = data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| item(&i.to_string(), v.clone(), json!({"i": i})))
+            .collect();
+        ix.upsert(items).unwrap();
+        let exact = ix.search(&data[..50], &params(10)).unwrap();
+        let k = e.train_now(&ix, &TrainParams::default()).unwrap();
+        assert_eq!(k, 64);
+        let info = e.describe(&ix);
+        assert!(info.is_trained);
+        assert_eq!(info.n_lists, 64);
+        assert_eq!(info.num_vectors, 3000);
+        let approx = ix.search(&data[..50], &params(10)).unwrap();
+        let mut found = 0;
+        for (a, b) in approx.iter().zip(&exact) {
+            let want: std::collections::HashSet<&str> = b.iter().map(|h| h.id.as_str()).collect();
+            found += a.iter().filter(|h| want.contains(h.id.as_str())).count();
+        }
+        assert!(found as f64 / 500.0 >= 0.95, "{metric:?} recall {found}/500");
+        // Upserts after training land in lists, survive reload, and old generation is gone.
+        ix.upsert(vec![item("new", data[0].clone(), json!({}))]).unwrap();
+        let e2 = engine(store.clone());
+        let ix2 = e2.open("t", Some(&kek)).unwrap();
+        assert_eq!(e2.describe(&ix2).num_vectors, 3001);
+        assert!(e2.describe(&ix2).is_trained);
+        let hits = ix2.search(&[data[0].clone()], &params(2)).unwrap();
+        let top: Vec<&str> = hits[0].iter().map(|h| h.id.as_str()).collect();
+        assert!(top.contains(&"new") && top.contains(&"0"), "{top:?}");
+        let gen0 = format::list_gen_prefix(&ix2.id, 0);
+        assert!(store.scan_keys(&gen0).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn too_few_vectors_for_requested_lists() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store);
+    e.create(CreateSpec {
+        name: "s".into(),
+        kek: kek.clone(),
+        config: cfg(Metric::Euclidean, Precision::F32, 2),
+    })
+    .unwrap();
+    let ix = e.open("s", Some(&kek)).unwrap();
+    assert!(matches!(
+        e.train_now(&ix, &TrainParams::default()),
+        Err(EngineError::Invalid(_))
+    ));
+    ix.upsert(vec![item("a", vec![1.0, 1.0], json!({}))]).unwrap();
+    let p = TrainParams {
+        n_lists: Some(4),
+        ..Default::default()
+    };
+    assert!(matches!(e.train_now(&ix, &p), Err(EngineError::Invalid(_))));
+}
+
+#[test]
+fn swapped_blobs_fail_to_open() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    e.create(CreateSpec {
+        name: "a".into(),
+        kek: kek.clone(),
+        config: cfg(Metric::Euclidean, Precision::F32, 2),
+    })
+    .unwrap();
+    let ix = e.open("a", Some(&kek)).unwrap();
+    ix.upsert(vec![
+        item("x", vec![0.0, 0.0], json!({})),
+        item("y", vec![1.0, 1.0], json!({})),
+    ])
+    .unwrap();
+    // Swap the two item records (contents) in the store.
+    let items = store.scan_prefix(&format::scoped_prefix(format::kind::ITEM, &ix.id)).unwrap();
+    assert_eq!(items.len(), 2);
+    let mut b = WriteBatch::new();
+    b.put(items[0].0.clone(), items[1].1.clone())
+        .put(items[1].0.clone(), items[0].1.clone());
+    store.write(b).unwrap();
+    let inc = Include {
+        contents: true,
+        ..Default::default()
+    };
+    assert!(matches!(ix.get(&["x".into()], inc), Err(EngineError::Corrupt(_))));
+}
+
+#[test]
+fn auto_n_lists_is_a_power_of_two_near_sqrt() {
+    assert_eq!(index::auto_n_lists(20_000), 128);
+    assert_eq!(index::auto_n_lists(100_000), 256);
+    assert_eq!(index::auto_n_lists(1_000_000), 1024);
+    assert_eq!(index::auto_n_lists(2), 1);
+}
+
+#[test]
+fn names_are_validated() {
+    assert!(validate_name("ok-name_1").is_ok());
+    assert!(validate_name("").is_err());
+    assert!(validate_name("default").is_err());
+    assert!(validate_name("a\nb").is_err());
+    assert!(validate_name(&"x".repeat(256)).is_err());
+}

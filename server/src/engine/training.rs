@@ -1,0 +1,123 @@
+//! The background training worker: a FIFO queue of indexes, one trained at a time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::index::{Index, TrainParams};
+
+/// What `training-status` reports.
+#[derive(Debug, Clone, Default)]
+pub struct TrainingStatus {
+    pub currently_training: Option<String>,
+    pub queued: Vec<String>,
+    /// Indexes trained right now by explicit `train` calls.
+    pub explicit: Vec<String>,
+    pub worker_running: bool,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Arc<Index>>,
+    current: Option<String>,
+    explicit: HashMap<String, usize>,
+}
+
+/// The worker and its queue.
+pub struct Trainer {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+/// Keeps an index listed as training while an explicit `train` call runs.
+pub struct ExplicitMark<'a> {
+    trainer: &'a Trainer,
+    name: String,
+}
+
+impl Drop for ExplicitMark<'_> {
+    fn drop(&mut self) {
+        let mut st = self.trainer.state.lock();
+        if let Some(n) = st.explicit.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                st.explicit.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl Trainer {
+    /// Start the worker thread.
+    pub fn start() -> Arc<Self> {
+        let t = Arc::new(Self {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        });
+        let worker = t.clone();
+        std::thread::Builder::new()
+            .name("sealdb-trainer".into())
+            .spawn(move || worker.run())
+            .expect("spawning the training thread");
+        t
+    }
+
+    fn run(&self) {
+        loop {
+            let ix = {
+                let mut st = self.state.lock();
+                while st.queue.is_empty() {
+                    self.wake.wait(&mut st);
+                }
+                let ix = st.queue.pop_front().expect("non-empty");
+                st.current = Some(ix.name.clone());
+                ix
+            };
+            let started = std::time::Instant::now();
+            match ix.train(&TrainParams::default()) {
+                Ok(k) => tracing::info!(index = %ix.name, n_lists = k, secs = started.elapsed().as_secs_f32(), "background training finished"),
+                Err(e) => tracing::warn!(index = %ix.name, error = %e, "background training failed"),
+            }
+            self.state.lock().current = None;
+        }
+    }
+
+    /// Queue `ix` unless it is already queued or training. Returns whether it was queued.
+    pub fn enqueue(&self, ix: Arc<Index>) -> bool {
+        let mut st = self.state.lock();
+        if st.current.as_deref() == Some(ix.name.as_str())
+            || st.queue.iter().any(|q| q.name == ix.name)
+        {
+            return false;
+        }
+        st.queue.push_back(ix);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Drop a deleted index from the queue.
+    pub fn forget(&self, name: &str) {
+        self.state.lock().queue.retain(|q| q.name != name);
+    }
+
+    pub fn mark_explicit(&self, name: &str) -> ExplicitMark<'_> {
+        *self.state.lock().explicit.entry(name.to_owned()).or_default() += 1;
+        ExplicitMark {
+            trainer: self,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn status(&self) -> TrainingStatus {
+        let st = self.state.lock();
+        let mut explicit: Vec<String> = st.explicit.keys().cloned().collect();
+        explicit.sort();
+        TrainingStatus {
+            currently_training: st.current.clone().or_else(|| explicit.first().cloned()),
+            queued: st.queue.iter().map(|q| q.name.clone()).collect(),
+            explicit,
+            worker_running: true,
+        }
+    }
+}

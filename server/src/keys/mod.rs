@@ -1,0 +1,299 @@
+//! The key hierarchy and record sealing.
+//!
+//! ```text
+//! KEK (32 B, from the client on every call, or from a KMS slot)
+//!  └─ wraps DEK (32 B, random per index, stored only wrapped)
+//!      ├─ HKDF "sealdb/v1/seal"  -> record key: AES-256-GCM for every stored record
+//!      └─ HKDF "sealdb/v1/id-mac" -> HMAC-SHA256 key turning ids into store locators
+//! ```
+//!
+//! Invariant: key material lives in [`Kek`]/[`Dek`] newtypes that zeroize on drop and whose
+//! `Debug` prints nothing secret, so a key cannot end up in a log by accident.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Length of every symmetric key in the hierarchy.
+pub const KEY_LEN: usize = 32;
+/// AES-GCM nonce length.
+pub const NONCE_LEN: usize = 12;
+/// AES-GCM tag length.
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed record adds to its plaintext (nonce + tag).
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+
+/// Errors of the key layer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    /// The supplied key text is not 64 hex characters.
+    #[error("index_key must be 64 hexadecimal characters (32 bytes); {0}")]
+    BadFormat(String),
+    /// A ciphertext did not authenticate: wrong key, or the record was moved or altered.
+    #[error("ciphertext failed authentication")]
+    Open,
+}
+
+macro_rules! secret_key {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Zeroize, ZeroizeOnDrop)]
+        pub struct $name([u8; KEY_LEN]);
+
+        impl $name {
+            /// Wrap raw key bytes.
+            pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+                Self(bytes)
+            }
+            /// A fresh random key from the OS generator.
+            pub fn random() -> Self {
+                let mut k = [0u8; KEY_LEN];
+                rand::rng().fill_bytes(&mut k);
+                Self(k)
+            }
+            /// The raw key bytes.
+            pub fn expose(&self) -> &[u8; KEY_LEN] {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+    };
+}
+
+secret_key!(
+    /// A key-encryption key: protects one index's DEK. Never stored by the server.
+    Kek
+);
+secret_key!(
+    /// A data-encryption key: the root of everything one index stores.
+    Dek
+);
+
+impl Kek {
+    /// Parse the API's `index_key`: exactly 64 hex characters, either case. The error never
+    /// echoes the input.
+    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
+        let text = text.trim();
+        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(KeyError::BadFormat(
+                "it contains non-hexadecimal characters".into(),
+            ));
+        }
+        if text.len() != 2 * KEY_LEN {
+            return Err(KeyError::BadFormat(format!(
+                "got {} characters ({} bytes)",
+                text.len(),
+                text.len() / 2
+            )));
+        }
+        let mut k = [0u8; KEY_LEN];
+        hex::decode_to_slice(text, &mut k)
+            .map_err(|_| KeyError::BadFormat("it is not valid hexadecimal".into()))?;
+        Ok(Self(k))
+    }
+}
+
+fn hkdf(ikm: &[u8], info: &[u8]) -> [u8; KEY_LEN] {
+    let hk = hkdf::Hkdf::<Sha256>::new(Some(b"sealdb-hkdf-salt-v1"), ikm);
+    let mut out = [0u8; KEY_LEN];
+    hk.expand(info, &mut out)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
+/// Seal `plaintext` under `cipher` with associated data `aad`: `nonce || ciphertext || tag`.
+pub fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    let ct = cipher
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .expect("AES-GCM encryption cannot fail for in-range lengths");
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+/// Open what [`seal_with`] produced; fails unless key and `aad` match.
+pub fn open_with(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(KeyError::Open);
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| KeyError::Open)?;
+    cipher
+        .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad })
+        .map_err(|_| KeyError::Open)
+}
+
+fn cipher_for(key: &[u8; KEY_LEN]) -> Aes256Gcm {
+    Aes256Gcm::new_from_slice(key).expect("a 32-byte key is valid for AES-256")
+}
+
+/// Wrap `dek` under `kek`, bound to `aad` (which names the index).
+pub fn wrap_dek(kek: &Kek, dek: &Dek, aad: &[u8]) -> Vec<u8> {
+    seal_with(&cipher_for(kek.expose()), aad, dek.expose())
+}
+
+/// Unwrap a DEK; a wrong KEK (or a wrapped DEK moved to another index) fails with
+/// [`KeyError::Open`].
+pub fn unwrap_dek(kek: &Kek, wrapped: &[u8], aad: &[u8]) -> Result<Dek, KeyError> {
+    let mut raw = open_with(&cipher_for(kek.expose()), aad, wrapped)?;
+    let out: Result<[u8; KEY_LEN], _> = raw.as_slice().try_into();
+    raw.zeroize();
+    out.map(Dek::from_bytes).map_err(|_| KeyError::Open)
+}
+
+/// The per-index keys derived from a DEK, ready to use.
+#[derive(Clone)]
+pub struct IndexKeys {
+    cipher: Aes256Gcm,
+    id_mac: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for IndexKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKeys(<redacted>)")
+    }
+}
+
+impl IndexKeys {
+    /// Derive the record cipher and the id MAC from `dek`.
+    pub fn derive(dek: &Dek) -> Self {
+        let mut seal = hkdf(dek.expose(), b"sealdb/v1/seal");
+        let mut mac = hkdf(dek.expose(), b"sealdb/v1/id-mac");
+        let keys = Self {
+            cipher: cipher_for(&seal),
+            id_mac: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&mac)
+                .expect("HMAC takes any key length"),
+        };
+        seal.zeroize();
+        mac.zeroize();
+        keys
+    }
+
+    /// Seal a record whose associated data is `aad`.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        seal_with(&self.cipher, aad, plaintext)
+    }
+
+    /// Open a record sealed with the same associated data.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
+        open_with(&self.cipher, aad, sealed)
+    }
+
+    /// The 16-byte keyed locator of an item id: the store sees this, never the id.
+    pub fn id_locator(&self, id: &str) -> [u8; 16] {
+        let mut m = self.id_mac.clone();
+        m.update(id.as_bytes());
+        let tag = m.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag[..16]);
+        out
+    }
+}
+
+/// A process-local fingerprint of a KEK, used to recognise the key that opened a cached index
+/// without keeping the key itself. The secret salt is random per process, so the fingerprint
+/// is useless outside this process.
+pub struct KeyFingerprint([u8; 32]);
+
+impl KeyFingerprint {
+    /// Fingerprint `kek` for the index identified by `index_id`.
+    pub fn of(kek: &Kek, index_id: &[u8]) -> Self {
+        static SALT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let salt = SALT.get_or_init(|| {
+            let mut s = [0u8; 32];
+            rand::rng().fill_bytes(&mut s);
+            s
+        });
+        let mut m = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(salt)
+            .expect("HMAC takes any key length");
+        m.update(index_id);
+        m.update(kek.expose());
+        Self(m.finalize().into_bytes().into())
+    }
+
+    /// Constant-time comparison.
+    pub fn matches(&self, other: &KeyFingerprint) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_parsing_rejects_bad_keys_without_echoing_them() {
+        assert!(Kek::from_hex(&"ab".repeat(32)).is_ok());
+        assert!(Kek::from_hex(&"AB".repeat(32)).is_ok());
+        let e = Kek::from_hex(&"ab".repeat(16)).unwrap_err();
+        assert!(e.to_string().contains("got 32 characters (16 bytes)"));
+        let e = Kek::from_hex(&"zz".repeat(32)).unwrap_err();
+        assert!(!e.to_string().contains("zz"));
+    }
+
+    #[test]
+    fn dek_wrap_roundtrip_and_wrong_key() {
+        let kek = Kek::random();
+        let dek = Dek::random();
+        let w = wrap_dek(&kek, &dek, b"idx-a");
+        assert_eq!(unwrap_dek(&kek, &w, b"idx-a").unwrap().expose(), dek.expose());
+        assert_eq!(unwrap_dek(&Kek::random(), &w, b"idx-a").unwrap_err(), KeyError::Open);
+        // Bound to its index: the same blob does not open for another index.
+        assert_eq!(unwrap_dek(&kek, &w, b"idx-b").unwrap_err(), KeyError::Open);
+    }
+
+    #[test]
+    fn sealed_records_are_bound_to_their_aad_and_randomised() {
+        let keys = IndexKeys::derive(&Dek::random());
+        let a = keys.seal(b"rec-1", b"hello");
+        let b = keys.seal(b"rec-1", b"hello");
+        assert_ne!(a, b, "nonces must differ");
+        assert_eq!(keys.open(b"rec-1", &a).unwrap(), b"hello");
+        assert!(keys.open(b"rec-2", &a).is_err());
+        let mut t = a.clone();
+        t[NONCE_LEN] ^= 1;
+        assert!(keys.open(b"rec-1", &t).is_err());
+        assert!(keys.open(b"rec-1", &a[..5]).is_err());
+    }
+
+    #[test]
+    fn debug_never_prints_key_bytes() {
+        let k = Kek::from_bytes([0x41; 32]);
+        assert_eq!(format!("{k:?}"), "Kek(<redacted>)");
+    }
+
+    #[test]
+    fn locators_are_keyed() {
+        let a = IndexKeys::derive(&Dek::random());
+        let b = IndexKeys::derive(&Dek::random());
+        assert_eq!(a.id_locator("x"), a.id_locator("x"));
+        assert_ne!(a.id_locator("x"), b.id_locator("x"));
+        assert_ne!(a.id_locator("x"), a.id_locator("y"));
+    }
+
+    #[test]
+    fn fingerprints_match_only_same_key_and_index() {
+        let k = Kek::random();
+        assert!(KeyFingerprint::of(&k, b"i").matches(&KeyFingerprint::of(&k, b"i")));
+        assert!(!KeyFingerprint::of(&k, b"i").matches(&KeyFingerprint::of(&Kek::random(), b"i")));
+        assert!(!KeyFingerprint::of(&k, b"i").matches(&KeyFingerprint::of(&k, b"j")));
+    }
+}
