@@ -1,5 +1,9 @@
-//! SealDB server library: configuration, the HTTP API, the key hierarchy and the engine.
-//! The binary (`main.rs`) only parses flags and calls [`app::run`].
+//! SealDB server library: configuration, the HTTP API, auth, the key hierarchy and the
+//! engine. The binary (`main.rs`) only parses flags and calls [`app::run`].
 
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
 pub mod engine;
 pub mod keys;

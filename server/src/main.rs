@@ -1,1 +1,33 @@
-fn main(){}
+//! `sealdb`: start the server (see `--help`).
+
+use sealdb_server::{api, app, config::Config};
+
+fn main() {
+    let cfg = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sealdb: {e}");
+            std::process::exit(2);
+        }
+    };
+    if cfg.print_openapi {
+        let store = std::sync::Arc::new(sealdb_store_memory::MemoryStore::new());
+        println!("{}", api::spec_json(app::state(&cfg, store)));
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEALDB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cfg.tracing_filter())),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    if let Err(e) = rt.block_on(app::run(cfg)) {
+        tracing::error!("{e}");
+        eprintln!("sealdb: {e}");
+        std::process::exit(1);
+    }
+}

@@ -61,8 +61,10 @@ impl IndexStore for MemoryStore {
                     map.remove(&key);
                 }
                 WriteOp::DeletePrefix { prefix } => {
-                    let keys: Vec<Vec<u8>> =
-                        map.range(range_of(&prefix)).map(|(k, _)| k.clone()).collect();
+                    let keys: Vec<Vec<u8>> = map
+                        .range(range_of(&prefix))
+                        .map(|(k, _)| k.clone())
+                        .collect();
                     for k in keys {
                         map.remove(&k);
                     }

@@ -95,7 +95,12 @@ impl IndexStore for RedbStore {
         let tx = self.db.begin_read().map_err(io)?;
         let table = tx.open_table(RECORDS).map_err(io)?;
         keys.iter()
-            .map(|k| Ok(table.get(k.as_slice()).map_err(io)?.map(|v| v.value().to_vec())))
+            .map(|k| {
+                Ok(table
+                    .get(k.as_slice())
+                    .map_err(io)?
+                    .map(|v| v.value().to_vec()))
+            })
             .collect()
     }
 
@@ -126,7 +131,9 @@ impl IndexStore for RedbStore {
                         let upper = prefix_upper_bound(&prefix);
                         let keys: Vec<Vec<u8>> = {
                             let iter = match &upper {
-                                Some(end) => table.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
+                                Some(end) => {
+                                    table.range::<&[u8]>(prefix.as_slice()..end.as_slice())
+                                }
                                 None => table.range::<&[u8]>(prefix.as_slice()..),
                             }
                             .map_err(io)?;
@@ -171,7 +178,8 @@ mod tests {
         assert_eq!(s.get(b"a/2").unwrap(), Some(b"two".to_vec()));
         assert_eq!(s.scan_keys(b"a/").unwrap(), vec![b"a/2".to_vec()]);
         let mut b = WriteBatch::new();
-        b.delete_prefix(b"a/".to_vec()).put(b"a/9".to_vec(), b"x".to_vec());
+        b.delete_prefix(b"a/".to_vec())
+            .put(b"a/9".to_vec(), b"x".to_vec());
         s.write(b).unwrap();
         let all = s.scan_prefix(b"").unwrap();
         assert_eq!(

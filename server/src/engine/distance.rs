@@ -211,9 +211,15 @@ mod tests {
             let a: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.11).cos()).collect();
             let want = naive_l2sq(&a, &b);
-            assert!((l2sq(&a, &b) - want).abs() <= 1e-4 * want.max(1.0), "dim {dim}");
+            assert!(
+                (l2sq(&a, &b) - want).abs() <= 1e-4 * want.max(1.0),
+                "dim {dim}"
+            );
             let d: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - d).abs() <= 1e-4 * d.abs().max(1.0), "dim {dim}");
+            assert!(
+                (dot(&a, &b) - d).abs() <= 1e-4 * d.abs().max(1.0),
+                "dim {dim}"
+            );
         }
     }
 

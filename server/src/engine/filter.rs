@@ -112,7 +112,9 @@ fn scalar_operand(field: &str, op: &str, v: &Value) -> Result<Value, FilterError
     match v {
         Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Null => Ok(v.clone()),
         Value::Array(_) | Value::Object(_) if op == "$eq" || op == "$ne" => Ok(v.clone()),
-        _ => err(format!("{op} on '{field}' takes a number, string or boolean")),
+        _ => err(format!(
+            "{op} on '{field}' takes a number, string or boolean"
+        )),
     }
 }
 
@@ -243,7 +245,9 @@ impl Cond {
             }),
             Cond::Regex(re) => field.is_some_and(|f| match f {
                 Value::String(s) => re.is_match(s),
-                Value::Array(items) => items.iter().any(|i| i.as_str().is_some_and(|s| re.is_match(s))),
+                Value::Array(items) => items
+                    .iter()
+                    .any(|i| i.as_str().is_some_and(|s| re.is_match(s))),
                 _ => false,
             }),
             Cond::All(cs) => cs.iter().all(|c| c.eval(field)),
@@ -285,7 +289,9 @@ mod tests {
         assert!(m(json!({"tags": {"$in": ["z", "b"]}})));
         assert!(m(json!({"nested.v": 3})));
         assert!(m(json!({"nested.v": {"$gt": 2}})));
-        assert!(m(json!({"missing": {"$exists": false}, "genre": {"$exists": true}})));
+        assert!(m(
+            json!({"missing": {"$exists": false}, "genre": {"$exists": true}})
+        ));
         assert!(m(json!({"$or": [{"genre": "pop"}, {"flag": true}]})));
         assert!(!m(json!({"$and": [{"genre": "rock"}, {"flag": false}]})));
         assert!(m(json!({"$not": {"genre": "pop"}})));
@@ -294,7 +300,10 @@ mod tests {
         assert!(m(json!({"genre": {"$regex": "^RO", "$options": "i"}})));
         assert!(m(json!({"genre": {"$contains": "oc"}})));
         assert!(m(json!({"tags": {"$contains": "b"}})));
-        assert!(!m(json!({"year": {"$gt": "2000"}})), "number vs string never matches");
+        assert!(
+            !m(json!({"year": {"$gt": "2000"}})),
+            "number vs string never matches"
+        );
         // No metadata behaves like {}.
         assert!(f(json!({"x": {"$exists": false}})).matches(None));
         assert!(!f(json!({"x": 1})).matches(None));

@@ -20,7 +20,7 @@ use super::filter::Filter;
 use super::format::{self as fmt, IndexId, Reader, Writer};
 use super::kmeans::{self, KMeansParams};
 use super::{EngineError, IndexConfig, Precision};
-use crate::keys::{IndexKeys, KeyFingerprint, Kek};
+use crate::keys::{IndexKeys, Kek, KeyFingerprint};
 
 /// Target plaintext size of one posting-list block.
 const BLOCK_BYTES: usize = 64 * 1024;
@@ -69,7 +69,10 @@ impl Block {
     /// Plaintext encoding; see docs/FORMAT.md "Posting-list block".
     fn encode(&self, dim: usize, precision: Precision) -> Vec<u8> {
         let mut w = Writer::with_capacity(10 + self.len() * (24 + dim * 4));
-        w.u8(1).u8(precision.code()).u32(dim as u32).u32(self.len() as u32);
+        w.u8(1)
+            .u8(precision.code())
+            .u32(dim as u32)
+            .u32(self.len() as u32);
         for (id, meta) in self.ids.iter().zip(&self.meta) {
             w.bytes(id.as_bytes());
             match meta {
@@ -84,7 +87,9 @@ impl Block {
     fn decode(buf: &[u8]) -> Result<(Block, usize), EngineError> {
         let mut r = Reader::new(buf, "posting-list block");
         if r.u8()? != 1 {
-            return Err(EngineError::Corrupt("unknown posting-list block version".into()));
+            return Err(EngineError::Corrupt(
+                "unknown posting-list block version".into(),
+            ));
         }
         let precision = Precision::from_code(r.u8()?)
             .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
@@ -103,7 +108,11 @@ impl Block {
             });
         }
         b.vecs = precision.decode(r.rest(), n * dim)?;
-        b.inv_norms = b.vecs.chunks_exact(dim.max(1)).map(distance::inv_norm).collect();
+        b.inv_norms = b
+            .vecs
+            .chunks_exact(dim.max(1))
+            .map(distance::inv_norm)
+            .collect();
         if dim == 0 {
             b.inv_norms = vec![0.0; n];
         }
@@ -142,7 +151,11 @@ impl Data {
 /// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
 pub(crate) fn encode_state(dimension: u32, gen: u32, trained: bool, n_lists: u32) -> Vec<u8> {
     let mut w = Writer::default();
-    w.u8(1).u32(dimension).u32(gen).u8(trained as u8).u32(n_lists);
+    w.u8(1)
+        .u32(dimension)
+        .u32(gen)
+        .u8(trained as u8)
+        .u32(n_lists);
     w.0
 }
 
@@ -247,7 +260,9 @@ pub struct Index {
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Index").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Index")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -321,10 +336,9 @@ impl Index {
             })
             .collect::<Result<_, EngineError>>()?;
         for (list, bno, block) in blocks {
-            let pl = data
-                .lists
-                .get_mut(list as usize)
-                .ok_or_else(|| EngineError::Corrupt("block of a list that does not exist".into()))?;
+            let pl = data.lists.get_mut(list as usize).ok_or_else(|| {
+                EngineError::Corrupt("block of a list that does not exist".into())
+            })?;
             for id in &block.ids {
                 data.locate.insert(id.clone(), (list, bno));
             }
@@ -367,7 +381,14 @@ impl Index {
         (BLOCK_BYTES / (dim.max(1) * precision.bytes())).clamp(16, 4096)
     }
 
-    fn seal_block(&self, gen: u32, list: u32, bno: u32, block: &Block, dim: usize) -> (Vec<u8>, Vec<u8>) {
+    fn seal_block(
+        &self,
+        gen: u32,
+        list: u32,
+        bno: u32,
+        block: &Block,
+        dim: usize,
+    ) -> (Vec<u8>, Vec<u8>) {
         let key = fmt::block_key(&self.id, gen, list, bno);
         let sealed = self
             .keys
@@ -441,9 +462,9 @@ impl Index {
                     continue;
                 }
                 if let Some(&(l, b)) = d.locate.get(&it.id) {
-                    let blk = touched
-                        .entry((l, b))
-                        .or_insert_with(|| d.block(l, b).map(|x| (**x).clone()).unwrap_or_default());
+                    let blk = touched.entry((l, b)).or_insert_with(|| {
+                        d.block(l, b).map(|x| (**x).clone()).unwrap_or_default()
+                    });
                     if let Some(pos) = blk.position(&it.id) {
                         blk.swap_remove(pos, dim);
                     }
@@ -463,7 +484,9 @@ impl Index {
                 let mut bno = tail;
                 let full = {
                     let blk = touched.entry((list, bno)).or_insert_with(|| {
-                        d.block(list, bno).map(|x| (**x).clone()).unwrap_or_default()
+                        d.block(list, bno)
+                            .map(|x| (**x).clone())
+                            .unwrap_or_default()
                     });
                     blk.len() >= cap
                 };
@@ -627,7 +650,9 @@ impl Index {
                     continue;
                 };
                 let Some(blk) = d.block(l, b) else { continue };
-                let Some(pos) = blk.position(id) else { continue };
+                let Some(pos) = blk.position(id) else {
+                    continue;
+                };
                 out.push(Fetched {
                     id: id.clone(),
                     metadata: include.metadata.then(|| {
@@ -663,7 +688,11 @@ impl Index {
     }
 
     /// Search: one result list per query, nearest first.
-    pub fn search(&self, queries: &[Vec<f32>], p: &SearchParams) -> Result<Vec<Vec<Hit>>, EngineError> {
+    pub fn search(
+        &self,
+        queries: &[Vec<f32>],
+        p: &SearchParams,
+    ) -> Result<Vec<Vec<Hit>>, EngineError> {
         let mut results = {
             let d = self.data.read();
             let dim = d.dimension as usize;
@@ -736,7 +765,8 @@ impl Index {
             probes = probes.saturating_mul(2);
         }
         let k = p.top_k;
-        let mut heap: std::collections::BinaryHeap<Cand> = std::collections::BinaryHeap::with_capacity(k + 1);
+        let mut heap: std::collections::BinaryHeap<Cand> =
+            std::collections::BinaryHeap::with_capacity(k + 1);
         let mut scores = Vec::new();
         for (n, &li) in order.iter().enumerate() {
             // A filtered query keeps probing until it has k matches.
@@ -857,7 +887,13 @@ impl Index {
         self.install_training(centroids, k, dim, params.batch_size)
     }
 
-    fn install_training(&self, centroids: Vec<f32>, k: usize, dim: usize, batch: usize) -> Result<usize, EngineError> {
+    fn install_training(
+        &self,
+        centroids: Vec<f32>,
+        k: usize,
+        dim: usize,
+        batch: usize,
+    ) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let cap = Self::block_cap(dim, self.config.precision);
@@ -874,7 +910,10 @@ impl Index {
                 }
             }
             let labels = if self.config.metric.is_angular() {
-                let normed: Vec<f32> = vecs.chunks_exact(dim).flat_map(distance::normalized).collect();
+                let normed: Vec<f32> = vecs
+                    .chunks_exact(dim)
+                    .flat_map(distance::normalized)
+                    .collect();
                 kmeans::assign(&normed, dim, &centroids, batch).0
             } else {
                 kmeans::assign(&vecs, dim, &centroids, batch).0
@@ -890,7 +929,8 @@ impl Index {
                 locate.insert(id.clone(), (l as u32, bno));
                 building[l].push(id, &vecs[i * dim..(i + 1) * dim], meta);
                 if building[l].len() >= cap {
-                    pl.blocks.insert(bno, Arc::new(std::mem::take(&mut building[l])));
+                    pl.blocks
+                        .insert(bno, Arc::new(std::mem::take(&mut building[l])));
                 }
             }
             for (l, blk) in building.into_iter().enumerate() {
@@ -923,8 +963,10 @@ impl Index {
         let sk = fmt::state_key(&self.id);
         batch.put(
             sk.clone(),
-            self.keys
-                .seal(&fmt::aad(&sk), &encode_state(dim as u32, gen, true, k as u32)),
+            self.keys.seal(
+                &fmt::aad(&sk),
+                &encode_state(dim as u32, gen, true, k as u32),
+            ),
         );
         self.store.write(batch)?;
         let mut d = self.data.write();

@@ -20,12 +20,12 @@ use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
 use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch};
 
-use crate::keys::{self, Dek, IndexKeys, KeyFingerprint, Kek};
+use crate::keys::{self, Dek, IndexKeys, Kek, KeyFingerprint};
 pub use distance::Metric;
 use format::{IndexId, Reader, Writer};
-pub use index::{Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
 use index::{Data, KeyCheck};
-pub use training::{TrainingStatus, Trainer};
+pub use index::{Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
+pub use training::{Trainer, TrainingStatus};
 
 /// Everything that can go wrong in the engine. The API layer maps each variant to exactly one
 /// HTTP status (see `api/error.rs`).
@@ -101,7 +101,9 @@ impl Precision {
     pub fn encode_into(self, v: &[f32], out: &mut Vec<u8>) {
         out.reserve(v.len() * self.bytes());
         match self {
-            Self::F32 => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::F32 => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             Self::F16 => v
                 .iter()
                 .for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
@@ -109,7 +111,9 @@ impl Precision {
     }
     pub fn decode(self, raw: &[u8], n: usize) -> Result<Vec<f32>, EngineError> {
         if raw.len() != n * self.bytes() {
-            return Err(EngineError::Corrupt("vector data has the wrong length".into()));
+            return Err(EngineError::Corrupt(
+                "vector data has the wrong length".into(),
+            ));
         }
         Ok(match self {
             Self::F32 => raw
@@ -225,7 +229,9 @@ impl MetaRecord {
             return Err(EngineError::Corrupt("meta record has a bad magic".into()));
         }
         if r.u8()? != format::FORMAT_VERSION {
-            return Err(EngineError::Corrupt("meta record has an unknown format version".into()));
+            return Err(EngineError::Corrupt(
+                "meta record has an unknown format version".into(),
+            ));
         }
         let id: IndexId = r.take(format::INDEX_ID_LEN)?.try_into().expect("16 bytes");
         let key_mode = r.u8()?;
@@ -349,7 +355,12 @@ impl Engine {
 
     /// Open an index with the caller's key, verifying it.
     pub fn open(&self, name: &str, kek: Option<&Kek>) -> Result<Arc<Index>, EngineError> {
-        let slot = self.slots.lock().entry(name.to_owned()).or_default().clone();
+        let slot = self
+            .slots
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
         if let Some(ix) = slot.index.read().as_ref() {
             ix.check_key(kek)?;
             return Ok(ix.clone());
@@ -401,8 +412,12 @@ impl Engine {
                 .open(&config_aad(&mk, &meta.id), &meta.sealed_config)
                 .map_err(|_| EngineError::Corrupt("index config failed authentication".into()))?,
         )?;
-        let data: Data =
-            Index::load_data(self.store.as_ref(), &meta.id, &ikeys, config.declared_dimension)?;
+        let data: Data = Index::load_data(
+            self.store.as_ref(),
+            &meta.id,
+            &ikeys,
+            config.declared_dimension,
+        )?;
         Ok(Arc::new(Index::assemble(
             name.to_owned(),
             meta.id,

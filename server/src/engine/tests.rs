@@ -92,7 +92,8 @@ fn create_upsert_query_get_delete_reload() {
     assert_eq!(hits[0].len(), 1);
     assert_eq!(hits[0][0].id, "y");
     // Overwrite moves y.
-    ix.upsert(vec![item("y", vec![0.5, 0.0], json!({"k": 3}))]).unwrap();
+    ix.upsert(vec![item("y", vec![0.5, 0.0], json!({"k": 3}))])
+        .unwrap();
     assert_eq!(ix.list_ids().len(), 3);
     assert_eq!(ix.delete_ids(&["z".into(), "nope".into()]).unwrap(), 1);
     let got = ix
@@ -115,7 +116,10 @@ fn create_upsert_query_get_delete_reload() {
         e2.open("a", Some(&Kek::random())),
         Err(EngineError::WrongKey(_))
     ));
-    assert!(matches!(e2.open("a", None), Err(EngineError::MissingKey(_))));
+    assert!(matches!(
+        e2.open("a", None),
+        Err(EngineError::MissingKey(_))
+    ));
     let ix2 = e2.open("a", Some(&kek)).unwrap();
     let mut ids = ix2.list_ids();
     ids.sort();
@@ -125,8 +129,14 @@ fn create_upsert_query_get_delete_reload() {
         Err(EngineError::WrongKey(_))
     ));
     e2.delete("a", Some(&kek)).unwrap();
-    assert!(matches!(e2.open("a", Some(&kek)), Err(EngineError::NotFound(_))));
-    assert!(store.scan_prefix(b"").unwrap().is_empty(), "delete leaves nothing behind");
+    assert!(matches!(
+        e2.open("a", Some(&kek)),
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(
+        store.scan_prefix(b"").unwrap().is_empty(),
+        "delete leaves nothing behind"
+    );
 }
 
 fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -180,9 +190,13 @@ fn training_keeps_every_vector_and_recall() {
             let want: std::collections::HashSet<&str> = b.iter().map(|h| h.id.as_str()).collect();
             found += a.iter().filter(|h| want.contains(h.id.as_str())).count();
         }
-        assert!(found as f64 / 500.0 >= 0.95, "{metric:?} recall {found}/500");
+        assert!(
+            found as f64 / 500.0 >= 0.95,
+            "{metric:?} recall {found}/500"
+        );
         // Upserts after training land in lists, survive reload, and old generation is gone.
-        ix.upsert(vec![item("new", data[0].clone(), json!({}))]).unwrap();
+        ix.upsert(vec![item("new", data[0].clone(), json!({}))])
+            .unwrap();
         let e2 = engine(store.clone());
         let ix2 = e2.open("t", Some(&kek)).unwrap();
         assert_eq!(e2.describe(&ix2).num_vectors, 3001);
@@ -211,7 +225,8 @@ fn too_few_vectors_for_requested_lists() {
         e.train_now(&ix, &TrainParams::default()),
         Err(EngineError::Invalid(_))
     ));
-    ix.upsert(vec![item("a", vec![1.0, 1.0], json!({}))]).unwrap();
+    ix.upsert(vec![item("a", vec![1.0, 1.0], json!({}))])
+        .unwrap();
     let p = TrainParams {
         n_lists: Some(4),
         ..Default::default()
@@ -237,7 +252,9 @@ fn swapped_blobs_fail_to_open() {
     ])
     .unwrap();
     // Swap the two item records (contents) in the store.
-    let items = store.scan_prefix(&format::scoped_prefix(format::kind::ITEM, &ix.id)).unwrap();
+    let items = store
+        .scan_prefix(&format::scoped_prefix(format::kind::ITEM, &ix.id))
+        .unwrap();
     assert_eq!(items.len(), 2);
     let mut b = WriteBatch::new();
     b.put(items[0].0.clone(), items[1].1.clone())
@@ -247,7 +264,10 @@ fn swapped_blobs_fail_to_open() {
         contents: true,
         ..Default::default()
     };
-    assert!(matches!(ix.get(&["x".into()], inc), Err(EngineError::Corrupt(_))));
+    assert!(matches!(
+        ix.get(&["x".into()], inc),
+        Err(EngineError::Corrupt(_))
+    ));
 }
 
 #[test]

@@ -76,8 +76,12 @@ impl Trainer {
             };
             let started = std::time::Instant::now();
             match ix.train(&TrainParams::default()) {
-                Ok(k) => tracing::info!(index = %ix.name, n_lists = k, secs = started.elapsed().as_secs_f32(), "background training finished"),
-                Err(e) => tracing::warn!(index = %ix.name, error = %e, "background training failed"),
+                Ok(k) => {
+                    tracing::info!(index = %ix.name, n_lists = k, secs = started.elapsed().as_secs_f32(), "background training finished")
+                }
+                Err(e) => {
+                    tracing::warn!(index = %ix.name, error = %e, "background training failed")
+                }
             }
             self.state.lock().current = None;
         }
@@ -102,7 +106,12 @@ impl Trainer {
     }
 
     pub fn mark_explicit(&self, name: &str) -> ExplicitMark<'_> {
-        *self.state.lock().explicit.entry(name.to_owned()).or_default() += 1;
+        *self
+            .state
+            .lock()
+            .explicit
+            .entry(name.to_owned())
+            .or_default() += 1;
         ExplicitMark {
             trainer: self,
             name: name.to_owned(),

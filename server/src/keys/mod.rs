@@ -254,8 +254,14 @@ mod tests {
         let kek = Kek::random();
         let dek = Dek::random();
         let w = wrap_dek(&kek, &dek, b"idx-a");
-        assert_eq!(unwrap_dek(&kek, &w, b"idx-a").unwrap().expose(), dek.expose());
-        assert_eq!(unwrap_dek(&Kek::random(), &w, b"idx-a").unwrap_err(), KeyError::Open);
+        assert_eq!(
+            unwrap_dek(&kek, &w, b"idx-a").unwrap().expose(),
+            dek.expose()
+        );
+        assert_eq!(
+            unwrap_dek(&Kek::random(), &w, b"idx-a").unwrap_err(),
+            KeyError::Open
+        );
         // Bound to its index: the same blob does not open for another index.
         assert_eq!(unwrap_dek(&kek, &w, b"idx-b").unwrap_err(), KeyError::Open);
     }

@@ -1,0 +1,184 @@
+//! The one place where failures become HTTP statuses and `{"status_code", "detail"}` bodies.
+
+use poem_openapi::Object;
+
+use crate::engine::EngineError;
+use crate::keys::KeyError;
+
+/// The error body of every non-2xx response.
+#[derive(Object, Debug, Clone, PartialEq)]
+#[oai(rename = "ErrorResponseModel")]
+pub struct ErrorBody {
+    /// The HTTP status code, repeated for clients that only see the body.
+    pub status_code: u16,
+    /// What went wrong and, where it helps, how to fix it.
+    pub detail: String,
+}
+
+/// A failure on its way to becoming a response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: detail.into(),
+        }
+    }
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(400, detail)
+    }
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(401, detail)
+    }
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(403, detail)
+    }
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(422, detail)
+    }
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(500, detail)
+    }
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            status_code: self.status,
+            detail: self.detail.clone(),
+        }
+    }
+
+    /// Turn a request-parsing failure from poem-openapi into a 422 with a readable reason.
+    pub fn from_parse(err: poem::Error) -> Self {
+        use poem_openapi::error::{AuthorizationError, ContentTypeError, ParseRequestPayloadError};
+        if err.is::<AuthorizationError>() {
+            return Self::unauthorized("API Key is required: send it in the X-API-Key header");
+        }
+        if err.is::<ContentTypeError>() {
+            return Self::invalid(format!(
+                "{err}; send the body as JSON with 'Content-Type: application/json'"
+            ));
+        }
+        if let Some(e) = err.downcast_ref::<ParseRequestPayloadError>() {
+            return Self::invalid(format!("invalid request body: {}", e.reason));
+        }
+        Self::invalid(format!("invalid request: {err}"))
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match &e {
+            EngineError::NotFound(name) => Self::new(404, format!("Index '{name}' not found")),
+            EngineError::AlreadyExists(name) => Self::new(
+                409,
+                format!(
+                    "Index '{name}' already exists; pick another index_name or delete it first"
+                ),
+            ),
+            EngineError::WrongKey(name) => {
+                Self::unauthorized(format!("Wrong encryption key for index '{name}'"))
+            }
+            EngineError::MissingKey(_) => Self::unauthorized(e.to_string()),
+            EngineError::BadRequest(_) => Self::bad_request(e.to_string()),
+            EngineError::Invalid(_) => Self::invalid(e.to_string()),
+            EngineError::Store(_) | EngineError::Corrupt(_) => {
+                tracing::error!(error = %e, "internal failure");
+                Self::internal(format!("Internal server error: {e}"))
+            }
+        }
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::BadFormat(_) => Self::bad_request(e.to_string()),
+            KeyError::Open => Self::unauthorized("Wrong encryption key"),
+        }
+    }
+}
+
+/// Declare one operation's response enum: a 200 payload plus the error statuses it can return.
+/// Every enum gets a 500 variant, which also receives any undeclared status (logged), so the
+/// spec never under-declares what the server sends.
+macro_rules! responses {
+    ($(#[$meta:meta])* $name:ident, $ok:ty, [$($code:tt => $var:ident),* $(,)?]) => {
+        $(#[$meta])*
+        #[derive(poem_openapi::ApiResponse, Debug)]
+        #[oai(bad_request_handler = "crate::api::error::parse_failure")]
+        pub enum $name {
+            /// Success.
+            #[oai(status = 200)]
+            Ok(poem_openapi::payload::Json<$ok>),
+            $(
+                #[doc = crate::api::error::status_doc!($code)]
+                #[oai(status = $code)]
+                $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
+            )*
+            /// Internal server error.
+            #[oai(status = 500)]
+            Internal(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
+        }
+
+        impl From<crate::api::error::ApiError> for $name {
+            fn from(e: crate::api::error::ApiError) -> Self {
+                let body = poem_openapi::payload::Json(e.body());
+                match e.status {
+                    $($code => Self::$var(body),)*
+                    500 => Self::Internal(body),
+                    other => {
+                        tracing::error!(status = other, detail = %e.detail, "undeclared status mapped to 500");
+                        Self::Internal(poem_openapi::payload::Json(crate::api::error::ErrorBody {
+                            status_code: 500,
+                            detail: e.detail,
+                        }))
+                    }
+                }
+            }
+        }
+
+        impl From<Result<$ok, crate::api::error::ApiError>> for $name {
+            fn from(r: Result<$ok, crate::api::error::ApiError>) -> Self {
+                match r {
+                    Ok(v) => Self::Ok(poem_openapi::payload::Json(v)),
+                    Err(e) => e.into(),
+                }
+            }
+        }
+    };
+}
+pub(crate) use responses;
+
+macro_rules! status_doc {
+    (400) => {
+        "Bad request: conflicting or malformed parameters (see `detail`)."
+    };
+    (401) => {
+        "Missing or invalid API key, or missing or wrong index key."
+    };
+    (403) => {
+        "The API key is valid but not allowed to do this."
+    };
+    (404) => {
+        "The index (or user) does not exist."
+    };
+    (409) => {
+        "The index already exists."
+    };
+    (422) => {
+        "The request body failed validation (see `detail`)."
+    };
+    (502) => {
+        "The key management service failed."
+    };
+}
+pub(crate) use status_doc;
+
+/// Used by every response enum's `bad_request_handler`.
+pub fn parse_failure<T: From<ApiError>>(err: poem::Error) -> T {
+    ApiError::from_parse(err).into()
+}

@@ -1,0 +1,420 @@
+//! Index lifecycle: list, create, describe, delete, train, training status.
+
+use std::sync::Arc;
+
+use poem_openapi::payload::Json;
+use poem_openapi::{Enum, Object, OpenApi, Tags};
+
+use super::error::{responses, ApiError};
+use super::{blocking, parse_kek, AppState, Credentials, SuccessResponse};
+use crate::auth::Action;
+use crate::engine::{CreateSpec, IndexConfig, Metric, Precision, TrainParams};
+
+#[derive(Tags)]
+enum Tag {
+    /// Create, inspect, train and delete encrypted indexes.
+    Indexes,
+}
+
+/// Names of all indexes.
+#[derive(Object, Debug)]
+#[oai(rename = "IndexListResponseModel")]
+pub struct IndexList {
+    pub indexes: Vec<String>,
+}
+
+/// How vectors are stored.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename = "StoragePrecision", rename_all = "lowercase")]
+pub enum StoragePrecision {
+    /// 4 bytes per component (default).
+    Float32,
+    /// 2 bytes per component: half the storage, slightly lower precision.
+    Float16,
+}
+
+/// Create an encrypted DiskIVF index.
+#[derive(Object, Debug)]
+#[oai(rename = "CreateIndexRequest")]
+pub struct CreateIndexRequest {
+    /// Unique name (1-255 bytes; `default` is reserved).
+    pub index_name: String,
+    /// Name of a configured KMS slot. Exactly one of `index_key` and `kms_name`.
+    pub kms_name: Option<String>,
+    /// The index key: 64 hex characters (32 bytes). The server never stores it; send it on
+    /// every call for this index.
+    pub index_key: Option<String>,
+    /// Vector dimension; when absent it is fixed by the first upsert (or the embedding model).
+    pub dimension: Option<i64>,
+    /// Embedding model name for server-side embedding of `contents`.
+    pub embedding_model: Option<String>,
+    /// `euclidean` (default), `squared_euclidean` or `cosine`.
+    pub metric: Option<String>,
+    /// `float32` (default) or `float16`.
+    pub storage_precision: Option<StoragePrecision>,
+}
+
+/// Names an index and carries its key.
+#[derive(Object, Debug)]
+#[oai(rename = "IndexOperationRequest")]
+pub struct IndexOperationRequest {
+    pub index_name: String,
+    /// 64 hex characters; required for indexes created with `index_key`.
+    pub index_key: Option<String>,
+}
+
+/// What describe reports.
+#[derive(Object, Debug)]
+#[oai(rename = "IndexInfoResponseModel")]
+pub struct IndexInfo {
+    pub index_name: String,
+    /// Whether IVF lists have been trained (untrained indexes are searched exhaustively).
+    pub is_trained: bool,
+    /// Vector dimension (0 until fixed by the first upsert).
+    pub dimension: i64,
+    /// `euclidean`, `squared_euclidean` or `cosine`.
+    pub metric: String,
+    /// Number of IVF lists (1 while untrained).
+    pub n_lists: i64,
+    /// `float32` or `float16`.
+    pub storage_precision: String,
+    /// Embedding model recorded at create, if any.
+    #[oai(skip_serializing_if_is_none)]
+    pub embedding_model: Option<String>,
+    /// Number of vectors stored.
+    pub num_vectors: i64,
+}
+
+/// Train (or retrain) the IVF lists. All knobs are optional.
+#[derive(Object, Debug)]
+#[oai(rename = "TrainRequest")]
+pub struct TrainRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    /// Number of lists; absent or 0 = a power of two near sqrt(number of vectors).
+    pub n_lists: Option<i64>,
+    /// Points per parallel work unit during k-means (default 2048).
+    pub batch_size: Option<i64>,
+    /// Maximum k-means iterations (default 100).
+    pub max_iters: Option<i64>,
+    /// Stop when the k-means objective improves by less than this fraction (default 1e-6).
+    pub tolerance: Option<f64>,
+    /// Memory limit for the training sample in MiB (0 or absent = no limit).
+    pub max_memory: Option<i64>,
+}
+
+/// Background training queue.
+#[derive(Object, Debug)]
+#[oai(rename = "IndexTrainingStatusResponseModel")]
+pub struct TrainingStatus {
+    /// Indexes training now or queued.
+    pub training_indexes: Vec<String>,
+    /// Number of vectors at which an untrained index starts training in the background.
+    pub retrain_threshold: i64,
+    /// The index training now, if any.
+    pub currently_training: Option<String>,
+    /// Indexes waiting for the training worker.
+    pub queued_indexes: Vec<String>,
+    /// Whether the background worker is alive.
+    pub worker_running: bool,
+    /// Always 0 (kept for compatibility).
+    pub worker_pid: i64,
+    /// Always `{}` (kept for compatibility).
+    pub global_training: super::JsonObject,
+}
+
+responses!(ListIndexesResponse, IndexList, [401 => Unauthorized]);
+responses!(CreateIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 409 => Conflict, 422 => Invalid, 502 => KmsFailure]);
+responses!(DescribeIndexResponse, IndexInfo, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(DeleteIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(TrainingStatusResponse, TrainingStatus, [401 => Unauthorized]);
+
+pub struct IndexesApi {
+    pub state: Arc<AppState>,
+}
+
+fn positive(name: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x < 0 => Err(ApiError::invalid(format!(
+            "{name} must not be negative (got {x})"
+        ))),
+        Some(x) => usize::try_from(x)
+            .map(Some)
+            .map_err(|_| ApiError::invalid(format!("{name} is too large"))),
+    }
+}
+
+/// Dimensions of embedding models this server knows, used when `dimension` is omitted.
+fn model_dimension(model: &str) -> Option<u32> {
+    let short = model.rsplit('/').next().unwrap_or(model);
+    match short {
+        "all-MiniLM-L6-v2"
+        | "all-MiniLM-L12-v2"
+        | "paraphrase-MiniLM-L6-v2"
+        | "bge-small-en-v1.5"
+        | "e5-small-v2"
+        | "multilingual-e5-small" => Some(384),
+        "all-mpnet-base-v2" | "bge-base-en-v1.5" | "e5-base-v2" | "nomic-embed-text-v1.5" => {
+            Some(768)
+        }
+        "bge-large-en-v1.5" | "e5-large-v2" => Some(1024),
+        _ => None,
+    }
+}
+
+#[OpenApi]
+impl IndexesApi {
+    /// List the names of all indexes.
+    #[oai(
+        path = "/indexes/list",
+        method = "get",
+        operation_id = "list_indexes_v1_indexes_list_get",
+        tag = "Tag::Indexes"
+    )]
+    async fn list(&self, creds: Credentials) -> ListIndexesResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            state
+                .auth
+                .authorize(creds.key(), Action::ListIndexes, None)?;
+            Ok(IndexList {
+                indexes: state.engine.list()?,
+            })
+        })
+        .await
+        .into()
+    }
+
+    /// Create an encrypted index. Supply `index_key` (and keep it: it is needed on every call
+    /// and cannot be recovered) or `kms_name`.
+    #[oai(
+        path = "/indexes/create",
+        method = "post",
+        operation_id = "create_index_v1_indexes_create_post",
+        tag = "Tag::Indexes"
+    )]
+    async fn create(
+        &self,
+        creds: Credentials,
+        body: Json<CreateIndexRequest>,
+    ) -> CreateIndexResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            state.auth.authorize(creds.key(), Action::Admin, Some(&req.index_name))?;
+            let kek = match (req.index_key.as_deref(), req.kms_name.as_deref()) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::bad_request(
+                        "index_key and kms_name are mutually exclusive: send exactly one",
+                    ))
+                }
+                (None, None) => {
+                    return Err(ApiError::bad_request(
+                        "send exactly one of index_key (64 hex characters) or kms_name",
+                    ))
+                }
+                (None, Some(slot)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "no KMS slot named '{slot}' is configured on this server; use index_key instead"
+                    )))
+                }
+                (Some(k), None) => parse_kek(Some(k))?.expect("present"),
+            };
+            let metric = match req.metric.as_deref() {
+                None => Metric::Euclidean,
+                Some(m) => Metric::parse(m).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "unknown metric '{m}'; use euclidean, squared_euclidean or cosine"
+                    ))
+                })?,
+            };
+            let precision = match req.storage_precision {
+                None | Some(StoragePrecision::Float32) => Precision::F32,
+                Some(StoragePrecision::Float16) => Precision::F16,
+            };
+            let mut dimension = match req.dimension {
+                None => 0,
+                Some(d) if (1..=65_536).contains(&d) => d as u32,
+                Some(d) => {
+                    return Err(ApiError::invalid(format!(
+                        "dimension must be between 1 and 65536 (got {d})"
+                    )))
+                }
+            };
+            let model = req.embedding_model.filter(|m| !m.is_empty());
+            if let Some(m) = &model {
+                if let Some(md) = model_dimension(m) {
+                    if dimension != 0 && dimension != md {
+                        return Err(ApiError::invalid(format!(
+                            "embedding model '{m}' produces {md}-dimensional vectors but dimension is {dimension}"
+                        )));
+                    }
+                    dimension = md;
+                }
+            }
+            let name = req.index_name;
+            state.engine.create(CreateSpec {
+                name: name.clone(),
+                kek,
+                config: IndexConfig {
+                    metric,
+                    precision,
+                    embedding_model: model,
+                    declared_dimension: dimension,
+                    created_at: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                },
+            })?;
+            tracing::info!(index = %name, "index created");
+            Ok(SuccessResponse::new(format!("Index '{name}' created successfully")))
+        })
+        .await
+        .into()
+    }
+
+    /// Describe an index: dimension, metric, training state. Also verifies the key.
+    #[oai(
+        path = "/indexes/describe",
+        method = "post",
+        operation_id = "get_index_info_v1_indexes_describe_post",
+        tag = "Tag::Indexes"
+    )]
+    async fn describe(
+        &self,
+        creds: Credentials,
+        body: Json<IndexOperationRequest>,
+    ) -> DescribeIndexResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            state
+                .auth
+                .authorize(creds.key(), Action::Read, Some(&req.index_name))?;
+            let kek = parse_kek(req.index_key.as_deref())?;
+            let ix = state.engine.open(&req.index_name, kek.as_ref())?;
+            let info = state.engine.describe(&ix);
+            Ok(IndexInfo {
+                index_name: info.name,
+                is_trained: info.is_trained,
+                dimension: info.dimension as i64,
+                metric: info.metric.as_str().into(),
+                n_lists: info.n_lists as i64,
+                storage_precision: info.precision.as_str().into(),
+                embedding_model: info.embedding_model,
+                num_vectors: info.num_vectors as i64,
+            })
+        })
+        .await
+        .into()
+    }
+
+    /// Delete an index and everything in it. Irreversible.
+    #[oai(
+        path = "/indexes/delete",
+        method = "post",
+        operation_id = "delete_index_v1_indexes_delete_post",
+        tag = "Tag::Indexes"
+    )]
+    async fn delete(
+        &self,
+        creds: Credentials,
+        body: Json<IndexOperationRequest>,
+    ) -> DeleteIndexResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            state
+                .auth
+                .authorize(creds.key(), Action::Admin, Some(&req.index_name))?;
+            let kek = parse_kek(req.index_key.as_deref())?;
+            state.engine.delete(&req.index_name, kek.as_ref())?;
+            tracing::info!(index = %req.index_name, "index deleted");
+            Ok(SuccessResponse::new(format!(
+                "Index '{}' deleted successfully",
+                req.index_name
+            )))
+        })
+        .await
+        .into()
+    }
+
+    /// Train the index's IVF lists with k-means; blocks until training is done. Queries keep
+    /// working meanwhile.
+    #[oai(
+        path = "/indexes/train",
+        method = "post",
+        operation_id = "train_index_v1_indexes_train_post",
+        tag = "Tag::Indexes"
+    )]
+    async fn train(&self, creds: Credentials, body: Json<TrainRequest>) -> TrainIndexResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            state.auth.authorize(creds.key(), Action::Admin, Some(&req.index_name))?;
+            let kek = parse_kek(req.index_key.as_deref())?;
+            let params = TrainParams {
+                n_lists: positive("n_lists", req.n_lists)?,
+                batch_size: positive("batch_size", req.batch_size)?,
+                max_iters: positive("max_iters", req.max_iters)?,
+                tolerance: match req.tolerance {
+                    Some(t) if !(t.is_finite() && t >= 0.0) => {
+                        return Err(ApiError::invalid("tolerance must be a finite number >= 0"))
+                    }
+                    t => t,
+                },
+                max_memory_mb: positive("max_memory", req.max_memory)?,
+            };
+            if params.n_lists.is_some_and(|n| n > 65_536) {
+                return Err(ApiError::invalid("n_lists must be at most 65536"));
+            }
+            let ix = state.engine.open(&req.index_name, kek.as_ref())?;
+            let started = std::time::Instant::now();
+            let k = state.engine.train_now(&ix, &params)?;
+            tracing::info!(index = %req.index_name, n_lists = k, secs = started.elapsed().as_secs_f32(), "index trained");
+            Ok(SuccessResponse::new(format!(
+                "Index '{}' trained successfully",
+                req.index_name
+            )))
+        })
+        .await
+        .into()
+    }
+
+    /// Which indexes are training or queued for background training.
+    #[oai(
+        path = "/indexes/training-status",
+        method = "get",
+        operation_id = "get_training_status_v1_indexes_training_status_get",
+        tag = "Tag::Indexes"
+    )]
+    async fn training_status(&self, creds: Credentials) -> TrainingStatusResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            state
+                .auth
+                .authorize(creds.key(), Action::ListIndexes, None)?;
+            let st = state.engine.training_status();
+            let mut training: Vec<String> = st.currently_training.iter().cloned().collect();
+            for n in st.explicit.iter().chain(&st.queued) {
+                if !training.contains(n) {
+                    training.push(n.clone());
+                }
+            }
+            Ok(TrainingStatus {
+                training_indexes: training,
+                retrain_threshold: state.engine.config().auto_train_min_vectors as i64,
+                currently_training: st.currently_training,
+                queued_indexes: st.queued,
+                worker_running: st.worker_running,
+                worker_pid: 0,
+                global_training: Default::default(),
+            })
+        })
+        .await
+        .into()
+    }
+}

@@ -1,0 +1,184 @@
+//! The HTTP API (poem-openapi): DTOs and handlers only. A handler parses, authorises, calls
+//! the engine on the blocking pool and maps the result; it never touches a store.
+//!
+//! Invariant: engine types never appear in the spec, and DTOs never reach the engine.
+
+pub mod error;
+pub mod health;
+pub mod indexes;
+pub mod vectors;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use poem_openapi::auth::ApiKey;
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::{Object, OpenApiService, SecurityScheme};
+use serde_json::{Map, Value};
+
+use crate::engine::Engine;
+use crate::keys::Kek;
+use error::ApiError;
+
+/// Version reported by `/v1/health` and in the spec.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The CyborgDB API version this server implements.
+pub const COMPAT_VERSION: &str = "0.18.0";
+
+/// Shared state of all handlers.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub auth: crate::auth::Auth,
+}
+
+/// `X-API-Key` header. Optional in the spec: with no root key configured the server is open.
+#[derive(SecurityScheme)]
+#[oai(
+    rename = "APIKeyHeader",
+    ty = "api_key",
+    key_name = "X-API-Key",
+    key_in = "header"
+)]
+pub struct ApiKeyHeader(ApiKey);
+
+/// The caller's credentials, if any.
+#[derive(SecurityScheme)]
+pub enum Credentials {
+    Key(ApiKeyHeader),
+    #[oai(fallback)]
+    Anonymous,
+}
+
+impl Credentials {
+    /// The presented API key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Credentials::Key(k) => Some(k.0.key.as_str()),
+            Credentials::Anonymous => None,
+        }
+    }
+}
+
+/// A free-form JSON object (`metadata`, `filters`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl Type for JsonObject {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "object".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            additional_properties: Some(Box::new(MetaSchemaRef::Inline(Box::new(MetaSchema::ANY)))),
+            ..MetaSchema::new("object")
+        }))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ParseFromJSON for JsonObject {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value {
+            Some(Value::Object(m)) => Ok(Self(m)),
+            Some(other) => Err(ParseError::custom(format!(
+                "expected a JSON object, found {}",
+                match other {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    Value::Bool(_) => "a boolean",
+                    _ => "null",
+                }
+            ))),
+            None => Err(ParseError::expected_input()),
+        }
+    }
+}
+
+impl ToJSON for JsonObject {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::Object(self.0.clone()))
+    }
+}
+
+/// `{"status": "success", "message": ...}`.
+#[derive(Object, Debug)]
+#[oai(rename = "SuccessResponseModel")]
+pub struct SuccessResponse {
+    /// Always `success`.
+    #[oai(default = "success_status")]
+    pub status: String,
+    /// What was done.
+    pub message: String,
+}
+
+fn success_status() -> String {
+    "success".into()
+}
+
+impl SuccessResponse {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            status: success_status(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse an optional `index_key`.
+pub fn parse_kek(key: Option<&str>) -> Result<Option<Kek>, ApiError> {
+    key.map(Kek::from_hex).transpose().map_err(ApiError::from)
+}
+
+/// Run engine work on the blocking pool.
+pub async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("Internal server error: worker failed: {e}")))?
+}
+
+/// Every API, as one poem-openapi service with the given server URL.
+pub type Apis = (health::HealthApi, indexes::IndexesApi, vectors::VectorsApi);
+
+pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
+    OpenApiService::new(
+        (
+            health::HealthApi,
+            indexes::IndexesApi {
+                state: state.clone(),
+            },
+            vectors::VectorsApi { state },
+        ),
+        "SealDB",
+        VERSION,
+    )
+    .description(
+        "Encrypted vector database speaking the CyborgDB REST API (v0.17 and the 0.18 additions). \
+         Every record is sealed with AES-256-GCM under a per-index key hierarchy.",
+    )
+    .url_prefix("/v1")
+}
+
+/// The spec as JSON, without starting a server (used by `--print-openapi` and the drift test).
+pub fn spec_json(state: Arc<AppState>) -> String {
+    service(state).spec()
+}

@@ -1,0 +1,764 @@
+//! Vector operations: upsert, query, get, delete, list ids, count.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi, Tags, Union};
+use serde_json::Value;
+
+use super::error::{responses, ApiError};
+use super::{blocking, parse_kek, AppState, Credentials, JsonObject};
+use crate::auth::Action;
+use crate::engine::filter::Filter;
+use crate::engine::{Fetched, Hit, Include, Index, NewItem, SearchParams};
+
+#[derive(Tags)]
+enum Tag {
+    /// Add, search, fetch and remove vectors.
+    Vectors,
+}
+
+/// One item to insert or overwrite.
+#[derive(Object, Debug)]
+#[oai(rename = "VectorItem")]
+pub struct VectorItem {
+    /// Item id; an existing item with this id is overwritten.
+    pub id: String,
+    /// The vector. Required unless the index embeds `contents` itself.
+    pub vector: Option<Vec<f32>>,
+    /// Opaque text, stored encrypted and returned verbatim by `get`.
+    pub contents: Option<String>,
+    /// Free-form JSON object, filterable in queries.
+    pub metadata: Option<JsonObject>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "UpsertRequest")]
+pub struct UpsertRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    pub items: Vec<VectorItem>,
+}
+
+/// Vectors as base64 of little-endian float32, row-major, with parallel ids.
+#[derive(Object, Debug)]
+#[oai(rename = "BinaryVectorBatch")]
+pub struct BinaryVectorBatch {
+    pub ids: Vec<String>,
+    /// Standard base64 of `len(ids) * dimension` little-endian float32 values.
+    pub vectors_b64: String,
+    pub dimension: i64,
+    /// One metadata object (or null) per id.
+    pub metadata: Option<Vec<Option<JsonObject>>>,
+    /// One contents string (or null) per id.
+    pub contents: Option<Vec<Option<String>>>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "BinaryUpsertRequest")]
+pub struct BinaryUpsertRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    pub batch: BinaryVectorBatch,
+}
+
+/// Upsert and delete results.
+#[derive(Object, Debug)]
+#[oai(rename = "VectorsSuccessResponseModel")]
+pub struct UpsertResult {
+    /// Always `success`.
+    pub status: String,
+    /// What was done.
+    pub message: String,
+    /// Present (true) when this upsert queued background training.
+    #[oai(skip_serializing_if_is_none)]
+    pub training_triggered: Option<bool>,
+    /// Describes the queued training.
+    #[oai(skip_serializing_if_is_none)]
+    pub training_message: Option<String>,
+}
+
+/// One query vector (or text, for indexes with an embedding model).
+#[derive(Object, Debug)]
+#[oai(rename = "QueryRequest")]
+pub struct QueryRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    /// One query vector.
+    pub query_vectors: Option<Vec<f32>>,
+    /// Text to embed and search with (indexes with an embedding model only).
+    pub query_contents: Option<String>,
+    /// Results per query (default 100).
+    pub top_k: Option<i64>,
+    /// Lists to probe (absent or 0 = chosen automatically).
+    pub n_probes: Option<i64>,
+    /// Accepted for compatibility; search is exact within the probed lists.
+    pub rerank_mult: Option<i64>,
+    /// Probe twice as many lists as `n_probes` for higher recall.
+    pub greedy: Option<bool>,
+    /// Mongo-style metadata filter.
+    pub filters: Option<JsonObject>,
+    /// Extra fields per result: `distance`, `metadata`, `vector`, `contents`. Default: ids only.
+    pub include: Option<Vec<String>>,
+}
+
+/// Several query vectors at once.
+#[derive(Object, Debug)]
+#[oai(rename = "BatchQueryRequest")]
+pub struct BatchQueryRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    /// Query vectors, one per row.
+    pub query_vectors: Vec<Vec<f32>>,
+    pub top_k: Option<i64>,
+    pub n_probes: Option<i64>,
+    pub rerank_mult: Option<i64>,
+    pub greedy: Option<bool>,
+    pub filters: Option<JsonObject>,
+    pub include: Option<Vec<String>>,
+}
+
+/// A single or a batch query.
+#[derive(Union, Debug)]
+#[oai(one_of = false)]
+pub enum QueryBody {
+    Single(QueryRequest),
+    Batch(BatchQueryRequest),
+}
+
+/// Query vectors as base64 of little-endian float32, row-major.
+#[derive(Object, Debug)]
+#[oai(rename = "BinaryQueryBatch")]
+pub struct BinaryQueryBatch {
+    pub vectors_b64: String,
+    pub dimension: i64,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "BinaryQueryRequest")]
+pub struct BinaryQueryRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    pub batch: BinaryQueryBatch,
+    pub top_k: Option<i64>,
+    pub n_probes: Option<i64>,
+    pub rerank_mult: Option<i64>,
+    pub greedy: Option<bool>,
+    pub filters: Option<JsonObject>,
+    pub include: Option<Vec<String>>,
+}
+
+/// One search hit. Fields other than `id` appear when requested with `include`.
+#[derive(Object, Debug)]
+#[oai(rename = "QueryResultItem")]
+pub struct QueryResultItem {
+    pub id: String,
+    /// Distance to the query (smaller is closer).
+    #[oai(skip_serializing_if_is_none)]
+    pub distance: Option<f64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub metadata: Option<JsonObject>,
+    /// The stored vector (at the index's storage precision).
+    #[oai(skip_serializing_if_is_none)]
+    pub vector: Option<Vec<f32>>,
+    #[oai(skip_serializing_if_is_none)]
+    pub contents: Option<String>,
+}
+
+/// Flat for a single query, one list per query for batches and binary queries.
+#[derive(Union, Debug)]
+#[oai(one_of = false)]
+pub enum QueryResults {
+    Single(Vec<QueryResultItem>),
+    Batch(Vec<Vec<QueryResultItem>>),
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "QueryResponse")]
+pub struct QueryResponse {
+    pub results: QueryResults,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "GetRequest")]
+pub struct GetRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    pub ids: Vec<String>,
+    /// Fields to return: `vector`, `contents`, `metadata` (default: all three).
+    pub include: Option<Vec<String>>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "GetResultItemModel")]
+pub struct GetResultItem {
+    pub id: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub metadata: Option<JsonObject>,
+    #[oai(skip_serializing_if_is_none)]
+    pub contents: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub vector: Option<Vec<f32>>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "GetResponseModel")]
+pub struct GetResponse {
+    /// Found items in request order; unknown ids are omitted.
+    pub results: Vec<GetResultItem>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "DeleteRequest")]
+pub struct DeleteRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+    pub ids: Vec<String>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "ListIDsRequest")]
+pub struct ListIdsRequest {
+    pub index_name: String,
+    pub index_key: Option<String>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename = "ListIDsResponse")]
+pub struct ListIdsResponse {
+    pub ids: Vec<String>,
+    pub count: i64,
+}
+
+/// The vector count, as `result` and (for older clients) as text in `message`.
+#[derive(Object, Debug)]
+#[oai(rename = "NumVectorsResponse")]
+pub struct NumVectors {
+    pub status: String,
+    pub message: String,
+    pub result: i64,
+}
+
+responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(GetVectorsResponse, GetResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(DeleteVectorsResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(ListIdsResponseEnum, ListIdsResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(NumVectorsResponse, NumVectors, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+
+pub struct VectorsApi {
+    pub state: Arc<AppState>,
+}
+
+/// Authorise, parse the key and open the index.
+fn open(
+    state: &AppState,
+    creds: &Credentials,
+    action: Action,
+    name: &str,
+    key: Option<&str>,
+) -> Result<Arc<Index>, ApiError> {
+    state.auth.authorize(creds.key(), action, Some(name))?;
+    let kek = parse_kek(key)?;
+    Ok(state.engine.open(name, kek.as_ref())?)
+}
+
+fn decode_f32s(b64: &str, dimension: i64, what: &str) -> Result<(Vec<f32>, usize), ApiError> {
+    if !(1..=65_536).contains(&dimension) {
+        return Err(ApiError::invalid(format!(
+            "{what}.dimension must be between 1 and 65536 (got {dimension})"
+        )));
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::invalid(format!("{what}.vectors_b64 is not valid base64: {e}")))?;
+    let row = dimension as usize * 4;
+    if raw.len() % row != 0 {
+        return Err(ApiError::invalid(format!(
+            "{what}.vectors_b64 holds {} bytes, not a whole number of {dimension}-dimensional float32 vectors",
+            raw.len()
+        )));
+    }
+    let v = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((v, raw.len() / row))
+}
+
+fn no_embedding(ix: &Index, what: &str) -> ApiError {
+    match &ix.config.embedding_model {
+        Some(m) => ApiError::invalid(format!(
+            "{what}: server-side embedding with '{m}' is not available on this server yet; send vectors"
+        )),
+        None => ApiError::invalid(format!(
+            "{what}: index '{}' has no embedding_model, so a vector is required",
+            ix.name
+        )),
+    }
+}
+
+fn upsert_items(
+    state: &AppState,
+    ix: &Arc<Index>,
+    items: Vec<NewItem>,
+) -> Result<UpsertResult, ApiError> {
+    let n = items.len();
+    ix.upsert(items)?;
+    let triggered = state.engine.maybe_auto_train(ix);
+    Ok(UpsertResult {
+        status: "success".into(),
+        message: format!("Upserted {n} vectors"),
+        training_triggered: triggered.as_ref().map(|_| true),
+        training_message: triggered,
+    })
+}
+
+/// Resolved query options shared by the three query shapes.
+struct QueryOpts {
+    top_k: Option<i64>,
+    n_probes: Option<i64>,
+    greedy: Option<bool>,
+    filters: Option<JsonObject>,
+    include: Option<Vec<String>>,
+}
+
+impl QueryOpts {
+    fn resolve(self) -> Result<SearchParams, ApiError> {
+        let top_k = match self.top_k {
+            None => 100,
+            Some(k) if (1..=100_000).contains(&k) => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid(format!(
+                    "top_k must be between 1 and 100000 (got {k})"
+                )))
+            }
+        };
+        let n_probes = match self.n_probes {
+            None | Some(0) => None,
+            Some(p) if p > 0 => Some(p as usize),
+            Some(p) => {
+                return Err(ApiError::invalid(format!(
+                    "n_probes must not be negative (got {p})"
+                )))
+            }
+        };
+        let filter = match &self.filters {
+            None => None,
+            Some(f) => Filter::compile(&f.0).map_err(|e| ApiError::invalid(e.to_string()))?,
+        };
+        let mut include = Include::default();
+        for field in self.include.unwrap_or_default() {
+            match field.as_str() {
+                "distance" => include.distance = true,
+                "metadata" => include.metadata = true,
+                "vector" => include.vector = true,
+                "contents" => include.contents = true,
+                "id" => {}
+                other => return Err(ApiError::invalid(format!(
+                    "unknown include field '{other}'; use distance, metadata, vector or contents"
+                ))),
+            }
+        }
+        Ok(SearchParams {
+            top_k,
+            n_probes,
+            greedy: self.greedy.unwrap_or(false),
+            filter,
+            include,
+        })
+    }
+}
+
+fn hit_dto(h: Hit, include: Include) -> QueryResultItem {
+    QueryResultItem {
+        id: h.id,
+        distance: include.distance.then_some(h.distance as f64),
+        metadata: h.metadata.map(|m| JsonObject(object_of(&m))),
+        vector: h.vector,
+        contents: h.contents,
+    }
+}
+
+fn object_of(v: &Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m.clone(),
+        _ => Default::default(),
+    }
+}
+
+fn fetched_dto(f: Fetched) -> GetResultItem {
+    GetResultItem {
+        id: f.id,
+        metadata: f.metadata.map(|m| JsonObject(object_of(&m))),
+        contents: f.contents,
+        vector: f.vector,
+    }
+}
+
+fn run_query(
+    ix: &Index,
+    queries: Vec<Vec<f32>>,
+    opts: QueryOpts,
+) -> Result<Vec<Vec<QueryResultItem>>, ApiError> {
+    let params = opts.resolve()?;
+    let include = params.include;
+    let results = ix.search(&queries, &params)?;
+    Ok(results
+        .into_iter()
+        .map(|hits| hits.into_iter().map(|h| hit_dto(h, include)).collect())
+        .collect())
+}
+
+#[OpenApi]
+impl VectorsApi {
+    /// Insert or overwrite items (JSON vectors). All-or-nothing: if any item is invalid,
+    /// nothing is written.
+    #[oai(
+        path = "/vectors/upsert",
+        method = "post",
+        operation_id = "upsert_vectors_v1_vectors_upsert_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn upsert(&self, creds: Credentials, body: Json<UpsertRequest>) -> UpsertResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let ix = open(
+                &state,
+                &creds,
+                Action::Write,
+                &req.index_name,
+                req.index_key.as_deref(),
+            )?;
+            let mut items = Vec::with_capacity(req.items.len());
+            for (i, it) in req.items.into_iter().enumerate() {
+                let vector = match it.vector {
+                    Some(v) => v,
+                    None => {
+                        return Err(no_embedding(
+                            &ix,
+                            &format!("items[{i}] (id '{}') has no vector", it.id),
+                        ))
+                    }
+                };
+                items.push(NewItem {
+                    id: it.id,
+                    vector,
+                    metadata: it.metadata.map(|m| m.0),
+                    contents: it.contents,
+                });
+            }
+            upsert_items(&state, &ix, items)
+        })
+        .await
+        .into()
+    }
+
+    /// Insert or overwrite items given as base64 little-endian float32.
+    #[oai(
+        path = "/vectors/upsert_binary",
+        method = "post",
+        operation_id = "upsert_vectors_binary_v1_vectors_upsert_binary_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn upsert_binary(
+        &self,
+        creds: Credentials,
+        body: Json<BinaryUpsertRequest>,
+    ) -> UpsertResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let ix = open(&state, &creds, Action::Write, &req.index_name, req.index_key.as_deref())?;
+            let b = req.batch;
+            let (flat, n) = decode_f32s(&b.vectors_b64, b.dimension, "batch")?;
+            if n != b.ids.len() {
+                return Err(ApiError::invalid(format!(
+                    "batch holds {n} vectors but {} ids",
+                    b.ids.len()
+                )));
+            }
+            let dim = b.dimension as usize;
+            let mut metadata = b.metadata.unwrap_or_else(|| vec![None; n]);
+            let mut contents = b.contents.unwrap_or_else(|| vec![None; n]);
+            if metadata.len() != n || contents.len() != n {
+                return Err(ApiError::invalid(format!(
+                    "batch.metadata and batch.contents must have one entry per id ({n}); got {} and {}",
+                    metadata.len(),
+                    contents.len()
+                )));
+            }
+            let items = b
+                .ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| NewItem {
+                    id,
+                    vector: flat[i * dim..(i + 1) * dim].to_vec(),
+                    metadata: metadata[i].take().map(|m| m.0),
+                    contents: contents[i].take(),
+                })
+                .collect();
+            upsert_items(&state, &ix, items)
+        })
+        .await
+        .into()
+    }
+
+    /// Nearest neighbours of one vector (flat result list) or several (one list per query).
+    #[oai(
+        path = "/vectors/query",
+        method = "post",
+        operation_id = "query_vectors_v1_vectors_query_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn query(&self, creds: Credentials, body: Json<QueryBody>) -> QueryVectorsResponse {
+        let state = self.state.clone();
+        blocking(move || match body.0 {
+            QueryBody::Single(q) => {
+                let ix = open(
+                    &state,
+                    &creds,
+                    Action::Read,
+                    &q.index_name,
+                    q.index_key.as_deref(),
+                )?;
+                let vector =
+                    match (q.query_vectors, q.query_contents) {
+                        (Some(v), _) => v,
+                        (None, Some(_)) => return Err(no_embedding(&ix, "query_contents")),
+                        (None, None) => return Err(ApiError::invalid(
+                            "send query_vectors (a vector or a list of vectors) or query_contents",
+                        )),
+                    };
+                let opts = QueryOpts {
+                    top_k: q.top_k,
+                    n_probes: q.n_probes,
+                    greedy: q.greedy,
+                    filters: q.filters,
+                    include: q.include,
+                };
+                let mut r = run_query(&ix, vec![vector], opts)?;
+                Ok(QueryResponse {
+                    results: QueryResults::Single(r.pop().unwrap_or_default()),
+                })
+            }
+            QueryBody::Batch(q) => {
+                let ix = open(
+                    &state,
+                    &creds,
+                    Action::Read,
+                    &q.index_name,
+                    q.index_key.as_deref(),
+                )?;
+                if q.query_vectors.is_empty() {
+                    return Err(ApiError::invalid("query_vectors must not be empty"));
+                }
+                let opts = QueryOpts {
+                    top_k: q.top_k,
+                    n_probes: q.n_probes,
+                    greedy: q.greedy,
+                    filters: q.filters,
+                    include: q.include,
+                };
+                Ok(QueryResponse {
+                    results: QueryResults::Batch(run_query(&ix, q.query_vectors, opts)?),
+                })
+            }
+        })
+        .await
+        .into()
+    }
+
+    /// Nearest neighbours of query vectors given as base64 little-endian float32; always one
+    /// result list per query.
+    #[oai(
+        path = "/vectors/query_binary",
+        method = "post",
+        operation_id = "query_vectors_binary_v1_vectors_query_binary_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn query_binary(
+        &self,
+        creds: Credentials,
+        body: Json<BinaryQueryRequest>,
+    ) -> QueryVectorsResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let q = body.0;
+            let ix = open(
+                &state,
+                &creds,
+                Action::Read,
+                &q.index_name,
+                q.index_key.as_deref(),
+            )?;
+            let (flat, n) = decode_f32s(&q.batch.vectors_b64, q.batch.dimension, "batch")?;
+            if n == 0 {
+                return Err(ApiError::invalid("batch.vectors_b64 holds no vectors"));
+            }
+            let dim = q.batch.dimension as usize;
+            let queries = flat.chunks_exact(dim).map(<[f32]>::to_vec).collect();
+            let opts = QueryOpts {
+                top_k: q.top_k,
+                n_probes: q.n_probes,
+                greedy: q.greedy,
+                filters: q.filters,
+                include: q.include,
+            };
+            Ok(QueryResponse {
+                results: QueryResults::Batch(run_query(&ix, queries, opts)?),
+            })
+        })
+        .await
+        .into()
+    }
+
+    /// Fetch items by id. Unknown ids are left out. Items stored without metadata or contents
+    /// return `{}` and `""`.
+    #[oai(
+        path = "/vectors/get",
+        method = "post",
+        operation_id = "get_vectors_v1_vectors_get_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn get(&self, creds: Credentials, body: Json<GetRequest>) -> GetVectorsResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let ix = open(
+                &state,
+                &creds,
+                Action::Read,
+                &req.index_name,
+                req.index_key.as_deref(),
+            )?;
+            let include = match req.include {
+                None => Include {
+                    vector: true,
+                    contents: true,
+                    metadata: true,
+                    distance: false,
+                },
+                Some(fields) => {
+                    let mut inc = Include::default();
+                    for f in fields {
+                        match f.as_str() {
+                            "vector" => inc.vector = true,
+                            "contents" => inc.contents = true,
+                            "metadata" => inc.metadata = true,
+                            "id" => {}
+                            other => return Err(ApiError::invalid(format!(
+                                "unknown include field '{other}'; use vector, contents or metadata"
+                            ))),
+                        }
+                    }
+                    inc
+                }
+            };
+            let found = ix.get(&req.ids, include)?;
+            Ok(GetResponse {
+                results: found.into_iter().map(fetched_dto).collect(),
+            })
+        })
+        .await
+        .into()
+    }
+
+    /// Delete items by id; unknown ids are skipped.
+    #[oai(
+        path = "/vectors/delete",
+        method = "post",
+        operation_id = "delete_vectors_v1_vectors_delete_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn delete(&self, creds: Credentials, body: Json<DeleteRequest>) -> DeleteVectorsResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let ix = open(
+                &state,
+                &creds,
+                Action::Write,
+                &req.index_name,
+                req.index_key.as_deref(),
+            )?;
+            let n = ix.delete_ids(&req.ids)?;
+            Ok(UpsertResult {
+                status: "success".into(),
+                message: format!("Deleted {n} vectors"),
+                training_triggered: None,
+                training_message: None,
+            })
+        })
+        .await
+        .into()
+    }
+
+    /// Every id in the index, with the count.
+    #[oai(
+        path = "/vectors/list_ids",
+        method = "post",
+        operation_id = "list_ids_v1_vectors_list_ids_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn list_ids(
+        &self,
+        creds: Credentials,
+        body: Json<ListIdsRequest>,
+    ) -> ListIdsResponseEnum {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let ix = open(
+                &state,
+                &creds,
+                Action::Read,
+                &req.index_name,
+                req.index_key.as_deref(),
+            )?;
+            let ids = ix.list_ids();
+            Ok(ListIdsResponse {
+                count: ids.len() as i64,
+                ids,
+            })
+        })
+        .await
+        .into()
+    }
+
+    /// Number of vectors in the index.
+    #[oai(
+        path = "/vectors/num_vectors",
+        method = "post",
+        operation_id = "get_index_size_v1_vectors_num_vectors_post",
+        tag = "Tag::Vectors"
+    )]
+    async fn num_vectors(
+        &self,
+        creds: Credentials,
+        body: Json<super::indexes::IndexOperationRequest>,
+    ) -> NumVectorsResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let ix = open(
+                &state,
+                &creds,
+                Action::Read,
+                &req.index_name,
+                req.index_key.as_deref(),
+            )?;
+            let n = state.engine.describe(&ix).num_vectors;
+            Ok(NumVectors {
+                status: "success".into(),
+                message: n.to_string(),
+                result: n as i64,
+            })
+        })
+        .await
+        .into()
+    }
+}

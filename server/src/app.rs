@@ -1,0 +1,105 @@
+//! Wiring: store + engine + API routes, and the server loop.
+
+use std::sync::Arc;
+
+use poem::http::StatusCode;
+use poem::listener::TcpListener;
+use poem::middleware::Tracing;
+use poem::{EndpointExt, IntoResponse, Response, Route};
+use sealdb_plugin_api::IndexStore;
+
+use crate::api::{self, error::ApiError, AppState};
+use crate::auth::Auth;
+use crate::config::{Config, DbType};
+use crate::engine::{Engine, EngineConfig};
+
+/// Open the configured store.
+pub fn open_store(cfg: &Config) -> Result<Arc<dyn IndexStore>, String> {
+    Ok(match cfg.db_type {
+        DbType::Memory => Arc::new(sealdb_store_memory::MemoryStore::new()),
+        DbType::Disk => Arc::new(
+            sealdb_store_redb::RedbStore::open_dir(&cfg.disk_path)
+                .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", cfg.disk_path.display()))?,
+        ),
+    })
+}
+
+/// Build the shared state.
+pub fn state(cfg: &Config, store: Arc<dyn IndexStore>) -> Arc<AppState> {
+    let engine = Engine::new(
+        store,
+        EngineConfig {
+            auto_train_min_vectors: cfg.auto_train_min_vectors,
+            auto_train: !cfg.auto_train_disabled,
+        },
+    );
+    Arc::new(AppState {
+        engine,
+        auth: Auth::new(cfg.root_key.clone()),
+    })
+}
+
+/// Errors raised outside the operations (unknown route, wrong method) as JSON error bodies.
+async fn json_error(err: poem::Error) -> Response {
+    let status = err.status();
+    let detail = match status {
+        StatusCode::NOT_FOUND => {
+            "Not Found: no such route (the API lives under /v1; see /v1/docs)".to_owned()
+        }
+        StatusCode::METHOD_NOT_ALLOWED => "Method Not Allowed for this route".to_owned(),
+        _ => err.to_string(),
+    };
+    let e = ApiError::new(status.as_u16(), detail);
+    poem::web::Json(serde_json::json!({"status_code": e.status, "detail": e.detail}))
+        .with_status(status)
+        .into_response()
+}
+
+/// The whole HTTP application.
+pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
+    let service = api::service(state);
+    let docs = service.swagger_ui();
+    let spec = service.spec_endpoint();
+    Route::new()
+        .at("/v1/openapi.json", spec)
+        .nest("/v1/docs", docs)
+        .nest("/v1", service)
+        .with(Tracing)
+        .catch_all_error(json_error)
+}
+
+/// Run until SIGINT/SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), String> {
+    let store = open_store(&cfg)?;
+    tracing::info!(backend = store.backend(), path = %cfg.disk_path.display(), "store opened");
+    let state = state(&cfg, store);
+    if !state.auth.enabled() {
+        tracing::warn!("CYBORGDB_SERVICE_ROOT_KEY is not set: authentication is DISABLED and every route is open");
+    }
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    tracing::info!(%addr, "SealDB listening (docs at /v1/docs)");
+    poem::Server::new(TcpListener::bind(addr.clone()))
+        .run_with_graceful_shutdown(
+            routes(state),
+            shutdown_signal(),
+            Some(std::time::Duration::from_secs(10)),
+        )
+        .await
+        .map_err(|e| format!("server on {addr} failed: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

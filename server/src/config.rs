@@ -1,0 +1,279 @@
+//! Settings: command-line flags > environment > YAML file > defaults, validated into one
+//! [`Config`]. The environment variables and YAML keys are the original service's, so an
+//! operator can switch servers without edits.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+/// Storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DbType {
+    /// Embedded redb database under `--disk-path` (durable).
+    Disk,
+    /// In memory; everything is lost at exit.
+    Memory,
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected true or false, got '{other}'")),
+    }
+}
+
+fn parse_level(s: &str) -> Result<String, String> {
+    let l = s.trim().to_ascii_uppercase();
+    match l.as_str() {
+        "TRACE" | "DEBUG" | "INFO" | "WARNING" | "WARN" | "ERROR" | "CRITICAL" => Ok(l),
+        _ => Err(format!("expected DEBUG, INFO, WARNING or ERROR, got '{s}'")),
+    }
+}
+
+/// SealDB server: an encrypted vector database speaking the CyborgDB REST API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sealdb", version, about)]
+pub struct Config {
+    /// Address to bind.
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Storage backend.
+    #[arg(
+        long,
+        env = "CYBORGDB_DB_TYPE",
+        value_enum,
+        default_value = "disk",
+        ignore_case = true
+    )]
+    pub db_type: DbType,
+
+    /// Data directory of the disk backend.
+    #[arg(long, env = "CYBORGDB_DISK_PATH", default_value = "./sealdb-data")]
+    pub disk_path: PathBuf,
+
+    /// Log level: DEBUG, INFO, WARNING or ERROR.
+    #[arg(long, env = "CYBORGDB_SERVICE_LOG_LEVEL", default_value = "INFO", value_parser = parse_level)]
+    pub log_level: String,
+
+    /// Vector count at which an untrained index starts training in the background.
+    #[arg(long, env = "AUTO_TRAIN_MIN_VECTORS", default_value_t = 65_536)]
+    pub auto_train_min_vectors: usize,
+
+    /// Turn background (automatic) training off.
+    #[arg(long, env = "AUTO_TRAIN_DISABLED", default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub auto_train_disabled: bool,
+
+    /// Root API key: when set, every route but /v1/health needs X-API-Key.
+    #[arg(long, env = "CYBORGDB_SERVICE_ROOT_KEY", hide_env_values = true)]
+    pub root_key: Option<String>,
+
+    /// YAML configuration file (default: ./cyborgdb.yaml if present).
+    #[arg(long = "config", env = "CYBORGDB_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Print the OpenAPI spec (JSON) and exit.
+    #[arg(long)]
+    pub print_openapi: bool,
+}
+
+/// A configuration problem; the text names the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+/// `(field id, YAML key)` of every setting the YAML file may provide.
+const YAML_KEYS: &[(&str, &str)] = &[
+    ("host", "host"),
+    ("port", "port"),
+    ("db_type", "cyborgdb_db_type"),
+    ("disk_path", "cyborgdb_disk_path"),
+    ("log_level", "cyborgdb_service_log_level"),
+    ("auto_train_min_vectors", "auto_train_min_vectors"),
+    ("auto_train_disabled", "auto_train_disabled"),
+    ("root_key", "cyborgdb_service_root_key"),
+];
+
+/// Expand `${VAR}` (must be set) and `${VAR:-default}` in a YAML string.
+fn expand_env(s: &str, key: &str) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| ConfigError(format!("{key}: unterminated ${{...}} in YAML")))?;
+        let expr = &after[..end];
+        let (var, default) = match expr.split_once(":-") {
+            Some((v, d)) => (v, Some(d)),
+            None => (expr, None),
+        };
+        match (std::env::var(var).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(ConfigError(format!(
+                    "{key}: environment variable {var} is referenced in the YAML file but not set"
+                )))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn load_yaml(path: &std::path::Path) -> Result<HashMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+        ConfigError(format!(
+            "config file {} is not valid YAML: {e}",
+            path.display()
+        ))
+    })?;
+    let mut out = HashMap::new();
+    if let Some(service) = doc.get("service").and_then(|s| s.as_mapping()) {
+        for (k, v) in service {
+            let Some(k) = k.as_str() else { continue };
+            let k = k.to_ascii_lowercase();
+            let raw = match v {
+                serde_yaml_ng::Value::String(s) => s.clone(),
+                serde_yaml_ng::Value::Number(n) => n.to_string(),
+                serde_yaml_ng::Value::Bool(b) => b.to_string(),
+                serde_yaml_ng::Value::Null => continue,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "service.{k} in {} must be a scalar",
+                        path.display()
+                    )))
+                }
+            };
+            out.insert(k.clone(), expand_env(&raw, &format!("service.{k}"))?);
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Parse flags and environment, then fill still-defaulted settings from the YAML file.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().get_matches_from(args);
+        let mut cfg = Self::from_arg_matches(&matches).map_err(|e| ConfigError(e.to_string()))?;
+        let yaml_path = match &cfg.config_file {
+            Some(p) => Some(p.clone()),
+            None => ["./cyborgdb.yaml", "./cyborgdb.yml"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists()),
+        };
+        if let Some(path) = yaml_path {
+            let yaml = load_yaml(&path)?;
+            cfg.overlay(&matches, &yaml)?;
+        }
+        Ok(cfg)
+    }
+
+    fn overlay(
+        &mut self,
+        m: &ArgMatches,
+        yaml: &HashMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        for (id, key) in YAML_KEYS {
+            let from_user = matches!(
+                m.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            let Some(v) = yaml.get(*key) else { continue };
+            if from_user {
+                continue;
+            }
+            let bad = |e: String| ConfigError(format!("service.{key} in the YAML file: {e}"));
+            match *id {
+                "host" => self.host = v.parse().map_err(|e| bad(format!("{e}")))?,
+                "port" => self.port = v.parse().map_err(|e| bad(format!("{e}")))?,
+                "db_type" => self.db_type = DbType::from_str(v, true).map_err(bad)?,
+                "disk_path" => self.disk_path = PathBuf::from(v),
+                "log_level" => self.log_level = parse_level(v).map_err(bad)?,
+                "auto_train_min_vectors" => {
+                    self.auto_train_min_vectors = v.parse().map_err(|e| bad(format!("{e}")))?
+                }
+                "auto_train_disabled" => self.auto_train_disabled = parse_bool(v).map_err(bad)?,
+                "root_key" => self.root_key = Some(v.clone()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The tracing filter for the configured level.
+    pub fn tracing_filter(&self) -> &'static str {
+        match self.log_level.as_str() {
+            "TRACE" => "trace",
+            "DEBUG" => "debug",
+            "WARNING" | "WARN" => "warn",
+            "ERROR" | "CRITICAL" => "error",
+            _ => "info",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_fills_defaults_but_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "service:\n  port: 9100\n  cyborgdb_db_type: memory\n  AUTO_TRAIN_MIN_VECTORS: ${SEALDB_TEST_UNSET_VAR:-77}\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = Config::load_from(["sealdb", "--config", p]).unwrap();
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.db_type, DbType::Memory);
+        assert_eq!(c.auto_train_min_vectors, 77);
+        let c = Config::load_from(["sealdb", "--config", p, "--port", "9200"]).unwrap();
+        assert_eq!(c.port, 9200);
+    }
+
+    #[test]
+    fn bad_yaml_value_names_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "service:\n  port: lots\n").unwrap();
+        let e = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("service.port"), "{e}");
+        let e = Config::load_from(["sealdb", "--config", "/nonexistent/x.yaml"]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.yaml"), "{e}");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load_from(["sealdb"]).unwrap();
+        assert_eq!(c.host.to_string(), "127.0.0.1");
+        assert_eq!(c.db_type, DbType::Disk);
+        assert!(!c.auto_train_disabled);
+    }
+}
