@@ -176,7 +176,18 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Self::command().get_matches_from(args);
+        let matches = match Self::command().try_get_matches_from(args) {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ) =>
+            {
+                e.exit()
+            }
+            Err(e) => return Err(ConfigError(Self::explain(e))),
+        };
         let mut cfg = Self::from_arg_matches(&matches).map_err(|e| ConfigError(e.to_string()))?;
         let yaml_path = match &cfg.config_file {
             Some(p) => Some(p.clone()),
@@ -190,6 +201,27 @@ impl Config {
             cfg.overlay(&matches, &yaml)?;
         }
         Ok(cfg)
+    }
+
+    /// clap names the flag of a bad value; also name the environment variable when that is
+    /// where the value came from, since that is what an operator has to fix.
+    fn explain(e: clap::Error) -> String {
+        let mut msg = e.to_string().trim_end().to_owned();
+        let cmd = Self::command();
+        for arg in cmd.get_arguments() {
+            let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+                continue;
+            };
+            if std::env::var_os(env).is_some()
+                && (msg.contains(&format!("'--{long} ")) || msg.contains(&format!("'--{long}'")))
+            {
+                msg.push_str(&format!(
+                    "\n(the value comes from environment variable {})",
+                    env.to_string_lossy()
+                ));
+            }
+        }
+        msg
     }
 
     fn overlay(

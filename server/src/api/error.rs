@@ -105,20 +105,58 @@ impl From<KeyError> for ApiError {
 /// Declare one operation's response enum: a 200 payload plus the error statuses it can return.
 /// Every enum gets a 500 variant, which also receives any undeclared status (logged), so the
 /// spec never under-declares what the server sends.
+///
+/// `responses!(Name, OkType, [400 => BadRequest, 404 => NotFound])`
 macro_rules! responses {
-    ($(#[$meta:meta])* $name:ident, $ok:ty, [$($code:tt => $var:ident),* $(,)?]) => {
-        $(#[$meta])*
+    ($name:ident, $ok:ty, [$($code:tt => $var:ident),* $(,)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($code => $var),*], [], [$($code => $var),*]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], []) => {
+        crate::api::error::responses!(@emit $name, $ok, [$($all)*], [$($acc)*]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [400 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "Bad request: conflicting or malformed parameters (see `detail`)."] #[oai(status = 400)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [401 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "Missing or invalid API key, or missing or wrong index key."] #[oai(status = 401)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [403 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "The API key is valid but not allowed to do this."] #[oai(status = 403)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [404 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "The index (or user) does not exist."] #[oai(status = 404)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [409 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "The index already exists."] #[oai(status = 409)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [422 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "The request failed validation (see `detail`)."] #[oai(status = 422)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [502 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+            [$($acc)* #[doc = "The key management service failed."] #[oai(status = 502)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@emit $name:ident, $ok:ty, [$($code:tt => $var:ident),*], [$($variants:tt)*]) => {
         #[derive(poem_openapi::ApiResponse, Debug)]
         #[oai(bad_request_handler = "crate::api::error::parse_failure")]
         pub enum $name {
             /// Success.
             #[oai(status = 200)]
             Ok(poem_openapi::payload::Json<$ok>),
-            $(
-                #[doc = crate::api::error::status_doc!($code)]
-                #[oai(status = $code)]
-                $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
-            )*
+            $($variants)*
             /// Internal server error.
             #[oai(status = 500)]
             Internal(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
@@ -152,31 +190,6 @@ macro_rules! responses {
     };
 }
 pub(crate) use responses;
-
-macro_rules! status_doc {
-    (400) => {
-        "Bad request: conflicting or malformed parameters (see `detail`)."
-    };
-    (401) => {
-        "Missing or invalid API key, or missing or wrong index key."
-    };
-    (403) => {
-        "The API key is valid but not allowed to do this."
-    };
-    (404) => {
-        "The index (or user) does not exist."
-    };
-    (409) => {
-        "The index already exists."
-    };
-    (422) => {
-        "The request body failed validation (see `detail`)."
-    };
-    (502) => {
-        "The key management service failed."
-    };
-}
-pub(crate) use status_doc;
 
 /// Used by every response enum's `bad_request_handler`.
 pub fn parse_failure<T: From<ApiError>>(err: poem::Error) -> T {

@@ -161,7 +161,7 @@ pub struct QueryResultItem {
     pub metadata: Option<JsonObject>,
     /// The stored vector (at the index's storage precision).
     #[oai(skip_serializing_if_is_none)]
-    pub vector: Option<Vec<f32>>,
+    pub vector: Option<Vec<f64>>,
     #[oai(skip_serializing_if_is_none)]
     pub contents: Option<String>,
 }
@@ -199,7 +199,7 @@ pub struct GetResultItem {
     #[oai(skip_serializing_if_is_none)]
     pub contents: Option<String>,
     #[oai(skip_serializing_if_is_none)]
-    pub vector: Option<Vec<f32>>,
+    pub vector: Option<Vec<f64>>,
 }
 
 #[derive(Object, Debug)]
@@ -356,9 +356,11 @@ impl QueryOpts {
                 "vector" => include.vector = true,
                 "contents" => include.contents = true,
                 "id" => {}
-                other => return Err(ApiError::invalid(format!(
+                other => {
+                    return Err(ApiError::invalid(format!(
                     "unknown include field '{other}'; use distance, metadata, vector or contents"
-                ))),
+                )))
+                }
             }
         }
         Ok(SearchParams {
@@ -371,12 +373,27 @@ impl QueryOpts {
     }
 }
 
+/// The f64 whose shortest decimal form is the f32's shortest form, so a stored `0.1f32`
+/// is written as `0.1`, not `0.10000000149011612`.
+fn f32_for_json(x: f32) -> f64 {
+    ryu_like(x).parse().unwrap_or(x as f64)
+}
+
+fn ryu_like(x: f32) -> String {
+    // `Display` for f32 prints the shortest string that round-trips to the same f32.
+    format!("{x}")
+}
+
+fn vec_for_json(v: Vec<f32>) -> Vec<f64> {
+    v.into_iter().map(f32_for_json).collect()
+}
+
 fn hit_dto(h: Hit, include: Include) -> QueryResultItem {
     QueryResultItem {
         id: h.id,
-        distance: include.distance.then_some(h.distance as f64),
+        distance: include.distance.then(|| f32_for_json(h.distance)),
         metadata: h.metadata.map(|m| JsonObject(object_of(&m))),
-        vector: h.vector,
+        vector: h.vector.map(vec_for_json),
         contents: h.contents,
     }
 }
@@ -393,7 +410,7 @@ fn fetched_dto(f: Fetched) -> GetResultItem {
         id: f.id,
         metadata: f.metadata.map(|m| JsonObject(object_of(&m))),
         contents: f.contents,
-        vector: f.vector,
+        vector: f.vector.map(vec_for_json),
     }
 }
 
@@ -650,9 +667,11 @@ impl VectorsApi {
                             "contents" => inc.contents = true,
                             "metadata" => inc.metadata = true,
                             "id" => {}
-                            other => return Err(ApiError::invalid(format!(
+                            other => {
+                                return Err(ApiError::invalid(format!(
                                 "unknown include field '{other}'; use vector, contents or metadata"
-                            ))),
+                            )))
+                            }
                         }
                     }
                     inc

@@ -1,0 +1,390 @@
+"""Black-box tests of the REST API over plain HTTP against a real server process."""
+import base64
+import math
+import struct
+
+import pytest
+import requests
+
+from conftest import Api, new_key, unique
+
+
+def create(api, dim=3, metric=None, precision=None, name=None, key=None):
+    name = name or unique()
+    key = key or new_key()
+    body = {"index_name": name, "index_key": key, "dimension": dim}
+    if metric:
+        body["metric"] = metric
+    if precision:
+        body["storage_precision"] = precision
+    st, b = api.post("/v1/indexes/create", body)
+    assert st == 200, b
+    return name, key
+
+
+def assert_error(st, body, want):
+    assert st == want, body
+    assert body["status_code"] == want
+    assert isinstance(body["detail"], str) and body["detail"]
+
+
+def b64(rows):
+    return base64.b64encode(b"".join(struct.pack("<%df" % len(r), *r) for r in rows)).decode()
+
+
+def test_health(api):
+    st, b = api.get("/v1/health")
+    assert st == 200 and b["status"] == "healthy" and b["api_version"] == "v1" and b["version"]
+
+
+def test_create_messages_and_errors(api):
+    name, key = create(api)
+    st, b = api.post("/v1/indexes/create", {"index_name": name, "index_key": new_key()})
+    assert_error(st, b, 409)
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "index_key": key, "kms_name": "x"})
+    assert_error(st, b, 400)
+    assert "exactly one" in b["detail"] or "mutually exclusive" in b["detail"]
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "index_key": None, "kms_name": None})
+    assert_error(st, b, 400)
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "kms_name": "nosuchslot"})
+    assert_error(st, b, 400)
+    assert "nosuchslot" in b["detail"]
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "index_key": "ab" * 16})
+    assert_error(st, b, 400)
+    assert "32 bytes" in b["detail"] and "ab" * 16 not in b["detail"]
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "index_key": new_key(), "metric": "manhattan"})
+    assert_error(st, b, 422)
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "index_key": new_key(), "storage_precision": "int8"})
+    assert_error(st, b, 422)
+    st, b = api.post("/v1/indexes/create", {"index_name": unique(), "index_key": new_key(), "dimension": -3})
+    assert_error(st, b, 422)
+    st, b = api.post("/v1/indexes/create", {"index_name": "default", "index_key": new_key()})
+    assert_error(st, b, 400)
+    st, b = api.post("/v1/indexes/create", {"index_key": new_key()})
+    assert_error(st, b, 422)
+    # Success body exactly as documented; null optional fields and unknown fields are fine.
+    n = unique()
+    st, b = api.post("/v1/indexes/create", {"index_name": n, "index_key": new_key(), "dimension": None,
+                                            "metric": None, "embedding_model": None, "kms_name": None,
+                                            "storage_precision": None, "some_future_field": 1})
+    assert st == 200 and b == {"status": "success", "message": f"Index '{n}' created successfully"}
+    st, b = api.get("/v1/indexes/list")
+    assert st == 200 and n in b["indexes"] and name in b["indexes"]
+
+
+def test_keys_wrong_missing_unknown_index(api):
+    name, key = create(api)
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [{"id": "a", "vector": [1, 2, 3]}]})
+    for path, extra in [("/v1/indexes/describe", {}), ("/v1/vectors/upsert", {"items": [{"id": "b", "vector": [1, 1, 1]}]}),
+                        ("/v1/vectors/get", {"ids": ["a"]}), ("/v1/vectors/query", {"query_vectors": [1, 2, 3]}),
+                        ("/v1/vectors/delete", {"ids": ["a"]}), ("/v1/indexes/delete", {}),
+                        ("/v1/indexes/train", {}), ("/v1/vectors/list_ids", {}), ("/v1/vectors/num_vectors", {})]:
+        st, b = api.post(path, {"index_name": name, "index_key": new_key(), **extra})
+        assert_error(st, b, 401)
+        assert b["detail"] == f"Wrong encryption key for index '{name}'"
+        st, b = api.post(path, {"index_name": name, **extra})
+        assert_error(st, b, 401)
+        st, b = api.post(path, {"index_name": unique("missing"), "index_key": key, **extra})
+        assert_error(st, b, 404)
+    # Wrong keys had no side effects.
+    st, b = api.post("/v1/vectors/list_ids", {"index_name": name, "index_key": key})
+    assert b == {"ids": ["a"], "count": 1}
+
+
+def test_dimension_inferred_and_enforced_atomically(api):
+    name, key = create(api, dim=None)
+    st, b = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
+    assert st == 200 and b["dimension"] == 0 and b["n_lists"] == 1 and b["is_trained"] is False
+    st, b = api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                            "items": [{"id": "a", "vector": [1, 2]}, {"id": "b", "vector": [3, 4]}]})
+    assert st == 200 and b["message"] == "Upserted 2 vectors"
+    st, b = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
+    assert b["dimension"] == 2 and b["metric"] == "euclidean" and b["index_name"] == name
+    st, b = api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                            "items": [{"id": "c", "vector": [1, 2]}, {"id": "a", "vector": [1, 2, 3]}]})
+    assert_error(st, b, 422)
+    assert "dimension" in b["detail"]
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a", "c"]})
+    assert [r["id"] for r in b["results"]] == ["a"] and b["results"][0]["vector"] == [1, 2]
+
+
+def test_upsert_get_overwrite_delete(api):
+    name, key = create(api)
+    items = [{"id": "a", "vector": [1, 0, 0], "metadata": {"k": "v", "n": {"x": 1}}, "contents": "alpha \u00e9 \"q\""},
+             {"id": "b", "vector": [0, 1, 0], "metadata": None, "contents": None},
+             {"id": "c", "vector": [0, 0, 1]}]
+    st, b = api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})
+    assert st == 200 and b["status"] == "success"
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["c", "zz", "a", "b"]})
+    assert st == 200
+    assert b["results"] == [
+        {"id": "c", "vector": [0, 0, 1], "contents": "", "metadata": {}},
+        {"id": "a", "vector": [1, 0, 0], "contents": "alpha \u00e9 \"q\"", "metadata": {"k": "v", "n": {"x": 1}}},
+        {"id": "b", "vector": [0, 1, 0], "contents": "", "metadata": {}},
+    ]
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a"], "include": ["metadata"]})
+    assert b["results"] == [{"id": "a", "metadata": {"k": "v", "n": {"x": 1}}}]
+    # Overwrite replaces vector, metadata and contents.
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                    "items": [{"id": "a", "vector": [5, 5, 5], "metadata": {"k": "w"}}]})
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a"]})
+    assert b["results"] == [{"id": "a", "vector": [5, 5, 5], "contents": "", "metadata": {"k": "w"}}]
+    st, b = api.post("/v1/vectors/num_vectors", {"index_name": name, "index_key": key})
+    assert st == 200 and b["result"] == 3
+    st, b = api.post("/v1/vectors/delete", {"index_name": name, "index_key": key, "ids": ["a", "nope"]})
+    assert st == 200 and b["message"] == "Deleted 1 vectors"
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a"]})
+    assert b["results"] == []
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [5, 5, 5]})
+    assert "a" not in [r["id"] for r in b["results"]]
+    st, b = api.post("/v1/vectors/list_ids", {"index_name": name, "index_key": key})
+    assert sorted(b["ids"]) == ["b", "c"] and b["count"] == 2
+
+
+def test_binary_upsert_and_query(api):
+    name, key = create(api, dim=2)
+    rows = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
+    st, b = api.post("/v1/vectors/upsert_binary", {"index_name": name, "index_key": key, "batch": {
+        "ids": ["o", "x", "y"], "vectors_b64": b64(rows), "dimension": 2,
+        "metadata": [{"m": 1}, None, {"m": 3}], "contents": ["zero", None, "two"]}})
+    assert st == 200, b
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["y", "x"]})
+    assert b["results"] == [{"id": "y", "vector": [0, 2], "contents": "two", "metadata": {"m": 3}},
+                            {"id": "x", "vector": [1, 0], "contents": "", "metadata": {}}]
+    st, b = api.post("/v1/vectors/query_binary", {"index_name": name, "index_key": key, "top_k": 2,
+                                                  "batch": {"vectors_b64": b64([[0.9, 0.0]]), "dimension": 2},
+                                                  "include": ["distance"]})
+    assert st == 200
+    assert [r["id"] for r in b["results"][0]] == ["x", "o"]
+    assert b["results"][0][0]["distance"] == pytest.approx(0.1, abs=1e-6)
+    # Mismatched ids and vectors: nothing written.
+    st, b = api.post("/v1/vectors/upsert_binary", {"index_name": name, "index_key": key, "batch": {
+        "ids": ["p", "q"], "vectors_b64": b64([[1.0, 1.0]]), "dimension": 2}})
+    assert_error(st, b, 422)
+    st, b = api.post("/v1/vectors/upsert_binary", {"index_name": name, "index_key": key, "batch": {
+        "ids": ["p"], "vectors_b64": "!!notbase64", "dimension": 2}})
+    assert_error(st, b, 422)
+    st, b = api.post("/v1/vectors/num_vectors", {"index_name": name, "index_key": key})
+    assert b["result"] == 3
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+def test_query_shapes_and_metric_distances(api, metric):
+    name, key = create(api, dim=2, metric=metric)
+    vecs = {"a": [1.0, 0.0], "b": [3.0, 4.0], "c": [-1.0, 1.0], "d": [0.5, 0.1]}
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                    "items": [{"id": k, "vector": v, "metadata": {"id": k}} for k, v in vecs.items()]})
+    q = [2.0, 1.0]
+
+    def dist(v):
+        if metric == "cosine":
+            dot = sum(x * y for x, y in zip(q, v))
+            return 1 - dot / (math.hypot(*q) * math.hypot(*v))
+        sq = sum((x - y) ** 2 for x, y in zip(q, v))
+        return math.sqrt(sq) if metric == "euclidean" else sq
+
+    want = sorted(vecs, key=lambda k: dist(vecs[k]))
+    # Default include: ids only, flat list for one vector.
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": q})
+    assert st == 200 and b["results"] == [{"id": k} for k in want]
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": q,
+                                           "include": ["distance", "metadata", "vector"], "top_k": 3})
+    assert [r["id"] for r in b["results"]] == want[:3]
+    for r in b["results"]:
+        assert r["distance"] == pytest.approx(dist(vecs[r["id"]]), abs=1e-5)
+        assert r["metadata"] == {"id": r["id"]} and r["vector"] == vecs[r["id"]]
+    # A 2-D query gives one list per query.
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key,
+                                           "query_vectors": [q, [0.0, 1.0]], "top_k": 1})
+    assert st == 200 and len(b["results"]) == 2 and b["results"][0] == [{"id": want[0]}]
+    describe = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})[1]
+    assert describe["metric"] == metric
+
+
+def test_query_validation(api):
+    name, key = create(api, dim=2)
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [{"id": "a", "vector": [1, 1]}]})
+    for body in [{"query_vectors": [1, 2, 3]}, {}, {"query_vectors": [1, 2], "top_k": 0},
+                 {"query_vectors": [1, 2], "include": ["bogus"]}, {"query_vectors": [1, 2], "filters": {"$or": 1}},
+                 {"query_vectors": [1, 2], "n_probes": -1}, {"query_contents": "text"}]:
+        st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, **body})
+        assert_error(st, b, 422)
+
+
+def test_filters(api):
+    name, key = create(api, dim=2)
+    docs = [
+        {"genre": "rock", "year": 1990, "tags": ["a", "b"], "nested": {"v": 1}, "live": True},
+        {"genre": "jazz", "year": 2005, "tags": ["b"], "nested": {"v": 2}, "live": False},
+        {"genre": "rock", "year": 2015, "tags": [], "nested": {"v": 3}},
+        {"genre": "pop", "year": 2021},
+    ]
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                    "items": [{"id": str(i), "vector": [float(i), 0.0], "metadata": d} for i, d in enumerate(docs)]})
+
+    def ids(f):
+        st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [0, 0], "filters": f})
+        assert st == 200, b
+        return sorted(r["id"] for r in b["results"])
+
+    assert ids({"genre": "rock"}) == ["0", "2"]
+    assert ids({"genre": {"$eq": "jazz"}}) == ["1"]
+    assert ids({"genre": {"$ne": "rock"}}) == ["1", "3"]
+    assert ids({"year": {"$gt": 2005}}) == ["2", "3"]
+    assert ids({"year": {"$gte": 2005, "$lt": 2021}}) == ["1", "2"]
+    assert ids({"year": {"$lte": 1990}}) == ["0"]
+    assert ids({"genre": {"$in": ["pop", "jazz"]}}) == ["1", "3"]
+    assert ids({"genre": {"$nin": ["pop", "jazz"]}}) == ["0", "2"]
+    assert ids({"live": {"$exists": True}}) == ["0", "1"]
+    assert ids({"live": {"$exists": False}}) == ["2", "3"]
+    assert ids({"tags": "b"}) == ["0", "1"]
+    assert ids({"nested.v": {"$gte": 2}}) == ["1", "2"]
+    assert ids({"$and": [{"genre": "rock"}, {"year": {"$gt": 2000}}]}) == ["2"]
+    assert ids({"$or": [{"genre": "pop"}, {"live": False}]}) == ["1", "3"]
+    assert ids({"$not": {"genre": "rock"}}) == ["1", "3"]
+    assert ids({"genre": "rock", "live": True}) == ["0"]
+
+
+def test_filtered_query_fills_top_k(api):
+    # Only every 10th item matches; a filtered query must still return top_k matches.
+    name, key = create(api, dim=2)
+    items = [{"id": str(i), "vector": [float(i % 50), float(i // 50)], "metadata": {"keep": i % 10 == 0}} for i in range(500)]
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})
+    st, b = api.post("/v1/indexes/train", {"index_name": name, "index_key": key, "n_lists": 16})
+    assert st == 200
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [0, 0],
+                                           "top_k": 40, "n_probes": 1, "filters": {"keep": True},
+                                           "include": ["metadata"]})
+    assert st == 200 and len(b["results"]) == 40
+    assert all(r["metadata"]["keep"] for r in b["results"])
+
+
+def test_float16_rounds_vectors(api):
+    name, key = create(api, dim=3, precision="float16")
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                    "items": [{"id": "a", "vector": [0.1, 1000.7, -3.3333]}]})
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a"]})
+    v = b["results"][0]["vector"]
+    want = [struct.unpack("<e", struct.pack("<e", x))[0] for x in [0.1, 1000.7, -3.3333]]
+    assert v == pytest.approx(want, abs=1e-6) and v != pytest.approx([0.1, 1000.7, -3.3333], abs=1e-5)
+
+
+def test_train_and_training_status(api):
+    name, key = create(api, dim=4)
+    import random
+    rnd = random.Random(5)
+    items = [{"id": str(i), "vector": [rnd.gauss(i % 8, 0.1) for _ in range(4)]} for i in range(800)]
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})
+    st, b = api.post("/v1/indexes/train", {"index_name": name, "index_key": key, "n_lists": 8, "max_iters": 20,
+                                           "batch_size": 128, "tolerance": 1e-4, "max_memory": 64})
+    assert st == 200 and b["message"] == f"Index '{name}' trained successfully"
+    st, d = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
+    assert d["is_trained"] is True and d["n_lists"] == 8
+    st, b = api.post("/v1/indexes/train", {"index_name": name, "index_key": key, "n_lists": 1000})
+    assert_error(st, b, 422)
+    st, s = api.get("/v1/indexes/training-status")
+    assert st == 200 and isinstance(s["training_indexes"], list) and isinstance(s["retrain_threshold"], int)
+    assert s["worker_pid"] == 0 and s["global_training"] == {} and "queued_indexes" in s
+
+
+def test_error_bodies_for_routing_and_parsing(api):
+    r = requests.get(api.url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["status_code"] == 404
+    r = requests.post(api.url + "/v1/vectors/query", data="{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["status_code"] == 422
+    r = requests.post(api.url + "/v1/vectors/get", data="{}")
+    assert r.status_code == 422 and "Content-Type" in r.json()["detail"]
+
+
+def test_docs_and_spec_served_offline(api):
+    r = requests.get(api.url + "/v1/docs")
+    assert r.status_code == 200 and "swagger" in r.text.lower()
+    assert "<script src=\"http" not in r.text and "cdn" not in r.text.lower()
+    r = requests.get(api.url + "/v1/openapi.json")
+    assert r.status_code == 200 and "/v1/vectors/query" in r.json()["paths"]
+
+
+def test_restart_keeps_everything(make_server):
+    s = make_server()
+    a = Api(s.url)
+    name, key = create(a, dim=2)
+    a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                  "items": [{"id": str(i), "vector": [i, i], "contents": f"c{i}"} for i in range(300)]})
+    a.post("/v1/indexes/train", {"index_name": name, "index_key": key, "n_lists": 4})
+    a.post("/v1/vectors/delete", {"index_name": name, "index_key": key, "ids": ["7"]})
+    before = a.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [3, 3], "top_k": 5})[1]
+    s.restart()
+    a = Api(s.url)
+    st, d = a.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
+    assert d["is_trained"] and d["n_lists"] == 4 and d["dimension"] == 2
+    assert a.post("/v1/vectors/num_vectors", {"index_name": name, "index_key": key})[1]["result"] == 299
+    assert a.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [3, 3], "top_k": 5})[1] == before
+    assert a.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["9"], "include": ["contents"]})[1] == {"results": [{"id": "9", "contents": "c9"}]}
+    assert_error(*a.post("/v1/indexes/describe", {"index_name": name, "index_key": new_key()}), 401)
+    st, b = a.post("/v1/indexes/delete", {"index_name": name, "index_key": key})
+    assert st == 200 and b["message"] == f"Index '{name}' deleted successfully"
+    s.restart()
+    assert name not in Api(s.url).get("/v1/indexes/list")[1]["indexes"]
+
+
+def test_auto_training_in_background(make_server):
+    s = make_server(env={"AUTO_TRAIN_MIN_VECTORS": "500"})
+    a = Api(s.url)
+    name, key = create(a, dim=2)
+    st, b = a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                          "items": [{"id": str(i), "vector": [i % 37, i % 11]} for i in range(400)]})
+    assert "training_triggered" not in b
+    st, b = a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                          "items": [{"id": f"x{i}", "vector": [i % 13, i % 7]} for i in range(200)]})
+    assert b["training_triggered"] is True and "threshold: 500" in b["training_message"]
+    import time
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        d = a.post("/v1/indexes/describe", {"index_name": name, "index_key": key})[1]
+        if d["is_trained"]:
+            break
+        # Queries keep working while training runs.
+        assert a.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [1, 1], "top_k": 3})[0] == 200
+        time.sleep(0.1)
+    assert d["is_trained"] and d["n_lists"] == 32 and d["num_vectors"] == 600  # 2**round(log2(sqrt(600)))
+
+
+def test_auto_training_can_be_disabled(make_server):
+    s = make_server(env={"AUTO_TRAIN_MIN_VECTORS": "10", "AUTO_TRAIN_DISABLED": "true"})
+    a = Api(s.url)
+    name, key = create(a, dim=2)
+    st, b = a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                          "items": [{"id": str(i), "vector": [i, 1]} for i in range(50)]})
+    assert st == 200 and "training_triggered" not in b
+
+
+def test_bad_setting_stops_start_naming_it(tmp_path):
+    import subprocess
+    from conftest import BIN
+    for env, needle in [({"PORT": "eighty"}, "PORT"), ({"CYBORGDB_DB_TYPE": "postgres"}, "CYBORGDB_DB_TYPE"),
+                        ({"CYBORGDB_CONFIG_FILE": str(tmp_path / "missing.yaml")}, "missing.yaml")]:
+        r = subprocess.run([str(BIN)], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0
+        assert needle in r.stderr, r.stderr
+
+
+def test_help_lists_flags_with_defaults():
+    import subprocess
+    from conftest import BIN
+    r = subprocess.run([str(BIN), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    for flag in ["--host", "--port", "--db-type", "--disk-path", "--log-level", "--auto-train-min-vectors",
+                 "--auto-train-disabled", "--config", "[default: 127.0.0.1]", "[default: 8000]", "[env: PORT="]:
+        assert flag in r.stdout, flag
+
+
+def test_memory_backend_and_yaml(make_server, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("service:\n  cyborgdb_db_type: memory\n  auto_train_min_vectors: 123\n")
+    s = make_server(env={"CYBORGDB_CONFIG_FILE": str(cfg)}, name="mem")
+    a = Api(s.url)
+    assert a.get("/v1/indexes/training-status")[1]["retrain_threshold"] == 123
+    name, key = create(a)
+    s.restart()
+    assert name not in Api(s.url).get("/v1/indexes/list")[1]["indexes"]
+    assert not (tmp_path / "mem").exists() or not any((tmp_path / "mem").iterdir())
