@@ -19,5 +19,5 @@ pub mod store;
 pub mod users;
 
 pub use kms::{KmsError, KmsProvider};
-pub use store::{IndexStore, StoreError, WriteBatch, WriteOp};
+pub use store::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
 pub use users::{UserStore, UserStoreError};

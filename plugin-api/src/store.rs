@@ -17,6 +17,9 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// A `(key, value)` pair returned by scans.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One operation of a [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
@@ -113,7 +116,7 @@ pub trait IndexStore: Send + Sync + 'static {
     }
 
     /// Every `(key, value)` whose key starts with `prefix`, in ascending key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError>;
 
     /// Every key starting with `prefix`, in ascending order. Backends that can list keys
     /// without reading values should override this.

@@ -25,7 +25,7 @@ pub trait UserStore: Send + Sync + 'static {
     /// Read one user record.
     fn get(&self, index_id: &[u8], user_id: &[u8]) -> Result<Option<Vec<u8>>, UserStoreError>;
     /// Every `(user id, record)` of one index, ordered by user id.
-    fn list(&self, index_id: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, UserStoreError>;
+    fn list(&self, index_id: &[u8]) -> Result<Vec<crate::store::KeyValue>, UserStoreError>;
     /// Remove one user; returns whether it existed.
     fn delete(&self, index_id: &[u8], user_id: &[u8]) -> Result<bool, UserStoreError>;
     /// Remove every user of an index (the index is being deleted).

@@ -6,7 +6,7 @@ use std::ops::Bound;
 use std::sync::RwLock;
 
 use sealdb_plugin_api::store::prefix_upper_bound;
-use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch, WriteOp};
+use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
 
 /// An [`IndexStore`] in a `BTreeMap` behind a lock.
 #[derive(Default)]
@@ -42,7 +42,7 @@ impl IndexStore for MemoryStore {
         Ok(self.map.read().map_err(poisoned)?.get(key).cloned())
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let map = self.map.read().map_err(poisoned)?;
         Ok(map
             .range(range_of(prefix))

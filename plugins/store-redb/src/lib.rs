@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sealdb_plugin_api::store::prefix_upper_bound;
-use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch, WriteOp};
+use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 
@@ -104,7 +104,7 @@ impl IndexStore for RedbStore {
             .collect()
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         self.scan(prefix, |k, v| (k.to_vec(), v.to_vec()))
     }
 

@@ -1,0 +1,151 @@
+"""The official CyborgDB Python client (0.18.0 and 0.17.0), unchanged, against our server."""
+import re
+
+import cyborgdb
+import numpy as np
+import pytest
+
+
+def status_of(exc):
+    """0.18 raises CyborgDBError subclasses with .status_code; 0.17 raises ValueError '(NNN)'."""
+    code = getattr(exc, "status_code", None)
+    if code:
+        return int(code)
+    m = re.search(r"\((\d{3})\)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def expect_status(code, fn, *a, **kw):
+    with pytest.raises(Exception) as ei:
+        fn(*a, **kw)
+    assert status_of(ei.value) == code, repr(ei.value)
+    return ei.value
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return cyborgdb.Client(server.url)
+
+
+def test_health_and_lifecycle(client):
+    assert client.get_health()["status"] == "healthy"
+    key = client.generate_key()
+    ix = client.create_index("life", key, dimension=3)
+    assert "life" in client.list_indexes()
+    expect_status(409, client.create_index, "life", key, dimension=3)
+    loaded = client.load_index("life", key)
+    assert loaded.dimension == 3 and loaded.metric == "euclidean" and loaded.n_lists == 1
+    assert loaded.is_trained() is False
+    ix.delete_index()
+    assert "life" not in client.list_indexes()
+    expect_status(404, client.load_index, "life", key)
+
+
+def test_wrong_and_missing_key(client):
+    key = client.generate_key()
+    ix = client.create_index("keys", key, dimension=2)
+    ix.upsert([{"id": "a", "vector": [1, 2]}])
+    expect_status(401, client.load_index, "keys", client.generate_key())
+    # An index handle carrying a wrong key, built the way load_index builds one.
+    from cyborgdb.client.encrypted_index import EncryptedIndex
+    handle = EncryptedIndex("keys", client.generate_key(), client.api, client.api_client)
+    expect_status(401, handle.query, query_vectors=[1, 2])
+    expect_status(401, handle.upsert, [{"id": "b", "vector": [1, 1]}])
+    expect_status(401, handle.get, ["a"])
+    expect_status(401, handle.list_ids)
+    nokey = EncryptedIndex("keys", None, client.api, client.api_client)
+    expect_status(401, nokey.list_ids)
+    assert ix.list_ids() == ["a"]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_data_workflow(client, metric, precision):
+    name = f"flow-{metric}-{precision}"
+    key = client.generate_key()
+    ix = client.create_index(name, key, dimension=4, metric=metric, storage_precision=precision)
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(50, 4)).astype(np.float32)
+    ix.upsert([{"id": f"j{i}", "vector": vecs[i].tolist(), "metadata": {"i": i, "even": i % 2 == 0,
+               "tags": ["t%d" % (i % 3)], "nested": {"v": i}}, "contents": f"doc {i}"} for i in range(25)])
+    ix.upsert([f"j{i}" for i in range(25, 50)], vecs[25:])
+    assert sorted(ix.list_ids()) == sorted(f"j{i}" for i in range(50))
+    got = ix.get(["j3", "j30", "missing"])
+    assert [g["id"] for g in got] == ["j3", "j30"]
+    assert got[0]["contents"] == "doc 3" and got[0]["metadata"]["nested"] == {"v": 3}
+    assert got[1]["contents"] == "" and got[1]["metadata"] == {}
+    tol = 1e-2 if precision == "float16" else 1e-6
+    assert np.allclose(got[0]["vector"], vecs[3], atol=tol)
+    # Exact neighbours for comparison.
+    q = vecs[7]
+    if metric == "cosine":
+        d = 1 - (vecs @ q) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(q))
+    else:
+        d = ((vecs - q) ** 2).sum(1)
+        if metric == "euclidean":
+            d = np.sqrt(d)
+    order = [f"j{i}" for i in np.argsort(d)[:5]]
+    res = ix.query(query_vectors=q.tolist(), top_k=5, include=["distance", "metadata"])
+    assert [r["id"] for r in res] == order
+    assert all(a["distance"] <= b["distance"] for a, b in zip(res, res[1:]))
+    assert np.allclose([r["distance"] for r in res], np.sort(d)[:5], atol=max(tol * 10, 1e-4))
+    assert res[0]["metadata"]["i"] == 7
+    # Default include: ids (no distance/metadata requested).
+    res = ix.query(query_vectors=q.tolist(), top_k=3)
+    assert [r["id"] for r in res] == order[:3]
+    # Batch (2-D list) and binary (ndarray) queries give one list per query.
+    res = ix.query(query_vectors=[vecs[7].tolist(), vecs[9].tolist()], top_k=1)
+    assert [r[0]["id"] for r in res] == ["j7", "j9"]
+    res = ix.query(query_vectors=vecs[[7, 9]], top_k=1)
+    assert [r[0]["id"] for r in res] == ["j7", "j9"]
+    # Filters through the client.
+    res = ix.query(query_vectors=q.tolist(), top_k=50, filters={"even": True, "i": {"$lt": 10}})
+    assert sorted(r["id"] for r in res) == sorted(f"j{i}" for i in range(0, 10, 2))
+    res = ix.query(query_vectors=q.tolist(), top_k=50, filters={"$or": [{"tags": "t1"}, {"nested.v": {"$gte": 23}}]})
+    want = {f"j{i}" for i in range(25) if i % 3 == 1 or i >= 23}
+    assert {r["id"] for r in res} == want
+    ix.delete(["j7"])
+    assert "j7" not in {r["id"] for r in ix.query(query_vectors=q.tolist(), top_k=5)}
+    assert ix.get(["j7"]) == []
+    assert len(ix.list_ids()) == 49
+    ix.delete_index()
+
+
+def test_training_20k_recall(client):
+    dim, n = 32, 20_000
+    rng = np.random.default_rng(7)
+    centres = rng.normal(scale=3.0, size=(64, dim)).astype(np.float32)
+    data = (centres[rng.integers(0, 64, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+    queries = (centres[rng.integers(0, 64, 200)] + rng.normal(size=(200, dim))).astype(np.float32)
+    key = client.generate_key()
+    ix = client.create_index("train20k", key, dimension=dim)
+    ids = [str(i) for i in range(n)]
+    for s in range(0, n, 2000):
+        ix.upsert(ids[s:s + 2000], data[s:s + 2000])
+    ix.train()
+    assert ix.is_trained() and ix.n_lists > 1
+    # Every vector finds itself first.
+    for s in range(0, n, 2000):
+        res = ix.query(query_vectors=data[s:s + 2000], top_k=1)
+        assert [r[0]["id"] for r in res] == ids[s:s + 2000]
+    # recall@10 against exact search.
+    d = ((queries[:, None, :] - data[None, :, :]) ** 2).sum(-1)
+    exact = np.argsort(d, axis=1)[:, :10]
+    res = ix.query(query_vectors=queries, top_k=10)
+    hits = sum(len({int(r["id"]) for r in row} & set(exact[i].tolist())) for i, row in enumerate(res))
+    assert hits / (200 * 10) >= 0.95
+    ix.delete_index()
+
+
+def test_restart_and_reload(make_server):
+    s = make_server(name="client-restart")
+    c = cyborgdb.Client(s.url)
+    key = c.generate_key()
+    ix = c.create_index("persist", key, dimension=2, metric="cosine", storage_precision="float16")
+    ix.upsert([{"id": "a", "vector": [1, 0], "contents": "kept", "metadata": {"m": 1}}])
+    s.restart()
+    c = cyborgdb.Client(s.url)
+    ix = c.load_index("persist", key)
+    assert ix.metric == "cosine" and ix.dimension == 2
+    assert ix.get(["a"])[0]["contents"] == "kept"
+    expect_status(401, c.load_index, "persist", c.generate_key())
