@@ -107,12 +107,13 @@ class Api:
         self.url = url
         self.headers = {"X-API-Key": api_key} if api_key else {}
 
-    def post(self, path, body, **kw):
-        r = requests.post(self.url + path, json=body, headers=self.headers, timeout=120, **kw)
+    def post(self, path, body, headers=None, **kw):
+        r = requests.post(self.url + path, json=body, headers={**self.headers, **(headers or {})},
+                          timeout=120, **kw)
         return r.status_code, (r.json() if r.content else None)
 
-    def get(self, path, **kw):
-        r = requests.get(self.url + path, headers=self.headers, timeout=60, **kw)
+    def get(self, path, headers=None, **kw):
+        r = requests.get(self.url + path, headers={**self.headers, **(headers or {})}, timeout=60, **kw)
         return r.status_code, (r.json() if r.content else None)
 
 

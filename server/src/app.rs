@@ -6,26 +6,50 @@ use poem::http::StatusCode;
 use poem::listener::TcpListener;
 use poem::middleware::Tracing;
 use poem::{EndpointExt, IntoResponse, Response, Route};
-use sealdb_plugin_api::IndexStore;
+use sealdb_plugin_api::{IndexStore, UserStore};
 
 use crate::api::{self, error::ApiError, AppState};
 use crate::auth::Auth;
 use crate::config::{Config, DbType};
 use crate::engine::{Engine, EngineConfig};
 
+/// The configured stores: indexes and users (one backend serves both).
+pub struct Stores {
+    pub index: Arc<dyn IndexStore>,
+    pub users: Arc<dyn UserStore>,
+}
+
+impl Stores {
+    /// Both stores in one throwaway in-memory backend.
+    pub fn memory() -> Self {
+        let m = Arc::new(sealdb_store_memory::MemoryStore::new());
+        Self {
+            index: m.clone(),
+            users: m,
+        }
+    }
+}
+
 /// Open the configured store.
-pub fn open_store(cfg: &Config) -> Result<Arc<dyn IndexStore>, String> {
+pub fn open_store(cfg: &Config) -> Result<Stores, String> {
     Ok(match cfg.db_type {
-        DbType::Memory => Arc::new(sealdb_store_memory::MemoryStore::new()),
-        DbType::Disk => Arc::new(
-            sealdb_store_redb::RedbStore::open_dir(&cfg.disk_path)
-                .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", cfg.disk_path.display()))?,
-        ),
+        DbType::Memory => Stores::memory(),
+        DbType::Disk => {
+            let r = Arc::new(
+                sealdb_store_redb::RedbStore::open_dir(&cfg.disk_path)
+                    .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", cfg.disk_path.display()))?,
+            );
+            Stores {
+                index: r.clone(),
+                users: r,
+            }
+        }
     })
 }
 
 /// Build the shared state.
-pub fn state(cfg: &Config, store: Arc<dyn IndexStore>) -> Arc<AppState> {
+pub fn state(cfg: &Config, stores: Stores) -> Arc<AppState> {
+    let store = stores.index;
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -35,7 +59,7 @@ pub fn state(cfg: &Config, store: Arc<dyn IndexStore>) -> Arc<AppState> {
     );
     Arc::new(AppState {
         engine,
-        auth: Auth::new(cfg.root_key.clone()),
+        auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users),
     })
 }
 
@@ -70,11 +94,13 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
 
 /// Run until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
-    let store = open_store(&cfg)?;
-    tracing::info!(backend = store.backend(), path = %cfg.disk_path.display(), "store opened");
-    let state = state(&cfg, store);
+    let stores = open_store(&cfg)?;
+    tracing::info!(backend = stores.index.backend(), path = %cfg.disk_path.display(), "store opened");
+    let state = state(&cfg, stores);
     if !state.auth.enabled() {
         tracing::warn!("CYBORGDB_SERVICE_ROOT_KEY is not set: authentication is DISABLED and every route is open");
+    } else if !state.auth.rbac_enabled() {
+        tracing::warn!("legacy single-key mode (CYBORGDB_API_KEY): user management is unavailable");
     }
     let addr = format!("{}:{}", cfg.host, cfg.port);
     tracing::info!(%addr, "SealDB listening (docs at /v1/docs)");

@@ -77,6 +77,11 @@ pub struct Config {
     #[arg(long, env = "CYBORGDB_SERVICE_ROOT_KEY", hide_env_values = true)]
     pub root_key: Option<String>,
 
+    /// Legacy single API key: when set (and no root key), it is required on every route but
+    /// /v1/health and gives full access except user management.
+    #[arg(long, env = "CYBORGDB_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// YAML configuration file (default: ./cyborgdb.yaml if present).
     #[arg(long = "config", env = "CYBORGDB_CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
@@ -101,6 +106,7 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("auto_train_min_vectors", "auto_train_min_vectors"),
     ("auto_train_disabled", "auto_train_disabled"),
     ("root_key", "cyborgdb_service_root_key"),
+    ("api_key", "cyborgdb_api_key"),
 ];
 
 /// Expand `${VAR}` (must be set) and `${VAR:-default}` in a YAML string.
@@ -250,6 +256,7 @@ impl Config {
                 }
                 "auto_train_disabled" => self.auto_train_disabled = parse_bool(v).map_err(bad)?,
                 "root_key" => self.root_key = Some(v.clone()),
+                "api_key" => self.api_key = Some(v.clone()),
                 _ => {}
             }
         }

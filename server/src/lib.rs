@@ -7,3 +7,4 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod keys;
+pub mod users;

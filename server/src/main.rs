@@ -11,8 +11,10 @@ fn main() {
         }
     };
     if cfg.print_openapi {
-        let store = std::sync::Arc::new(sealdb_store_memory::MemoryStore::new());
-        println!("{}", api::spec_json(app::state(&cfg, store)));
+        println!(
+            "{}",
+            api::spec_json(app::state(&cfg, app::Stores::memory()))
+        );
         return;
     }
     tracing_subscriber::fmt()

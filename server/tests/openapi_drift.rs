@@ -2,14 +2,13 @@
 //! Regenerate with: `UPDATE_OPENAPI=1 cargo test -p sealdb-server --test openapi_drift`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use sealdb_server::{api, app, config::Config};
 
 #[test]
 fn committed_spec_matches_code() {
     let cfg = Config::load_from(["sealdb"]).expect("default config");
-    let state = app::state(&cfg, Arc::new(sealdb_store_memory::MemoryStore::new()));
+    let state = app::state(&cfg, app::Stores::memory());
     let generated = api::spec_json(state) + "\n";
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
     if std::env::var_os("UPDATE_OPENAPI").is_some() {

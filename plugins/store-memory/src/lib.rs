@@ -6,12 +6,18 @@ use std::ops::Bound;
 use std::sync::RwLock;
 
 use sealdb_plugin_api::store::prefix_upper_bound;
-use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
+use sealdb_plugin_api::{
+    IndexStore, KeyValue, StoreError, UserStore, UserStoreError, WriteBatch, WriteOp,
+};
+
+/// Users keyed by `(index id, user id)`.
+type UserMap = BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>>;
 
 /// An [`IndexStore`] in a `BTreeMap` behind a lock.
 #[derive(Default)]
 pub struct MemoryStore {
     map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+    users: RwLock<UserMap>,
 }
 
 impl MemoryStore {
@@ -75,6 +81,57 @@ impl IndexStore for MemoryStore {
     }
 }
 
+fn upoisoned<T>(_: T) -> UserStoreError {
+    UserStoreError::Io("memory store lock poisoned".into())
+}
+
+impl UserStore for MemoryStore {
+    fn put(&self, index_id: &[u8], user_id: &[u8], record: &[u8]) -> Result<(), UserStoreError> {
+        self.users
+            .write()
+            .map_err(upoisoned)?
+            .insert((index_id.to_vec(), user_id.to_vec()), record.to_vec());
+        Ok(())
+    }
+
+    fn get(&self, index_id: &[u8], user_id: &[u8]) -> Result<Option<Vec<u8>>, UserStoreError> {
+        Ok(self
+            .users
+            .read()
+            .map_err(upoisoned)?
+            .get(&(index_id.to_vec(), user_id.to_vec()))
+            .cloned())
+    }
+
+    fn list(&self, index_id: &[u8]) -> Result<Vec<KeyValue>, UserStoreError> {
+        Ok(self
+            .users
+            .read()
+            .map_err(upoisoned)?
+            .iter()
+            .filter(|((i, _), _)| i == index_id)
+            .map(|((_, u), r)| (u.clone(), r.clone()))
+            .collect())
+    }
+
+    fn delete(&self, index_id: &[u8], user_id: &[u8]) -> Result<bool, UserStoreError> {
+        Ok(self
+            .users
+            .write()
+            .map_err(upoisoned)?
+            .remove(&(index_id.to_vec(), user_id.to_vec()))
+            .is_some())
+    }
+
+    fn delete_index(&self, index_id: &[u8]) -> Result<(), UserStoreError> {
+        self.users
+            .write()
+            .map_err(upoisoned)?
+            .retain(|(i, _), _| i != index_id);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +149,6 @@ mod tests {
         b.delete_prefix(b"x/".to_vec());
         s.write(b).unwrap();
         assert!(s.scan_prefix(b"x/").unwrap().is_empty());
-        assert_eq!(s.get(b"y").unwrap(), Some(b"3".to_vec()));
+        assert_eq!(IndexStore::get(&s, b"y").unwrap(), Some(b"3".to_vec()));
     }
 }

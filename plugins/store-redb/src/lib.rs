@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sealdb_plugin_api::store::prefix_upper_bound;
-use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
+use sealdb_plugin_api::{
+    IndexStore, KeyValue, StoreError, UserStore, UserStoreError, WriteBatch, WriteOp,
+};
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "sealdb.redb";
@@ -46,6 +49,7 @@ impl RedbStore {
         // Create the table so that readers never see "table does not exist".
         let tx = db.begin_write().map_err(io)?;
         tx.open_table(RECORDS).map_err(io)?;
+        tx.open_table(USERS).map_err(io)?;
         tx.commit().map_err(io)?;
         Ok(Self {
             db,
@@ -155,6 +159,86 @@ impl IndexStore for RedbStore {
     }
 }
 
+fn uio<E: std::fmt::Display>(e: E) -> UserStoreError {
+    UserStoreError::Io(e.to_string())
+}
+
+fn user_key(index_id: &[u8], user_id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + index_id.len() + user_id.len());
+    k.push(index_id.len() as u8);
+    k.extend_from_slice(index_id);
+    k.extend_from_slice(user_id);
+    k
+}
+
+fn user_prefix(index_id: &[u8]) -> Vec<u8> {
+    user_key(index_id, &[])
+}
+
+/// Users live in their own table of the same file, keyed `len(index id) || index id || user id`.
+impl UserStore for RedbStore {
+    fn put(&self, index_id: &[u8], user_id: &[u8], record: &[u8]) -> Result<(), UserStoreError> {
+        let tx = self.db.begin_write().map_err(uio)?;
+        {
+            let mut t = tx.open_table(USERS).map_err(uio)?;
+            t.insert(user_key(index_id, user_id).as_slice(), record)
+                .map_err(uio)?;
+        }
+        tx.commit().map_err(uio)
+    }
+
+    fn get(&self, index_id: &[u8], user_id: &[u8]) -> Result<Option<Vec<u8>>, UserStoreError> {
+        let tx = self.db.begin_read().map_err(uio)?;
+        let t = tx.open_table(USERS).map_err(uio)?;
+        Ok(t.get(user_key(index_id, user_id).as_slice())
+            .map_err(uio)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn list(&self, index_id: &[u8]) -> Result<Vec<KeyValue>, UserStoreError> {
+        let tx = self.db.begin_read().map_err(uio)?;
+        let t = tx.open_table(USERS).map_err(uio)?;
+        let prefix = user_prefix(index_id);
+        let mut out = Vec::new();
+        let iter = match prefix_upper_bound(&prefix) {
+            Some(end) => t.range::<&[u8]>(prefix.as_slice()..end.as_slice()),
+            None => t.range::<&[u8]>(prefix.as_slice()..),
+        }
+        .map_err(uio)?;
+        for e in iter {
+            let (k, v) = e.map_err(uio)?;
+            out.push((k.value()[prefix.len()..].to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, index_id: &[u8], user_id: &[u8]) -> Result<bool, UserStoreError> {
+        let tx = self.db.begin_write().map_err(uio)?;
+        let existed = {
+            let mut t = tx.open_table(USERS).map_err(uio)?;
+            let existed = t
+                .remove(user_key(index_id, user_id).as_slice())
+                .map_err(uio)?
+                .is_some();
+            existed
+        };
+        tx.commit().map_err(uio)?;
+        Ok(existed)
+    }
+
+    fn delete_index(&self, index_id: &[u8]) -> Result<(), UserStoreError> {
+        let ids: Vec<Vec<u8>> = self.list(index_id)?.into_iter().map(|(k, _)| k).collect();
+        let tx = self.db.begin_write().map_err(uio)?;
+        {
+            let mut t = tx.open_table(USERS).map_err(uio)?;
+            for id in ids {
+                t.remove(user_key(index_id, &id).as_slice()).map_err(uio)?;
+            }
+        }
+        tx.commit().map_err(uio)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,8 +258,8 @@ mod tests {
             s.write(b).unwrap();
         }
         let s = RedbStore::open_dir(dir.path()).unwrap();
-        assert_eq!(s.get(b"a/1").unwrap(), None);
-        assert_eq!(s.get(b"a/2").unwrap(), Some(b"two".to_vec()));
+        assert_eq!(IndexStore::get(&s, b"a/1").unwrap(), None);
+        assert_eq!(IndexStore::get(&s, b"a/2").unwrap(), Some(b"two".to_vec()));
         assert_eq!(s.scan_keys(b"a/").unwrap(), vec![b"a/2".to_vec()]);
         let mut b = WriteBatch::new();
         b.delete_prefix(b"a/".to_vec())
@@ -193,6 +277,32 @@ mod tests {
             s.get_many(&[b"b/1".to_vec(), b"zz".to_vec()]).unwrap(),
             vec![Some(b"three".to_vec()), None]
         );
+    }
+
+    #[test]
+    fn users_roundtrip_and_are_scoped_per_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open_dir(dir.path()).unwrap();
+        s.put(b"idx1", b"u1", b"r1").unwrap();
+        s.put(b"idx1", b"u2", b"r2").unwrap();
+        s.put(b"idx10", b"u9", b"r9").unwrap();
+        assert_eq!(
+            UserStore::get(&s, b"idx1", b"u2").unwrap(),
+            Some(b"r2".to_vec())
+        );
+        let l = s.list(b"idx1").unwrap();
+        assert_eq!(
+            l,
+            vec![
+                (b"u1".to_vec(), b"r1".to_vec()),
+                (b"u2".to_vec(), b"r2".to_vec())
+            ]
+        );
+        assert!(s.delete(b"idx1", b"u1").unwrap());
+        assert!(!s.delete(b"idx1", b"u1").unwrap());
+        s.delete_index(b"idx1").unwrap();
+        assert!(s.list(b"idx1").unwrap().is_empty());
+        assert_eq!(s.list(b"idx10").unwrap().len(), 1);
     }
 
     #[test]

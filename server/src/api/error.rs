@@ -93,6 +93,35 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<crate::users::UserError> for ApiError {
+    fn from(e: crate::users::UserError) -> Self {
+        use crate::users::UserError as U;
+        match e {
+            U::Unauthenticated(m) => Self::unauthorized(m),
+            U::Denied(m) => Self::forbidden(m),
+            U::NotFound(_) => Self::new(404, e.to_string()),
+            U::BadRequest(m) => Self::bad_request(m),
+            U::Engine(e) => e.into(),
+            U::Store(_) => {
+                tracing::error!(error = %e, "user store failure");
+                Self::internal(format!("Internal server error: {e}"))
+            }
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as A;
+        match e {
+            A::Unauthenticated(m) => Self::unauthorized(m),
+            A::Forbidden(m) => Self::forbidden(m),
+            A::User(u) => u.into(),
+            A::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         match e {
@@ -102,60 +131,66 @@ impl From<KeyError> for ApiError {
     }
 }
 
-/// Declare one operation's response enum: a 200 payload plus the error statuses it can return.
-/// Every enum gets a 500 variant, which also receives any undeclared status (logged), so the
-/// spec never under-declares what the server sends.
+/// Declare one operation's response enum: its success response plus the error statuses it can
+/// return. Every enum gets a 500 variant, which also receives any undeclared status (logged),
+/// so the spec never under-declares what the server sends.
 ///
-/// `responses!(Name, OkType, [400 => BadRequest, 404 => NotFound])`
+/// `responses!(Name, OkType, [400 => BadRequest, 404 => NotFound])` (200 with a JSON body), or
+/// `responses!(Name, no_content, [...])` (204 with no body).
 macro_rules! responses {
+    ($name:ident, no_content, [$($code:tt => $var:ident),* $(,)?]) => {
+        crate::api::error::responses!(@munch
+            [$name, (), (/// Done; no content.
+                #[oai(status = 204)] NoContent,), |_v| Self::NoContent, [$($code => $var),*]],
+            [], [$($code => $var),*]);
+    };
     ($name:ident, $ok:ty, [$($code:tt => $var:ident),* $(,)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($code => $var),*], [], [$($code => $var),*]);
+        crate::api::error::responses!(@munch
+            [$name, $ok, (/// Success.
+                #[oai(status = 200)] Ok(poem_openapi::payload::Json<$ok>),),
+             |v| Self::Ok(poem_openapi::payload::Json(v)), [$($code => $var),*]],
+            [], [$($code => $var),*]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], []) => {
-        crate::api::error::responses!(@emit $name, $ok, [$($all)*], [$($acc)*]);
-    };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [400 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [400 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "Bad request: conflicting or malformed parameters (see `detail`)."] #[oai(status = 400)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [401 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [401 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "Missing or invalid API key, or missing or wrong index key."] #[oai(status = 401)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [403 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [403 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "The API key is valid but not allowed to do this."] #[oai(status = 403)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [404 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [404 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "The index (or user) does not exist."] #[oai(status = 404)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [409 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [409 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "The index already exists."] #[oai(status = 409)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [422 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [422 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "The request failed validation (see `detail`)."] #[oai(status = 422)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch $name:ident, $ok:ty, [$($all:tt)*], [$($acc:tt)*], [502 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch $name, $ok, [$($all)*],
+    (@munch [$($head:tt)*], [$($acc:tt)*], [502 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "The key management service failed."] #[oai(status = 502)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@emit $name:ident, $ok:ty, [$($code:tt => $var:ident),*], [$($variants:tt)*]) => {
+    (@munch [$name:ident, $ok:ty, ($($okv:tt)*), |$v:ident| $okexpr:expr, [$($code:tt => $var:ident),*]], [$($variants:tt)*], []) => {
         #[derive(poem_openapi::ApiResponse, Debug)]
         #[oai(bad_request_handler = "crate::api::error::parse_failure")]
         pub enum $name {
-            /// Success.
-            #[oai(status = 200)]
-            Ok(poem_openapi::payload::Json<$ok>),
+            $($okv)*
             $($variants)*
             /// Internal server error.
             #[oai(status = 500)]
@@ -182,7 +217,7 @@ macro_rules! responses {
         impl From<Result<$ok, crate::api::error::ApiError>> for $name {
             fn from(r: Result<$ok, crate::api::error::ApiError>) -> Self {
                 match r {
-                    Ok(v) => Self::Ok(poem_openapi::payload::Json(v)),
+                    Ok($v) => $okexpr,
                     Err(e) => e.into(),
                 }
             }

@@ -176,11 +176,9 @@ impl IndexesApi {
     async fn list(&self, creds: Credentials) -> ListIndexesResponse {
         let state = self.state.clone();
         blocking(move || {
-            state
-                .auth
-                .authorize(creds.key(), Action::ListIndexes, None)?;
+            let p = state.auth.authenticate(creds.key())?;
             Ok(IndexList {
-                indexes: state.engine.list()?,
+                indexes: state.auth.visible(&state.engine, &p)?,
             })
         })
         .await
@@ -203,7 +201,8 @@ impl IndexesApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            state.auth.authorize(creds.key(), Action::Admin, Some(&req.index_name))?;
+            let p = state.auth.authenticate(creds.key())?;
+            state.auth.require(&p, Action::Admin)?;
             let kek = match (req.index_key.as_deref(), req.kms_name.as_deref()) {
                 (Some(_), Some(_)) => {
                     return Err(ApiError::bad_request(
@@ -291,11 +290,15 @@ impl IndexesApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            state
-                .auth
-                .authorize(creds.key(), Action::Read, Some(&req.index_name))?;
+            let p = state.auth.authenticate(creds.key())?;
             let kek = parse_kek(req.index_key.as_deref())?;
-            let ix = state.engine.open(&req.index_name, kek.as_ref())?;
+            let ix = state.auth.open_index(
+                &state.engine,
+                &p,
+                Action::Read,
+                &req.index_name,
+                kek.as_ref(),
+            )?;
             let info = state.engine.describe(&ix);
             Ok(IndexInfo {
                 index_name: info.name,
@@ -327,11 +330,16 @@ impl IndexesApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            state
-                .auth
-                .authorize(creds.key(), Action::Admin, Some(&req.index_name))?;
+            let p = state.auth.authenticate(creds.key())?;
+            state.auth.require(&p, Action::Admin)?;
             let kek = parse_kek(req.index_key.as_deref())?;
-            state.engine.delete(&req.index_name, kek.as_ref())?;
+            let id = state.engine.delete(&req.index_name, kek.as_ref())?;
+            if let Some(users) = state.auth.users() {
+                // The index is gone and its grants are useless, but erase them anyway.
+                if let Err(e) = users.delete_index(&id) {
+                    tracing::warn!(index = %req.index_name, error = %e, "could not erase the users of a deleted index");
+                }
+            }
             tracing::info!(index = %req.index_name, "index deleted");
             Ok(SuccessResponse::new(format!(
                 "Index '{}' deleted successfully",
@@ -354,7 +362,8 @@ impl IndexesApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            state.auth.authorize(creds.key(), Action::Admin, Some(&req.index_name))?;
+            let p = state.auth.authenticate(creds.key())?;
+            state.auth.require(&p, Action::Admin)?;
             let kek = parse_kek(req.index_key.as_deref())?;
             let params = TrainParams {
                 n_lists: positive("n_lists", req.n_lists)?,
@@ -394,10 +403,15 @@ impl IndexesApi {
     async fn training_status(&self, creds: Credentials) -> TrainingStatusResponse {
         let state = self.state.clone();
         blocking(move || {
-            state
-                .auth
-                .authorize(creds.key(), Action::ListIndexes, None)?;
-            let st = state.engine.training_status();
+            let p = state.auth.authenticate(creds.key())?;
+            let mut st = state.engine.training_status();
+            if matches!(p, crate::auth::Principal::User(_)) {
+                // A user sees only its own index in the queue.
+                let mine = state.auth.visible(&state.engine, &p)?;
+                st.currently_training = st.currently_training.filter(|n| mine.contains(n));
+                st.queued.retain(|n| mine.contains(n));
+                st.explicit.retain(|n| mine.contains(n));
+            }
             let mut training: Vec<String> = st.currently_training.iter().cloned().collect();
             for n in st.explicit.iter().chain(&st.queued) {
                 if !training.contains(n) {

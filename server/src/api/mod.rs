@@ -6,6 +6,7 @@
 pub mod error;
 pub mod health;
 pub mod indexes;
+pub mod users;
 pub mod vectors;
 
 use std::borrow::Cow;
@@ -157,7 +158,12 @@ where
 }
 
 /// Every API, as one poem-openapi service with the given server URL.
-pub type Apis = (health::HealthApi, indexes::IndexesApi, vectors::VectorsApi);
+pub type Apis = (
+    health::HealthApi,
+    indexes::IndexesApi,
+    vectors::VectorsApi,
+    users::UsersApi,
+);
 
 pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
@@ -166,7 +172,10 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
             indexes::IndexesApi {
                 state: state.clone(),
             },
-            vectors::VectorsApi { state },
+            vectors::VectorsApi {
+                state: state.clone(),
+            },
+            users::UsersApi { state },
         ),
         "SealDB",
         VERSION,

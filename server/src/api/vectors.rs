@@ -259,9 +259,11 @@ fn open(
     name: &str,
     key: Option<&str>,
 ) -> Result<Arc<Index>, ApiError> {
-    state.auth.authorize(creds.key(), action, Some(name))?;
+    let principal = state.auth.authenticate(creds.key())?;
     let kek = parse_kek(key)?;
-    Ok(state.engine.open(name, kek.as_ref())?)
+    Ok(state
+        .auth
+        .open_index(&state.engine, &principal, action, name, kek.as_ref())?)
 }
 
 fn decode_f32s(b64: &str, dimension: i64, what: &str) -> Result<(Vec<f32>, usize), ApiError> {

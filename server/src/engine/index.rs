@@ -20,7 +20,7 @@ use super::filter::Filter;
 use super::format::{self as fmt, IndexId, Reader, Writer};
 use super::kmeans::{self, KMeansParams};
 use super::{EngineError, IndexConfig, Precision};
-use crate::keys::{IndexKeys, Kek, KeyFingerprint};
+use crate::keys::{self, Dek, IndexKeys, Kek};
 
 /// Target plaintext size of one posting-list block.
 const BLOCK_BYTES: usize = 64 * 1024;
@@ -167,10 +167,20 @@ fn decode_state(buf: &[u8]) -> Result<(u32, u32, bool, u32), EngineError> {
     Ok((r.u32()?, r.u32()?, r.u8()? != 0, r.u32()?))
 }
 
-/// How requests prove they may use the index's key.
-pub(crate) enum KeyCheck {
-    /// The client supplies the KEK on every call; we remember only a fingerprint.
-    Client(KeyFingerprint),
+/// How a presented KEK is verified: by unwrapping the stored wrapped DEK with it (one
+/// AES-GCM operation on 32 bytes) and comparing the result with the index's DEK.
+pub(crate) struct KeyCheck {
+    pub wrapped_dek: Vec<u8>,
+    pub aad: Vec<u8>,
+}
+
+/// What a request brings to open an index.
+#[derive(Clone, Copy)]
+pub enum Access<'a> {
+    /// The index key as the client sent it (if it sent one).
+    Kek(Option<&'a Kek>),
+    /// A data key already unwrapped from an RBAC user grant.
+    Dek(&'a Dek),
 }
 
 /// What an item looks like on the way in.
@@ -250,6 +260,7 @@ pub struct Index {
     pub id: IndexId,
     pub config: IndexConfig,
     keys: IndexKeys,
+    dek: Dek,
     key_check: KeyCheck,
     store: Arc<dyn IndexStore>,
     writer: Mutex<()>,
@@ -278,16 +289,17 @@ impl Index {
         name: String,
         id: IndexId,
         config: IndexConfig,
-        keys: IndexKeys,
+        dek: Dek,
         key_check: KeyCheck,
         store: Arc<dyn IndexStore>,
         data: Data,
     ) -> Self {
         Self {
             name,
-            id,
             config,
-            keys,
+            keys: IndexKeys::derive(&dek),
+            dek,
+            id,
             key_check,
             store,
             writer: Mutex::new(()),
@@ -347,14 +359,25 @@ impl Index {
         Ok(data)
     }
 
-    /// Check the key a request brought against the one that opened the index.
-    pub(crate) fn check_key(&self, kek: Option<&Kek>) -> Result<(), EngineError> {
-        match &self.key_check {
-            KeyCheck::Client(fp) => match kek {
-                None => Err(EngineError::MissingKey(self.name.clone())),
-                Some(k) if fp.matches(&KeyFingerprint::of(k, &self.id)) => Ok(()),
-                Some(_) => Err(EngineError::WrongKey(self.name.clone())),
-            },
+    /// The index's data key (for minting RBAC user grants).
+    pub(crate) fn dek(&self) -> &Dek {
+        &self.dek
+    }
+
+    /// Check the key a request brought against the index's data key, in constant time.
+    pub(crate) fn check_access(&self, access: Access<'_>) -> Result<(), EngineError> {
+        let ok = match access {
+            Access::Dek(d) => d.ct_eq(&self.dek),
+            Access::Kek(None) => return Err(EngineError::MissingKey(self.name.clone())),
+            Access::Kek(Some(k)) => {
+                keys::unwrap_dek(k, &self.key_check.wrapped_dek, &self.key_check.aad)
+                    .is_ok_and(|d| d.ct_eq(&self.dek))
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(EngineError::WrongKey(self.name.clone()))
         }
     }
 

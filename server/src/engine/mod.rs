@@ -20,11 +20,11 @@ use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
 use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch};
 
-use crate::keys::{self, Dek, IndexKeys, Kek, KeyFingerprint};
+use crate::keys::{self, Dek, IndexKeys, Kek};
 pub use distance::Metric;
 use format::{IndexId, Reader, Writer};
+pub use index::{Access, Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
 use index::{Data, KeyCheck};
-pub use index::{Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
 pub use training::{Trainer, TrainingStatus};
 
 /// Everything that can go wrong in the engine. The API layer maps each variant to exactly one
@@ -355,6 +355,11 @@ impl Engine {
 
     /// Open an index with the caller's key, verifying it.
     pub fn open(&self, name: &str, kek: Option<&Kek>) -> Result<Arc<Index>, EngineError> {
+        self.open_with(name, Access::Kek(kek))
+    }
+
+    /// Open an index with a key or an RBAC-unwrapped data key, verifying it.
+    pub fn open_with(&self, name: &str, access: Access<'_>) -> Result<Arc<Index>, EngineError> {
         let slot = self
             .slots
             .lock()
@@ -362,15 +367,15 @@ impl Engine {
             .or_default()
             .clone();
         if let Some(ix) = slot.index.read().as_ref() {
-            ix.check_key(kek)?;
+            ix.check_access(access)?;
             return Ok(ix.clone());
         }
         let mut guard = slot.index.write();
         if let Some(ix) = guard.as_ref() {
-            ix.check_key(kek)?;
+            ix.check_access(access)?;
             return Ok(ix.clone());
         }
-        let loaded = self.load(name, kek);
+        let loaded = self.load(name, access);
         match loaded {
             Ok(ix) => {
                 *guard = Some(ix.clone());
@@ -390,11 +395,10 @@ impl Engine {
         }
     }
 
-    fn load(&self, name: &str, kek: Option<&Kek>) -> Result<Arc<Index>, EngineError> {
-        let mk = format::meta_key(name);
+    fn meta(&self, name: &str) -> Result<MetaRecord, EngineError> {
         let raw = self
             .store
-            .get(&mk)?
+            .get(&format::meta_key(name))?
             .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
         let meta = MetaRecord::decode(&raw)?;
         if meta.key_mode != KEY_MODE_CLIENT {
@@ -402,15 +406,57 @@ impl Engine {
                 "index '{name}' uses a key mode this server does not know"
             )));
         }
-        let kek = kek.ok_or_else(|| EngineError::MissingKey(name.to_owned()))?;
-        let dek = keys::unwrap_dek(kek, &meta.wrapped_dek, &dek_aad(&mk, &meta.id))
-            .map_err(|_| EngineError::WrongKey(name.to_owned()))?;
+        Ok(meta)
+    }
+
+    /// The random id of an index (RBAC grants are bound to it).
+    pub fn index_id(&self, name: &str) -> Result<IndexId, EngineError> {
+        if let Some(slot) = self.slots.lock().get(name) {
+            if let Some(ix) = slot.index.read().as_ref() {
+                return Ok(ix.id);
+            }
+        }
+        Ok(self.meta(name)?.id)
+    }
+
+    /// `(name, id)` of every index.
+    pub fn list_with_ids(&self) -> Result<Vec<(String, IndexId)>, EngineError> {
+        self.store
+            .scan_prefix(&[format::kind::META])?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8(k[1..].to_vec())
+                    .map_err(|_| EngineError::Corrupt("index name is not UTF-8".into()))?;
+                Ok((name, MetaRecord::decode(&v)?.id))
+            })
+            .collect()
+    }
+
+    fn load(&self, name: &str, access: Access<'_>) -> Result<Arc<Index>, EngineError> {
+        let mk = format::meta_key(name);
+        let meta = self.meta(name)?;
+        let key_check = KeyCheck {
+            aad: dek_aad(&mk, &meta.id),
+            wrapped_dek: meta.wrapped_dek.clone(),
+        };
+        let dek = match access {
+            Access::Kek(kek) => {
+                let kek = kek.ok_or_else(|| EngineError::MissingKey(name.to_owned()))?;
+                keys::unwrap_dek(kek, &key_check.wrapped_dek, &key_check.aad)
+                    .map_err(|_| EngineError::WrongKey(name.to_owned()))?
+            }
+            Access::Dek(d) => d.clone(),
+        };
         let ikeys = IndexKeys::derive(&dek);
-        drop(dek);
         let config = IndexConfig::decode(
             &ikeys
                 .open(&config_aad(&mk, &meta.id), &meta.sealed_config)
-                .map_err(|_| EngineError::Corrupt("index config failed authentication".into()))?,
+                .map_err(|_| match access {
+                    Access::Dek(_) => EngineError::WrongKey(name.to_owned()),
+                    Access::Kek(_) => {
+                        EngineError::Corrupt("index config failed authentication".into())
+                    }
+                })?,
         )?;
         let data: Data = Index::load_data(
             self.store.as_ref(),
@@ -422,15 +468,15 @@ impl Engine {
             name.to_owned(),
             meta.id,
             config,
-            ikeys,
-            KeyCheck::Client(KeyFingerprint::of(kek, &meta.id)),
+            dek,
+            key_check,
             self.store.clone(),
             data,
         )))
     }
 
-    /// Delete an index and everything it stores, atomically.
-    pub fn delete(&self, name: &str, kek: Option<&Kek>) -> Result<(), EngineError> {
+    /// Delete an index and everything it stores, atomically. Returns the deleted index's id.
+    pub fn delete(&self, name: &str, kek: Option<&Kek>) -> Result<IndexId, EngineError> {
         let ix = self.open(name, kek)?;
         let _g = self.create_lock.lock();
         let _w = ix.mark_deleted();
@@ -448,7 +494,8 @@ impl Engine {
         let res = self.store.write(batch);
         self.slots.lock().remove(name);
         self.trainer.forget(name);
-        res.map_err(Into::into)
+        res?;
+        Ok(ix.id)
     }
 
     /// What describe shows.

@@ -61,6 +61,13 @@ macro_rules! secret_key {
             }
         }
 
+        impl $name {
+            /// Constant-time equality.
+            pub fn ct_eq(&self, other: &Self) -> bool {
+                self.0.ct_eq(&other.0).into()
+            }
+        }
+
         impl std::fmt::Debug for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(concat!(stringify!($name), "(<redacted>)"))
@@ -208,33 +215,6 @@ impl IndexKeys {
     }
 }
 
-/// A process-local fingerprint of a KEK, used to recognise the key that opened a cached index
-/// without keeping the key itself. The secret salt is random per process, so the fingerprint
-/// is useless outside this process.
-pub struct KeyFingerprint([u8; 32]);
-
-impl KeyFingerprint {
-    /// Fingerprint `kek` for the index identified by `index_id`.
-    pub fn of(kek: &Kek, index_id: &[u8]) -> Self {
-        static SALT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-        let salt = SALT.get_or_init(|| {
-            let mut s = [0u8; 32];
-            rand::rng().fill_bytes(&mut s);
-            s
-        });
-        let mut m = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(salt)
-            .expect("HMAC takes any key length");
-        m.update(index_id);
-        m.update(kek.expose());
-        Self(m.finalize().into_bytes().into())
-    }
-
-    /// Constant-time comparison.
-    pub fn matches(&self, other: &KeyFingerprint) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,13 +273,5 @@ mod tests {
         assert_eq!(a.id_locator("x"), a.id_locator("x"));
         assert_ne!(a.id_locator("x"), b.id_locator("x"));
         assert_ne!(a.id_locator("x"), a.id_locator("y"));
-    }
-
-    #[test]
-    fn fingerprints_match_only_same_key_and_index() {
-        let k = Kek::random();
-        assert!(KeyFingerprint::of(&k, b"i").matches(&KeyFingerprint::of(&k, b"i")));
-        assert!(!KeyFingerprint::of(&k, b"i").matches(&KeyFingerprint::of(&Kek::random(), b"i")));
-        assert!(!KeyFingerprint::of(&k, b"i").matches(&KeyFingerprint::of(&k, b"j")));
     }
 }
