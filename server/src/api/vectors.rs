@@ -89,6 +89,14 @@ pub struct QueryRequest {
     pub query_vectors: Option<Vec<f32>>,
     /// Text to embed and search with (indexes with an embedding model only).
     pub query_contents: Option<String>,
+    #[oai(flatten)]
+    pub options: QueryOptions,
+}
+
+/// Knobs shared by every query shape.
+#[derive(Object, Debug)]
+#[oai(rename = "QueryOptions")]
+pub struct QueryOptions {
     /// Results per query (default 100).
     pub top_k: Option<i64>,
     /// Lists to probe (absent or 0 = chosen automatically).
@@ -111,12 +119,8 @@ pub struct BatchQueryRequest {
     pub index_key: Option<String>,
     /// Query vectors, one per row.
     pub query_vectors: Vec<Vec<f32>>,
-    pub top_k: Option<i64>,
-    pub n_probes: Option<i64>,
-    pub rerank_mult: Option<i64>,
-    pub greedy: Option<bool>,
-    pub filters: Option<JsonObject>,
-    pub include: Option<Vec<String>>,
+    #[oai(flatten)]
+    pub options: QueryOptions,
 }
 
 /// A single or a batch query.
@@ -141,12 +145,8 @@ pub struct BinaryQueryRequest {
     pub index_name: String,
     pub index_key: Option<String>,
     pub batch: BinaryQueryBatch,
-    pub top_k: Option<i64>,
-    pub n_probes: Option<i64>,
-    pub rerank_mult: Option<i64>,
-    pub greedy: Option<bool>,
-    pub filters: Option<JsonObject>,
-    pub include: Option<Vec<String>>,
+    #[oai(flatten)]
+    pub options: QueryOptions,
 }
 
 /// One search hit. Fields other than `id` appear when requested with `include`.
@@ -317,16 +317,7 @@ fn upsert_items(
     })
 }
 
-/// Resolved query options shared by the three query shapes.
-struct QueryOpts {
-    top_k: Option<i64>,
-    n_probes: Option<i64>,
-    greedy: Option<bool>,
-    filters: Option<JsonObject>,
-    include: Option<Vec<String>>,
-}
-
-impl QueryOpts {
+impl QueryOptions {
     fn resolve(self) -> Result<SearchParams, ApiError> {
         let top_k = match self.top_k {
             None => 100,
@@ -419,7 +410,7 @@ fn fetched_dto(f: Fetched) -> GetResultItem {
 fn run_query(
     ix: &Index,
     queries: Vec<Vec<f32>>,
-    opts: QueryOpts,
+    opts: QueryOptions,
 ) -> Result<Vec<Vec<QueryResultItem>>, ApiError> {
     let params = opts.resolve()?;
     let include = params.include;
@@ -552,14 +543,7 @@ impl VectorsApi {
                             "send query_vectors (a vector or a list of vectors) or query_contents",
                         )),
                     };
-                let opts = QueryOpts {
-                    top_k: q.top_k,
-                    n_probes: q.n_probes,
-                    greedy: q.greedy,
-                    filters: q.filters,
-                    include: q.include,
-                };
-                let mut r = run_query(&ix, vec![vector], opts)?;
+                let mut r = run_query(&ix, vec![vector], q.options)?;
                 Ok(QueryResponse {
                     results: QueryResults::Single(r.pop().unwrap_or_default()),
                 })
@@ -575,15 +559,8 @@ impl VectorsApi {
                 if q.query_vectors.is_empty() {
                     return Err(ApiError::invalid("query_vectors must not be empty"));
                 }
-                let opts = QueryOpts {
-                    top_k: q.top_k,
-                    n_probes: q.n_probes,
-                    greedy: q.greedy,
-                    filters: q.filters,
-                    include: q.include,
-                };
                 Ok(QueryResponse {
-                    results: QueryResults::Batch(run_query(&ix, q.query_vectors, opts)?),
+                    results: QueryResults::Batch(run_query(&ix, q.query_vectors, q.options)?),
                 })
             }
         })
@@ -620,15 +597,8 @@ impl VectorsApi {
             }
             let dim = q.batch.dimension as usize;
             let queries = flat.chunks_exact(dim).map(<[f32]>::to_vec).collect();
-            let opts = QueryOpts {
-                top_k: q.top_k,
-                n_probes: q.n_probes,
-                greedy: q.greedy,
-                filters: q.filters,
-                include: q.include,
-            };
             Ok(QueryResponse {
-                results: QueryResults::Batch(run_query(&ix, queries, opts)?),
+                results: QueryResults::Batch(run_query(&ix, queries, q.options)?),
             })
         })
         .await
