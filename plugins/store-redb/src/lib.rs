@@ -16,6 +16,9 @@ use sealdb_plugin_api::{
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 
+/// redb page-cache size.
+pub const CACHE_BYTES: usize = 32 << 20;
+
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "sealdb.redb";
 
@@ -39,13 +42,18 @@ impl RedbStore {
 
     /// Open (creating if needed) the database file at `path`.
     pub fn open_file(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                "{} is already open in another process",
-                path.display()
-            )),
-            other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
-        })?;
+        // The server keeps opened indexes decrypted in memory, so redb's page cache would
+        // only duplicate them; a small cache keeps memory proportional to the data once.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                    "{} is already open in another process",
+                    path.display()
+                )),
+                other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
+            })?;
         // Create the table so that readers never see "table does not exist".
         let tx = db.begin_write().map_err(io)?;
         tx.open_table(RECORDS).map_err(io)?;

@@ -131,6 +131,8 @@ pub(crate) struct Data {
     pub dimension: u32,
     pub gen: u32,
     pub trained: bool,
+    /// Calibrated default `n_probes` (0 = use the formula).
+    pub default_probes: u32,
     centroids: Vec<f32>,
     lists: Vec<PostingList>,
     locate: HashMap<String, (u32, u32)>,
@@ -148,23 +150,60 @@ impl Data {
     }
 }
 
-/// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
-pub(crate) fn encode_state(dimension: u32, gen: u32, trained: bool, n_lists: u32) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.u8(1)
-        .u32(dimension)
-        .u32(gen)
-        .u8(trained as u8)
-        .u32(n_lists);
-    w.0
+/// The persisted, mutable facts about an index (the sealed state record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct State {
+    pub dimension: u32,
+    pub gen: u32,
+    pub trained: bool,
+    pub n_lists: u32,
+    /// Default `n_probes` calibrated at training (0 = not calibrated).
+    pub default_probes: u32,
 }
 
-fn decode_state(buf: &[u8]) -> Result<(u32, u32, bool, u32), EngineError> {
-    let mut r = Reader::new(buf, "state record");
-    if r.u8()? != 1 {
-        return Err(EngineError::Corrupt("unknown state record version".into()));
+impl State {
+    /// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(2)
+            .u32(self.dimension)
+            .u32(self.gen)
+            .u8(self.trained as u8)
+            .u32(self.n_lists)
+            .u32(self.default_probes);
+        w.0
     }
-    Ok((r.u32()?, r.u32()?, r.u8()? != 0, r.u32()?))
+
+    /// Reads versions 1 (no calibrated probes) and 2.
+    fn decode(buf: &[u8]) -> Result<Self, EngineError> {
+        let mut r = Reader::new(buf, "state record");
+        let version = r.u8()?;
+        if !(1..=2).contains(&version) {
+            return Err(EngineError::Corrupt("unknown state record version".into()));
+        }
+        Ok(Self {
+            dimension: r.u32()?,
+            gen: r.u32()?,
+            trained: r.u8()? != 0,
+            n_lists: r.u32()?,
+            default_probes: if version >= 2 { r.u32()? } else { 0 },
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn decode_for_test(buf: &[u8]) -> Result<Self, EngineError> {
+        Self::decode(buf)
+    }
+
+    pub(crate) fn fresh(dimension: u32) -> Self {
+        Self {
+            dimension,
+            gen: 0,
+            trained: false,
+            n_lists: 1,
+            default_probes: 0,
+        }
+    }
 }
 
 /// How a presented KEK is verified: by unwrapping the stored wrapped DEK with it (one
@@ -317,14 +356,22 @@ impl Index {
         declared_dim: u32,
     ) -> Result<Data, EngineError> {
         let sk = fmt::state_key(id);
-        let (dimension, gen, trained, n_lists) = match store.get(&sk)? {
-            Some(sealed) => decode_state(&keys.open(&fmt::aad(&sk), &sealed).map_err(corrupt)?)?,
-            None => (declared_dim, 0, false, 1),
+        let st = match store.get(&sk)? {
+            Some(sealed) => State::decode(&keys.open(&fmt::aad(&sk), &sealed).map_err(corrupt)?)?,
+            None => State::fresh(declared_dim),
         };
+        let State {
+            dimension,
+            gen,
+            trained,
+            n_lists,
+            default_probes,
+        } = st;
         let mut data = Data {
             dimension,
             gen,
             trained,
+            default_probes,
             lists: vec![PostingList::default(); n_lists.max(1) as usize],
             ..Data::default()
         };
@@ -526,17 +573,20 @@ impl Index {
                     .or_default()
                     .push(it.id.clone(), &stored, meta);
                 locate.push((it.id.clone(), (list, bno)));
-                let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
                 match &it.contents {
                     Some(c) if !c.is_empty() => {
+                        let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
                         let mut w = Writer::with_capacity(8 + it.id.len() + c.len());
                         w.u8(1).bytes(it.id.as_bytes()).bytes(c.as_bytes());
                         let sealed = self.keys.seal(&fmt::aad(&ik), &w.0);
                         batch.put(ik, sealed);
                     }
-                    _ => {
-                        batch.delete(ik);
+                    // An overwrite without contents drops the old contents; a new item has
+                    // no item record to drop.
+                    _ if d.locate.contains_key(&it.id) => {
+                        batch.delete(fmt::item_key(&self.id, &self.keys.id_locator(&it.id)));
                     }
+                    _ => {}
                 }
             }
             let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
@@ -558,8 +608,14 @@ impl Index {
             }
             if dimension != d.dimension {
                 let sk = fmt::state_key(&self.id);
-                let st = encode_state(dimension, d.gen, d.trained, d.n_lists() as u32);
-                batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st));
+                let st = State {
+                    dimension,
+                    gen: d.gen,
+                    trained: d.trained,
+                    n_lists: d.n_lists() as u32,
+                    default_probes: d.default_probes,
+                };
+                batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
             }
             plan = UpsertPlan {
                 touched,
@@ -778,9 +834,13 @@ impl Index {
             (0..d.lists.len()).collect()
         };
         let mut probes = if d.trained && d.lists.len() > 1 {
-            p.n_probes
-                .filter(|&n| n > 0)
-                .unwrap_or_else(|| auto_n_probes(d.lists.len()))
+            p.n_probes.filter(|&n| n > 0).unwrap_or_else(|| {
+                if d.default_probes > 0 {
+                    d.default_probes as usize
+                } else {
+                    auto_n_probes(d.lists.len())
+                }
+            })
         } else {
             order.len()
         };
@@ -920,7 +980,7 @@ impl Index {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let cap = Self::block_cap(dim, self.config.precision);
-        let (lists, locate, gen, old_gen) = {
+        let (lists, locate, gen, old_gen, probes) = {
             let d = self.data.read();
             let mut ids = Vec::with_capacity(d.count());
             let mut vecs = Vec::with_capacity(d.count() * dim);
@@ -932,15 +992,18 @@ impl Index {
                     metas.extend(blk.meta.iter().cloned());
                 }
             }
-            let labels = if self.config.metric.is_angular() {
-                let normed: Vec<f32> = vecs
+            let normed: Vec<f32>;
+            let space: &[f32] = if self.config.metric.is_angular() {
+                normed = vecs
                     .chunks_exact(dim)
                     .flat_map(distance::normalized)
                     .collect();
-                kmeans::assign(&normed, dim, &centroids, batch).0
+                &normed
             } else {
-                kmeans::assign(&vecs, dim, &centroids, batch).0
+                &vecs
             };
+            let labels = kmeans::assign(space, dim, &centroids, batch).0;
+            let probes = calibrate_probes(space, dim, &labels, &centroids);
             let gen = d.gen + 1;
             let mut lists = vec![PostingList::default(); k];
             let mut building: Vec<Block> = vec![Block::default(); k];
@@ -962,7 +1025,7 @@ impl Index {
                     lists[l].blocks.insert(bno, Arc::new(blk));
                 }
             }
-            (lists, locate, gen, d.gen)
+            (lists, locate, gen, d.gen, probes)
         };
         let mut batch = WriteBatch::new();
         let jobs: Vec<(u32, u32, &Arc<Block>)> = lists
@@ -984,22 +1047,82 @@ impl Index {
         Precision::F32.encode_into(&centroids, &mut raw);
         batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
         let sk = fmt::state_key(&self.id);
-        batch.put(
-            sk.clone(),
-            self.keys.seal(
-                &fmt::aad(&sk),
-                &encode_state(dim as u32, gen, true, k as u32),
-            ),
-        );
+        let st = State {
+            dimension: dim as u32,
+            gen,
+            trained: true,
+            n_lists: k as u32,
+            default_probes: probes as u32,
+        };
+        batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
         self.store.write(batch)?;
         let mut d = self.data.write();
         d.gen = gen;
         d.trained = true;
+        d.default_probes = probes as u32;
         d.centroids = centroids;
         d.lists = lists;
         d.locate = locate;
         Ok(k)
     }
+}
+
+/// Recall@10 the default `n_probes` must reach on the calibration sample.
+const CALIBRATION_RECALL: f64 = 0.99;
+
+/// Choose the default `n_probes`: the fewest lists that give recall@10 >= 0.99 when stored
+/// vectors themselves are the queries (their own entry excluded). For each sampled point we
+/// rank lists by centroid distance and note the rank of each true neighbour's list; recall at
+/// `p` probes is the share of neighbours whose list rank is below `p`.
+fn calibrate_probes(space: &[f32], dim: usize, labels: &[u32], centroids: &[f32]) -> usize {
+    let n = labels.len();
+    let k = centroids.len() / dim;
+    if k <= 1 || n < 50 {
+        return k.max(1);
+    }
+    let nq = 200.min(n / 4);
+    let step = n / nq;
+    let picks: Vec<usize> = (0..nq).map(|i| i * step + step / 2).collect();
+    let queries: Vec<f32> = picks
+        .iter()
+        .flat_map(|&i| space[i * dim..(i + 1) * dim].iter().copied())
+        .collect();
+    let truth = kmeans::exact_neighbours(space, dim, &queries, &picks, 10);
+    // hist[r] = number of true neighbours whose list has rank r for their query.
+    let hist: Vec<usize> = queries
+        .par_chunks(dim)
+        .zip(&truth)
+        .map(|(q, nbrs)| {
+            let mut cd: Vec<(f32, u32)> = centroids
+                .chunks_exact(dim)
+                .enumerate()
+                .map(|(i, c)| (distance::l2sq(q, c), i as u32))
+                .collect();
+            cd.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+            let mut rank = vec![0usize; k];
+            for (r, (_, c)) in cd.iter().enumerate() {
+                rank[*c as usize] = r;
+            }
+            let mut h = vec![0usize; k];
+            for &j in nbrs {
+                h[rank[labels[j] as usize]] += 1;
+            }
+            h
+        })
+        .reduce(
+            || vec![0usize; k],
+            |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+        );
+    let total: usize = hist.iter().sum();
+    let mut covered = 0usize;
+    for (r, h) in hist.iter().enumerate() {
+        covered += h;
+        if covered as f64 >= CALIBRATION_RECALL * total as f64 {
+            // One extra list of headroom for queries that are not stored points.
+            return (r + 2).min(k);
+        }
+    }
+    k
 }
 
 #[derive(PartialEq)]

@@ -23,19 +23,39 @@ pub struct KMeansParams {
 }
 
 /// Index of the nearest centroid to every row of `data`, and the summed squared distance.
+///
+/// Distances come from one matrix product per chunk of `batch` rows:
+/// `|x - c|^2 = |x|^2 - 2 x.c + |c|^2`, which runs at GEMM speed instead of one kernel call
+/// per (point, centroid) pair. Chunks run in parallel.
 pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec<u32>, f64) {
-    let batch = batch.max(1);
+    let batch = batch.clamp(64, 8192);
+    let k = centroids.len() / dim.max(1);
+    let cview = ndarray::ArrayView2::from_shape((k, dim), centroids).expect("k x dim centroids");
+    let c_norms: Vec<f32> = centroids
+        .chunks_exact(dim)
+        .map(|c| super::distance::dot(c, c))
+        .collect();
     let parts: Vec<(Vec<u32>, f64)> = data
         .par_chunks(batch * dim)
         .map(|chunk| {
-            let mut out = Vec::with_capacity(chunk.len() / dim);
+            let m = chunk.len() / dim;
+            let x = ndarray::ArrayView2::from_shape((m, dim), chunk).expect("m x dim points");
+            let dots = x.dot(&cview.t());
+            let mut labels = Vec::with_capacity(m);
             let mut obj = 0f64;
-            for row in chunk.chunks_exact(dim) {
-                let (best, d) = nearest(row, centroids, dim);
-                out.push(best as u32);
-                obj += d as f64;
+            for (row, drow) in chunk.chunks_exact(dim).zip(dots.rows()) {
+                let x_norm = super::distance::dot(row, row);
+                let mut best = (0usize, f32::INFINITY);
+                for (c, (&d, &cn)) in drow.iter().zip(&c_norms).enumerate() {
+                    let v = cn - 2.0 * d;
+                    if v < best.1 {
+                        best = (c, v);
+                    }
+                }
+                labels.push(best.0 as u32);
+                obj += (best.1 + x_norm).max(0.0) as f64;
             }
-            (out, obj)
+            (labels, obj)
         })
         .collect();
     let mut all = Vec::with_capacity(data.len() / dim.max(1));
@@ -45,6 +65,63 @@ pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec
         obj += o;
     }
     (all, obj)
+}
+
+/// The `k` nearest rows of `data` to each row of `queries` (squared L2), excluding the row
+/// whose index is `exclude[q]`, computed in GEMM chunks so memory stays bounded.
+pub fn exact_neighbours(
+    data: &[f32],
+    dim: usize,
+    queries: &[f32],
+    exclude: &[usize],
+    k: usize,
+) -> Vec<Vec<usize>> {
+    const CHUNK: usize = 16_384;
+    let nq = queries.len() / dim;
+    let qview = ndarray::ArrayView2::from_shape((nq, dim), queries).expect("nq x dim queries");
+    let q_norms: Vec<f32> = queries
+        .chunks_exact(dim)
+        .map(|q| super::distance::dot(q, q))
+        .collect();
+    let partial: Vec<Vec<Vec<(f32, usize)>>> = data
+        .par_chunks(CHUNK * dim)
+        .enumerate()
+        .map(|(ci, chunk)| {
+            let m = chunk.len() / dim;
+            let x = ndarray::ArrayView2::from_shape((m, dim), chunk).expect("m x dim");
+            let x_norms: Vec<f32> = chunk
+                .chunks_exact(dim)
+                .map(|r| super::distance::dot(r, r))
+                .collect();
+            let dots = qview.dot(&x.t());
+            (0..nq)
+                .map(|qi| {
+                    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+                    for (j, (&d, &xn)) in dots.row(qi).iter().zip(&x_norms).enumerate() {
+                        let idx = ci * CHUNK + j;
+                        if idx == exclude[qi] {
+                            continue;
+                        }
+                        let dist = q_norms[qi] + xn - 2.0 * d;
+                        if best.len() < k || dist < best[best.len() - 1].0 {
+                            let pos = best.partition_point(|b| b.0 <= dist);
+                            best.insert(pos, (dist, idx));
+                            best.truncate(k);
+                        }
+                    }
+                    best
+                })
+                .collect()
+        })
+        .collect();
+    (0..nq)
+        .map(|qi| {
+            let mut all: Vec<(f32, usize)> =
+                partial.iter().flat_map(|p| p[qi].iter().copied()).collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0));
+            all.into_iter().take(k).map(|(_, i)| i).collect()
+        })
+        .collect()
 }
 
 /// Nearest centroid (index, squared distance).

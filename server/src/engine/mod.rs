@@ -341,7 +341,7 @@ impl Engine {
             sealed_config: keys.seal(&config_aad(&mk, &id), &spec.config.encode()),
         };
         let sk = format::state_key(&id);
-        let state = index::encode_state(spec.config.declared_dimension, 0, false, 1);
+        let state = index::State::fresh(spec.config.declared_dimension).encode();
         let mut batch = WriteBatch::new();
         // Clear any leftovers of an id collision (never expected) before writing.
         batch

@@ -286,3 +286,28 @@ fn names_are_validated() {
     assert!(validate_name("a\nb").is_err());
     assert!(validate_name(&"x".repeat(256)).is_err());
 }
+
+#[test]
+fn state_record_v1_still_reads() {
+    // A version-1 state record, byte by byte (docs/FORMAT.md).
+    let mut v1 = vec![1u8];
+    v1.extend_from_slice(&128u32.to_le_bytes());
+    v1.extend_from_slice(&3u32.to_le_bytes());
+    v1.push(1);
+    v1.extend_from_slice(&256u32.to_le_bytes());
+    let st = index::State::decode_for_test(&v1).unwrap();
+    assert_eq!(
+        (
+            st.dimension,
+            st.gen,
+            st.trained,
+            st.n_lists,
+            st.default_probes
+        ),
+        (128, 3, true, 256, 0)
+    );
+    let v2 = st.encode();
+    assert_eq!(v2[0], 2);
+    assert_eq!(index::State::decode_for_test(&v2).unwrap(), st);
+    assert!(index::State::decode_for_test(&[9u8]).is_err());
+}

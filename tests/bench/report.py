@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Print a Markdown table of ours vs the original from compare.sh's JSON lines, as ratios."""
+import json
+import sys
+
+# metric, label, higher is better
+ROWS = [
+    ("upsert_json_vps", "upsert JSON vectors/s", True),
+    ("upsert_binary_vps", "upsert binary vectors/s", True),
+    ("train_s", "explicit train s", False),
+    ("single_p50_ms", "single query p50 ms", False),
+    ("single_p99_ms", "single query p99 ms", False),
+    ("single_qps", "sequential QPS", True),
+    ("concurrent4_qps", "4-client QPS", True),
+    ("batch100_qps", "batch-100 QPS", True),
+    ("recall_at_10", "recall@10", True),
+    ("peak_rss_mb", "peak RSS MB", False),
+]
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:,.0f}"
+
+
+def main(path):
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    by = {}
+    for r in rows:
+        by.setdefault(r["scenario"], {})[r["server"]] = r
+    for scen, servers in by.items():
+        ours, orig = servers.get("sealdb"), servers.get("original")
+        print(f"\n### {scen}\n")
+        print("| metric | SealDB | original | ratio (better = >1) |")
+        print("|---|---|---|---|")
+        for key, label, higher in ROWS:
+            a = ours.get(key) if ours else None
+            b = orig.get(key) if orig else None
+            ratio = "-"
+            if a and b:
+                ratio = f"{(a / b if higher else b / a):.2f}x"
+            print(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio} |")
+        if ours and orig and ours.get("probe_sweep") and orig.get("probe_sweep"):
+            print("\nn_probes sweep (recall@10 / p50 ms):\n")
+            print("| n_probes | SealDB | original |")
+            print("|---|---|---|")
+            for a, b in zip(ours["probe_sweep"], orig["probe_sweep"]):
+                print(f"| {a['n_probes']} | {a['recall_at_10']:.3f} / {a['p50_ms']:.2f} | "
+                      f"{b['recall_at_10']:.3f} / {b['p50_ms']:.2f} |")
+            for target in (0.9, 0.95, 0.99):
+                fa = next((s for s in ours["probe_sweep"] if s["recall_at_10"] >= target), None)
+                fb = next((s for s in orig["probe_sweep"] if s["recall_at_10"] >= target), None)
+                if fa and fb:
+                    print(f"\nat recall >= {target}: SealDB {fa['p50_ms']:.2f} ms (n_probes {fa['n_probes']}), "
+                          f"original {fb['p50_ms']:.2f} ms (n_probes {fb['n_probes']}): "
+                          f"{fb['p50_ms'] / fa['p50_ms']:.1f}x")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
