@@ -23,25 +23,23 @@ cargo build --release --bin sealdb
 
 wait_up() { for _ in $(seq 1 300); do curl -sf "$1/v1/health" >/dev/null && return 0; sleep 0.2; done; echo "server at $1 did not start" >&2; return 1; }
 
-run_one() { # label port cmd...
-  local label=$1 port=$2; shift 2
+run_one() { # label port scenario cmd...   (a fresh server and data dir per scenario)
+  local label=$1 port=$2 scen=$3; shift 3
   local data; data=$(mktemp -d)
   ( cd "$data" && exec env -i PATH="$PATH" HOME="$data" TMPDIR="$data" PORT="$port" \
       CYBORGDB_DB_TYPE=disk CYBORGDB_DISK_PATH="$data/db" CYBORGDB_SERVICE_ROOT_KEY="$ROOT_KEY" \
       AUTO_TRAIN_DISABLED=true "$@" ) > "$data/server.log" 2>&1 &
   local pid=$!
   wait_up "http://127.0.0.1:$port"
-  local spid; spid=$(pgrep -P "$pid" -n || echo "$pid")
-  [ -d "/proc/$spid" ] || spid=$pid
-  for s in "${SCENARIOS[@]}"; do
-    local sweep=(); [[ $s == hard-* ]] && sweep=(--sweep-probes "$SWEEP")
-    "$VENV/bin/python" tests/bench/bench.py --url "http://127.0.0.1:$port" --api-key "$ROOT_KEY" \
-      --scenario "$s" --label "$label" --pid "$pid" "${sweep[@]}" | tee -a "$OUT"
-  done
+  local sweep=(); [[ $scen == hard-* ]] && sweep=(--sweep-probes "$SWEEP")
+  "$VENV/bin/python" tests/bench/bench.py --url "http://127.0.0.1:$port" --api-key "$ROOT_KEY" \
+    --scenario "$scen" --label "$label" --pid "$pid" "${sweep[@]}" | tee -a "$OUT"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   rm -rf "$data"
 }
 
-run_one sealdb 18801 "$ROOT/target/release/sealdb"
-run_one original 18802 "$VENV/bin/python" "$ROOT/tests/bench/launch_original.py"
+for s in "${SCENARIOS[@]}"; do
+  run_one sealdb 18801 "$s" "$ROOT/target/release/sealdb"
+  run_one original 18802 "$s" "$VENV/bin/python" "$ROOT/tests/bench/launch_original.py"
+done
 "$VENV/bin/python" tests/bench/report.py "$OUT"

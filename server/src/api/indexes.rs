@@ -95,7 +95,7 @@ pub struct TrainRequest {
     pub n_lists: Option<i64>,
     /// Points per parallel work unit during k-means (default 2048).
     pub batch_size: Option<i64>,
-    /// Maximum k-means iterations (default 100).
+    /// Maximum k-means iterations (default 25).
     pub max_iters: Option<i64>,
     /// Stop when the k-means objective improves by less than this fraction (default 1e-6).
     pub tolerance: Option<f64>,

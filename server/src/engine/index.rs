@@ -22,6 +22,10 @@ use super::kmeans::{self, KMeansParams};
 use super::{EngineError, IndexConfig, Precision};
 use crate::keys::{self, Dek, IndexKeys, Kek};
 
+/// k-means iterations when the request does not say: the objective rarely improves after
+/// this many (FAISS uses the same default); `max_iters` in the request overrides it.
+const DEFAULT_MAX_ITERS: usize = 25;
+
 /// Target plaintext size of one posting-list block.
 const BLOCK_BYTES: usize = 64 * 1024;
 
@@ -123,6 +127,12 @@ impl Block {
 #[derive(Clone, Default)]
 pub(crate) struct PostingList {
     blocks: BTreeMap<u32, Arc<Block>>,
+}
+
+impl PostingList {
+    fn len(&self) -> usize {
+        self.blocks.values().map(|b| b.len()).sum()
+    }
 }
 
 /// Everything about the index that changes, as held in memory.
@@ -793,10 +803,15 @@ impl Index {
             if d.count() == 0 {
                 return Ok(queries.iter().map(|_| Vec::new()).collect());
             }
-            queries
-                .par_iter()
-                .map(|q| self.search_one(&d, q, p))
-                .collect::<Vec<_>>()
+            if queries.len() == 1 {
+                // No fork/join for one query: rayon's wake-up costs more than a small probe.
+                vec![self.search_one(&d, &queries[0], p)]
+            } else {
+                queries
+                    .par_iter()
+                    .map(|q| self.search_one(&d, q, p))
+                    .collect::<Vec<_>>()
+            }
         };
         if p.include.contents {
             for hits in &mut results {
@@ -820,20 +835,8 @@ impl Index {
         } else {
             q
         };
-        // Lists in the order to probe them.
-        let order: Vec<usize> = if d.trained && d.lists.len() > 1 {
-            let mut cd: Vec<(f32, usize)> = d
-                .centroids
-                .chunks_exact(dim)
-                .enumerate()
-                .map(|(i, c)| (distance::l2sq(q, c), i))
-                .collect();
-            cd.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-            cd.into_iter().map(|(_, i)| i).collect()
-        } else {
-            (0..d.lists.len()).collect()
-        };
-        let mut probes = if d.trained && d.lists.len() > 1 {
+        let ivf = d.trained && d.lists.len() > 1;
+        let mut probes = if ivf {
             p.n_probes.filter(|&n| n > 0).unwrap_or_else(|| {
                 if d.default_probes > 0 {
                     d.default_probes as usize
@@ -842,43 +845,55 @@ impl Index {
                 }
             })
         } else {
-            order.len()
+            d.lists.len()
         };
         if p.greedy {
             probes = probes.saturating_mul(2);
         }
+        let probes = probes.min(d.lists.len());
+        // Lists in the order to probe them: all centroid distances in one kernel call, then
+        // only the first `probes` are put in order, unless a filter may need to go further.
+        let order: Vec<usize> = if ivf {
+            let mut dists = Vec::with_capacity(d.lists.len());
+            distance::scan(Metric::SquaredEuclidean, q, &d.centroids, &[], &mut dists);
+            let mut cd: Vec<(f32, usize)> = dists.into_iter().zip(0..).collect();
+            let by_dist = |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0);
+            if p.filter.is_none() && probes < cd.len() {
+                cd.select_nth_unstable_by(probes, by_dist);
+                cd.truncate(probes);
+            }
+            cd.sort_unstable_by(by_dist);
+            cd.into_iter().map(|(_, i)| i).collect()
+        } else {
+            (0..d.lists.len()).collect()
+        };
         let k = p.top_k;
-        let mut heap: std::collections::BinaryHeap<Cand> =
-            std::collections::BinaryHeap::with_capacity(k + 1);
-        let mut scores = Vec::new();
-        for (n, &li) in order.iter().enumerate() {
-            // A filtered query keeps probing until it has k matches.
-            if n >= probes && (p.filter.is_none() || heap.len() >= k) {
-                break;
-            }
-            for (&bno, blk) in &d.lists[li].blocks {
-                distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
-                for (pos, &s) in scores.iter().enumerate() {
-                    if heap.len() >= k && s >= heap.peek().map_or(f32::INFINITY, |c| c.score) {
-                        continue;
-                    }
-                    if let Some(f) = &p.filter {
-                        if !f.matches(blk.meta[pos].as_deref()) {
-                            continue;
-                        }
-                    }
-                    heap.push(Cand {
-                        score: s,
-                        list: li as u32,
-                        block: bno,
-                        pos: pos as u32,
-                    });
-                    if heap.len() > k {
-                        heap.pop();
-                    }
+        let probed = &order[..probes.min(order.len())];
+        let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
+        let heap = if p.filter.is_none() && volume >= PARALLEL_SCAN_MIN {
+            // A large unfiltered scan: split the lists across cores, merge the partial top-k.
+            probed
+                .par_iter()
+                .fold(
+                    || TopK::new(k),
+                    |mut top, &li| {
+                        top.scan_list(metric, q, li, &d.lists[li], None);
+                        top
+                    },
+                )
+                .reduce(|| TopK::new(k), TopK::merge)
+        } else {
+            let mut top = TopK::new(k);
+            for (n, &li) in order.iter().enumerate() {
+                // A filtered query keeps probing until it has k matches.
+                if n >= probes && (p.filter.is_none() || top.heap.len() >= k) {
+                    break;
                 }
+                top.scan_list(metric, q, li, &d.lists[li], p.filter.as_ref());
             }
+            top
         }
+        .heap;
         let mut cands = heap.into_vec();
         cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
         cands
@@ -959,7 +974,7 @@ impl Index {
         };
         let params = KMeansParams {
             k,
-            max_iters: p.max_iters.filter(|&x| x > 0).unwrap_or(100),
+            max_iters: p.max_iters.filter(|&x| x > 0).unwrap_or(DEFAULT_MAX_ITERS),
             tolerance: p.tolerance.filter(|t| *t >= 0.0).unwrap_or(1e-6),
             batch_size: p.batch_size.filter(|&x| x > 0).unwrap_or(2048),
             seed,
@@ -1123,6 +1138,73 @@ fn calibrate_probes(space: &[f32], dim: usize, labels: &[u32], centroids: &[f32]
         }
     }
     k
+}
+
+/// Unfiltered queries that scan at least this many vectors use all cores.
+const PARALLEL_SCAN_MIN: usize = 8_192;
+
+/// A bounded max-heap of the best `k` candidates seen so far.
+struct TopK {
+    k: usize,
+    heap: std::collections::BinaryHeap<Cand>,
+    scores: Vec<f32>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            heap: std::collections::BinaryHeap::with_capacity(k + 1),
+            scores: Vec::new(),
+        }
+    }
+
+    fn scan_list(
+        &mut self,
+        metric: Metric,
+        q: &[f32],
+        li: usize,
+        list: &PostingList,
+        filter: Option<&Filter>,
+    ) {
+        let mut scores = std::mem::take(&mut self.scores);
+        for (&bno, blk) in &list.blocks {
+            distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+            for (pos, &s) in scores.iter().enumerate() {
+                if self.heap.len() >= self.k
+                    && s >= self.heap.peek().map_or(f32::INFINITY, |c| c.score)
+                {
+                    continue;
+                }
+                if let Some(f) = filter {
+                    if !f.matches(blk.meta[pos].as_deref()) {
+                        continue;
+                    }
+                }
+                self.push(Cand {
+                    score: s,
+                    list: li as u32,
+                    block: bno,
+                    pos: pos as u32,
+                });
+            }
+        }
+        self.scores = scores;
+    }
+
+    fn push(&mut self, c: Cand) {
+        self.heap.push(c);
+        if self.heap.len() > self.k {
+            self.heap.pop();
+        }
+    }
+
+    fn merge(mut self, other: TopK) -> TopK {
+        for c in other.heap {
+            self.push(c);
+        }
+        self
+    }
 }
 
 #[derive(PartialEq)]

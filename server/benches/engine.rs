@@ -1,0 +1,216 @@
+//! Engine benchmarks (no HTTP): distance kernels, one posting-list probe, and IVF search per
+//! query, single-threaded. Prints one JSON line per measurement.
+//!
+//!     cargo bench -p sealdb-server --bench engine
+//!     cargo bench -p sealdb-server --bench engine -- --data DIR --n-lists 256 --n-probes 1,8,32
+//!
+//! With `--data DIR` it reads `DIR/base.f32` and `DIR/queries.f32` (little-endian float32,
+//! row-major) and `DIR/dim`, as written by `tests/bench/faiss_compare.py`, so our engine and
+//! FAISS IndexIVFFlat run on the very same vectors.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sealdb_server::engine::distance::{self, Metric};
+use sealdb_server::engine::{
+    CreateSpec, Engine, EngineConfig, Include, IndexConfig, NewItem, Precision, SearchParams,
+    TrainParams,
+};
+use sealdb_server::keys::Kek;
+
+fn clustered(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let centres: Vec<f32> = (0..256 * dim)
+        .map(|_| rng.random_range(-3.0..3.0))
+        .collect();
+    let mut out = Vec::with_capacity(n * dim);
+    for _ in 0..n {
+        let c = rng.random_range(0..256);
+        for j in 0..dim {
+            out.push(centres[c * dim + j] + rng.random_range(-1.0..1.0f32));
+        }
+    }
+    out
+}
+
+fn per_iter<F: FnMut()>(reps: usize, mut f: F) -> f64 {
+    f(); // warm
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn kernels() {
+    for dim in [128usize, 384] {
+        let rows = 2048;
+        let data = clustered(rows, dim, 1);
+        let q = &data[..dim];
+        let inv: Vec<f32> = data.chunks_exact(dim).map(distance::inv_norm).collect();
+        let mut out = Vec::new();
+        let s = per_iter(2000, || {
+            distance::scan(
+                Metric::SquaredEuclidean,
+                black_box(q),
+                black_box(&data),
+                &inv,
+                &mut out,
+            );
+            black_box(&out);
+        });
+        let naive = per_iter(200, || {
+            let mut o = Vec::with_capacity(rows);
+            for r in data.chunks_exact(dim) {
+                o.push(r.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>());
+            }
+            black_box(o);
+        });
+        println!(
+            "{{\"bench\":\"l2_scan_cache_resident\",\"dim\":{dim},\"rows\":{rows},\"ns_per_row\":{:.2},\"naive_ns_per_row\":{:.2},\"speedup\":{:.2}}}",
+            s * 1e9 / rows as f64,
+            naive * 1e9 / rows as f64,
+            naive / s
+        );
+    }
+}
+
+fn build(
+    data: &[f32],
+    dim: usize,
+    n_lists: usize,
+) -> (
+    std::sync::Arc<Engine>,
+    std::sync::Arc<sealdb_server::engine::Index>,
+) {
+    let store = std::sync::Arc::new(sealdb_store_memory::MemoryStore::new());
+    let engine = Engine::new(
+        store,
+        EngineConfig {
+            auto_train_min_vectors: usize::MAX,
+            auto_train: false,
+        },
+    );
+    let kek = Kek::random();
+    engine
+        .create(CreateSpec {
+            name: "bench".into(),
+            kek: kek.clone(),
+            config: IndexConfig {
+                metric: Metric::Euclidean,
+                precision: Precision::F32,
+                embedding_model: None,
+                declared_dimension: dim as u32,
+                created_at: 0,
+            },
+        })
+        .expect("create");
+    let ix = engine.open("bench", Some(&kek)).expect("open");
+    for (b, chunk) in data.chunks(dim * 10_000).enumerate() {
+        let items = chunk
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(i, v)| NewItem {
+                id: (b * 10_000 + i).to_string(),
+                vector: v.to_vec(),
+                metadata: None,
+                contents: None,
+            })
+            .collect();
+        ix.upsert(items).expect("upsert");
+    }
+    let t = Instant::now();
+    engine
+        .train_now(
+            &ix,
+            &TrainParams {
+                n_lists: Some(n_lists),
+                ..Default::default()
+            },
+        )
+        .expect("train");
+    eprintln!(
+        "trained {n_lists} lists in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    (engine, ix)
+}
+
+fn search_times(
+    ix: &sealdb_server::engine::Index,
+    queries: &[f32],
+    dim: usize,
+    probes: &[usize],
+    label: &str,
+) {
+    for &p in probes {
+        let params = SearchParams {
+            top_k: 10,
+            n_probes: Some(p),
+            greedy: false,
+            filter: None,
+            include: Include::default(),
+        };
+        let qs: Vec<Vec<f32>> = queries.chunks_exact(dim).map(<[f32]>::to_vec).collect();
+        for q in qs.iter().take(10) {
+            black_box(ix.search(std::slice::from_ref(q), &params).expect("search"));
+        }
+        let t = Instant::now();
+        for q in &qs {
+            black_box(ix.search(std::slice::from_ref(q), &params).expect("search"));
+        }
+        let per = t.elapsed().as_secs_f64() / qs.len() as f64;
+        println!(
+            "{{\"bench\":\"{label}\",\"n_probes\":{p},\"us_per_query\":{:.2}}}",
+            per * 1e6
+        );
+    }
+}
+
+fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let n_lists: usize = arg("--n-lists").map_or(256, |v| v.parse().expect("--n-lists"));
+    let probes: Vec<usize> = arg("--n-probes")
+        .unwrap_or_else(|| "1,4,16,64".into())
+        .split(',')
+        .map(|v| v.parse().expect("--n-probes"))
+        .collect();
+    if let Some(dir) = arg("--data") {
+        let dir = std::path::Path::new(&dir);
+        let dim: usize = std::fs::read_to_string(dir.join("dim"))
+            .expect("dim file")
+            .trim()
+            .parse()
+            .expect("dim");
+        let base = read_f32(&dir.join("base.f32"));
+        let queries = read_f32(&dir.join("queries.f32"));
+        let (_e, ix) = build(&base, dim, n_lists);
+        search_times(&ix, &queries, dim, &probes, "sealdb_ivf_search");
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    kernels();
+    let dim = 128;
+    let base = clustered(100_000, dim, 2);
+    let queries = clustered(200, dim, 3);
+    let (_e, ix) = build(&base, dim, n_lists);
+    // One probe of one posting list (~n/n_lists vectors) is the n_probes=1 row.
+    search_times(&ix, &queries, dim, &probes, "ivf_search_100k_128");
+}
