@@ -388,3 +388,63 @@ def test_memory_backend_and_yaml(make_server, tmp_path):
     s.restart()
     assert name not in Api(s.url).get("/v1/indexes/list")[1]["indexes"]
     assert not (tmp_path / "mem").exists() or not any((tmp_path / "mem").iterdir())
+
+
+def test_default_top_k_is_100_and_greedy_probes_more(api):
+    name, key = create(api, dim=2)
+    items = [{"id": str(i), "vector": [float(i % 30), float(i // 30)]} for i in range(600)]
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [5, 5]})
+    assert st == 200 and len(b["results"]) == 100
+    api.post("/v1/indexes/train", {"index_name": name, "index_key": key, "n_lists": 32})
+
+    def ids(**kw):
+        body = {"index_name": name, "index_key": key, "query_vectors": [14.5, 10], "top_k": 60, **kw}
+        return [r["id"] for r in api.post("/v1/vectors/query", body)[1]["results"]]
+
+    one, two, greedy_one = ids(n_probes=1), ids(n_probes=2), ids(n_probes=1, greedy=True)
+    assert greedy_one == two  # greedy doubles the probes
+    assert len(one) < len(two) <= 60  # ~19 vectors per list: one list cannot fill top_k
+
+
+def test_auto_training_retrains_as_the_index_grows(make_server):
+    s = make_server(env={"AUTO_TRAIN_MIN_VECTORS": "100"}, name="grow")
+    a = Api(s.url)
+    name, key = create(a, dim=2)
+    import time
+
+    def wait_lists(want):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            d = a.post("/v1/indexes/describe", {"index_name": name, "index_key": key})[1]
+            if d["is_trained"] and d["n_lists"] == want:
+                return d
+            time.sleep(0.1)
+        raise AssertionError(f"n_lists never reached {want}: {d}")
+
+    a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                  "items": [{"id": str(i), "vector": [i % 17, i % 5]} for i in range(100)]})
+    wait_lists(8)  # 2**round(log2(sqrt(100)))
+    st, b = a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                          "items": [{"id": f"g{i}", "vector": [i % 19, i % 7]} for i in range(300)]})
+    assert b.get("training_triggered") is True
+    d = wait_lists(16)  # sqrt(400) = 20 -> 16 lists
+    assert d["num_vectors"] == 400
+
+
+def test_logs_never_contain_keys(make_server):
+    s = make_server(env={"CYBORGDB_SERVICE_ROOT_KEY": "root-secret-zz9", "CYBORGDB_SERVICE_LOG_LEVEL": "DEBUG"},
+                    name="logs")
+    a = Api(s.url, "root-secret-zz9")
+    name, key = create(a, dim=2)
+    a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [{"id": "a", "vector": [1, 2]}]})
+    a.post("/v1/indexes/describe", {"index_name": name, "index_key": new_key()})
+    tok = a.post(f"/v1/indexes/{name}/users", {"permissions": ["read"], "index_key": key})[1]["api_key"]
+    a.get(f"/v1/indexes/{name}/users?index_key={key}")
+    Api(s.url, tok).post("/v1/vectors/query", {"index_name": name, "query_vectors": [1, 2]})
+    Api(s.url, "wrong-root-key-123").get("/v1/indexes/list")
+    s.stop()
+    logs = s.logs()
+    assert "request" in logs and "/v1/vectors/upsert" in logs
+    for secret in [key, "root-secret-zz9", tok, tok[7:20], "wrong-root-key-123"]:
+        assert secret not in logs, secret

@@ -140,3 +140,33 @@ def test_every_declared_error_is_an_error_body(specs):
                     assert schema and schema["$ref"].endswith("/ErrorResponseModel"), (path, method, code)
     err = ours["components"]["schemas"]["ErrorResponseModel"]
     assert sorted(err["required"]) == ["detail", "status_code"]
+
+
+def problems_between(theirs, ours):
+    problems = []
+    for path, methods in theirs["paths"].items():
+        for method, op in methods.items():
+            mine = ours["paths"].get(path, {}).get(method)
+            if mine is None:
+                problems.append(f"{method.upper()} {path}: missing")
+                continue
+            tb, ob = body_schema(op), body_schema(mine)
+            if tb is not None and ob is not None:
+                check_schema(f"{method.upper()} {path} request", theirs, tb, ours, ob, problems)
+    return problems
+
+
+def test_checker_catches_a_missing_property_and_a_wrong_type(specs):
+    """The compatibility check itself must be able to fail."""
+    import copy
+    theirs, ours = specs
+    assert problems_between(theirs, ours) == []
+    broken = copy.deepcopy(ours)
+    del broken["components"]["schemas"]["GetRequest"]["properties"]["include"]
+    broken["components"]["schemas"]["DeleteRequest"]["properties"]["ids"] = {"type": "string"}
+    del broken["paths"]["/v1/indexes/train"]
+    found = "\n".join(problems_between(theirs, broken))
+    assert "GetRequest" not in found  # reported by path, not schema name
+    assert "/v1/vectors/get request: property 'include' missing" in found
+    assert "/v1/vectors/delete request.ids" in found
+    assert "POST /v1/indexes/train: missing" in found

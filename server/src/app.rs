@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use poem::http::StatusCode;
 use poem::listener::TcpListener;
-use poem::middleware::Tracing;
 use poem::{EndpointExt, IntoResponse, Response, Route};
 use sealdb_plugin_api::{IndexStore, UserStore};
 
@@ -88,8 +87,26 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
         .at("/v1/openapi.json", spec)
         .nest("/v1/docs", docs)
         .nest("/v1", service)
-        .with(Tracing)
         .catch_all_error(json_error)
+        .around(log_request)
+}
+
+/// One log line per request: method, path, status, latency. Never the query string, headers
+/// or body, which can carry keys (`?index_key=` on the user routes, `X-API-Key`, `index_key`).
+async fn log_request<E: poem::Endpoint>(
+    ep: std::sync::Arc<E>,
+    req: poem::Request,
+) -> poem::Result<Response> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let resp = ep.call(req).await.map(IntoResponse::into_response);
+    let status = match &resp {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    tracing::info!(%method, %path, status = status.as_u16(), ms = started.elapsed().as_secs_f64() * 1e3, "request");
+    resp
 }
 
 /// Run until SIGINT/SIGTERM.

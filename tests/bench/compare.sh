@@ -25,6 +25,9 @@ wait_up() { for _ in $(seq 1 300); do curl -sf "$1/v1/health" >/dev/null && retu
 
 run_one() { # label port scenario cmd...   (a fresh server and data dir per scenario)
   local label=$1 port=$2 scen=$3; shift 3
+  if curl -sf "http://127.0.0.1:$port/v1/health" >/dev/null; then
+    echo "port $port is already serving something; stop it first" >&2; exit 1
+  fi
   local data; data=$(mktemp -d)
   ( cd "$data" && exec env -i PATH="$PATH" HOME="$data" TMPDIR="$data" PORT="$port" \
       CYBORGDB_DB_TYPE=disk CYBORGDB_DISK_PATH="$data/db" CYBORGDB_SERVICE_ROOT_KEY="$ROOT_KEY" \

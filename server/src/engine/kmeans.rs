@@ -28,7 +28,7 @@ pub struct KMeansParams {
 /// `|x - c|^2 = |x|^2 - 2 x.c + |c|^2`, which runs at GEMM speed instead of one kernel call
 /// per (point, centroid) pair. Chunks run in parallel.
 pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec<u32>, f64) {
-    let batch = batch.clamp(64, 8192);
+    let batch = batch.max(1);
     let k = centroids.len() / dim.max(1);
     let cview = ndarray::ArrayView2::from_shape((k, dim), centroids).expect("k x dim centroids");
     let c_norms: Vec<f32> = centroids
