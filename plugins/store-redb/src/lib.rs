@@ -17,7 +17,7 @@ const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 
 /// redb page-cache size.
-pub const CACHE_BYTES: usize = 32 << 20;
+pub const CACHE_BYTES: usize = 8 << 20;
 
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "sealdb.redb";

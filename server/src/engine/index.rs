@@ -26,6 +26,9 @@ use crate::keys::{self, Dek, IndexKeys, Kek};
 /// this many (FAISS uses the same default); `max_iters` in the request overrides it.
 const DEFAULT_MAX_ITERS: usize = 25;
 
+/// Training writes the new generation in store batches of about this size.
+const TRAIN_WRITE_CHUNK_BYTES: usize = 16 << 20;
+
 /// Target plaintext size of one posting-list block.
 const BLOCK_BYTES: usize = 64 * 1024;
 
@@ -995,43 +998,49 @@ impl Index {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let cap = Self::block_cap(dim, self.config.precision);
+        let angular = self.config.metric.is_angular();
         let (lists, locate, gen, old_gen, probes) = {
             let d = self.data.read();
-            let mut ids = Vec::with_capacity(d.count());
-            let mut vecs = Vec::with_capacity(d.count() * dim);
-            let mut metas = Vec::with_capacity(d.count());
-            for pl in &d.lists {
-                for blk in pl.blocks.values() {
-                    ids.extend(blk.ids.iter().cloned());
-                    vecs.extend_from_slice(&blk.vecs);
-                    metas.extend(blk.meta.iter().cloned());
-                }
-            }
-            let normed: Vec<f32>;
-            let space: &[f32] = if self.config.metric.is_angular() {
-                normed = vecs
-                    .chunks_exact(dim)
-                    .flat_map(distance::normalized)
-                    .collect();
-                &normed
-            } else {
-                &vecs
-            };
-            let labels = kmeans::assign(space, dim, &centroids, batch).0;
-            let probes = calibrate_probes(space, dim, &labels, &centroids);
+            // Every existing block is already a contiguous matrix: assign it in place.
+            let blocks: Vec<&Arc<Block>> =
+                d.lists.iter().flat_map(|pl| pl.blocks.values()).collect();
+            let labels: Vec<Vec<u32>> = blocks
+                .par_iter()
+                .map(|b| {
+                    if angular {
+                        let normed: Vec<f32> = b
+                            .vecs
+                            .chunks_exact(dim)
+                            .flat_map(distance::normalized)
+                            .collect();
+                        kmeans::assign(&normed, dim, &centroids, batch).0
+                    } else {
+                        kmeans::assign(&b.vecs, dim, &centroids, batch).0
+                    }
+                })
+                .collect();
+            let chunks: Vec<&[f32]> = blocks.iter().map(|b| b.vecs.as_slice()).collect();
+            let flat_labels: Vec<u32> = labels.iter().flatten().copied().collect();
+            let probes = calibrate_probes(&chunks, dim, angular, &flat_labels, &centroids);
             let gen = d.gen + 1;
             let mut lists = vec![PostingList::default(); k];
             let mut building: Vec<Block> = vec![Block::default(); k];
-            let mut locate = HashMap::with_capacity(ids.len());
-            for (i, (id, meta)) in ids.into_iter().zip(metas).enumerate() {
-                let l = labels[i] as usize;
-                let pl = &mut lists[l];
-                let bno = pl.blocks.len() as u32;
-                locate.insert(id.clone(), (l as u32, bno));
-                building[l].push(id, &vecs[i * dim..(i + 1) * dim], meta);
-                if building[l].len() >= cap {
-                    pl.blocks
-                        .insert(bno, Arc::new(std::mem::take(&mut building[l])));
+            let mut locate = HashMap::with_capacity(d.count());
+            for (blk, labs) in blocks.iter().zip(&labels) {
+                for (pos, &l) in labs.iter().enumerate() {
+                    let l = l as usize;
+                    let pl = &mut lists[l];
+                    let bno = pl.blocks.len() as u32;
+                    locate.insert(blk.ids[pos].clone(), (l as u32, bno));
+                    building[l].push(
+                        blk.ids[pos].clone(),
+                        blk.vector(pos, dim),
+                        blk.meta[pos].clone(),
+                    );
+                    if building[l].len() >= cap {
+                        pl.blocks
+                            .insert(bno, Arc::new(std::mem::take(&mut building[l])));
+                    }
                 }
             }
             for (l, blk) in building.into_iter().enumerate() {
@@ -1042,21 +1051,32 @@ impl Index {
             }
             (lists, locate, gen, d.gen, probes)
         };
-        let mut batch = WriteBatch::new();
+        // Write the new generation in bounded chunks. Nothing refers to it until the state
+        // record is switched in the final batch below, so a crash in between leaves only
+        // unreferenced blocks; the first chunk deletes leftovers of any earlier attempt.
         let jobs: Vec<(u32, u32, &Arc<Block>)> = lists
             .iter()
             .enumerate()
             .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, blk)| (l as u32, b, blk)))
             .collect();
-        let sealed: Vec<(Vec<u8>, Vec<u8>)> = jobs
-            .par_iter()
-            .map(|(l, b, blk)| self.seal_block(gen, *l, *b, blk, dim))
-            .collect();
+        let per_chunk = (TRAIN_WRITE_CHUNK_BYTES / BLOCK_BYTES).max(1);
+        for (i, chunk) in jobs.chunks(per_chunk).enumerate() {
+            let mut batch = WriteBatch::new();
+            if i == 0 {
+                batch.delete_prefix(fmt::list_gen_prefix(&self.id, gen));
+            }
+            let sealed: Vec<(Vec<u8>, Vec<u8>)> = chunk
+                .par_iter()
+                .map(|(l, b, blk)| self.seal_block(gen, *l, *b, blk, dim))
+                .collect();
+            for (k, v) in sealed {
+                batch.put(k, v);
+            }
+            self.store.write(batch)?;
+        }
+        let mut batch = WriteBatch::new();
         batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
         batch.delete(fmt::centroids_key(&self.id, old_gen));
-        for (k, v) in sealed {
-            batch.put(k, v);
-        }
         let ck = fmt::centroids_key(&self.id, gen);
         let mut raw = Vec::with_capacity(centroids.len() * 4);
         Precision::F32.encode_into(&centroids, &mut raw);
@@ -1089,7 +1109,13 @@ const CALIBRATION_RECALL: f64 = 0.99;
 /// vectors themselves are the queries (their own entry excluded). For each sampled point we
 /// rank lists by centroid distance and note the rank of each true neighbour's list; recall at
 /// `p` probes is the share of neighbours whose list rank is below `p`.
-fn calibrate_probes(space: &[f32], dim: usize, labels: &[u32], centroids: &[f32]) -> usize {
+fn calibrate_probes(
+    chunks: &[&[f32]],
+    dim: usize,
+    angular: bool,
+    labels: &[u32],
+    centroids: &[f32],
+) -> usize {
     let n = labels.len();
     let k = centroids.len() / dim;
     if k <= 1 || n < 50 {
@@ -1098,11 +1124,29 @@ fn calibrate_probes(space: &[f32], dim: usize, labels: &[u32], centroids: &[f32]
     let nq = 200.min(n / 4);
     let step = n / nq;
     let picks: Vec<usize> = (0..nq).map(|i| i * step + step / 2).collect();
+    // Row i of the concatenated chunks.
+    let mut starts = Vec::with_capacity(chunks.len());
+    let mut acc = 0usize;
+    for c in chunks {
+        starts.push(acc);
+        acc += c.len() / dim;
+    }
+    let row = |i: usize| {
+        let c = starts.partition_point(|&s| s <= i) - 1;
+        let off = i - starts[c];
+        &chunks[c][off * dim..(off + 1) * dim]
+    };
     let queries: Vec<f32> = picks
         .iter()
-        .flat_map(|&i| space[i * dim..(i + 1) * dim].iter().copied())
+        .flat_map(|&i| {
+            if angular {
+                distance::normalized(row(i))
+            } else {
+                row(i).to_vec()
+            }
+        })
         .collect();
-    let truth = kmeans::exact_neighbours(space, dim, &queries, &picks, 10);
+    let truth = kmeans::exact_neighbours(chunks, dim, angular, &queries, &picks, 10);
     // hist[r] = number of true neighbours whose list has rank r for their query.
     let hist: Vec<usize> = queries
         .par_chunks(dim)

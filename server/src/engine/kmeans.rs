@@ -67,26 +67,43 @@ pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec
     (all, obj)
 }
 
-/// The `k` nearest rows of `data` to each row of `queries` (squared L2), excluding the row
-/// whose index is `exclude[q]`, computed in GEMM chunks so memory stays bounded.
+/// The `k` nearest rows to each row of `queries` (squared L2) among the rows of `chunks` taken
+/// in order (row numbers run across chunks), excluding row `exclude[q]` for query `q`. With
+/// `angular`, rows are normalised first. One GEMM per chunk; memory stays bounded.
 pub fn exact_neighbours(
-    data: &[f32],
+    chunks: &[&[f32]],
     dim: usize,
+    angular: bool,
     queries: &[f32],
     exclude: &[usize],
     k: usize,
 ) -> Vec<Vec<usize>> {
-    const CHUNK: usize = 16_384;
     let nq = queries.len() / dim;
     let qview = ndarray::ArrayView2::from_shape((nq, dim), queries).expect("nq x dim queries");
     let q_norms: Vec<f32> = queries
         .chunks_exact(dim)
         .map(|q| super::distance::dot(q, q))
         .collect();
-    let partial: Vec<Vec<Vec<(f32, usize)>>> = data
-        .par_chunks(CHUNK * dim)
-        .enumerate()
-        .map(|(ci, chunk)| {
+    let mut starts = Vec::with_capacity(chunks.len());
+    let mut acc = 0usize;
+    for c in chunks {
+        starts.push(acc);
+        acc += c.len() / dim;
+    }
+    let partial: Vec<Vec<Vec<(f32, usize)>>> = chunks
+        .par_iter()
+        .zip(&starts)
+        .map(|(chunk, &start)| {
+            let normed: Vec<f32>;
+            let chunk: &[f32] = if angular {
+                normed = chunk
+                    .chunks_exact(dim)
+                    .flat_map(super::distance::normalized)
+                    .collect();
+                &normed
+            } else {
+                chunk
+            };
             let m = chunk.len() / dim;
             let x = ndarray::ArrayView2::from_shape((m, dim), chunk).expect("m x dim");
             let x_norms: Vec<f32> = chunk
@@ -98,7 +115,7 @@ pub fn exact_neighbours(
                 .map(|qi| {
                     let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
                     for (j, (&d, &xn)) in dots.row(qi).iter().zip(&x_norms).enumerate() {
-                        let idx = ci * CHUNK + j;
+                        let idx = start + j;
                         if idx == exclude[qi] {
                             continue;
                         }
