@@ -91,6 +91,7 @@ fn build(
         EngineConfig {
             auto_train_min_vectors: usize::MAX,
             auto_train: false,
+            cache_limit_bytes: None,
         },
     );
     let kek = Kek::random();

@@ -54,6 +54,9 @@ pub fn state(cfg: &Config, stores: Stores) -> Arc<AppState> {
         EngineConfig {
             auto_train_min_vectors: cfg.auto_train_min_vectors,
             auto_train: !cfg.auto_train_disabled,
+            cache_limit_bytes: cfg
+                .index_cache_mb
+                .map(|mb| (mb as usize).saturating_mul(1 << 20)),
         },
     );
     Arc::new(AppState {

@@ -13,7 +13,7 @@ use sealdb_plugin_api::UserStore;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::engine::{Access, Engine, EngineError, Index};
+use crate::engine::{Access, Engine, EngineError, Lease};
 use crate::keys::Kek;
 use crate::users::{Permission, Token, UserError, Users};
 
@@ -168,7 +168,7 @@ impl Auth {
         action: Action,
         name: &str,
         kek: Option<&Kek>,
-    ) -> Result<Arc<Index>, AuthError> {
+    ) -> Result<Lease, AuthError> {
         self.require(p, action)?;
         let Principal::User(token) = p else {
             return Ok(engine.open(name, kek)?);

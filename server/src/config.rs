@@ -73,6 +73,12 @@ pub struct Config {
           num_args = 0..=1, default_missing_value = "true")]
     pub auto_train_disabled: bool,
 
+    /// Memory budget for open (decrypted) indexes in MiB; idle indexes beyond it are dropped,
+    /// least recently used first. 0 = keep nothing between requests (every request decrypts
+    /// its index again; no key material stays in memory). Unset = unlimited.
+    #[arg(long, env = "SEALDB_INDEX_CACHE_MB")]
+    pub index_cache_mb: Option<u64>,
+
     /// Root API key: when set, every route but /v1/health needs X-API-Key.
     #[arg(long, env = "CYBORGDB_SERVICE_ROOT_KEY", hide_env_values = true)]
     pub root_key: Option<String>,
@@ -107,6 +113,7 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("auto_train_disabled", "auto_train_disabled"),
     ("root_key", "cyborgdb_service_root_key"),
     ("api_key", "cyborgdb_api_key"),
+    ("index_cache_mb", "sealdb_index_cache_mb"),
 ];
 
 /// Expand `${VAR}` (must be set) and `${VAR:-default}` in a YAML string.
@@ -257,6 +264,9 @@ impl Config {
                 "auto_train_disabled" => self.auto_train_disabled = parse_bool(v).map_err(bad)?,
                 "root_key" => self.root_key = Some(v.clone()),
                 "api_key" => self.api_key = Some(v.clone()),
+                "index_cache_mb" => {
+                    self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
+                }
                 _ => {}
             }
         }

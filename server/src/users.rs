@@ -383,6 +383,7 @@ mod tests {
             EngineConfig {
                 auto_train_min_vectors: 1 << 30,
                 auto_train: false,
+                cache_limit_bytes: None,
             },
         );
         let kek = Kek::random();

@@ -9,7 +9,7 @@ use poem_openapi::{Object, OpenApi, Tags};
 use super::error::{responses, ApiError};
 use super::{blocking, parse_kek, AppState, Credentials};
 use crate::auth::{Action, Principal};
-use crate::engine::Index;
+use crate::engine::Lease;
 use crate::users::{Permission, Users};
 
 #[derive(Tags)]
@@ -66,7 +66,7 @@ fn open_as_root<'a>(
     creds: &Credentials,
     name: &str,
     key: Option<&str>,
-) -> Result<(&'a Users, Arc<Index>), ApiError> {
+) -> Result<(&'a Users, Lease), ApiError> {
     let p = state.auth.authenticate(creds.key())?;
     state.auth.require(&p, Action::ManageUsers)?;
     debug_assert!(matches!(p, Principal::Root));

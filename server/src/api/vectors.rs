@@ -11,7 +11,7 @@ use super::error::{responses, ApiError};
 use super::{blocking, parse_kek, AppState, Credentials, JsonObject};
 use crate::auth::Action;
 use crate::engine::filter::Filter;
-use crate::engine::{Fetched, Hit, Include, Index, NewItem, SearchParams};
+use crate::engine::{Fetched, Hit, Include, Index, Lease, NewItem, SearchParams};
 
 #[derive(Tags)]
 enum Tag {
@@ -258,7 +258,7 @@ fn open(
     action: Action,
     name: &str,
     key: Option<&str>,
-) -> Result<Arc<Index>, ApiError> {
+) -> Result<Lease, ApiError> {
     let principal = state.auth.authenticate(creds.key())?;
     let kek = parse_kek(key)?;
     Ok(state

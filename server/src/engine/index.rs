@@ -419,6 +419,12 @@ impl Index {
         Ok(data)
     }
 
+    /// Rough memory held by the open index (vectors, norms, ids, metadata, lookup table).
+    pub fn approx_bytes(&self) -> usize {
+        let d = self.data.read();
+        d.count() * (d.dimension as usize * 4 + 96) + d.centroids.len() * 4
+    }
+
     /// The index's data key (for minting RBAC user grants).
     pub(crate) fn dek(&self) -> &Dek {
         &self.dek

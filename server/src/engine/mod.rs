@@ -197,6 +197,8 @@ pub struct EngineConfig {
     /// Start background training once an untrained index holds at least this many vectors.
     pub auto_train_min_vectors: usize,
     pub auto_train: bool,
+    /// Memory budget for open indexes (`None` = unlimited, `Some(0)` = keep nothing).
+    pub cache_limit_bytes: Option<usize>,
 }
 
 /// Key-mode byte of the meta record.
@@ -283,13 +285,99 @@ pub fn validate_name(name: &str) -> Result<(), EngineError> {
 #[derive(Default)]
 struct Slot {
     index: RwLock<Option<Arc<Index>>>,
+    last_used: std::sync::atomic::AtomicU64,
+}
+
+/// The table of open indexes and its memory budget.
+///
+/// An open index holds its DEK, derived keys and decrypted posting lists. With a budget
+/// (`Some(bytes)`), whenever the last user of an index lets go, idle indexes are dropped,
+/// least recently used first, until the open ones fit; `Some(0)` keeps nothing between
+/// requests. An index in use (a request in flight, queued or running training) is never
+/// dropped, so one index never has two live handles.
+#[derive(Default)]
+struct Cache {
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    limit: Option<usize>,
+    tick: std::sync::atomic::AtomicU64,
+}
+
+impl Cache {
+    fn touch(&self, slot: &Slot) {
+        use std::sync::atomic::Ordering::Relaxed;
+        slot.last_used
+            .store(self.tick.fetch_add(1, Relaxed), Relaxed);
+    }
+
+    fn enforce(&self) {
+        let Some(limit) = self.limit else { return };
+        let mut slots = self.slots.lock();
+        let mut loaded: Vec<(String, u64, usize, bool)> = Vec::new();
+        let mut total = 0usize;
+        for (name, slot) in slots.iter() {
+            if let Some(ix) = slot.index.read().as_ref() {
+                let bytes = ix.approx_bytes();
+                total += bytes;
+                let idle = Arc::strong_count(ix) == 1;
+                loaded.push((
+                    name.clone(),
+                    slot.last_used.load(std::sync::atomic::Ordering::Relaxed),
+                    bytes,
+                    idle,
+                ));
+            }
+        }
+        if total <= limit && limit > 0 {
+            return;
+        }
+        loaded.sort_by_key(|l| l.1);
+        for (name, _, bytes, idle) in loaded {
+            if total <= limit && limit > 0 {
+                break;
+            }
+            if !idle {
+                continue;
+            }
+            if let Some(slot) = slots.get(&name) {
+                let mut guard = slot.index.write();
+                if guard.as_ref().is_some_and(|ix| Arc::strong_count(ix) == 1) {
+                    *guard = None;
+                    drop(guard);
+                    slots.remove(&name);
+                    total = total.saturating_sub(bytes);
+                    tracing::debug!(index = %name, "index dropped from memory");
+                }
+            }
+        }
+    }
+}
+
+/// A request's hold on an open index. Dereferences to the index; dropping the last hold lets
+/// the cache budget drop the index from memory.
+pub struct Lease {
+    ix: Option<Arc<Index>>,
+    cache: Arc<Cache>,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Arc<Index>;
+    fn deref(&self) -> &Arc<Index> {
+        self.ix.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        drop(self.ix.take());
+        self.cache.enforce();
+    }
 }
 
 /// The engine: one store, many indexes.
 pub struct Engine {
     store: Arc<dyn IndexStore>,
     config: EngineConfig,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    cache: Arc<Cache>,
     create_lock: Mutex<()>,
     trainer: Arc<Trainer>,
 }
@@ -298,10 +386,13 @@ impl Engine {
     pub fn new(store: Arc<dyn IndexStore>, config: EngineConfig) -> Arc<Self> {
         Arc::new(Self {
             store,
-            config,
-            slots: Mutex::new(HashMap::new()),
+            cache: Arc::new(Cache {
+                limit: config.cache_limit_bytes,
+                ..Cache::default()
+            }),
             create_lock: Mutex::new(()),
             trainer: Trainer::start(),
+            config,
         })
     }
 
@@ -349,23 +440,33 @@ impl Engine {
             .put(sk.clone(), keys.seal(&format::aad(&sk), &state));
         self.store.write(batch)?;
         // A stale slot (e.g. from a deleted index of the same name) must not survive.
-        self.slots.lock().remove(&spec.name);
+        self.cache.slots.lock().remove(&spec.name);
         Ok(())
     }
 
     /// Open an index with the caller's key, verifying it.
-    pub fn open(&self, name: &str, kek: Option<&Kek>) -> Result<Arc<Index>, EngineError> {
+    pub fn open(&self, name: &str, kek: Option<&Kek>) -> Result<Lease, EngineError> {
         self.open_with(name, Access::Kek(kek))
     }
 
     /// Open an index with a key or an RBAC-unwrapped data key, verifying it.
-    pub fn open_with(&self, name: &str, access: Access<'_>) -> Result<Arc<Index>, EngineError> {
+    pub fn open_with(&self, name: &str, access: Access<'_>) -> Result<Lease, EngineError> {
+        let ix = self.open_arc(name, access)?;
+        Ok(Lease {
+            ix: Some(ix),
+            cache: self.cache.clone(),
+        })
+    }
+
+    fn open_arc(&self, name: &str, access: Access<'_>) -> Result<Arc<Index>, EngineError> {
         let slot = self
+            .cache
             .slots
             .lock()
             .entry(name.to_owned())
             .or_default()
             .clone();
+        self.cache.touch(&slot);
         if let Some(ix) = slot.index.read().as_ref() {
             ix.check_access(access)?;
             return Ok(ix.clone());
@@ -383,7 +484,7 @@ impl Engine {
             }
             Err(e) => {
                 drop(guard);
-                let mut slots = self.slots.lock();
+                let mut slots = self.cache.slots.lock();
                 if slots
                     .get(name)
                     .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.index.read().is_none())
@@ -411,7 +512,7 @@ impl Engine {
 
     /// The random id of an index (RBAC grants are bound to it).
     pub fn index_id(&self, name: &str) -> Result<IndexId, EngineError> {
-        if let Some(slot) = self.slots.lock().get(name) {
+        if let Some(slot) = self.cache.slots.lock().get(name) {
             if let Some(ix) = slot.index.read().as_ref() {
                 return Ok(ix.id);
             }
@@ -477,7 +578,7 @@ impl Engine {
 
     /// Delete an index and everything it stores, atomically. Returns the deleted index's id.
     pub fn delete(&self, name: &str, kek: Option<&Kek>) -> Result<IndexId, EngineError> {
-        let ix = self.open(name, kek)?;
+        let ix = self.open_arc(name, Access::Kek(kek))?;
         let _g = self.create_lock.lock();
         let _w = ix.mark_deleted();
         let mut batch = WriteBatch::new();
@@ -492,7 +593,7 @@ impl Engine {
             batch.delete_prefix(format::scoped_prefix(kind, &ix.id));
         }
         let res = self.store.write(batch);
-        self.slots.lock().remove(name);
+        self.cache.slots.lock().remove(name);
         self.trainer.forget(name);
         res?;
         Ok(ix.id)

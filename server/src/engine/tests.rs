@@ -20,6 +20,7 @@ fn engine(store: Arc<dyn IndexStore>) -> Arc<Engine> {
         EngineConfig {
             auto_train_min_vectors: 1_000_000,
             auto_train: false,
+            cache_limit_bytes: None,
         },
     )
 }
@@ -310,4 +311,58 @@ fn state_record_v1_still_reads() {
     assert_eq!(v2[0], 2);
     assert_eq!(index::State::decode_for_test(&v2).unwrap(), st);
     assert!(index::State::decode_for_test(&[9u8]).is_err());
+}
+
+#[test]
+fn cache_budget_zero_keeps_nothing_between_uses() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let e = Engine::new(
+        store,
+        EngineConfig {
+            auto_train_min_vectors: 1_000_000,
+            auto_train: false,
+            cache_limit_bytes: Some(0),
+        },
+    );
+    let kek = Kek::random();
+    e.create(CreateSpec {
+        name: "c".into(),
+        kek: kek.clone(),
+        config: cfg(Metric::Euclidean, Precision::F32, 2),
+    })
+    .unwrap();
+    let a = e.open("c", Some(&kek)).unwrap();
+    a.upsert(vec![item("x", vec![1.0, 2.0], json!({}))])
+        .unwrap();
+    let b = e.open("c", Some(&kek)).unwrap();
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "an index in use is shared, never loaded twice"
+    );
+    let first = Arc::downgrade(&a);
+    drop(a);
+    drop(b);
+    assert!(first.upgrade().is_none(), "released with budget 0");
+    let c = e.open("c", Some(&kek)).unwrap();
+    assert_eq!(c.list_ids(), ["x"]);
+    assert!(matches!(
+        e.open("c", Some(&Kek::random())),
+        Err(EngineError::WrongKey(_))
+    ));
+}
+
+#[test]
+fn unlimited_cache_keeps_indexes_open() {
+    let e = engine(Arc::new(MemoryStore::new()));
+    let kek = Kek::random();
+    e.create(CreateSpec {
+        name: "c".into(),
+        kek: kek.clone(),
+        config: cfg(Metric::Euclidean, Precision::F32, 2),
+    })
+    .unwrap();
+    let a = e.open("c", Some(&kek)).unwrap();
+    let w = Arc::downgrade(&a);
+    drop(a);
+    assert!(w.upgrade().is_some());
 }
