@@ -15,8 +15,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sealdb_server::engine::distance::{self, Metric};
 use sealdb_server::engine::{
-    CreateSpec, Engine, EngineConfig, Include, IndexConfig, NewItem, Precision, SearchParams,
-    TrainParams,
+    CreateSpec, Engine, EngineConfig, Include, IndexConfig, Lease, NewItem, Precision,
+    SearchParams, TrainParams,
 };
 use sealdb_server::keys::Kek;
 
@@ -77,14 +77,7 @@ fn kernels() {
     }
 }
 
-fn build(
-    data: &[f32],
-    dim: usize,
-    n_lists: usize,
-) -> (
-    std::sync::Arc<Engine>,
-    std::sync::Arc<sealdb_server::engine::Index>,
-) {
+fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, Lease) {
     let store = std::sync::Arc::new(sealdb_store_memory::MemoryStore::new());
     let engine = Engine::new(
         store,
