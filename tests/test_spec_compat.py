@@ -101,32 +101,7 @@ def specs(server):
 
 def test_every_path_method_and_property_is_compatible(specs):
     theirs, ours = specs
-    problems = []
-    for path, methods in theirs["paths"].items():
-        for method, op in methods.items():
-            mine = ours["paths"].get(path, {}).get(method)
-            if mine is None:
-                problems.append(f"{method.upper()} {path}: missing")
-                continue
-            tb, ob = body_schema(op), body_schema(mine)
-            if tb is not None:
-                if ob is None:
-                    problems.append(f"{method.upper()} {path}: request body missing")
-                else:
-                    check_schema(f"{method.upper()} {path} request", theirs, tb, ours, ob, problems)
-            t_params = {(p["name"].lower(), p["in"]) for p in op.get("parameters", [])}
-            o_params = {(p["name"].lower(), p["in"]) for p in mine.get("parameters", [])}
-            for p in t_params - o_params:
-                problems.append(f"{method.upper()} {path}: parameter {p} missing")
-            for code in op.get("responses", {}):
-                if not code.startswith("2"):
-                    continue
-                if code not in mine.get("responses", {}):
-                    problems.append(f"{method.upper()} {path}: response {code} missing")
-                    continue
-                ts, os_ = response_schema(op, code), response_schema(mine, code)
-                if ts is not None and os_ is not None:
-                    check_schema(f"{method.upper()} {path} {code}", theirs, ts, ours, os_, problems)
+    problems = problems_between(theirs, ours)
     assert not problems, "\n".join(problems)
 
 
@@ -143,16 +118,35 @@ def test_every_declared_error_is_an_error_body(specs):
 
 
 def problems_between(theirs, ours):
+    """Everything of `theirs` (paths, methods, request bodies, parameters, 2xx bodies) that
+    `ours` lacks or types incompatibly."""
     problems = []
     for path, methods in theirs["paths"].items():
         for method, op in methods.items():
+            where = f"{method.upper()} {path}"
             mine = ours["paths"].get(path, {}).get(method)
             if mine is None:
-                problems.append(f"{method.upper()} {path}: missing")
+                problems.append(f"{where}: missing")
                 continue
             tb, ob = body_schema(op), body_schema(mine)
-            if tb is not None and ob is not None:
-                check_schema(f"{method.upper()} {path} request", theirs, tb, ours, ob, problems)
+            if tb is not None:
+                if ob is None:
+                    problems.append(f"{where}: request body missing")
+                else:
+                    check_schema(f"{where} request", theirs, tb, ours, ob, problems)
+            t_params = {(p["name"].lower(), p["in"]) for p in op.get("parameters", [])}
+            o_params = {(p["name"].lower(), p["in"]) for p in mine.get("parameters", [])}
+            for p in t_params - o_params:
+                problems.append(f"{where}: parameter {p} missing")
+            for code in op.get("responses", {}):
+                if not code.startswith("2"):
+                    continue
+                if code not in mine.get("responses", {}):
+                    problems.append(f"{where}: response {code} missing")
+                    continue
+                ts, os_ = response_schema(op, code), response_schema(mine, code)
+                if ts is not None and os_ is not None:
+                    check_schema(f"{where} {code}", theirs, ts, ours, os_, problems)
     return problems
 
 

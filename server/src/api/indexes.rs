@@ -6,7 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{Enum, Object, OpenApi, Tags};
 
 use super::error::{responses, ApiError};
-use super::{blocking, parse_kek, AppState, Credentials, SuccessResponse};
+use super::{blocking, parse_kek, AppState, Credentials, IndexRef, SuccessResponse};
 use crate::auth::Action;
 use crate::engine::{CreateSpec, IndexConfig, Metric, Precision, TrainParams};
 
@@ -58,9 +58,8 @@ pub struct CreateIndexRequest {
 #[derive(Object, Debug)]
 #[oai(rename = "IndexOperationRequest")]
 pub struct IndexOperationRequest {
-    pub index_name: String,
-    /// 64 hex characters; required for indexes created with `index_key`.
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
 }
 
 /// What describe reports.
@@ -89,8 +88,8 @@ pub struct IndexInfo {
 #[derive(Object, Debug)]
 #[oai(rename = "TrainRequest")]
 pub struct TrainRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     /// Number of lists; absent or 0 = a power of two near sqrt(number of vectors).
     pub n_lists: Option<i64>,
     /// Points per parallel work unit during k-means (default 2048).
@@ -291,12 +290,12 @@ impl IndexesApi {
         blocking(move || {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
-            let kek = parse_kek(req.index_key.as_deref())?;
+            let kek = parse_kek(req.index.index_key.as_deref())?;
             let ix = state.auth.open_index(
                 &state.engine,
                 &p,
                 Action::Read,
-                &req.index_name,
+                &req.index.index_name,
                 kek.as_ref(),
             )?;
             let info = state.engine.describe(&ix);
@@ -332,18 +331,18 @@ impl IndexesApi {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
             state.auth.require(&p, Action::Admin)?;
-            let kek = parse_kek(req.index_key.as_deref())?;
-            let id = state.engine.delete(&req.index_name, kek.as_ref())?;
+            let kek = parse_kek(req.index.index_key.as_deref())?;
+            let id = state.engine.delete(&req.index.index_name, kek.as_ref())?;
             if let Some(users) = state.auth.users() {
                 // The index is gone and its grants are useless, but erase them anyway.
                 if let Err(e) = users.delete_index(&id) {
-                    tracing::warn!(index = %req.index_name, error = %e, "could not erase the users of a deleted index");
+                    tracing::warn!(index = %req.index.index_name, error = %e, "could not erase the users of a deleted index");
                 }
             }
-            tracing::info!(index = %req.index_name, "index deleted");
+            tracing::info!(index = %req.index.index_name, "index deleted");
             Ok(SuccessResponse::new(format!(
                 "Index '{}' deleted successfully",
-                req.index_name
+                req.index.index_name
             )))
         })
         .await
@@ -364,7 +363,7 @@ impl IndexesApi {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
             state.auth.require(&p, Action::Admin)?;
-            let kek = parse_kek(req.index_key.as_deref())?;
+            let kek = parse_kek(req.index.index_key.as_deref())?;
             let params = TrainParams {
                 n_lists: positive("n_lists", req.n_lists)?,
                 batch_size: positive("batch_size", req.batch_size)?,
@@ -380,13 +379,13 @@ impl IndexesApi {
             if params.n_lists.is_some_and(|n| n > 65_536) {
                 return Err(ApiError::invalid("n_lists must be at most 65536"));
             }
-            let ix = state.engine.open(&req.index_name, kek.as_ref())?;
+            let ix = state.engine.open(&req.index.index_name, kek.as_ref())?;
             let started = std::time::Instant::now();
             let k = state.engine.train_now(&ix, &params)?;
-            tracing::info!(index = %req.index_name, n_lists = k, secs = started.elapsed().as_secs_f32(), "index trained");
+            tracing::info!(index = %req.index.index_name, n_lists = k, secs = started.elapsed().as_secs_f32(), "index trained");
             Ok(SuccessResponse::new(format!(
                 "Index '{}' trained successfully",
-                req.index_name
+                req.index.index_name
             )))
         })
         .await

@@ -117,6 +117,16 @@ impl ToJSON for JsonObject {
     }
 }
 
+/// The two fields every index-scoped request starts with (flattened into each request).
+#[derive(Object, Debug)]
+#[oai(rename = "IndexRef")]
+pub struct IndexRef {
+    pub index_name: String,
+    /// The index key, 64 hex characters; required for indexes created with `index_key`,
+    /// omitted with a `cdbk_` user key.
+    pub index_key: Option<String>,
+}
+
 /// `{"status": "success", "message": ...}`.
 #[derive(Object, Debug)]
 #[oai(rename = "SuccessResponseModel")]

@@ -8,7 +8,7 @@ use poem_openapi::{Object, OpenApi, Tags, Union};
 use serde_json::Value;
 
 use super::error::{responses, ApiError};
-use super::{blocking, parse_kek, AppState, Credentials, JsonObject};
+use super::{blocking, parse_kek, AppState, Credentials, IndexRef, JsonObject};
 use crate::auth::Action;
 use crate::engine::filter::Filter;
 use crate::engine::{Fetched, Hit, Include, Index, Lease, NewItem, SearchParams};
@@ -36,8 +36,8 @@ pub struct VectorItem {
 #[derive(Object, Debug)]
 #[oai(rename = "UpsertRequest")]
 pub struct UpsertRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     pub items: Vec<VectorItem>,
 }
 
@@ -58,8 +58,8 @@ pub struct BinaryVectorBatch {
 #[derive(Object, Debug)]
 #[oai(rename = "BinaryUpsertRequest")]
 pub struct BinaryUpsertRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     pub batch: BinaryVectorBatch,
 }
 
@@ -83,8 +83,8 @@ pub struct UpsertResult {
 #[derive(Object, Debug)]
 #[oai(rename = "QueryRequest")]
 pub struct QueryRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     /// One query vector.
     pub query_vectors: Option<Vec<f32>>,
     /// Text to embed and search with (indexes with an embedding model only).
@@ -115,8 +115,8 @@ pub struct QueryOptions {
 #[derive(Object, Debug)]
 #[oai(rename = "BatchQueryRequest")]
 pub struct BatchQueryRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     /// Query vectors, one per row.
     pub query_vectors: Vec<Vec<f32>>,
     #[oai(flatten)]
@@ -142,8 +142,8 @@ pub struct BinaryQueryBatch {
 #[derive(Object, Debug)]
 #[oai(rename = "BinaryQueryRequest")]
 pub struct BinaryQueryRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     pub batch: BinaryQueryBatch,
     #[oai(flatten)]
     pub options: QueryOptions,
@@ -183,8 +183,8 @@ pub struct QueryResponse {
 #[derive(Object, Debug)]
 #[oai(rename = "GetRequest")]
 pub struct GetRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     pub ids: Vec<String>,
     /// Fields to return: `vector`, `contents`, `metadata` (default: all three).
     pub include: Option<Vec<String>>,
@@ -212,16 +212,16 @@ pub struct GetResponse {
 #[derive(Object, Debug)]
 #[oai(rename = "DeleteRequest")]
 pub struct DeleteRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
     pub ids: Vec<String>,
 }
 
 #[derive(Object, Debug)]
 #[oai(rename = "ListIDsRequest")]
 pub struct ListIdsRequest {
-    pub index_name: String,
-    pub index_key: Option<String>,
+    #[oai(flatten)]
+    pub index: IndexRef,
 }
 
 #[derive(Object, Debug)]
@@ -256,9 +256,9 @@ fn open(
     state: &AppState,
     creds: &Credentials,
     action: Action,
-    name: &str,
-    key: Option<&str>,
+    index: &IndexRef,
 ) -> Result<Lease, ApiError> {
+    let (name, key) = (index.index_name.as_str(), index.index_key.as_deref());
     let principal = state.auth.authenticate(creds.key())?;
     let kek = parse_kek(key)?;
     Ok(state
@@ -435,13 +435,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            let ix = open(
-                &state,
-                &creds,
-                Action::Write,
-                &req.index_name,
-                req.index_key.as_deref(),
-            )?;
+            let ix = open(&state, &creds, Action::Write, &req.index)?;
             let mut items = Vec::with_capacity(req.items.len());
             for (i, it) in req.items.into_iter().enumerate() {
                 let vector = match it.vector {
@@ -481,7 +475,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            let ix = open(&state, &creds, Action::Write, &req.index_name, req.index_key.as_deref())?;
+            let ix = open(&state, &creds, Action::Write, &req.index)?;
             let b = req.batch;
             let (flat, n) = decode_f32s(&b.vectors_b64, b.dimension, "batch")?;
             if n != b.ids.len() {
@@ -528,13 +522,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || match body.0 {
             QueryBody::Single(q) => {
-                let ix = open(
-                    &state,
-                    &creds,
-                    Action::Read,
-                    &q.index_name,
-                    q.index_key.as_deref(),
-                )?;
+                let ix = open(&state, &creds, Action::Read, &q.index)?;
                 let vector =
                     match (q.query_vectors, q.query_contents) {
                         (Some(v), _) => v,
@@ -549,13 +537,7 @@ impl VectorsApi {
                 })
             }
             QueryBody::Batch(q) => {
-                let ix = open(
-                    &state,
-                    &creds,
-                    Action::Read,
-                    &q.index_name,
-                    q.index_key.as_deref(),
-                )?;
+                let ix = open(&state, &creds, Action::Read, &q.index)?;
                 if q.query_vectors.is_empty() {
                     return Err(ApiError::invalid("query_vectors must not be empty"));
                 }
@@ -584,13 +566,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let q = body.0;
-            let ix = open(
-                &state,
-                &creds,
-                Action::Read,
-                &q.index_name,
-                q.index_key.as_deref(),
-            )?;
+            let ix = open(&state, &creds, Action::Read, &q.index)?;
             let (flat, n) = decode_f32s(&q.batch.vectors_b64, q.batch.dimension, "batch")?;
             if n == 0 {
                 return Err(ApiError::invalid("batch.vectors_b64 holds no vectors"));
@@ -617,13 +593,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            let ix = open(
-                &state,
-                &creds,
-                Action::Read,
-                &req.index_name,
-                req.index_key.as_deref(),
-            )?;
+            let ix = open(&state, &creds, Action::Read, &req.index)?;
             let include = match req.include {
                 None => Include {
                     vector: true,
@@ -669,13 +639,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            let ix = open(
-                &state,
-                &creds,
-                Action::Write,
-                &req.index_name,
-                req.index_key.as_deref(),
-            )?;
+            let ix = open(&state, &creds, Action::Write, &req.index)?;
             let n = ix.delete_ids(&req.ids)?;
             Ok(UpsertResult {
                 status: "success".into(),
@@ -703,13 +667,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            let ix = open(
-                &state,
-                &creds,
-                Action::Read,
-                &req.index_name,
-                req.index_key.as_deref(),
-            )?;
+            let ix = open(&state, &creds, Action::Read, &req.index)?;
             let ids = ix.list_ids();
             Ok(ListIdsResponse {
                 count: ids.len() as i64,
@@ -735,13 +693,7 @@ impl VectorsApi {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
-            let ix = open(
-                &state,
-                &creds,
-                Action::Read,
-                &req.index_name,
-                req.index_key.as_deref(),
-            )?;
+            let ix = open(&state, &creds, Action::Read, &req.index)?;
             let n = state.engine.describe(&ix).num_vectors;
             Ok(NumVectors {
                 status: "success".into(),
