@@ -315,7 +315,12 @@ impl Cache {
         let mut loaded: Vec<(String, u64, usize, bool)> = Vec::new();
         let mut total = 0usize;
         for (name, slot) in slots.iter() {
-            if let Some(ix) = slot.index.read().as_ref() {
+            // A slot being loaded (write-locked) is busy, not idle: skip it rather than wait
+            // for the load while holding the table lock.
+            let Some(guard) = slot.index.try_read() else {
+                continue;
+            };
+            if let Some(ix) = guard.as_ref() {
                 let bytes = ix.approx_bytes();
                 total += bytes;
                 let idle = Arc::strong_count(ix) == 1;
@@ -339,7 +344,9 @@ impl Cache {
                 continue;
             }
             if let Some(slot) = slots.get(&name) {
-                let mut guard = slot.index.write();
+                let Some(mut guard) = slot.index.try_write() else {
+                    continue;
+                };
                 if guard.as_ref().is_some_and(|ix| Arc::strong_count(ix) == 1) {
                     *guard = None;
                     drop(guard);
