@@ -92,7 +92,7 @@ pub struct TrainRequest {
     pub index: IndexRef,
     /// Number of lists; absent or 0 = a power of two near sqrt(number of vectors).
     pub n_lists: Option<i64>,
-    /// Points per parallel work unit during k-means (default 2048).
+    /// Rows per matrix product (and per parallel work unit) in k-means assignment (default 2048).
     pub batch_size: Option<i64>,
     /// Maximum k-means iterations (default 25).
     pub max_iters: Option<i64>,

@@ -24,8 +24,6 @@ use error::ApiError;
 
 /// Version reported by `/v1/health` and in the spec.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The CyborgDB API version this server implements.
-pub const COMPAT_VERSION: &str = "0.18.0";
 
 /// Shared state of all handlers.
 pub struct AppState {

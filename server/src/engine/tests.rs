@@ -15,12 +15,16 @@ fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
 }
 
 fn engine(store: Arc<dyn IndexStore>) -> Arc<Engine> {
+    engine_with_cache(store, None)
+}
+
+fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize>) -> Arc<Engine> {
     Engine::new(
         store,
         EngineConfig {
             auto_train_min_vectors: 1_000_000,
             auto_train: false,
-            cache_limit_bytes: None,
+            cache_limit_bytes,
         },
     )
 }
@@ -315,15 +319,7 @@ fn state_record_v1_still_reads() {
 
 #[test]
 fn cache_budget_zero_keeps_nothing_between_uses() {
-    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
-    let e = Engine::new(
-        store,
-        EngineConfig {
-            auto_train_min_vectors: 1_000_000,
-            auto_train: false,
-            cache_limit_bytes: Some(0),
-        },
-    );
+    let e = engine_with_cache(Arc::new(MemoryStore::new()), Some(0));
     let kek = Kek::random();
     e.create(CreateSpec {
         name: "c".into(),
