@@ -45,18 +45,6 @@ pub enum Principal {
     User(Token),
 }
 
-impl Principal {
-    /// For logs: the kind of key, never the key.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Principal::Open => "none",
-            Principal::Root => "root",
-            Principal::Legacy => "legacy",
-            Principal::User(_) => "user",
-        }
-    }
-}
-
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

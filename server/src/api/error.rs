@@ -53,10 +53,7 @@ impl ApiError {
 
     /// Turn a request-parsing failure from poem-openapi into a 422 with a readable reason.
     pub fn from_parse(err: poem::Error) -> Self {
-        use poem_openapi::error::{AuthorizationError, ContentTypeError, ParseRequestPayloadError};
-        if err.is::<AuthorizationError>() {
-            return Self::unauthorized("API Key is required: send it in the X-API-Key header");
-        }
+        use poem_openapi::error::{ContentTypeError, ParseRequestPayloadError};
         if err.is::<ContentTypeError>() {
             return Self::invalid(format!(
                 "{err}; send the body as JSON with 'Content-Type: application/json'"

@@ -369,12 +369,8 @@ impl QueryOptions {
 /// The f64 whose shortest decimal form is the f32's shortest form, so a stored `0.1f32`
 /// is written as `0.1`, not `0.10000000149011612`.
 fn f32_for_json(x: f32) -> f64 {
-    ryu_like(x).parse().unwrap_or(x as f64)
-}
-
-fn ryu_like(x: f32) -> String {
     // `Display` for f32 prints the shortest string that round-trips to the same f32.
-    format!("{x}")
+    format!("{x}").parse().unwrap_or(x as f64)
 }
 
 fn vec_for_json(v: Vec<f32>) -> Vec<f64> {

@@ -1141,12 +1141,7 @@ fn calibrate_probes(
     let step = n / nq;
     let picks: Vec<usize> = (0..nq).map(|i| i * step + step / 2).collect();
     // Row i of the concatenated chunks.
-    let mut starts = Vec::with_capacity(chunks.len());
-    let mut acc = 0usize;
-    for c in chunks {
-        starts.push(acc);
-        acc += c.len() / dim;
-    }
+    let starts = kmeans::row_starts(chunks, dim);
     let row = |i: usize| {
         let c = starts.partition_point(|&s| s <= i) - 1;
         let off = i - starts[c];

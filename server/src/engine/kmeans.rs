@@ -67,6 +67,19 @@ pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec
     (all, obj)
 }
 
+/// The global number of the first row of each chunk when `chunks` are taken in order.
+pub fn row_starts(chunks: &[&[f32]], dim: usize) -> Vec<usize> {
+    let mut acc = 0usize;
+    chunks
+        .iter()
+        .map(|c| {
+            let start = acc;
+            acc += c.len() / dim;
+            start
+        })
+        .collect()
+}
+
 /// The `k` nearest rows to each row of `queries` (squared L2) among the rows of `chunks` taken
 /// in order (row numbers run across chunks), excluding row `exclude[q]` for query `q`. With
 /// `angular`, rows are normalised first. One GEMM per chunk; memory stays bounded.
@@ -84,12 +97,7 @@ pub fn exact_neighbours(
         .chunks_exact(dim)
         .map(|q| super::distance::dot(q, q))
         .collect();
-    let mut starts = Vec::with_capacity(chunks.len());
-    let mut acc = 0usize;
-    for c in chunks {
-        starts.push(acc);
-        acc += c.len() / dim;
-    }
+    let starts = row_starts(chunks, dim);
     let partial: Vec<Vec<Vec<(f32, usize)>>> = chunks
         .par_iter()
         .zip(&starts)

@@ -407,10 +407,6 @@ impl Engine {
         &self.config
     }
 
-    pub fn store_backend(&self) -> &str {
-        self.store.backend()
-    }
-
     /// Names of all indexes, sorted.
     pub fn list(&self) -> Result<Vec<String>, EngineError> {
         let keys = self.store.scan_keys(&[format::kind::META])?;

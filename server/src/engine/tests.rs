@@ -29,6 +29,15 @@ fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize
     )
 }
 
+fn create(e: &Engine, name: &str, kek: &Kek, config: IndexConfig) {
+    e.create(CreateSpec {
+        name: name.into(),
+        kek: kek.clone(),
+        config,
+    })
+    .unwrap();
+}
+
 fn item(id: &str, v: Vec<f32>, meta: serde_json::Value) -> NewItem {
     NewItem {
         id: id.into(),
@@ -58,12 +67,7 @@ fn create_upsert_query_get_delete_reload() {
     let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
     let kek = Kek::random();
     let e = engine(store.clone());
-    e.create(CreateSpec {
-        name: "a".into(),
-        kek: kek.clone(),
-        config: cfg(Metric::Euclidean, Precision::F32, 0),
-    })
-    .unwrap();
+    create(&e, "a", &kek, cfg(Metric::Euclidean, Precision::F32, 0));
     assert!(matches!(
         e.create(CreateSpec {
             name: "a".into(),
@@ -168,12 +172,7 @@ fn training_keeps_every_vector_and_recall() {
         let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
         let kek = Kek::random();
         let e = engine(store.clone());
-        e.create(CreateSpec {
-            name: "t".into(),
-            kek: kek.clone(),
-            config: cfg(metric, precision, 16),
-        })
-        .unwrap();
+        create(&e, "t", &kek, cfg(metric, precision, 16));
         let ix = e.open("t", Some(&kek)).unwrap();
         let data = clustered(3000, 16, 20, 3);
         let items: Vec<NewItem> = data
@@ -219,12 +218,7 @@ fn too_few_vectors_for_requested_lists() {
     let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
     let kek = Kek::random();
     let e = engine(store);
-    e.create(CreateSpec {
-        name: "s".into(),
-        kek: kek.clone(),
-        config: cfg(Metric::Euclidean, Precision::F32, 2),
-    })
-    .unwrap();
+    create(&e, "s", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
     let ix = e.open("s", Some(&kek)).unwrap();
     assert!(matches!(
         e.train_now(&ix, &TrainParams::default()),
@@ -244,12 +238,7 @@ fn swapped_blobs_fail_to_open() {
     let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
     let kek = Kek::random();
     let e = engine(store.clone());
-    e.create(CreateSpec {
-        name: "a".into(),
-        kek: kek.clone(),
-        config: cfg(Metric::Euclidean, Precision::F32, 2),
-    })
-    .unwrap();
+    create(&e, "a", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
     let ix = e.open("a", Some(&kek)).unwrap();
     ix.upsert(vec![
         item("x", vec![0.0, 0.0], json!({})),
@@ -321,12 +310,7 @@ fn state_record_v1_still_reads() {
 fn cache_budget_zero_keeps_nothing_between_uses() {
     let e = engine_with_cache(Arc::new(MemoryStore::new()), Some(0));
     let kek = Kek::random();
-    e.create(CreateSpec {
-        name: "c".into(),
-        kek: kek.clone(),
-        config: cfg(Metric::Euclidean, Precision::F32, 2),
-    })
-    .unwrap();
+    create(&e, "c", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
     let a = e.open("c", Some(&kek)).unwrap();
     a.upsert(vec![item("x", vec![1.0, 2.0], json!({}))])
         .unwrap();
@@ -351,12 +335,7 @@ fn cache_budget_zero_keeps_nothing_between_uses() {
 fn unlimited_cache_keeps_indexes_open() {
     let e = engine(Arc::new(MemoryStore::new()));
     let kek = Kek::random();
-    e.create(CreateSpec {
-        name: "c".into(),
-        kek: kek.clone(),
-        config: cfg(Metric::Euclidean, Precision::F32, 2),
-    })
-    .unwrap();
+    create(&e, "c", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
     let a = e.open("c", Some(&kek)).unwrap();
     let w = Arc::downgrade(&a);
     drop(a);
