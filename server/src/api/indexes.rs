@@ -54,6 +54,8 @@ pub struct CreateIndexRequest {
     pub storage_precision: Option<StoragePrecision>,
 }
 
+super::wipe_key_on_drop!(CreateIndexRequest);
+
 /// Names an index and carries its key.
 #[derive(Object, Debug)]
 #[oai(rename = "IndexOperationRequest")]
@@ -241,7 +243,7 @@ impl IndexesApi {
                     )))
                 }
             };
-            let model = req.embedding_model.filter(|m| !m.is_empty());
+            let model = req.embedding_model.clone().filter(|m| !m.is_empty());
             if let Some(m) = &model {
                 if let Some(md) = model_dimension(m) {
                     if dimension != 0 && dimension != md {
@@ -252,7 +254,7 @@ impl IndexesApi {
                     dimension = md;
                 }
             }
-            let name = req.index_name;
+            let name = req.index_name.clone();
             state.engine.create(CreateSpec {
                 name: name.clone(),
                 kek,

@@ -125,6 +125,41 @@ pub struct IndexRef {
     pub index_key: Option<String>,
 }
 
+/// Wipe key text carried in a request when the request is dropped. The parsed [`Kek`] wipes
+/// itself; this covers the hex copy in the DTO.
+macro_rules! wipe_key_on_drop {
+    ($($ty:ty),*) => {$(
+        impl Drop for $ty {
+            fn drop(&mut self) {
+                crate::api::wipe(&mut self.index_key);
+            }
+        }
+    )*};
+}
+pub(crate) use wipe_key_on_drop;
+
+/// Overwrite key text with zeros (and empty it).
+pub(crate) fn wipe(key: &mut Option<String>) {
+    if let Some(k) = key.as_mut() {
+        zeroize::Zeroize::zeroize(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn key_text_is_wiped() {
+        let mut k = Some("ab".repeat(32));
+        super::wipe(&mut k);
+        assert_eq!(k.as_deref(), Some(""));
+        let mut none: Option<String> = None;
+        super::wipe(&mut none);
+        assert!(none.is_none());
+    }
+}
+
+wipe_key_on_drop!(IndexRef);
+
 /// `{"status": "success", "message": ...}`.
 #[derive(Object, Debug)]
 #[oai(rename = "SuccessResponseModel")]

@@ -11,6 +11,7 @@ use super::{blocking, parse_kek, AppState, Credentials};
 use crate::auth::{Action, Principal};
 use crate::engine::Lease;
 use crate::users::{Permission, Users};
+use zeroize::Zeroizing;
 
 #[derive(Tags)]
 enum Tag {
@@ -27,6 +28,8 @@ pub struct CreateUserRequest {
     /// The index key (64 hex characters) of an index created with `index_key`.
     pub index_key: Option<String>,
 }
+
+super::wipe_key_on_drop!(CreateUserRequest);
 
 /// The new user. `api_key` is shown only here and never stored: keep it.
 #[derive(Object, Debug)]
@@ -79,7 +82,8 @@ fn open_as_root<'a>(
 }
 
 /// The index key of GET/DELETE: `X-Index-Key` header, or the `index_key` query parameter.
-fn header_or_query(header: Option<String>, query: Option<String>) -> Option<String> {
+fn header_or_query(header: Option<String>, query: Option<String>) -> Option<Zeroizing<String>> {
+    let (header, query) = (header.map(Zeroizing::new), query.map(Zeroizing::new));
     header
         .filter(|h| !h.is_empty())
         .or(query.filter(|q| !q.is_empty()))
@@ -150,7 +154,12 @@ impl UsersApi {
         let state = self.state.clone();
         blocking(move || {
             let key = header_or_query(x_index_key.0, index_key.0);
-            let (users, ix) = open_as_root(&state, &creds, &index_name.0, key.as_deref())?;
+            let (users, ix) = open_as_root(
+                &state,
+                &creds,
+                &index_name.0,
+                key.as_deref().map(String::as_str),
+            )?;
             Ok(ListUsersResponse {
                 users: users
                     .list(&ix.id)?
@@ -187,7 +196,12 @@ impl UsersApi {
         let state = self.state.clone();
         blocking(move || {
             let key = header_or_query(x_index_key.0, index_key.0);
-            let (users, ix) = open_as_root(&state, &creds, &index_name.0, key.as_deref())?;
+            let (users, ix) = open_as_root(
+                &state,
+                &creds,
+                &index_name.0,
+                key.as_deref().map(String::as_str),
+            )?;
             users.revoke(&ix.id, &user_id.0)?;
             tracing::info!(index = %ix.name, user = %user_id.0, "user revoked");
             Ok(())
