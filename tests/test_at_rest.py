@@ -2,10 +2,14 @@
 import base64
 import struct
 
+import pytest
+
 from conftest import Api, new_key
 
 
-def test_raw_store_holds_no_plaintext(make_server, tmp_path):
+@pytest.mark.parametrize("ending", ["clean stop", "kill -9"])
+def test_raw_store_holds_no_plaintext(make_server, tmp_path, ending):
+    # After a kill the records exist only in the write-ahead log, so both files are checked.
     s = make_server(name="rest")
     a = Api(s.url)
     key = new_key()
@@ -22,6 +26,9 @@ def test_raw_store_holds_no_plaintext(make_server, tmp_path):
         assert st == 200
         st, b = a.post("/v1/indexes/train", {"index_name": ix, "index_key": key})
         assert st == 200
+    if ending == "kill -9":
+        s.proc.kill()
+        s.proc.wait()
     s.stop()
     blob = b"".join(p.read_bytes() for p in (tmp_path / "rest").rglob("*") if p.is_file())
     assert len(blob) > 0

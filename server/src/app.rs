@@ -9,7 +9,7 @@ use sealdb_plugin_api::{IndexStore, UserStore};
 
 use crate::api::{self, error::ApiError, AppState};
 use crate::auth::Auth;
-use crate::config::{Config, DbType};
+use crate::config::{Config, DbType, Durability};
 use crate::engine::{Engine, EngineConfig};
 
 /// The configured stores: indexes and users (one backend serves both).
@@ -35,8 +35,17 @@ pub fn open_store(cfg: &Config) -> Result<Stores, String> {
         DbType::Memory => Stores::memory(),
         DbType::Disk => {
             let r = Arc::new(
-                sealdb_store_redb::RedbStore::open_dir(&cfg.disk_path)
-                    .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", cfg.disk_path.display()))?,
+                sealdb_store_redb::RedbStore::open_dir_with(
+                    &cfg.disk_path,
+                    sealdb_store_redb::WalOptions {
+                        durability: match cfg.durability {
+                            Durability::Sync => sealdb_store_redb::Durability::Sync,
+                            Durability::Relaxed => sealdb_store_redb::Durability::Relaxed,
+                        },
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", cfg.disk_path.display()))?,
             );
             Stores {
                 index: r.clone(),

@@ -18,6 +18,15 @@ pub enum DbType {
     Memory,
 }
 
+/// When the disk backend acknowledges a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// After fdatasync: survives power loss.
+    Sync,
+    /// In the OS page cache: survives a server crash, not a machine crash.
+    Relaxed,
+}
+
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -59,6 +68,18 @@ pub struct Config {
     /// Data directory of the disk backend.
     #[arg(long, env = "CYBORGDB_DISK_PATH", default_value = "./sealdb-data")]
     pub disk_path: PathBuf,
+
+    /// When a write is acknowledged (disk backend). `sync`: after fdatasync of the write-ahead
+    /// log, so it survives power loss. `relaxed`: once in the OS page cache, so it survives a
+    /// crash of the server but not of the machine (RocksDB's default class).
+    #[arg(
+        long,
+        env = "SEALDB_DURABILITY",
+        value_enum,
+        default_value = "sync",
+        ignore_case = true
+    )]
+    pub durability: Durability,
 
     /// Log level: DEBUG, INFO, WARNING or ERROR.
     #[arg(long, env = "CYBORGDB_SERVICE_LOG_LEVEL", default_value = "INFO", value_parser = parse_level)]
@@ -114,6 +135,7 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("root_key", "cyborgdb_service_root_key"),
     ("api_key", "cyborgdb_api_key"),
     ("index_cache_mb", "sealdb_index_cache_mb"),
+    ("durability", "sealdb_durability"),
 ];
 
 /// Expand `${VAR}` (must be set) and `${VAR:-default}` in a YAML string.
@@ -267,6 +289,7 @@ impl Config {
                 "index_cache_mb" => {
                     self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
                 }
+                "durability" => self.durability = Durability::from_str(v, true).map_err(bad)?,
                 _ => {}
             }
         }

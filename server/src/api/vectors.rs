@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags, Union};
 use serde_json::Value;
@@ -272,21 +271,32 @@ fn decode_f32s(b64: &str, dimension: i64, what: &str) -> Result<(Vec<f32>, usize
             "{what}.dimension must be between 1 and 65536 (got {dimension})"
         )));
     }
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| ApiError::invalid(format!("{what}.vectors_b64 is not valid base64: {e}")))?;
+    let text = b64.trim().as_bytes();
+    let invalid = |e: &dyn std::fmt::Display| {
+        ApiError::invalid(format!("{what}.vectors_b64 is not valid base64: {e}"))
+    };
+    let len = base64_simd::STANDARD
+        .decoded_length(text)
+        .map_err(|e| invalid(&e))?;
     let row = dimension as usize * 4;
-    if raw.len() % row != 0 {
+    if len % row != 0 {
         return Err(ApiError::invalid(format!(
-            "{what}.vectors_b64 holds {} bytes, not a whole number of {dimension}-dimensional float32 vectors",
-            raw.len()
+            "{what}.vectors_b64 holds {len} bytes, not a whole number of {dimension}-dimensional float32 vectors"
         )));
     }
-    let v = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok((v, raw.len() / row))
+    // Decode straight into the f32 buffer (SIMD), then fix the byte order on big-endian hosts.
+    let mut v = vec![0f32; len / 4];
+    base64_simd::STANDARD
+        .decode(
+            text,
+            base64_simd::Out::from_slice(bytemuck::cast_slice_mut(&mut v)),
+        )
+        .map_err(|e| invalid(&e))?;
+    #[cfg(not(target_endian = "little"))]
+    for x in &mut v {
+        *x = f32::from_bits(u32::from_le(x.to_bits()));
+    }
+    Ok((v, len / row))
 }
 
 fn no_embedding(ix: &Index, what: &str) -> ApiError {

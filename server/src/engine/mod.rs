@@ -101,6 +101,10 @@ impl Precision {
     pub fn encode_into(self, v: &[f32], out: &mut Vec<u8>) {
         out.reserve(v.len() * self.bytes());
         match self {
+            // Little-endian hosts store f32 as it lies in memory: one copy, no per-value work.
+            #[cfg(target_endian = "little")]
+            Self::F32 => out.extend_from_slice(bytemuck::cast_slice(v)),
+            #[cfg(not(target_endian = "little"))]
             Self::F32 => v
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
