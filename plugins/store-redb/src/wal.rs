@@ -39,6 +39,8 @@ use crate::{io, RECORDS};
 const MAGIC: &[u8; 8] = b"SDBWAL1\n";
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
+/// Bytes per redb transaction while checkpointing (bounds redb's in-memory dirty pages).
+const CHECKPOINT_TX_BYTES: usize = 4 << 20;
 /// Frozen segments waiting for the checkpointer before writers wait for it.
 const MAX_FROZEN: usize = 2;
 
@@ -465,22 +467,36 @@ impl Wal {
         }
     }
 
+    /// Copy a segment into redb. redb holds a transaction's pages in memory until a durable
+    /// commit, so the copy is split into durable commits of about [`CHECKPOINT_TX_BYTES`]. A
+    /// crash in between leaves part of the segment in redb; the segment is still on disk and
+    /// is replayed whole, which is harmless.
     fn checkpoint(&self, seg: &Segment) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        {
-            let mut t = tx.open_table(RECORDS).map_err(io)?;
-            for (key, slot) in &seg.map {
-                match seg.read(*slot)? {
-                    Some(v) => {
-                        t.insert(key.as_slice(), v.as_slice()).map_err(io)?;
-                    }
-                    None => {
-                        t.remove(key.as_slice()).map_err(io)?;
+        let mut entries = seg.map.iter().peekable();
+        while entries.peek().is_some() {
+            let tx = self.db.begin_write().map_err(io)?;
+            let mut bytes = 0usize;
+            {
+                let mut t = tx.open_table(RECORDS).map_err(io)?;
+                while bytes < CHECKPOINT_TX_BYTES {
+                    let Some((key, slot)) = entries.next() else {
+                        break;
+                    };
+                    match seg.read(*slot)? {
+                        Some(v) => {
+                            bytes += key.len() + v.len();
+                            t.insert(key.as_slice(), v.as_slice()).map_err(io)?;
+                        }
+                        None => {
+                            bytes += key.len();
+                            t.remove(key.as_slice()).map_err(io)?;
+                        }
                     }
                 }
             }
+            tx.commit().map_err(io)?;
         }
-        tx.commit().map_err(io)
+        Ok(())
     }
 
     /// Ask the checkpointer to finish; with `halt` it stops without draining.

@@ -824,6 +824,8 @@ impl Index {
             if queries.len() == 1 {
                 // No fork/join for one query: rayon's wake-up costs more than a small probe.
                 vec![self.search_one(&d, &queries[0], p)]
+            } else if queries.len() >= BATCH_GEMM_MIN && p.filter.is_none() {
+                self.search_batch(&d, queries, p)
             } else {
                 queries
                     .par_iter()
@@ -843,16 +845,9 @@ impl Index {
         Ok(results)
     }
 
-    fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Vec<Hit> {
-        let metric = self.config.metric;
-        let dim = d.dimension as usize;
-        let qn;
-        let q = if metric.is_angular() {
-            qn = distance::normalized(q);
-            &qn[..]
-        } else {
-            q
-        };
+    /// The probe budget and the lists in the order to probe them. Without a filter only the
+    /// first `probes` lists are returned (and put in order); a filter may need to go further.
+    fn probe_order(&self, d: &Data, q: &[f32], p: &SearchParams) -> (usize, Vec<usize>) {
         let ivf = d.trained && d.lists.len() > 1;
         let mut probes = if ivf {
             p.n_probes.filter(|&n| n > 0).unwrap_or_else(|| {
@@ -869,8 +864,7 @@ impl Index {
             probes = probes.saturating_mul(2);
         }
         let probes = probes.min(d.lists.len());
-        // Lists in the order to probe them: all centroid distances in one kernel call, then
-        // only the first `probes` are put in order, unless a filter may need to go further.
+        // All centroid distances in one kernel call, then only the first `probes` are sorted.
         let order: Vec<usize> = if ivf {
             let mut dists = Vec::with_capacity(d.lists.len());
             distance::scan(Metric::SquaredEuclidean, q, &d.centroids, &[], &mut dists);
@@ -885,6 +879,23 @@ impl Index {
         } else {
             (0..d.lists.len()).collect()
         };
+        (probes, order)
+    }
+
+    fn query_view<'q>(&self, q: &'q [f32], buf: &'q mut Vec<f32>) -> &'q [f32] {
+        if self.config.metric.is_angular() {
+            *buf = distance::normalized(q);
+            buf
+        } else {
+            q
+        }
+    }
+
+    fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Vec<Hit> {
+        let metric = self.config.metric;
+        let mut qn = Vec::new();
+        let q = self.query_view(q, &mut qn);
+        let (probes, order) = self.probe_order(d, q, p);
         let k = p.top_k;
         let probed = &order[..probes.min(order.len())];
         let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
@@ -912,7 +923,117 @@ impl Index {
             top
         }
         .heap;
-        let mut cands = heap.into_vec();
+        self.hits(d, heap.into_vec(), p)
+    }
+
+    /// Unfiltered batches: each posting list is read once for all the queries that probe it,
+    /// and their distances come from one matrix product per block
+    /// (`|q-x|^2 = |q|^2 + |x|^2 - 2 q.x`, or `1 - q.x/|x|` for cosine) instead of one scan per
+    /// query. The k winners of each query are then rescored with the exact kernel, so the
+    /// distances reported are the same as for a single query.
+    fn search_batch(&self, d: &Data, queries: &[Vec<f32>], p: &SearchParams) -> Vec<Vec<Hit>> {
+        let metric = self.config.metric;
+        let dim = d.dimension as usize;
+        let nq = queries.len();
+        let k = p.top_k;
+        let mut qm: Vec<f32> = Vec::with_capacity(nq * dim);
+        let mut by_list: Vec<Vec<u32>> = vec![Vec::new(); d.lists.len()];
+        for (qi, q) in queries.iter().enumerate() {
+            let mut qn = Vec::new();
+            let q = self.query_view(q, &mut qn);
+            qm.extend_from_slice(q);
+            let (probes, order) = self.probe_order(d, q, p);
+            for &li in &order[..probes.min(order.len())] {
+                by_list[li].push(qi as u32);
+            }
+        }
+        let q_norms: Vec<f32> = qm.chunks_exact(dim).map(|q| distance::dot(q, q)).collect();
+        let work: Vec<(usize, &Vec<u32>)> = by_list
+            .iter()
+            .enumerate()
+            .filter(|(li, qs)| !qs.is_empty() && d.lists[*li].len() > 0)
+            .collect();
+        let tops = work
+            .par_iter()
+            .fold(
+                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
+                |mut tops, &(li, qs)| {
+                    let mut sub = Vec::with_capacity(qs.len() * dim);
+                    for &qi in qs {
+                        sub.extend_from_slice(&qm[qi as usize * dim..][..dim]);
+                    }
+                    let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
+                        return tops;
+                    };
+                    for (&bno, blk) in &d.lists[li].blocks {
+                        let n = blk.len();
+                        let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
+                        else {
+                            continue;
+                        };
+                        let dots = sub.dot(&x.t());
+                        let x_norms: Vec<f32> = if metric.is_angular() {
+                            Vec::new()
+                        } else {
+                            blk.vecs
+                                .chunks_exact(dim)
+                                .map(|r| distance::dot(r, r))
+                                .collect()
+                        };
+                        for (row, &qi) in dots.rows().into_iter().zip(qs) {
+                            let top = &mut tops[qi as usize];
+                            let qn = q_norms[qi as usize];
+                            for (pos, &dt) in row.iter().enumerate() {
+                                let s = if metric.is_angular() {
+                                    1.0 - dt * blk.inv_norms[pos]
+                                } else {
+                                    (qn + x_norms[pos] - 2.0 * dt).max(0.0)
+                                };
+                                if top.heap.len() >= k
+                                    && s >= top.heap.peek().map_or(f32::INFINITY, |c| c.score)
+                                {
+                                    continue;
+                                }
+                                top.push(Cand {
+                                    score: s,
+                                    list: li as u32,
+                                    block: bno,
+                                    pos: pos as u32,
+                                });
+                            }
+                        }
+                    }
+                    tops
+                },
+            )
+            .reduce(
+                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
+                |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
+            );
+        tops.into_par_iter()
+            .enumerate()
+            .map(|(qi, top)| {
+                let q = &qm[qi * dim..][..dim];
+                let mut cands = top.heap.into_vec();
+                for c in &mut cands {
+                    if let Some(blk) = d.block(c.list, c.block) {
+                        let row = blk.vector(c.pos as usize, dim);
+                        c.score = if metric.is_angular() {
+                            1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
+                        } else {
+                            distance::l2sq(q, row)
+                        };
+                    }
+                }
+                self.hits(d, cands, p)
+            })
+            .collect()
+    }
+
+    /// Candidates to hits, nearest first.
+    fn hits(&self, d: &Data, mut cands: Vec<Cand>, p: &SearchParams) -> Vec<Hit> {
+        let metric = self.config.metric;
+        let dim = d.dimension as usize;
         cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
         cands
             .into_iter()
@@ -1202,6 +1323,10 @@ fn calibrate_probes(
 
 /// Unfiltered queries that scan at least this many vectors use all cores.
 const PARALLEL_SCAN_MIN: usize = 8_192;
+
+/// Unfiltered batches of at least this many queries are answered list by list with matrix
+/// products (see `search_batch`).
+const BATCH_GEMM_MIN: usize = 8;
 
 /// A bounded max-heap of the best `k` candidates seen so far.
 struct TopK {

@@ -341,3 +341,53 @@ fn unlimited_cache_keeps_indexes_open() {
     drop(a);
     assert!(w.upgrade().is_some());
 }
+
+/// Batches go through the list-major GEMM path; they must answer like single queries.
+#[test]
+fn batch_queries_match_single_queries() {
+    for (metric, precision, train) in [
+        (Metric::Euclidean, Precision::F32, false),
+        (Metric::Euclidean, Precision::F32, true),
+        (Metric::SquaredEuclidean, Precision::F32, true),
+        (Metric::Cosine, Precision::F16, true),
+    ] {
+        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+        let kek = Kek::random();
+        let e = engine(store);
+        create(&e, "b", &kek, cfg(metric, precision, 24));
+        let ix = e.open("b", Some(&kek)).unwrap();
+        let data = clustered(4000, 24, 30, 11);
+        ix.upsert(
+            data.iter()
+                .enumerate()
+                .map(|(i, v)| item(&i.to_string(), v.clone(), json!({})))
+                .collect(),
+        )
+        .unwrap();
+        if train {
+            e.train_now(&ix, &TrainParams::default()).unwrap();
+        }
+        let queries: Vec<Vec<f32>> = clustered(40, 24, 30, 99);
+        let mut p = params(10);
+        p.include.contents = false;
+        let batch = ix.search(&queries, &p).unwrap();
+        let (mut same, mut total) = (0, 0);
+        for (q, got) in queries.iter().zip(&batch) {
+            let single = ix.search(std::slice::from_ref(q), &p).unwrap().remove(0);
+            assert_eq!(got.len(), single.len());
+            for h in got {
+                total += 1;
+                if let Some(s) = single.iter().find(|s| s.id == h.id) {
+                    same += 1;
+                    assert_eq!(h.distance, s.distance, "{metric:?}: exact rescoring");
+                    assert_eq!(h.vector, s.vector);
+                }
+            }
+            assert!(got.windows(2).all(|w| w[0].distance <= w[1].distance));
+        }
+        assert!(
+            same * 100 >= total * 99,
+            "{metric:?} train={train}: {same}/{total}"
+        );
+    }
+}
