@@ -10,7 +10,7 @@ VENV=${SEALDB_BENCH_VENV:-$ROOT/.venvs/bench}
 OUT=${OUT:-$ROOT/target/bench/results.jsonl}
 SCENARIOS=("${@:-100k-128 20k-384 20k-384-cos-f16 hard-100k-128}")
 SCENARIOS=(${SCENARIOS[*]})
-SWEEP=${SWEEP:-1,2,4,8,16,32,64,128}
+SWEEP=${SWEEP:-1,2,4,8,16,32,64,128,256}
 ROOT_KEY=bench-root-key-$RANDOM$RANDOM
 mkdir -p "$(dirname "$OUT")"; : > "$OUT"
 
@@ -31,6 +31,7 @@ run_one() { # label port scenario cmd...   (a fresh server and data dir per scen
   local data; data=$(mktemp -d)
   ( cd "$data" && exec env -i PATH="$PATH" HOME="$data" TMPDIR="$data" PORT="$port" \
       CYBORGDB_DB_TYPE=disk CYBORGDB_DISK_PATH="$data/db" CYBORGDB_SERVICE_ROOT_KEY="$ROOT_KEY" \
+      SEALDB_DURABILITY="${SEALDB_DURABILITY:-sync}" \
       AUTO_TRAIN_DISABLED=true "$@" ) > "$data/server.log" 2>&1 &
   local pid=$!
   wait_up "http://127.0.0.1:$port"

@@ -296,6 +296,7 @@ impl Wal {
         }
         tail.len += record.len() as u64;
         tail.next_seq += 1;
+        let mut want_spare = false;
         let rotate = {
             let mut v = self.view.write().map_err(poisoned)?;
             for (key, slot) in slots {
@@ -309,16 +310,20 @@ impl Wal {
                 if self.dir.join(SPARE).exists() {
                     true
                 } else {
-                    if !self.spare_wanted.swap(true, Ordering::AcqRel) {
-                        self.cv.notify_all();
-                    }
+                    want_spare = !self.spare_wanted.swap(true, Ordering::AcqRel);
                     false
                 }
             };
             full || early
         };
+        // Lock order is checkpoint state, then view: wake only after the view lock is gone.
+        if want_spare {
+            self.wake();
+        }
         if rotate {
-            self.rotate(&mut tail)?;
+            // The batch is already durable and visible: a failed rotation must not fail it.
+            // The active segment simply keeps growing and the next write tries again.
+            let _ = self.rotate(&mut tail);
         }
         Ok(())
     }
@@ -385,8 +390,15 @@ impl Wal {
             v.frozen.push_back(Arc::new(old));
         }
         tail.len = MAGIC.len() as u64;
-        self.cv.notify_all();
+        self.wake();
         Ok(())
+    }
+
+    /// Wake the checkpointer. Taking its lock first means it is either before its check for
+    /// work (and will see ours) or already waiting (and gets this notification): no lost wakeup.
+    fn wake(&self) {
+        drop(self.ckpt.lock());
+        self.cv.notify_all();
     }
 
     /// Freeze whatever the active segment holds (used at shutdown).
