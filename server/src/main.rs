@@ -2,11 +2,6 @@
 
 use sealdb_server::{api, app, config::Config};
 
-/// mimalloc keeps freed pages for reuse instead of returning large blocks to the kernel after
-/// every request; glibc's malloc page-faulted on each upsert's megabyte-sized buffers.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cfg = match Config::load() {
         Ok(c) => c,

@@ -276,25 +276,26 @@ impl Wal {
         let ops = self.expand_prefix_deletes(ops)?;
         let seq = tail.next_seq;
         let start = tail.len;
-        let (record, slots) = encode(seq, &ops, start);
         let file = self.view.read().map_err(poisoned)?.active.file.clone();
-        let appended = file.write_all_at(&record, start).and_then(|_| {
+        let appended = emit(seq, &ops, start, |off, b| file.write_all_at(b, off)).and_then(|r| {
             if self.opts.durability == Durability::Sync {
-                file.sync_data()
-            } else {
-                Ok(())
+                file.sync_data()?;
             }
+            Ok(r)
         });
-        if let Err(e) = appended {
-            // Cut the log back so that no later record lands behind a partial one.
-            if let Err(e2) = file.set_len(start) {
-                tail.poisoned = Some(format!(
-                    "write-ahead log append failed ({e}) and could not be rolled back ({e2}); restart the server"
-                ));
+        let (record_len, slots) = match appended {
+            Ok(r) => r,
+            Err(e) => {
+                // Cut the log back so that no later record lands behind a partial one.
+                if let Err(e2) = file.set_len(start) {
+                    tail.poisoned = Some(format!(
+                        "write-ahead log append failed ({e}) and could not be rolled back ({e2}); restart the server"
+                    ));
+                }
+                return Err(io(e));
             }
-            return Err(io(e));
-        }
-        tail.len += record.len() as u64;
+        };
+        tail.len += record_len;
         tail.next_seq += 1;
         let mut want_spare = false;
         let rotate = {
@@ -569,53 +570,104 @@ fn prepare_spare(dir: &Path, bytes: u64) -> Result<(), StoreError> {
     std::fs::rename(&tmp, dir.join(SPARE)).map_err(io)
 }
 
-/// Encode one record; also returns where each key's newest value sits in the file, given
-/// that the record starts at `start`.
-fn encode(seq: u64, ops: &[WriteOp], start: u64) -> (Vec<u8>, Vec<(Vec<u8>, Slot)>) {
-    let size: usize = ops
-        .iter()
-        .map(|o| match o {
-            WriteOp::Put { key, value } => 9 + key.len() + value.len(),
-            WriteOp::Delete { key } => 5 + key.len(),
-            WriteOp::DeletePrefix { .. } => 0,
-        })
-        .sum();
-    let mut buf = Vec::with_capacity(8 + 12 + size);
-    buf.extend_from_slice(&[0u8; 8]);
-    buf.extend_from_slice(&seq.to_le_bytes());
-    buf.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+/// Write one record through `sink(offset, bytes)`, the record starting at `start`: the
+/// payload first (small pieces gathered in a staging buffer, large values passed through
+/// without a copy), then the header with the payload's length and CRC. Returns where each
+/// key's newest value sits in the file.
+fn emit(
+    seq: u64,
+    ops: &[WriteOp],
+    start: u64,
+    mut sink: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(u64, Vec<(Vec<u8>, Slot)>)> {
+    const STAGE: usize = 256 << 10;
+    struct Out<F> {
+        sink: F,
+        stage: Vec<u8>,
+        stage_at: u64,
+        pos: u64,
+        crc: crc32fast::Hasher,
+    }
+    impl<F: FnMut(u64, &[u8]) -> std::io::Result<()>> Out<F> {
+        fn flush(&mut self) -> std::io::Result<()> {
+            if !self.stage.is_empty() {
+                (self.sink)(self.stage_at, &self.stage)?;
+                self.stage.clear();
+            }
+            self.stage_at = self.pos;
+            Ok(())
+        }
+        fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+            self.crc.update(b);
+            if b.len() >= STAGE / 4 {
+                self.flush()?;
+                (self.sink)(self.pos, b)?;
+                self.pos += b.len() as u64;
+                self.stage_at = self.pos;
+                return Ok(());
+            }
+            self.stage.extend_from_slice(b);
+            self.pos += b.len() as u64;
+            if self.stage.len() >= STAGE {
+                self.flush()?;
+            }
+            Ok(())
+        }
+    }
+    let mut out = Out {
+        sink: &mut sink,
+        stage: Vec::with_capacity(STAGE),
+        stage_at: start + 8,
+        pos: start + 8,
+        crc: crc32fast::Hasher::new(),
+    };
+    out.put(&seq.to_le_bytes())?;
+    out.put(&(ops.len() as u32).to_le_bytes())?;
     let mut slots = Vec::with_capacity(ops.len());
     for op in ops {
         match op {
             WriteOp::Put { key, value } => {
-                buf.push(OP_PUT);
-                buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
-                buf.extend_from_slice(key);
-                buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                let off = start + buf.len() as u64;
-                buf.extend_from_slice(value);
-                slots.push((
-                    key.clone(),
-                    Slot::Value {
-                        off,
-                        len: value.len() as u32,
-                    },
-                ));
+                out.put(&[OP_PUT])?;
+                out.put(&(key.len() as u32).to_le_bytes())?;
+                out.put(key)?;
+                out.put(&(value.len() as u32).to_le_bytes())?;
+                let off = out.pos;
+                out.put(value)?;
+                let len = value.len() as u32;
+                slots.push((key.clone(), Slot::Value { off, len }));
             }
             WriteOp::Delete { key } => {
-                buf.push(OP_DELETE);
-                buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
-                buf.extend_from_slice(key);
+                out.put(&[OP_DELETE])?;
+                out.put(&(key.len() as u32).to_le_bytes())?;
+                out.put(key)?;
                 slots.push((key.clone(), Slot::Gone));
             }
             // Expanded by the writer before encoding.
             WriteOp::DeletePrefix { .. } => {}
         }
     }
-    let payload_len = (buf.len() - 8) as u32;
-    let crc = crc32fast::hash(&buf[8..]);
-    buf[0..4].copy_from_slice(&payload_len.to_le_bytes());
-    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    out.flush()?;
+    let end = out.pos;
+    let mut header = [0u8; 8];
+    header[0..4].copy_from_slice(&((end - start - 8) as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&out.crc.finalize().to_le_bytes());
+    sink(start, &header)?;
+    Ok((end - start, slots))
+}
+
+/// The whole record as bytes (tests).
+#[cfg(test)]
+fn encode(seq: u64, ops: &[WriteOp], start: u64) -> (Vec<u8>, Vec<(Vec<u8>, Slot)>) {
+    let mut buf = Vec::new();
+    let (_, slots) = emit(seq, ops, start, |off, b| {
+        let at = (off - start) as usize;
+        if buf.len() < at + b.len() {
+            buf.resize(at + b.len(), 0);
+        }
+        buf[at..at + b.len()].copy_from_slice(b);
+        Ok(())
+    })
+    .expect("writing to memory cannot fail");
     (buf, slots)
 }
 

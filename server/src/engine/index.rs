@@ -34,8 +34,9 @@ const DEFAULT_MAX_ITERS: usize = 25;
 /// calibrated n_probes absorbs what little list quality is lost).
 const TRAIN_SAMPLE_PER_LIST: usize = 128;
 
-/// Training writes the new generation in store batches of about this size.
-const TRAIN_WRITE_CHUNK_BYTES: usize = 16 << 20;
+/// Training writes the new generation in store batches of about this size (each batch is
+/// briefly held sealed in memory next to both generations).
+const TRAIN_WRITE_CHUNK_BYTES: usize = 4 << 20;
 
 /// Target plaintext size of one posting-list block.
 const BLOCK_BYTES: usize = 56 * 1024;
@@ -52,6 +53,24 @@ pub(crate) struct Block {
 impl Block {
     fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// An empty block with room for `rows` vectors, so that filling it never over-allocates.
+    fn with_capacity(rows: usize, dim: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(rows),
+            vecs: Vec::with_capacity(rows * dim),
+            inv_norms: Vec::with_capacity(rows),
+            meta: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Drop spare capacity (a block grown by pushes can hold up to twice its size).
+    fn shrink(&mut self) {
+        self.ids.shrink_to_fit();
+        self.vecs.shrink_to_fit();
+        self.inv_norms.shrink_to_fit();
+        self.meta.shrink_to_fit();
     }
 
     fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>) {
@@ -670,6 +689,10 @@ impl Index {
             if blk.len() == 0 {
                 pl.blocks.remove(&b);
             } else {
+                let mut blk = blk;
+                if blk.vecs.capacity() > blk.vecs.len() + blk.vecs.len() / 8 {
+                    blk.shrink();
+                }
                 pl.blocks.insert(b, Arc::new(blk));
             }
         }
@@ -1164,7 +1187,7 @@ impl Index {
             tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
             let gen = d.gen + 1;
             let mut lists = vec![PostingList::default(); k];
-            let mut building: Vec<Block> = vec![Block::default(); k];
+            let mut building: Vec<Block> = (0..k).map(|_| Block::with_capacity(cap, dim)).collect();
             let mut locate = HashMap::with_capacity_and_hasher(d.count(), Default::default());
             for (blk, labs) in blocks.iter().zip(&labels) {
                 for (pos, &l) in labs.iter().enumerate() {
@@ -1178,13 +1201,15 @@ impl Index {
                         blk.meta[pos].clone(),
                     );
                     if building[l].len() >= cap {
-                        pl.blocks
-                            .insert(bno, Arc::new(std::mem::take(&mut building[l])));
+                        let full =
+                            std::mem::replace(&mut building[l], Block::with_capacity(cap, dim));
+                        pl.blocks.insert(bno, Arc::new(full));
                     }
                 }
             }
-            for (l, blk) in building.into_iter().enumerate() {
+            for (l, mut blk) in building.into_iter().enumerate() {
                 if blk.len() > 0 {
+                    blk.shrink();
                     let bno = lists[l].blocks.len() as u32;
                     lists[l].blocks.insert(bno, Arc::new(blk));
                 }

@@ -98,54 +98,62 @@ pub fn exact_neighbours(
         .map(|q| super::distance::dot(q, q))
         .collect();
     let starts = row_starts(chunks, dim);
-    let partial: Vec<Vec<Vec<(f32, usize)>>> = chunks
+    // One running top-k per query and worker (folded, then merged), not one per chunk: with
+    // ~1000 chunks the per-chunk lists alone took ~30 MB during training.
+    let insert = |best: &mut Vec<(f32, usize)>, dist: f32, idx: usize| {
+        if best.len() < k || dist < best[best.len() - 1].0 {
+            let pos = best.partition_point(|b| b.0 <= dist);
+            best.insert(pos, (dist, idx));
+            best.truncate(k);
+        }
+    };
+    let best: Vec<Vec<(f32, usize)>> = chunks
         .par_iter()
         .zip(&starts)
-        .map(|(chunk, &start)| {
-            let normed: Vec<f32>;
-            let chunk: &[f32] = if angular {
-                normed = chunk
+        .fold(
+            || vec![Vec::with_capacity(k + 1); nq],
+            |mut best, (chunk, &start)| {
+                let normed: Vec<f32>;
+                let chunk: &[f32] = if angular {
+                    normed = chunk
+                        .chunks_exact(dim)
+                        .flat_map(super::distance::normalized)
+                        .collect();
+                    &normed
+                } else {
+                    chunk
+                };
+                let m = chunk.len() / dim;
+                let x = ndarray::ArrayView2::from_shape((m, dim), chunk).expect("m x dim");
+                let x_norms: Vec<f32> = chunk
                     .chunks_exact(dim)
-                    .flat_map(super::distance::normalized)
+                    .map(|r| super::distance::dot(r, r))
                     .collect();
-                &normed
-            } else {
-                chunk
-            };
-            let m = chunk.len() / dim;
-            let x = ndarray::ArrayView2::from_shape((m, dim), chunk).expect("m x dim");
-            let x_norms: Vec<f32> = chunk
-                .chunks_exact(dim)
-                .map(|r| super::distance::dot(r, r))
-                .collect();
-            let dots = qview.dot(&x.t());
-            (0..nq)
-                .map(|qi| {
-                    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+                let dots = qview.dot(&x.t());
+                for (qi, b) in best.iter_mut().enumerate() {
                     for (j, (&d, &xn)) in dots.row(qi).iter().zip(&x_norms).enumerate() {
                         let idx = start + j;
-                        if idx == exclude[qi] {
-                            continue;
-                        }
-                        let dist = q_norms[qi] + xn - 2.0 * d;
-                        if best.len() < k || dist < best[best.len() - 1].0 {
-                            let pos = best.partition_point(|b| b.0 <= dist);
-                            best.insert(pos, (dist, idx));
-                            best.truncate(k);
+                        if idx != exclude[qi] {
+                            insert(b, q_norms[qi] + xn - 2.0 * d, idx);
                         }
                     }
-                    best
-                })
-                .collect()
-        })
-        .collect();
-    (0..nq)
-        .map(|qi| {
-            let mut all: Vec<(f32, usize)> =
-                partial.iter().flat_map(|p| p[qi].iter().copied()).collect();
-            all.sort_by(|a, b| a.0.total_cmp(&b.0));
-            all.into_iter().take(k).map(|(_, i)| i).collect()
-        })
+                }
+                best
+            },
+        )
+        .reduce(
+            || vec![Vec::new(); nq],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    for (dist, idx) in y {
+                        insert(x, dist, idx);
+                    }
+                }
+                a
+            },
+        );
+    best.into_iter()
+        .map(|b| b.into_iter().map(|(_, i)| i).collect())
         .collect()
 }
 
