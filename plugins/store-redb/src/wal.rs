@@ -570,6 +570,9 @@ fn prepare_spare(dir: &Path, bytes: u64) -> Result<(), StoreError> {
     std::fs::rename(&tmp, dir.join(SPARE)).map_err(io)
 }
 
+/// A key and where its newest value lives.
+type KeySlot = (Vec<u8>, Slot);
+
 /// Write one record through `sink(offset, bytes)`, the record starting at `start`: the
 /// payload first (small pieces gathered in a staging buffer, large values passed through
 /// without a copy), then the header with the payload's length and CRC. Returns where each
@@ -579,7 +582,7 @@ fn emit(
     ops: &[WriteOp],
     start: u64,
     mut sink: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
-) -> std::io::Result<(u64, Vec<(Vec<u8>, Slot)>)> {
+) -> std::io::Result<(u64, Vec<KeySlot>)> {
     const STAGE: usize = 256 << 10;
     struct Out<F> {
         sink: F,
@@ -657,7 +660,7 @@ fn emit(
 
 /// The whole record as bytes (tests).
 #[cfg(test)]
-fn encode(seq: u64, ops: &[WriteOp], start: u64) -> (Vec<u8>, Vec<(Vec<u8>, Slot)>) {
+fn encode(seq: u64, ops: &[WriteOp], start: u64) -> (Vec<u8>, Vec<KeySlot>) {
     let mut buf = Vec::new();
     let (_, slots) = emit(seq, ops, start, |off, b| {
         let at = (off - start) as usize;
