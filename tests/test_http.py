@@ -296,6 +296,41 @@ def test_error_bodies_for_routing_and_parsing(api):
     assert r.status_code == 422 and "Content-Type" in r.json()["detail"]
 
 
+def test_upsert_bodies_are_parsed_strictly_and_never_echo_keys(api):
+    """Both upserts parse their JSON directly (no Value tree); they must accept and reject
+    exactly what the schema says, with a 422 in our error format."""
+    name, key = unique(), new_key()
+    assert api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2})[0] == 200
+    base = {"index_name": name, "index_key": key}
+    # Nulls and unknown fields are fine; integers are valid floats.
+    st, b = api.post("/v1/vectors/upsert", {**base, "extra": 1, "items": [
+        {"id": "a", "vector": [1, 2], "contents": None, "metadata": None, "other": True}]})
+    assert st == 200, b
+    bad = [
+        ({**base, "items": [{"id": "a", "vector": [1, "x"]}]}, "f32"),
+        ({**base, "items": [{"vector": [1, 2]}]}, "id"),
+        ({**base}, "items"),
+        ({"index_key": key, "items": []}, "index_name"),
+        ({**base, "items": [{"id": "a", "vector": [1, 2], "metadata": [1]}]}, "map"),
+        ({"index_name": name, "index_key": 12345, "items": []}, "string"),
+    ]
+    for body, word in bad:
+        st, b = api.post("/v1/vectors/upsert", body)
+        assert st == 422 and b["status_code"] == 422 and word in b["detail"], (body, b)
+    # A key put where a number belongs is not echoed back.
+    st, b = api.post("/v1/vectors/upsert", {**base, "items": [{"id": "a", "vector": [1, key]}]})
+    assert st == 422 and key not in b["detail"]
+    r = requests.post(api.url + "/v1/vectors/upsert", data=b'{"index_name": "x", "items": [',
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "line 1" in r.json()["detail"]
+    r = requests.post(api.url + "/v1/vectors/upsert_binary", data=b"", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    st, b = api.post("/v1/vectors/upsert_binary", {**base, "batch": {"ids": ["a"], "vectors_b64": 7, "dimension": 2}})
+    assert st == 422 and "string" in b["detail"]
+    st, b = api.post("/v1/vectors/get", {**base, "ids": ["a"], "include": ["vector"]})
+    assert st == 200 and b["results"][0]["vector"] == [1, 2]
+
+
 def test_docs_and_spec_served_offline(api):
     r = requests.get(api.url + "/v1/docs")
     assert r.status_code == 200 and "swagger" in r.text.lower()

@@ -4,6 +4,7 @@
 //! Invariant: engine types never appear in the spec, and DTOs never reach the engine.
 
 pub mod error;
+pub mod fast_json;
 pub mod health;
 pub mod indexes;
 pub mod users;

@@ -7,6 +7,7 @@ use poem_openapi::{Object, OpenApi, Tags, Union};
 use serde_json::Value;
 
 use super::error::{responses, ApiError};
+use super::fast_json::{FastJson, FromJsonBytes};
 use super::{blocking, parse_kek, AppState, Credentials, IndexRef, JsonObject};
 use crate::auth::Action;
 use crate::engine::filter::Filter;
@@ -60,6 +61,89 @@ pub struct BinaryUpsertRequest {
     #[oai(flatten)]
     pub index: IndexRef,
     pub batch: BinaryVectorBatch,
+}
+
+/// Serde mirrors of the upsert requests, for [`FastJson`]. Field names, optionality and
+/// element types are those of the `Object` types above (the drift test pins the schema, the
+/// black-box tests the parsing).
+mod wire {
+    use serde::Deserialize;
+    use serde_json::{Map, Value};
+
+    #[derive(Deserialize)]
+    pub struct Item {
+        pub id: String,
+        pub vector: Option<Vec<f32>>,
+        pub contents: Option<String>,
+        pub metadata: Option<Map<String, Value>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Upsert {
+        pub index_name: String,
+        pub index_key: Option<String>,
+        pub items: Vec<Item>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Batch {
+        pub ids: Vec<String>,
+        pub vectors_b64: String,
+        pub dimension: i64,
+        pub metadata: Option<Vec<Option<Map<String, Value>>>>,
+        pub contents: Option<Vec<Option<String>>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct BinaryUpsert {
+        pub index_name: String,
+        pub index_key: Option<String>,
+        pub batch: Batch,
+    }
+}
+
+impl FromJsonBytes for UpsertRequest {
+    fn from_json_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let w: wire::Upsert = serde_json::from_slice(bytes)?;
+        Ok(Self {
+            index: IndexRef {
+                index_name: w.index_name,
+                index_key: w.index_key,
+            },
+            items: w
+                .items
+                .into_iter()
+                .map(|i| VectorItem {
+                    id: i.id,
+                    vector: i.vector,
+                    contents: i.contents,
+                    metadata: i.metadata.map(JsonObject),
+                })
+                .collect(),
+        })
+    }
+}
+
+impl FromJsonBytes for BinaryUpsertRequest {
+    fn from_json_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let w: wire::BinaryUpsert = serde_json::from_slice(bytes)?;
+        let b = w.batch;
+        Ok(Self {
+            index: IndexRef {
+                index_name: w.index_name,
+                index_key: w.index_key,
+            },
+            batch: BinaryVectorBatch {
+                ids: b.ids,
+                vectors_b64: b.vectors_b64,
+                dimension: b.dimension,
+                metadata: b
+                    .metadata
+                    .map(|m| m.into_iter().map(|o| o.map(JsonObject)).collect()),
+                contents: b.contents,
+            },
+        })
+    }
 }
 
 /// Upsert and delete results.
@@ -437,7 +521,7 @@ impl VectorsApi {
         operation_id = "upsert_vectors_v1_vectors_upsert_post",
         tag = "Tag::Vectors"
     )]
-    async fn upsert(&self, creds: Credentials, body: Json<UpsertRequest>) -> UpsertResponse {
+    async fn upsert(&self, creds: Credentials, body: FastJson<UpsertRequest>) -> UpsertResponse {
         let state = self.state.clone();
         blocking(move || {
             let req = body.0;
@@ -476,7 +560,7 @@ impl VectorsApi {
     async fn upsert_binary(
         &self,
         creds: Credentials,
-        body: Json<BinaryUpsertRequest>,
+        body: FastJson<BinaryUpsertRequest>,
     ) -> UpsertResponse {
         let state = self.state.clone();
         blocking(move || {
