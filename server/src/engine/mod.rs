@@ -92,9 +92,9 @@ impl Precision {
         }
     }
     /// The value a vector has after a store/load round trip.
-    pub fn round(self, v: &[f32]) -> Vec<f32> {
+    pub fn round(self, v: &[f32]) -> std::borrow::Cow<'_, [f32]> {
         match self {
-            Self::F32 => v.to_vec(),
+            Self::F32 => std::borrow::Cow::Borrowed(v),
             Self::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
         }
     }
