@@ -402,6 +402,76 @@ mod tests {
         }
     }
 
+    /// Several writers and readers at once, with segments so small that every few batches
+    /// rotate and writers regularly wait for the checkpointer (the backpressure path).
+    #[test]
+    fn concurrent_writers_and_readers_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            durability: Durability::Relaxed,
+            segment_bytes: 2048,
+            segment_keys: 16,
+        };
+        let s = std::sync::Arc::new(RedbStore::open_dir_with(dir.path(), opts).unwrap());
+        let writers: Vec<_> = (0..4u32)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for round in 0..150u32 {
+                        let mut b = WriteBatch::new();
+                        for k in 0..5u32 {
+                            b.put(
+                                format!("w{t}/{:02}", (round + k) % 20).into_bytes(),
+                                format!("{round}").into_bytes(),
+                            );
+                        }
+                        if round % 7 == 0 {
+                            b.delete(format!("w{t}/{:02}", round % 20).into_bytes());
+                        }
+                        s.write(b).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let reader = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    for (k, v) in s.scan_prefix(b"w").unwrap() {
+                        // Every visible value is a whole number some batch wrote.
+                        let v: u32 = String::from_utf8(v).unwrap().parse().unwrap();
+                        assert!(v < 150, "{k:?}");
+                    }
+                }
+            })
+        };
+        for w in writers {
+            w.join().unwrap();
+        }
+        reader.join().unwrap();
+        // What each key must hold: replay each writer's batches in order.
+        let mut want = std::collections::BTreeMap::new();
+        for t in 0..4u32 {
+            for round in 0..150u32 {
+                for k in 0..5u32 {
+                    want.insert(format!("w{t}/{:02}", (round + k) % 20), format!("{round}"));
+                }
+                if round % 7 == 0 {
+                    want.remove(&format!("w{t}/{:02}", round % 20));
+                }
+            }
+        }
+        let want: Vec<KeyValue> = want
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+            .collect();
+        assert_eq!(s.scan_prefix(b"w").unwrap(), want);
+        let s = std::sync::Arc::into_inner(s).unwrap();
+        s.crash();
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        assert_eq!(s.scan_prefix(b"w").unwrap(), want);
+    }
+
     #[test]
     fn users_roundtrip_and_are_scoped_per_index() {
         let dir = tempfile::tempdir().unwrap();

@@ -451,8 +451,14 @@ impl Wal {
                     if let Ok(mut v) = self.view.write() {
                         v.frozen.pop_front();
                     }
-                    // The data is in redb: keep the file as the spare, or drop it.
-                    if self.dir.join(SPARE).exists()
+                    // The data is in redb: keep the file as the spare, or drop it. A reader
+                    // that found a value here before the segment left the view may still be
+                    // reading it through its own handle: then the file must not be reused
+                    // (unlinking keeps its bytes for that reader; overwriting would not).
+                    // No new reader can get a handle now that the view no longer lists it.
+                    let in_use = Arc::strong_count(&seg.file) > 1;
+                    if in_use
+                        || self.dir.join(SPARE).exists()
                         || std::fs::rename(&seg.path, self.dir.join(SPARE)).is_err()
                     {
                         let _ = std::fs::remove_file(&seg.path);
