@@ -1,5 +1,6 @@
-//! Engine benchmarks (no HTTP): distance kernels, one posting-list probe, and IVF search per
-//! query, single-threaded. Prints one JSON line per measurement.
+//! Engine benchmarks (no HTTP): distance kernels (float32 and the 8-bit first pass), one
+//! posting-list probe, and IVF search per query, single-threaded. Prints one JSON line per
+//! measurement.
 //!
 //!     cargo bench -p sealdb-server --bench engine
 //!     cargo bench -p sealdb-server --bench engine -- --data DIR --n-lists 256 --n-probes 1,8,32
@@ -75,6 +76,40 @@ fn kernels() {
             naive / s
         );
     }
+}
+
+/// One query against 40k rows (20 MB of float32, streamed from DRAM): the exact float32 scan
+/// against the 8-bit first pass used on heavily probed indexes.
+fn quant_vs_f32_scan() {
+    let dim = 128;
+    let rows = 40_000;
+    let data = clustered(rows, dim, 3);
+    let q = clustered(1, dim, 4);
+    let quant = distance::Quant::fit(data.chunks_exact(dim), dim).expect("rows");
+    let codes = quant.encode(&data);
+    let mut out = Vec::new();
+    let f = per_iter(50, || {
+        distance::scan(
+            Metric::SquaredEuclidean,
+            black_box(&q),
+            black_box(&data),
+            &[],
+            &mut out,
+        );
+        black_box(&out);
+    });
+    let mut raw = Vec::new();
+    let s = per_iter(50, || {
+        let qc = quant.prepare(black_box(&q));
+        distance::quant_scan(&qc, black_box(&codes), &mut raw);
+        black_box(&raw);
+    });
+    println!(
+        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"speedup\":{:.2}}}",
+        f * 1e6,
+        s * 1e6,
+        f / s
+    );
 }
 
 fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, Lease) {
@@ -201,6 +236,7 @@ fn main() {
         return;
     }
     kernels();
+    quant_vs_f32_scan();
     let dim = 128;
     let base = clustered(100_000, dim, 2);
     let queries = clustered(200, dim, 3);

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use sealdb_plugin_api::{IndexStore, WriteBatch};
 use serde_json::Value;
 
-use super::distance::{self, Metric};
+use super::distance::{self, Metric, Quant};
 use super::filter::Filter;
 use super::format::{self as fmt, IndexId, Reader, Writer};
 use super::kmeans::{self, KMeansParams};
@@ -48,6 +48,9 @@ pub(crate) struct Block {
     vecs: Vec<f32>,
     inv_norms: Vec<f32>,
     meta: Vec<Option<Arc<Value>>>,
+    /// 8-bit codes of `vecs` under the list's [`Quant`] (empty when the list has none).
+    /// Only [`code_block`] writes them; edits leave them stale until the block is installed.
+    codes: Vec<u8>,
 }
 
 impl Block {
@@ -62,6 +65,7 @@ impl Block {
             vecs: Vec::with_capacity(rows * dim),
             inv_norms: Vec::with_capacity(rows),
             meta: Vec::with_capacity(rows),
+            codes: Vec::new(),
         }
     }
 
@@ -157,6 +161,52 @@ impl Block {
 #[derive(Clone, Default)]
 pub(crate) struct PostingList {
     blocks: BTreeMap<u32, Arc<Block>>,
+    /// Set on indexes whose default probe count is large (see [`wants_quant`]).
+    quant: Option<Arc<Quant>>,
+}
+
+/// Rows as the quantiser sees them: unit length for angular metrics.
+fn quant_rows(blk: &Block, dim: usize, angular: bool) -> std::borrow::Cow<'_, [f32]> {
+    if angular {
+        blk.vecs
+            .chunks_exact(dim)
+            .zip(&blk.inv_norms)
+            .flat_map(|(r, inv)| r.iter().map(move |x| x * inv))
+            .collect()
+    } else {
+        std::borrow::Cow::Borrowed(&blk.vecs)
+    }
+}
+
+fn code_block(q: &Quant, blk: &mut Block, dim: usize, angular: bool) {
+    blk.codes = q.encode(&quant_rows(blk, dim, angular));
+}
+
+/// Whether an index's lists get an 8-bit first pass: when its calibrated default probes at
+/// least a quarter of the lists, scans dominate query time and are memory bound, so a quarter
+/// of the traffic pays for the codes' memory (one byte per dimension and vector). Indexes
+/// with well-separated clusters probe few lists and never pay it.
+fn wants_quant(trained: bool, default_probes: u32, n_lists: usize) -> bool {
+    trained && n_lists > 1 && default_probes as usize * 4 >= n_lists
+}
+
+/// Fit the list's quantiser and code every block.
+fn quantize_list(pl: &mut PostingList, dim: usize, angular: bool) {
+    let rows: Vec<std::borrow::Cow<'_, [f32]>> = pl
+        .blocks
+        .values()
+        .map(|b| quant_rows(b, dim, angular))
+        .collect();
+    let Some(q) = Quant::fit(rows.iter().flat_map(|r| r.chunks_exact(dim)), dim) else {
+        pl.quant = None;
+        return;
+    };
+    let codes: Vec<Vec<u8>> = rows.iter().map(|r| q.encode(r)).collect();
+    drop(rows);
+    for (blk, c) in pl.blocks.values_mut().zip(codes) {
+        Arc::make_mut(blk).codes = c;
+    }
+    pl.quant = Some(Arc::new(q));
 }
 
 impl PostingList {
@@ -394,6 +444,7 @@ impl Index {
         id: &IndexId,
         keys: &IndexKeys,
         declared_dim: u32,
+        metric: Metric,
     ) -> Result<Data, EngineError> {
         let sk = fmt::state_key(id);
         let st = match store.get(&sk)? {
@@ -443,7 +494,21 @@ impl Index {
             }
             pl.blocks.insert(bno, Arc::new(block));
         }
+        if wants_quant(data.trained, data.default_probes, data.lists.len()) {
+            let dim = data.dimension as usize;
+            data.lists
+                .par_iter_mut()
+                .for_each(|pl| quantize_list(pl, dim, metric.is_angular()));
+        }
         Ok(data)
+    }
+
+    /// `(lists with a quantiser, lists, default probes)`.
+    #[cfg(test)]
+    pub(crate) fn quant_state(&self) -> (usize, usize, u32) {
+        let d = self.data.read();
+        let q = d.lists.iter().filter(|pl| pl.quant.is_some()).count();
+        (q, d.lists.len(), d.default_probes)
     }
 
     /// Rough memory held by the open index (vectors, norms, ids, metadata, lookup table).
@@ -673,14 +738,16 @@ impl Index {
         self.store.write(batch)?;
         let mut d = self.data.write();
         d.dimension = plan.dimension;
-        Self::install(&mut d, plan.touched);
+        self.install(&mut d, plan.touched);
         for (id, loc) in plan.locate {
             d.locate.insert(id, loc);
         }
         Ok(d.count())
     }
 
-    fn install(d: &mut Data, touched: HashMap<(u32, u32), Block>) {
+    fn install(&self, d: &mut Data, touched: HashMap<(u32, u32), Block>) {
+        let dim = d.dimension as usize;
+        let angular = self.config.metric.is_angular();
         for ((l, b), blk) in touched {
             if d.lists.len() <= l as usize {
                 d.lists.resize(l as usize + 1, PostingList::default());
@@ -690,6 +757,10 @@ impl Index {
                 pl.blocks.remove(&b);
             } else {
                 let mut blk = blk;
+                match &pl.quant {
+                    Some(q) => code_block(q, &mut blk, dim, angular),
+                    None => blk.codes = Vec::new(),
+                }
                 if blk.vecs.capacity() > blk.vecs.len() + blk.vecs.len() / 8 {
                     blk.shrink();
                 }
@@ -740,7 +811,7 @@ impl Index {
         }
         self.store.write(batch)?;
         let mut d = self.data.write();
-        Self::install(&mut d, touched);
+        self.install(&mut d, touched);
         for id in &removed {
             d.locate.remove(id);
         }
@@ -916,12 +987,27 @@ impl Index {
 
     fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Vec<Hit> {
         let metric = self.config.metric;
+        let dim = d.dimension as usize;
         let mut qn = Vec::new();
         let q = self.query_view(q, &mut qn);
         let (probes, order) = self.probe_order(d, q, p);
-        let k = p.top_k;
         let probed = &order[..probes.min(order.len())];
+        // Quantised lists: a first pass over the 8-bit codes keeps RERANK times more
+        // candidates, which are then rescored exactly.
+        let quant = p.filter.is_none() && probed.iter().any(|&li| d.lists[li].quant.is_some());
+        let k = if quant {
+            p.top_k.saturating_mul(RERANK).max(p.top_k + 32)
+        } else {
+            p.top_k
+        };
         let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
+        let scan = |top: &mut TopK, li: usize| {
+            if quant {
+                top.scan_list_quant(metric, q, li, &d.lists[li], dim);
+            } else {
+                top.scan_list(metric, q, li, &d.lists[li], None);
+            }
+        };
         let heap = if p.filter.is_none() && volume >= PARALLEL_SCAN_MIN {
             // A large unfiltered scan: split the lists across cores, merge the partial top-k.
             probed
@@ -929,7 +1015,7 @@ impl Index {
                 .fold(
                     || TopK::new(k),
                     |mut top, &li| {
-                        top.scan_list(metric, q, li, &d.lists[li], None);
+                        scan(&mut top, li);
                         top
                     },
                 )
@@ -941,12 +1027,22 @@ impl Index {
                 if n >= probes && (p.filter.is_none() || top.heap.len() >= k) {
                     break;
                 }
-                top.scan_list(metric, q, li, &d.lists[li], p.filter.as_ref());
+                if p.filter.is_none() {
+                    scan(&mut top, li);
+                } else {
+                    top.scan_list(metric, q, li, &d.lists[li], p.filter.as_ref());
+                }
             }
             top
         }
         .heap;
-        self.hits(d, heap.into_vec(), p)
+        let mut cands = heap.into_vec();
+        if quant {
+            self.rescore(d, q, &mut cands);
+            cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
+            cands.truncate(p.top_k);
+        }
+        self.hits(d, cands, p)
     }
 
     /// Unfiltered batches: each posting list is read once for all the queries that probe it,
@@ -1036,21 +1132,27 @@ impl Index {
         tops.into_par_iter()
             .enumerate()
             .map(|(qi, top)| {
-                let q = &qm[qi * dim..][..dim];
                 let mut cands = top.heap.into_vec();
-                for c in &mut cands {
-                    if let Some(blk) = d.block(c.list, c.block) {
-                        let row = blk.vector(c.pos as usize, dim);
-                        c.score = if metric.is_angular() {
-                            1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
-                        } else {
-                            distance::l2sq(q, row)
-                        };
-                    }
-                }
+                self.rescore(d, &qm[qi * dim..][..dim], &mut cands);
                 self.hits(d, cands, p)
             })
             .collect()
+    }
+
+    /// Replace candidate scores with exact ones (the same kernels as a single scan).
+    fn rescore(&self, d: &Data, q: &[f32], cands: &mut [Cand]) {
+        let dim = d.dimension as usize;
+        let angular = self.config.metric.is_angular();
+        for c in cands {
+            if let Some(blk) = d.block(c.list, c.block) {
+                let row = blk.vector(c.pos as usize, dim);
+                c.score = if angular {
+                    1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
+                } else {
+                    distance::l2sq(q, row)
+                };
+            }
+        }
     }
 
     /// Candidates to hits, nearest first.
@@ -1258,6 +1360,12 @@ impl Index {
         batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
         self.store.write(batch)?;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
+        let mut lists = lists;
+        if wants_quant(true, probes as u32, lists.len()) {
+            lists
+                .par_iter_mut()
+                .for_each(|pl| quantize_list(pl, dim, angular));
+        }
         let mut d = self.data.write();
         d.gen = gen;
         d.trained = true;
@@ -1349,6 +1457,9 @@ fn calibrate_probes(
 /// Unfiltered queries that scan at least this many vectors use all cores.
 const PARALLEL_SCAN_MIN: usize = 8_192;
 
+/// Candidates kept per result by the first pass over quantised lists.
+const RERANK: usize = 4;
+
 /// Unfiltered batches of at least this many queries are answered list by list with matrix
 /// products (see `search_batch`).
 const BATCH_GEMM_MIN: usize = 8;
@@ -1390,6 +1501,49 @@ impl TopK {
                     if !f.matches(blk.meta[pos].as_deref()) {
                         continue;
                     }
+                }
+                self.push(Cand {
+                    score: s,
+                    list: li as u32,
+                    block: bno,
+                    pos: pos as u32,
+                });
+            }
+        }
+        self.scores = scores;
+    }
+
+    /// First pass over a quantised list: approximate scores in the metric's units
+    /// (squared L2, or `|a-b|^2 / 2 = 1 - cos` for unit vectors). Blocks whose codes are
+    /// missing are scanned exactly.
+    fn scan_list_quant(
+        &mut self,
+        metric: Metric,
+        q: &[f32],
+        li: usize,
+        list: &PostingList,
+        dim: usize,
+    ) {
+        let Some(quant) = &list.quant else {
+            return self.scan_list(metric, q, li, list, None);
+        };
+        let qc = quant.prepare(q);
+        let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
+        let mut raw = Vec::new();
+        let mut scores = std::mem::take(&mut self.scores);
+        for (&bno, blk) in &list.blocks {
+            if blk.codes.len() == blk.len() * dim {
+                distance::quant_scan(&qc, &blk.codes, &mut raw);
+                scores.clear();
+                scores.extend(raw.iter().map(|&r| r as f32 * unit));
+            } else {
+                distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+            }
+            for (pos, &s) in scores.iter().enumerate() {
+                if self.heap.len() >= self.k
+                    && s >= self.heap.peek().map_or(f32::INFINITY, |c| c.score)
+                {
+                    continue;
                 }
                 self.push(Cand {
                     score: s,

@@ -571,6 +571,7 @@ impl Engine {
             &meta.id,
             &ikeys,
             config.declared_dimension,
+            config.metric,
         )?;
         Ok(Arc::new(Index::assemble(
             name.to_owned(),

@@ -391,3 +391,80 @@ fn batch_queries_match_single_queries() {
         );
     }
 }
+
+/// Data without cluster structure makes the calibrated n_probes large, which turns on the
+/// 8-bit first pass. Results must match an exact scan of the same lists.
+#[test]
+fn quantised_first_pass_matches_exact_scan() {
+    for metric in [Metric::Euclidean, Metric::Cosine] {
+        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+        let kek = Kek::random();
+        let e = engine(store.clone());
+        create(&e, "q", &kek, cfg(metric, Precision::F32, 32));
+        let ix = e.open("q", Some(&kek)).unwrap();
+        let mut rng = StdRng::seed_from_u64(21);
+        let data: Vec<Vec<f32>> = (0..6000)
+            .map(|_| (0..32).map(|_| rng.random_range(-1.0..1.0f32)).collect())
+            .collect();
+        ix.upsert(
+            data.iter()
+                .enumerate()
+                .map(|(i, v)| item(&i.to_string(), v.clone(), json!({})))
+                .collect(),
+        )
+        .unwrap();
+        e.train_now(&ix, &TrainParams::default()).unwrap();
+        let (quantised, lists, probes) = ix.quant_state();
+        assert_eq!(
+            quantised, lists,
+            "{metric:?}: {probes} probes of {lists} lists should turn quantisation on"
+        );
+        let queries: Vec<Vec<f32>> = (0..60)
+            .map(|_| (0..32).map(|_| rng.random_range(-1.0..1.0f32)).collect())
+            .collect();
+        let mut p = params(10);
+        p.include.contents = false;
+        // A filter that matches everything takes the exact path over the same lists.
+        let mut exact_p = params(10);
+        exact_p.include.contents = false;
+        exact_p.filter = crate::engine::filter::Filter::compile(
+            json!({"absent": {"$exists": false}}).as_object().unwrap(),
+        )
+        .unwrap();
+        assert!(exact_p.filter.is_some());
+        let (mut same, mut total) = (0, 0);
+        for q in &queries {
+            let fast = ix.search(std::slice::from_ref(q), &p).unwrap().remove(0);
+            let exact = ix
+                .search(std::slice::from_ref(q), &exact_p)
+                .unwrap()
+                .remove(0);
+            assert!(fast.windows(2).all(|w| w[0].distance <= w[1].distance));
+            for h in &fast {
+                total += 1;
+                if let Some(x) = exact.iter().find(|x| x.id == h.id) {
+                    same += 1;
+                    assert_eq!(h.distance, x.distance, "{metric:?}: rescored exactly");
+                }
+            }
+        }
+        assert!(
+            same * 100 >= total * 97,
+            "{metric:?}: {same}/{total} agree with exact"
+        );
+        // Writes after training are coded too: a new vector finds itself; deleted, it is gone.
+        let v: Vec<f32> = (0..32).map(|i| i as f32 / 40.0 - 0.4).collect();
+        ix.upsert(vec![item("new", v.clone(), json!({}))]).unwrap();
+        let hits = ix.search(std::slice::from_ref(&v), &p).unwrap().remove(0);
+        assert_eq!(hits[0].id, "new");
+        assert!(hits[0].distance.abs() < 1e-5);
+        ix.delete_ids(&["new".to_string()]).unwrap();
+        let hits = ix.search(std::slice::from_ref(&v), &p).unwrap().remove(0);
+        assert!(hits.iter().all(|h| h.id != "new"));
+        // A reopened index quantises again.
+        let e2 = engine(store);
+        let ix2 = e2.open("q", Some(&kek)).unwrap();
+        let (quantised, lists, _) = ix2.quant_state();
+        assert_eq!(quantised, lists);
+    }
+}
