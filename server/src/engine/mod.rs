@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
 use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch};
@@ -95,7 +96,11 @@ impl Precision {
     pub fn round(self, v: &[f32]) -> std::borrow::Cow<'_, [f32]> {
         match self {
             Self::F32 => std::borrow::Cow::Borrowed(v),
-            Self::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+            Self::F16 => {
+                let mut out = vec![0f32; v.len()];
+                to_f16(v).convert_to_f32_slice(&mut out);
+                std::borrow::Cow::Owned(out)
+            }
         }
     }
     pub fn encode_into(self, v: &[f32], out: &mut Vec<u8>) {
@@ -108,9 +113,9 @@ impl Precision {
             Self::F32 => v
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::F16 => v
+            Self::F16 => to_f16(v)
                 .iter()
-                .for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
     pub fn decode(self, raw: &[u8], n: usize) -> Result<Vec<f32>, EngineError> {
@@ -124,12 +129,25 @@ impl Precision {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            Self::F16 => raw
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Self::F16 => {
+                let h: Vec<f16> = raw
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                let mut out = vec![0f32; n];
+                h.convert_to_f32_slice(&mut out);
+                out
+            }
         })
     }
+}
+
+/// Whole-slice conversion: `half` uses the CPU's F16C instructions eight values at a time
+/// when present (detected at run time), where per-value conversion goes one by one.
+fn to_f16(v: &[f32]) -> Vec<f16> {
+    let mut h = vec![f16::ZERO; v.len()];
+    h.convert_from_f32_slice(v);
+    h
 }
 
 /// The immutable part of an index's definition.
