@@ -1108,9 +1108,7 @@ impl Index {
                                 } else {
                                     (qn + x_norms[pos] - 2.0 * dt).max(0.0)
                                 };
-                                if top.heap.len() >= k
-                                    && s >= top.heap.peek().map_or(f32::INFINITY, |c| c.score)
-                                {
+                                if !top.beats_worst(s) {
                                     continue;
                                 }
                                 top.push(Cand {
@@ -1491,26 +1489,41 @@ impl TopK {
         let mut scores = std::mem::take(&mut self.scores);
         for (&bno, blk) in &list.blocks {
             distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
-            for (pos, &s) in scores.iter().enumerate() {
-                if self.heap.len() >= self.k
-                    && s >= self.heap.peek().map_or(f32::INFINITY, |c| c.score)
-                {
-                    continue;
-                }
-                if let Some(f) = filter {
-                    if !f.matches(blk.meta[pos].as_deref()) {
-                        continue;
-                    }
-                }
-                self.push(Cand {
-                    score: s,
-                    list: li as u32,
-                    block: bno,
-                    pos: pos as u32,
-                });
-            }
+            self.offer_block(&scores, li, bno, blk, filter);
         }
         self.scores = scores;
+    }
+
+    /// Offer one block's scores (row order) to the heap, skipping rows the filter rejects.
+    fn offer_block(
+        &mut self,
+        scores: &[f32],
+        li: usize,
+        bno: u32,
+        blk: &Block,
+        filter: Option<&Filter>,
+    ) {
+        for (pos, &s) in scores.iter().enumerate() {
+            if !self.beats_worst(s) {
+                continue;
+            }
+            if let Some(f) = filter {
+                if !f.matches(blk.meta[pos].as_deref()) {
+                    continue;
+                }
+            }
+            self.push(Cand {
+                score: s,
+                list: li as u32,
+                block: bno,
+                pos: pos as u32,
+            });
+        }
+    }
+
+    /// Whether a candidate with score `s` would enter the heap.
+    fn beats_worst(&self, s: f32) -> bool {
+        self.heap.len() < self.k || s < self.heap.peek().map_or(f32::INFINITY, |c| c.score)
     }
 
     /// First pass over a quantised list: approximate scores in the metric's units
@@ -1539,19 +1552,7 @@ impl TopK {
             } else {
                 distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
             }
-            for (pos, &s) in scores.iter().enumerate() {
-                if self.heap.len() >= self.k
-                    && s >= self.heap.peek().map_or(f32::INFINITY, |c| c.score)
-                {
-                    continue;
-                }
-                self.push(Cand {
-                    score: s,
-                    list: li as u32,
-                    block: bno,
-                    pos: pos as u32,
-                });
-            }
+            self.offer_block(&scores, li, bno, blk, None);
         }
         self.scores = scores;
     }

@@ -47,6 +47,14 @@ fn item(id: &str, v: Vec<f32>, meta: serde_json::Value) -> NewItem {
     }
 }
 
+/// Items "0", "1", ... with the given vectors and empty metadata.
+fn numbered(data: &[Vec<f32>]) -> Vec<NewItem> {
+    data.iter()
+        .enumerate()
+        .map(|(i, v)| item(&i.to_string(), v.clone(), json!({})))
+        .collect()
+}
+
 fn params(k: usize) -> SearchParams {
     SearchParams {
         top_k: k,
@@ -357,15 +365,12 @@ fn batch_queries_match_single_queries() {
         create(&e, "b", &kek, cfg(metric, precision, 24));
         let ix = e.open("b", Some(&kek)).unwrap();
         let data = clustered(4000, 24, 30, 11);
-        ix.upsert(
-            data.iter()
-                .enumerate()
-                .map(|(i, v)| item(&i.to_string(), v.clone(), json!({})))
-                .collect(),
-        )
-        .unwrap();
+        ix.upsert(numbered(&data)).unwrap();
         if train {
             e.train_now(&ix, &TrainParams::default()).unwrap();
+            // Clear clusters need few probes, so no list carries 8-bit codes.
+            let (quantised, lists, probes) = ix.quant_state();
+            assert_eq!(quantised, 0, "{probes} probes of {lists} lists");
         }
         let queries: Vec<Vec<f32>> = clustered(40, 24, 30, 99);
         let mut p = params(10);
@@ -406,13 +411,7 @@ fn quantised_first_pass_matches_exact_scan() {
         let data: Vec<Vec<f32>> = (0..6000)
             .map(|_| (0..32).map(|_| rng.random_range(-1.0..1.0f32)).collect())
             .collect();
-        ix.upsert(
-            data.iter()
-                .enumerate()
-                .map(|(i, v)| item(&i.to_string(), v.clone(), json!({})))
-                .collect(),
-        )
-        .unwrap();
+        ix.upsert(numbered(&data)).unwrap();
         e.train_now(&ix, &TrainParams::default()).unwrap();
         let (quantised, lists, probes) = ix.quant_state();
         assert_eq!(
