@@ -104,10 +104,16 @@ fn quant_vs_f32_scan() {
         distance::quant_scan(&qc, black_box(&codes), &mut raw);
         black_box(&raw);
     });
+    let p = per_iter(50, || {
+        let qc = quant.prepare(black_box(&q));
+        distance::quant_scan_portable(&qc, black_box(&codes), &mut raw);
+        black_box(&raw);
+    });
     println!(
-        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"speedup\":{:.2}}}",
+        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"quant8_portable_us\":{:.1},\"speedup\":{:.2}}}",
         f * 1e6,
         s * 1e6,
+        p * 1e6,
         f / s
     );
 }

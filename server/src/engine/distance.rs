@@ -236,6 +236,9 @@ mod tests {
             let qc = q.prepare(&query);
             let mut out = Vec::new();
             quant_scan(&qc, &codes, &mut out);
+            let mut portable = Vec::new();
+            quant_scan_portable(&qc, &codes, &mut portable);
+            assert_eq!(out, portable, "dim {dim}");
             for (r, (&got, row_codes)) in out.iter().zip(codes.chunks_exact(dim)).enumerate() {
                 let want: i64 = qc
                     .iter()
@@ -390,5 +393,120 @@ impl WithSimd for QuantScan<'_> {
 
 /// Squared L2, in code units, of a prepared query against every coded row.
 pub fn quant_scan(q: &[i16], codes: &[u8], out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        return Simd::vectorize(
+            simd,
+            avx2::QuantScan {
+                simd,
+                q,
+                codes,
+                out,
+            },
+        );
+    }
+    quant_scan_portable(q, codes, out);
+}
+
+/// [`quant_scan`] without the hand-written AVX2 form: what CPUs without AVX2 run. Public for
+/// the benchmark and the tests, which hold both forms to the same sums.
+pub fn quant_scan_portable(q: &[i16], codes: &[u8], out: &mut Vec<u32>) {
     Arch::new().dispatch(QuantScan { q, codes, out });
+}
+
+/// The 8-bit scan written out for AVX2, where it carries most of a heavily probed query:
+/// 16 dimensions per step (widen the codes to i16, subtract, `vpmaddwd` the difference with
+/// itself into i32 pairs), four rows at a time so that the query chunk is loaded once and
+/// four accumulator chains run in parallel. About 2x the auto-vectorised form
+/// (`cargo bench --bench engine`, `scan_40k_rows`). Everything is pulp's safe wrappers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::{__m128i, __m256i};
+    use pulp::x86::V3;
+    use pulp::{Simd, WithSimd};
+
+    pub(super) struct QuantScan<'a> {
+        pub simd: V3,
+        pub q: &'a [i16],
+        pub codes: &'a [u8],
+        pub out: &'a mut Vec<u32>,
+    }
+
+    impl WithSimd for QuantScan<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) {
+            let Self {
+                simd,
+                q,
+                codes,
+                out,
+            } = self;
+            let dim = q.len();
+            out.clear();
+            if dim == 0 {
+                return;
+            }
+            let head = dim / 16 * 16;
+            let qv: &[[i16; 16]] = pulp::as_arrays::<16, _>(&q[..head]).0;
+            let tail = |row: &[u8]| -> u32 {
+                q[head..]
+                    .iter()
+                    .zip(&row[head..])
+                    .map(|(&a, &c)| {
+                        let t = (a - c as i16) as i32;
+                        (t * t) as u32
+                    })
+                    .sum()
+            };
+            let (a2, a, s2) = (simd.avx2, simd.avx, simd.sse2);
+            let load = |b: &[u8]| -> __m256i {
+                let x: __m128i = bytemuck::pod_read_unaligned(&b[..16]);
+                a2._mm256_cvtepu8_epi16(x)
+            };
+            // |q - c| <= 765 fits i16, and one vpmaddwd pair sums below 2^21.
+            let step = |acc: __m256i, qc: __m256i, x: __m256i| -> __m256i {
+                let d = a2._mm256_sub_epi16(qc, x);
+                a2._mm256_add_epi32(acc, a2._mm256_madd_epi16(d, d))
+            };
+            let mut quads = codes.chunks_exact(4 * dim);
+            for quad in &mut quads {
+                let (r0, rest) = quad.split_at(dim);
+                let (r1, rest) = rest.split_at(dim);
+                let (r2, r3) = rest.split_at(dim);
+                let z = a._mm256_setzero_si256();
+                let (mut c0, mut c1, mut c2, mut c3) = (z, z, z, z);
+                for (i, qa) in qv.iter().enumerate() {
+                    let qc: __m256i = bytemuck::cast(*qa);
+                    let o = i * 16;
+                    c0 = step(c0, qc, load(&r0[o..]));
+                    c1 = step(c1, qc, load(&r1[o..]));
+                    c2 = step(c2, qc, load(&r2[o..]));
+                    c3 = step(c3, qc, load(&r3[o..]));
+                }
+                // Horizontal sums of the four accumulators in one vector.
+                let h = a2
+                    ._mm256_hadd_epi32(a2._mm256_hadd_epi32(c0, c1), a2._mm256_hadd_epi32(c2, c3));
+                let sum = s2._mm_add_epi32(
+                    a._mm256_castsi256_si128(h),
+                    a2._mm256_extracti128_si256::<1>(h),
+                );
+                let s: [u32; 4] = bytemuck::cast(sum);
+                out.extend([
+                    s[0] + tail(r0),
+                    s[1] + tail(r1),
+                    s[2] + tail(r2),
+                    s[3] + tail(r3),
+                ]);
+            }
+            for row in quads.remainder().chunks_exact(dim) {
+                let mut c = a._mm256_setzero_si256();
+                for (i, qa) in qv.iter().enumerate() {
+                    c = step(c, bytemuck::cast(*qa), load(&row[i * 16..]));
+                }
+                let s: [u32; 8] = bytemuck::cast(c);
+                out.push(s.iter().sum::<u32>() + tail(row));
+            }
+        }
+    }
 }

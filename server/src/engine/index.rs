@@ -77,6 +77,18 @@ impl Block {
         self.meta.shrink_to_fit();
     }
 
+    /// A copy with room for `rows` more vectors (a plain clone has no spare capacity, so
+    /// filling it would reallocate as it grows).
+    fn clone_with_room(&self, rows: usize, dim: usize) -> Self {
+        let mut b = Self::with_capacity(self.len() + rows, dim);
+        b.ids.extend_from_slice(&self.ids);
+        b.vecs.extend_from_slice(&self.vecs);
+        b.inv_norms.extend_from_slice(&self.inv_norms);
+        b.meta.extend_from_slice(&self.meta);
+        b.codes.extend_from_slice(&self.codes);
+        b
+    }
+
     fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>) {
         self.ids.push(id);
         self.vecs.extend_from_slice(vec);
@@ -591,9 +603,38 @@ impl Index {
 
     /// Insert or overwrite items. All items are validated first; on any error nothing is
     /// written. Returns the number of vectors the index now holds.
-    pub fn upsert(&self, items: Vec<NewItem>) -> Result<usize, EngineError> {
+    pub fn upsert(&self, mut items: Vec<NewItem>) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
+        if let Some(it) = items
+            .par_iter()
+            .with_min_len(64)
+            .find_first(|it| it.vector.iter().any(|x| !x.is_finite()))
+        {
+            return Err(EngineError::Invalid(format!(
+                "item '{}' has a NaN or infinite component",
+                it.id
+            )));
+        }
+        // Stored precision next (in place, across cores): from here on every vector is
+        // exactly what a later read will return.
+        let precision = self.config.precision;
+        if precision != Precision::F32 {
+            if let Some(it) = items
+                .par_iter_mut()
+                .with_min_len(64)
+                .map(|it| {
+                    precision.round_in_place(&mut it.vector);
+                    it
+                })
+                .find_first(|it| it.vector.iter().any(|x| !x.is_finite()))
+            {
+                return Err(EngineError::Invalid(format!(
+                    "item '{}' has a component beyond float16's range (+-65504)",
+                    it.id
+                )));
+            }
+        }
         // Later duplicates of an id win, as if the items were upserted one by one.
         let mut last: HashMap<&str, usize> =
             HashMap::with_capacity_and_hasher(items.len(), Default::default());
@@ -627,12 +668,6 @@ impl Index {
                         dimension
                     )));
                 }
-                if it.vector.iter().any(|x| !x.is_finite()) {
-                    return Err(EngineError::Invalid(format!(
-                        "item '{}' has a NaN or infinite component",
-                        it.id
-                    )));
-                }
             }
             let dim = dimension as usize;
             let cap = Self::block_cap(dim, self.config.precision);
@@ -645,15 +680,17 @@ impl Index {
                 }
                 if let Some(&(l, b)) = d.locate.get(&it.id) {
                     let blk = touched.entry((l, b)).or_insert_with(|| {
-                        d.block(l, b).map(|x| (**x).clone()).unwrap_or_default()
+                        d.block(l, b)
+                            .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
+                            .unwrap_or_default()
                     });
                     if let Some(pos) = blk.position(&it.id) {
                         blk.swap_remove(pos, dim);
                     }
                 }
-                let stored = self.config.precision.round(&it.vector);
+                let stored = &it.vector[..];
                 let list = if dimension == d.dimension {
-                    self.assign_list(&d, &stored)
+                    self.assign_list(&d, stored)
                 } else {
                     0
                 };
@@ -667,8 +704,8 @@ impl Index {
                 let full = {
                     let blk = touched.entry((list, bno)).or_insert_with(|| {
                         d.block(list, bno)
-                            .map(|x| (**x).clone())
-                            .unwrap_or_default()
+                            .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
+                            .unwrap_or_else(|| Block::with_capacity(cap, dim))
                     });
                     blk.len() >= cap
                 };
@@ -682,8 +719,8 @@ impl Index {
                     .map(|m| Arc::new(Value::Object(m.clone())));
                 touched
                     .entry((list, bno))
-                    .or_default()
-                    .push(it.id.clone(), &stored, meta);
+                    .or_insert_with(|| Block::with_capacity(cap, dim))
+                    .push(it.id.clone(), stored, meta);
                 locate.push((it.id.clone(), (list, bno)));
                 match &it.contents {
                     Some(c) if !c.is_empty() => {
@@ -1010,15 +1047,21 @@ impl Index {
         };
         let heap = if p.filter.is_none() && volume >= PARALLEL_SCAN_MIN {
             // A large unfiltered scan: split the lists across cores, merge the partial top-k.
+            // Two runs of lists per worker: each run fills its own heap from empty, so more
+            // and smaller pieces would cost heap work without balancing load any better.
+            let run = probed
+                .len()
+                .div_ceil(2 * rayon::current_num_threads())
+                .max(1);
             probed
-                .par_iter()
-                .fold(
-                    || TopK::new(k),
-                    |mut top, &li| {
+                .par_chunks(run)
+                .map(|lists| {
+                    let mut top = TopK::new(k);
+                    for &li in lists {
                         scan(&mut top, li);
-                        top
-                    },
-                )
+                    }
+                    top
+                })
                 .reduce(|| TopK::new(k), TopK::merge)
         } else {
             let mut top = TopK::new(k);
@@ -1547,14 +1590,43 @@ impl TopK {
         for (&bno, blk) in &list.blocks {
             if blk.codes.len() == blk.len() * dim {
                 distance::quant_scan(&qc, &blk.codes, &mut raw);
-                scores.clear();
-                scores.extend(raw.iter().map(|&r| r as f32 * unit));
+                // Compare in code units first: most rows fail one integer comparison.
+                let mut limit = self.raw_limit(unit);
+                for (pos, &r) in raw.iter().enumerate() {
+                    if r > limit {
+                        continue;
+                    }
+                    let s = r as f32 * unit;
+                    if self.beats_worst(s) {
+                        self.push(Cand {
+                            score: s,
+                            list: li as u32,
+                            block: bno,
+                            pos: pos as u32,
+                        });
+                        limit = self.raw_limit(unit);
+                    }
+                }
             } else {
                 distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+                self.offer_block(&scores, li, bno, blk, None);
             }
-            self.offer_block(&scores, li, bno, blk, None);
         }
         self.scores = scores;
+    }
+
+    /// The largest raw code distance that could still enter the heap, for a list whose code
+    /// unit is `unit` (a superset bound: `beats_worst` decides).
+    fn raw_limit(&self, unit: f32) -> u32 {
+        if self.heap.len() < self.k {
+            return u32::MAX;
+        }
+        let w = self.heap.peek().map_or(f32::INFINITY, |c| c.score) / unit;
+        if w.is_nan() || w >= u32::MAX as f32 {
+            u32::MAX
+        } else {
+            w.max(0.0) as u32
+        }
     }
 
     fn push(&mut self, c: Cand) {

@@ -92,14 +92,15 @@ impl Precision {
             Self::F16 => 2,
         }
     }
-    /// The value a vector has after a store/load round trip.
-    pub fn round(self, v: &[f32]) -> std::borrow::Cow<'_, [f32]> {
-        match self {
-            Self::F32 => std::borrow::Cow::Borrowed(v),
-            Self::F16 => {
-                let mut out = vec![0f32; v.len()];
-                to_f16(v).convert_to_f32_slice(&mut out);
-                std::borrow::Cow::Owned(out)
+    /// Give `v` the value it will have after a store/load round trip (float16 converts
+    /// through a small stack buffer, whole slices at a time, with no allocation).
+    pub fn round_in_place(self, v: &mut [f32]) {
+        if let Self::F16 = self {
+            let mut h = [f16::ZERO; 64];
+            for c in v.chunks_mut(64) {
+                let h = &mut h[..c.len()];
+                h.convert_from_f32_slice(c);
+                h.convert_to_f32_slice(c);
             }
         }
     }
@@ -113,6 +114,12 @@ impl Precision {
             Self::F32 => v
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            #[cfg(target_endian = "little")]
+            Self::F16 => {
+                use half::slice::HalfFloatSliceExt as _;
+                out.extend_from_slice(bytemuck::cast_slice(to_f16(v).reinterpret_cast()))
+            }
+            #[cfg(not(target_endian = "little"))]
             Self::F16 => to_f16(v)
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),

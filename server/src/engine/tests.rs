@@ -467,3 +467,64 @@ fn quantised_first_pass_matches_exact_scan() {
         assert_eq!(quantised, lists);
     }
 }
+
+#[test]
+fn float16_rounds_like_per_value_conversion_and_rejects_overflow() {
+    use half::f16;
+    // Awkward values: ties, subnormals, the largest finite float16, both signs, zeros.
+    let mut v: Vec<f32> = (0..2000)
+        .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi(i % 11 - 6))
+        .collect();
+    v.extend([
+        0.0,
+        -0.0,
+        65504.0,
+        -65504.0,
+        65519.0,
+        1.0e-8,
+        5.96e-8,
+        2.0f32.powi(-14),
+        1.0 + 2.0f32.powi(-11),
+        1.0 + 3.0 * 2.0f32.powi(-11),
+    ]);
+    let want: Vec<f32> = v.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+    let mut got = v.clone();
+    Precision::F16.round_in_place(&mut got);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.to_bits(), w.to_bits());
+    }
+    // Encoding and decoding keep exactly the rounded values.
+    let mut bytes = Vec::new();
+    Precision::F16.encode_into(&got, &mut bytes);
+    assert_eq!(Precision::F16.decode(&bytes, got.len()).unwrap(), got);
+    let mut f32s = v.clone();
+    Precision::F32.round_in_place(&mut f32s);
+    assert_eq!(f32s, v);
+
+    // Through the engine: what is stored is what a read returns; a component beyond
+    // float16's range is refused and nothing of the batch is written.
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store);
+    create(&e, "h", &kek, cfg(Metric::Euclidean, Precision::F16, 3));
+    let ix = e.open("h", Some(&kek)).unwrap();
+    ix.upsert(vec![item("a", vec![0.1, 1.0e-6, 3.3], json!({}))])
+        .unwrap();
+    let include = Include {
+        vector: true,
+        ..Include::default()
+    };
+    let got = ix.get(&["a".to_string()], include).unwrap();
+    let mut want = vec![0.1, 1.0e-6, 3.3];
+    Precision::F16.round_in_place(&mut want);
+    assert_eq!(got[0].vector.as_deref(), Some(&want[..]));
+    let err = ix
+        .upsert(vec![
+            item("b", vec![1.0, 2.0, 3.0], json!({})),
+            item("c", vec![1.0, 70000.0, 3.0], json!({})),
+        ])
+        .unwrap_err();
+    assert!(matches!(&err, EngineError::Invalid(m) if m.contains("'c'") && m.contains("float16")));
+    assert_eq!(e.describe(&ix).num_vectors, 1);
+    assert!(ix.get(&["b".to_string()], include).unwrap().is_empty());
+}
