@@ -34,6 +34,10 @@ const DEFAULT_MAX_ITERS: usize = 25;
 /// calibrated n_probes absorbs what little list quality is lost).
 const TRAIN_SAMPLE_PER_LIST: usize = 128;
 
+/// Default early stop for k-means: fewer than this fraction of sample points changed list in
+/// the last iteration.
+const SETTLE_FRACTION: f64 = 0.01;
+
 /// Training writes the new generation in store batches of about this size (each batch is
 /// briefly held sealed in memory next to both generations).
 const TRAIN_WRITE_CHUNK_BYTES: usize = 4 << 20;
@@ -1281,12 +1285,19 @@ impl Index {
             k,
             max_iters: p.max_iters.filter(|&x| x > 0).unwrap_or(DEFAULT_MAX_ITERS),
             tolerance: p.tolerance.filter(|t| *t >= 0.0).unwrap_or(1e-6),
+            // Without explicit convergence settings, stop once fewer than SETTLE_FRACTION of
+            // the sample changes list; explicit max_iters or tolerance are followed as given.
+            settle: if p.max_iters.is_none() && p.tolerance.is_none() {
+                SETTLE_FRACTION
+            } else {
+                0.0
+            },
             batch_size: p.batch_size.filter(|&x| x > 0).unwrap_or(2048),
             seed,
         };
         let t_kmeans = std::time::Instant::now();
-        let centroids = kmeans::train(&sample, dim, &params);
-        tracing::debug!(index = %self.name, rows = sample.len() / dim, secs = t_kmeans.elapsed().as_secs_f32(), "k-means done");
+        let (centroids, passes) = kmeans::train(&sample, dim, &params);
+        tracing::debug!(index = %self.name, rows = sample.len() / dim, passes, secs = t_kmeans.elapsed().as_secs_f32(), "k-means done");
         drop(sample);
         let k = centroids.len() / dim;
         self.install_training(centroids, k, dim, params.batch_size)
