@@ -349,7 +349,8 @@ fn open(
         .open_index(&state.engine, &principal, action, name, kek.as_ref())?)
 }
 
-fn decode_f32s(b64: &str, dimension: i64, what: &str) -> Result<(Vec<f32>, usize), ApiError> {
+/// Decode `vectors_b64` (little-endian float32, `dimension` per row) into one vector per row.
+fn decode_rows(b64: &str, dimension: i64, what: &str) -> Result<Vec<Vec<f32>>, ApiError> {
     if !(1..=65_536).contains(&dimension) {
         return Err(ApiError::invalid(format!(
             "{what}.dimension must be between 1 and 65536 (got {dimension})"
@@ -368,19 +369,19 @@ fn decode_f32s(b64: &str, dimension: i64, what: &str) -> Result<(Vec<f32>, usize
             "{what}.vectors_b64 holds {len} bytes, not a whole number of {dimension}-dimensional float32 vectors"
         )));
     }
-    // Decode straight into the f32 buffer (SIMD), then fix the byte order on big-endian hosts.
-    let mut v = vec![0f32; len / 4];
-    base64_simd::STANDARD
-        .decode(
-            text,
-            base64_simd::Out::from_slice(bytemuck::cast_slice_mut(&mut v)),
-        )
+    // SIMD decode into an uninitialised buffer, then one copy per row into its own vector
+    // (a plain copy on little-endian hosts; the compiler turns the loop into one).
+    let bytes = base64_simd::STANDARD
+        .decode_to_vec(text)
         .map_err(|e| invalid(&e))?;
-    #[cfg(not(target_endian = "little"))]
-    for x in &mut v {
-        *x = f32::from_bits(u32::from_le(x.to_bits()));
-    }
-    Ok((v, len / row))
+    Ok(bytes
+        .chunks_exact(row)
+        .map(|r| {
+            r.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+        .collect())
 }
 
 fn no_embedding(ix: &Index, what: &str) -> ApiError {
@@ -567,14 +568,14 @@ impl VectorsApi {
             let req = body.0;
             let ix = open(&state, &creds, Action::Write, &req.index)?;
             let b = req.batch;
-            let (flat, n) = decode_f32s(&b.vectors_b64, b.dimension, "batch")?;
+            let rows = decode_rows(&b.vectors_b64, b.dimension, "batch")?;
+            let n = rows.len();
             if n != b.ids.len() {
                 return Err(ApiError::invalid(format!(
                     "batch holds {n} vectors but {} ids",
                     b.ids.len()
                 )));
             }
-            let dim = b.dimension as usize;
             let mut metadata = b.metadata.unwrap_or_else(|| vec![None; n]);
             let mut contents = b.contents.unwrap_or_else(|| vec![None; n]);
             if metadata.len() != n || contents.len() != n {
@@ -587,12 +588,13 @@ impl VectorsApi {
             let items = b
                 .ids
                 .into_iter()
-                .enumerate()
-                .map(|(i, id)| NewItem {
+                .zip(rows)
+                .zip(metadata.iter_mut().zip(contents.iter_mut()))
+                .map(|((id, vector), (m, c))| NewItem {
                     id,
-                    vector: flat[i * dim..(i + 1) * dim].to_vec(),
-                    metadata: metadata[i].take().map(|m| m.0),
-                    contents: contents[i].take(),
+                    vector,
+                    metadata: m.take().map(|m| m.0),
+                    contents: c.take(),
                 })
                 .collect();
             upsert_items(&state, &ix, items)
@@ -657,12 +659,10 @@ impl VectorsApi {
         blocking(move || {
             let q = body.0;
             let ix = open(&state, &creds, Action::Read, &q.index)?;
-            let (flat, n) = decode_f32s(&q.batch.vectors_b64, q.batch.dimension, "batch")?;
-            if n == 0 {
+            let queries = decode_rows(&q.batch.vectors_b64, q.batch.dimension, "batch")?;
+            if queries.is_empty() {
                 return Err(ApiError::invalid("batch.vectors_b64 holds no vectors"));
             }
-            let dim = q.batch.dimension as usize;
-            let queries = flat.chunks_exact(dim).map(<[f32]>::to_vec).collect();
             Ok(QueryResponse {
                 results: QueryResults::Batch(run_query(&ix, queries, q.options)?),
             })

@@ -610,11 +610,7 @@ impl Index {
     pub fn upsert(&self, mut items: Vec<NewItem>) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
-        if let Some(it) = items
-            .par_iter()
-            .with_min_len(64)
-            .find_first(|it| it.vector.iter().any(|x| !x.is_finite()))
-        {
+        if let Some(it) = items.iter().find(|it| has_non_finite(&it.vector)) {
             return Err(EngineError::Invalid(format!(
                 "item '{}' has a NaN or infinite component",
                 it.id
@@ -631,7 +627,7 @@ impl Index {
                     precision.round_in_place(&mut it.vector);
                     it
                 })
-                .find_first(|it| it.vector.iter().any(|x| !x.is_finite()))
+                .find_first(|it| has_non_finite(&it.vector))
             {
                 return Err(EngineError::Invalid(format!(
                     "item '{}' has a component beyond float16's range (+-65504)",
@@ -640,11 +636,18 @@ impl Index {
             }
         }
         // Later duplicates of an id win, as if the items were upserted one by one.
-        let mut last: HashMap<&str, usize> =
-            HashMap::with_capacity_and_hasher(items.len(), Default::default());
-        for (i, it) in items.iter().enumerate() {
-            last.insert(it.id.as_str(), i);
-        }
+        let keep: Vec<bool> = {
+            let mut last: HashMap<&str, usize> =
+                HashMap::with_capacity_and_hasher(items.len(), Default::default());
+            for (i, it) in items.iter().enumerate() {
+                last.insert(it.id.as_str(), i);
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| last[it.id.as_str()] == i)
+                .collect()
+        };
         let plan;
         let mut batch = WriteBatch::new();
         {
@@ -677,12 +680,13 @@ impl Index {
             let cap = Self::block_cap(dim, self.config.precision);
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut tails: HashMap<u32, u32> = HashMap::default();
-            let mut locate = Vec::with_capacity(last.len());
-            for (i, it) in items.iter().enumerate() {
-                if last[it.id.as_str()] != i {
+            let mut locate = Vec::with_capacity(items.len());
+            for (it, keep) in items.into_iter().zip(keep) {
+                if !keep {
                     continue;
                 }
-                if let Some(&(l, b)) = d.locate.get(&it.id) {
+                let existing = d.locate.get(&it.id).copied();
+                if let Some((l, b)) = existing {
                     let blk = touched.entry((l, b)).or_insert_with(|| {
                         d.block(l, b)
                             .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
@@ -717,15 +721,11 @@ impl Index {
                     bno = tail + 1;
                     tails.insert(list, bno);
                 }
-                let meta = it
-                    .metadata
-                    .as_ref()
-                    .map(|m| Arc::new(Value::Object(m.clone())));
+                let meta = it.metadata.map(|m| Arc::new(Value::Object(m)));
                 touched
                     .entry((list, bno))
                     .or_insert_with(|| Block::with_capacity(cap, dim))
                     .push(it.id.clone(), stored, meta);
-                locate.push((it.id.clone(), (list, bno)));
                 match &it.contents {
                     Some(c) if !c.is_empty() => {
                         let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
@@ -736,11 +736,12 @@ impl Index {
                     }
                     // An overwrite without contents drops the old contents; a new item has
                     // no item record to drop.
-                    _ if d.locate.contains_key(&it.id) => {
+                    _ if existing.is_some() => {
                         batch.delete(fmt::item_key(&self.id, &self.keys.id_locator(&it.id)));
                     }
                     _ => {}
                 }
+                locate.push((it.id, (list, bno)));
             }
             let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
                 .par_iter()
@@ -1672,6 +1673,11 @@ impl Ord for Cand {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.score.total_cmp(&o.score)
     }
+}
+
+/// Whether `v` holds a NaN or an infinity (no early exit, so the loop vectorises).
+fn has_non_finite(v: &[f32]) -> bool {
+    v.iter().fold(false, |bad, x| bad | !x.is_finite())
 }
 
 fn corrupt(_: crate::keys::KeyError) -> EngineError {

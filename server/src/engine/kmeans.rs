@@ -325,7 +325,9 @@ mod tests {
     #[test]
     fn settle_stops_once_few_points_move() {
         let mut rng = StdRng::seed_from_u64(3);
-        let data: Vec<f32> = (0..4000 * 8).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        let data: Vec<f32> = (0..4000 * 8)
+            .map(|_| rng.random_range(-1.0..1.0f32))
+            .collect();
         let run = |settle: f64| {
             let p = KMeansParams {
                 k: 32,
