@@ -70,10 +70,44 @@ mod wire {
     use serde::Deserialize;
     use serde_json::{Map, Value};
 
+    thread_local! {
+        /// Length of the last vector parsed on this thread: the next one is most likely as
+        /// long, so its buffer starts at that size instead of growing by doubling.
+        static LAST_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A JSON array of numbers as `Vec<f32>`, allocated once at the expected length.
+    pub struct Floats(pub Vec<f32>);
+
+    impl<'de> Deserialize<'de> for Floats {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Vec<f32>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a sequence")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Vec<f32>, A::Error> {
+                    let hint = LAST_LEN.with(|l| l.get()).min(65_536);
+                    let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).max(hint));
+                    while let Some(x) = seq.next_element::<f32>()? {
+                        v.push(x);
+                    }
+                    LAST_LEN.with(|l| l.set(v.len()));
+                    Ok(v)
+                }
+            }
+            d.deserialize_seq(V).map(Floats)
+        }
+    }
+
     #[derive(Deserialize)]
     pub struct Item {
         pub id: String,
-        pub vector: Option<Vec<f32>>,
+        pub vector: Option<Floats>,
         pub contents: Option<String>,
         pub metadata: Option<Map<String, Value>>,
     }
@@ -115,7 +149,7 @@ impl FromJsonBytes for UpsertRequest {
                 .into_iter()
                 .map(|i| VectorItem {
                     id: i.id,
-                    vector: i.vector,
+                    vector: i.vector.map(|v| v.0),
                     contents: i.contents,
                     metadata: i.metadata.map(JsonObject),
                 })
