@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Print a Markdown table of ours vs the original from compare.sh's JSON lines, as ratios."""
+"""Print Markdown tables of ours vs the original from compare.sh's JSON lines, as ratios.
+
+    report.py RESULTS.jsonl                     per-scenario tables of one run
+    report.py --combined RUN.jsonl [EARLIER.jsonl ...]
+                                                one table, scenarios as columns, each cell
+                                                "ours vs original (ratio; earlier runs' ratios)"
+"""
 import json
 import sys
 
@@ -57,5 +63,48 @@ def main(path):
                           f"{fb['p50_ms'] / fa['p50_ms']:.1f}x")
 
 
+def load(path):
+    by = {}
+    for line in open(path):
+        if line.strip():
+            r = json.loads(line)
+            by.setdefault(r["scenario"], {})[r["server"]] = r
+    return by
+
+
+def ratio(run, scen, key, higher):
+    s = run.get(scen, {})
+    a, b = s.get("sealdb", {}).get(key), s.get("original", {}).get(key)
+    if not a or not b:
+        return None
+    return a / b if higher else b / a
+
+
+def combined(paths):
+    runs = [load(p) for p in paths]
+    main_run = runs[0]
+    scens = list(main_run)
+    print("| metric | " + " | ".join(scens) + " |")
+    print("|---|" + "---|" * len(scens))
+    for key, label, higher in ROWS:
+        cells = []
+        for scen in scens:
+            s = main_run[scen]
+            a, b = s.get("sealdb", {}).get(key), s.get("original", {}).get(key)
+            if key == "recall_at_10":
+                cells.append(f"{fmt(a)} vs {fmt(b)}")
+                continue
+            r = ratio(main_run, scen, key, higher)
+            cell = f"{fmt(a)} vs {fmt(b)} (**{r:.1f}x**" if r else f"{fmt(a)} vs {fmt(b)} (-"
+            earlier = [ratio(run, scen, key, higher) for run in runs[1:]]
+            if earlier:
+                cell += "; before: " + ", ".join(f"{e:.1f}x" if e else "-" for e in earlier)
+            cells.append(cell + ")")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--combined":
+        combined(sys.argv[2:])
+    else:
+        main(sys.argv[1])
