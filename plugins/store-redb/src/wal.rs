@@ -305,9 +305,10 @@ impl Wal {
             }
             let full =
                 tail.len >= self.opts.segment_bytes || v.active.map.len() >= self.opts.segment_keys;
-            // A busy store appending to a new file: get a preallocated one ready, then move
-            // over to it (small stores never pay for a spare).
-            let early = !v.active.recycled && tail.len >= self.opts.segment_bytes / 16 && {
+            // A store appending to a new file: once it holds more than a trickle (1/256 of a
+            // segment), get a preallocated file ready and move over to it. Tiny stores never
+            // pay for a spare; a real load waits for it for a few batches at most.
+            let early = !v.active.recycled && tail.len >= self.opts.segment_bytes / 256 && {
                 if self.dir.join(SPARE).exists() {
                     true
                 } else {
