@@ -1,5 +1,6 @@
 """Black-box tests of the REST API over plain HTTP against a real server process."""
 import base64
+import json
 import math
 import struct
 
@@ -397,7 +398,8 @@ def test_bad_setting_stops_start_naming_it(tmp_path):
     import subprocess
     from conftest import BIN
     for env, needle in [({"PORT": "eighty"}, "PORT"), ({"CYBORGDB_DB_TYPE": "postgres"}, "CYBORGDB_DB_TYPE"),
-                        ({"CYBORGDB_CONFIG_FILE": str(tmp_path / "missing.yaml")}, "missing.yaml")]:
+                        ({"CYBORGDB_CONFIG_FILE": str(tmp_path / "missing.yaml")}, "missing.yaml"),
+                        ({"SEALDB_MAX_BODY_MB": "0"}, "SEALDB_MAX_BODY_MB")]:
         r = subprocess.run([str(BIN)], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=30)
         assert r.returncode != 0
         assert needle in r.stderr, r.stderr
@@ -483,3 +485,51 @@ def test_logs_never_contain_keys(make_server):
     assert "request" in logs and "/v1/vectors/upsert" in logs
     for secret in [key, "root-secret-zz9", tok, tok[7:20], "wrong-root-key-123"]:
         assert secret not in logs, secret
+
+
+def test_oversized_bodies_get_413_and_write_nothing(make_server):
+    """A body over --max-body-mb is refused with our error body, whether it declares its length
+    or arrives chunked; the limit is not hit by a normal batch, and nothing of a refused upsert
+    is stored."""
+    s = make_server(env={"SEALDB_MAX_BODY_MB": "1"})
+    api = Api(s.url)
+    name, key = unique(), new_key()
+    assert api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 64})[0] == 200
+
+    def items(n, tag):
+        return [{"id": f"{tag}{i}", "vector": [0.123456789] * 64} for i in range(n)]
+
+    small = {"index_name": name, "index_key": key, "items": items(100, "ok")}
+    assert api.post("/v1/vectors/upsert", small)[0] == 200
+    big = json.dumps({"index_name": name, "index_key": key, "items": items(2000, "big")}).encode()
+    assert len(big) > 1 << 20
+    r = requests.post(s.url + "/v1/vectors/upsert", data=big,
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    body = r.json()
+    assert body["status_code"] == 413 and "max-body-mb" in body["detail"]
+    assert key not in r.text
+
+    def chunks():
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+    r = requests.post(s.url + "/v1/vectors/upsert", data=chunks(),
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["status_code"] == 413
+    # A chunked body under the limit still works.
+    ok = json.dumps({"index_name": name, "index_key": key, "items": items(10, "chunked")}).encode()
+    r = requests.post(s.url + "/v1/vectors/upsert", data=iter([ok[:100], ok[100:]]),
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    st, n = api.post("/v1/vectors/num_vectors", {"index_name": name, "index_key": key})
+    assert st == 200 and n["result"] == 110
+    # The spec declares the status on every operation that takes a body.
+    spec = requests.get(s.url + "/v1/openapi.json", timeout=10).json()
+    checked = 0
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if method not in ("get", "head"):
+                assert "413" in op["responses"], (method, path)
+                checked += 1
+    assert checked >= 10

@@ -71,6 +71,7 @@ pub fn state(cfg: &Config, stores: Stores) -> Arc<AppState> {
     Arc::new(AppState {
         engine,
         auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users),
+        max_body_bytes: (cfg.max_body_mb as usize).saturating_mul(1 << 20),
     })
 }
 
@@ -92,6 +93,7 @@ async fn json_error(err: poem::Error) -> Response {
 
 /// The whole HTTP application.
 pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
+    let limit = state.max_body_bytes;
     let service = api::service(state);
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
@@ -100,7 +102,58 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
         .nest("/v1/docs", docs)
         .nest("/v1", service)
         .catch_all_error(json_error)
+        .around(move |ep, req| limit_body(ep, req, limit))
         .around(log_request)
+}
+
+/// Refuse a request body larger than `limit` bytes with 413 before it is read: by its
+/// `Content-Length`, or, for a body sent without one (chunked), by reading at most `limit`
+/// bytes of it first. GET and HEAD bodies are never read by any route, so they pass.
+async fn limit_body<E: poem::Endpoint>(
+    ep: std::sync::Arc<E>,
+    mut req: poem::Request,
+    limit: usize,
+) -> poem::Result<Response> {
+    let too_large = || {
+        let e = ApiError::new(
+            413,
+            format!(
+                "the request body is larger than this server accepts ({} MiB; see --max-body-mb)",
+                limit >> 20
+            ),
+        );
+        Ok(
+            poem::web::Json(serde_json::json!({"status_code": e.status, "detail": e.detail}))
+                .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+                .into_response(),
+        )
+    };
+    if matches!(
+        *req.method(),
+        poem::http::Method::GET | poem::http::Method::HEAD
+    ) {
+        return ep.call(req).await.map(IntoResponse::into_response);
+    }
+    let declared = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    match declared {
+        Some(Some(n)) if n > limit as u64 => return too_large(),
+        Some(_) => {}
+        None if req
+            .headers()
+            .contains_key(poem::http::header::TRANSFER_ENCODING) =>
+        {
+            match req.take_body().into_bytes_limit(limit).await {
+                Ok(bytes) => req.set_body(bytes),
+                Err(poem::error::ReadBodyError::PayloadTooLarge) => return too_large(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => {}
+    }
+    ep.call(req).await.map(IntoResponse::into_response)
 }
 
 /// One log line per request: method, path, status, latency. Never the query string, headers

@@ -100,6 +100,12 @@ pub struct Config {
     #[arg(long, env = "SEALDB_INDEX_CACHE_MB")]
     pub index_cache_mb: Option<u64>,
 
+    /// Largest request body accepted, in MiB (1-65536); a larger one is refused with 413
+    /// before it is read into memory.
+    #[arg(long, env = "SEALDB_MAX_BODY_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub max_body_mb: u64,
+
     /// Root API key: when set, every route but /v1/health needs X-API-Key.
     #[arg(long, env = "CYBORGDB_SERVICE_ROOT_KEY", hide_env_values = true)]
     pub root_key: Option<String>,
@@ -136,6 +142,7 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("api_key", "cyborgdb_api_key"),
     ("index_cache_mb", "sealdb_index_cache_mb"),
     ("durability", "sealdb_durability"),
+    ("max_body_mb", "sealdb_max_body_mb"),
 ];
 
 /// Expand `${VAR}` (must be set) and `${VAR:-default}` in a YAML string.
@@ -290,6 +297,16 @@ impl Config {
                     self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
                 }
                 "durability" => self.durability = Durability::from_str(v, true).map_err(bad)?,
+                "max_body_mb" => {
+                    self.max_body_mb = match v.parse::<u64>() {
+                        Ok(n) if (1..=65_536).contains(&n) => n,
+                        _ => {
+                            return Err(bad(format!(
+                                "'{v}' is not a whole number of MiB from 1 to 65536"
+                            )))
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -337,6 +354,14 @@ mod tests {
         std::fs::write(&path, "service:\n  port: lots\n").unwrap();
         let e = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("service.port"), "{e}");
+        for bad in ["0", "65537", "lots"] {
+            std::fs::write(&path, format!("service:\n  sealdb_max_body_mb: {bad}\n")).unwrap();
+            let e = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(e.to_string().contains("sealdb_max_body_mb"), "{e}");
+        }
+        std::fs::write(&path, "service:\n  sealdb_max_body_mb: 8\n").unwrap();
+        let c = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.max_body_mb, 8);
         let e = Config::load_from(["sealdb", "--config", "/nonexistent/x.yaml"]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.yaml"), "{e}");
     }
@@ -347,5 +372,6 @@ mod tests {
         assert_eq!(c.host.to_string(), "127.0.0.1");
         assert_eq!(c.db_type, DbType::Disk);
         assert!(!c.auto_train_disabled);
+        assert_eq!(c.max_body_mb, 256);
     }
 }

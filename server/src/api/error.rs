@@ -189,6 +189,9 @@ macro_rules! responses {
         pub enum $name {
             $($okv)*
             $($variants)*
+            /// The request body is larger than the server accepts (`--max-body-mb`).
+            #[oai(status = 413)]
+            PayloadTooLarge(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
             /// Internal server error.
             #[oai(status = 500)]
             Internal(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
@@ -199,6 +202,7 @@ macro_rules! responses {
                 let body = poem_openapi::payload::Json(e.body());
                 match e.status {
                     $($code => Self::$var(body),)*
+                    413 => Self::PayloadTooLarge(body),
                     500 => Self::Internal(body),
                     other => {
                         tracing::error!(status = other, detail = %e.detail, "undeclared status mapped to 500");

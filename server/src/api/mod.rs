@@ -30,6 +30,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: crate::auth::Auth,
+    /// Largest request body accepted (`--max-body-mb`).
+    pub max_body_bytes: usize,
 }
 
 /// `X-API-Key` header. Optional in the spec: with no root key configured the server is open.
