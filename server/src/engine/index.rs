@@ -39,7 +39,7 @@ const TRAIN_SAMPLE_PER_LIST: usize = 128;
 const SETTLE_FRACTION: f64 = 0.01;
 
 /// Training writes the new generation in store batches of about this size (each batch is
-/// briefly held sealed in memory next to both generations).
+/// built, sealed and dropped, next to the old generation).
 const TRAIN_WRITE_CHUNK_BYTES: usize = 4 << 20;
 
 /// Target plaintext size of one posting-list block.
@@ -94,9 +94,14 @@ impl Block {
     }
 
     fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>) {
+        self.push_row(id, vec, distance::inv_norm(vec), meta);
+    }
+
+    /// [`Block::push`] with the row's inverse norm already known.
+    fn push_row(&mut self, id: String, vec: &[f32], inv_norm: f32, meta: Option<Arc<Value>>) {
         self.ids.push(id);
         self.vecs.extend_from_slice(vec);
-        self.inv_norms.push(distance::inv_norm(vec));
+        self.inv_norms.push(inv_norm);
         self.meta.push(meta);
     }
 
@@ -1315,11 +1320,15 @@ impl Index {
         self.ensure_live()?;
         let cap = Self::block_cap(dim, self.config.precision);
         let angular = self.config.metric.is_angular();
-        let (lists, locate, gen, old_gen, probes) = {
+        // 1. Queries keep running: label every row, calibrate n_probes, plan where rows go.
+        let (blocks, labels, gen, old_gen, probes, count) = {
             let d = self.data.read();
             // Every existing block is already a contiguous matrix: assign it in place.
-            let blocks: Vec<&Arc<Block>> =
-                d.lists.iter().flat_map(|pl| pl.blocks.values()).collect();
+            let blocks: Vec<Arc<Block>> = d
+                .lists
+                .iter()
+                .flat_map(|pl| pl.blocks.values().cloned())
+                .collect();
             let labels: Vec<Vec<u32>> = blocks
                 .par_iter()
                 .map(|b| {
@@ -1340,61 +1349,66 @@ impl Index {
             let t_cal = std::time::Instant::now();
             let probes = calibrate_probes(&chunks, dim, angular, &flat_labels, &centroids);
             tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
-            let gen = d.gen + 1;
-            let mut lists = vec![PostingList::default(); k];
-            let mut building: Vec<Block> = (0..k).map(|_| Block::with_capacity(cap, dim)).collect();
-            let mut locate = HashMap::with_capacity_and_hasher(d.count(), Default::default());
-            for (blk, labs) in blocks.iter().zip(&labels) {
-                for (pos, &l) in labs.iter().enumerate() {
-                    let l = l as usize;
-                    let pl = &mut lists[l];
-                    let bno = pl.blocks.len() as u32;
-                    locate.insert(blk.ids[pos].clone(), (l as u32, bno));
-                    building[l].push(
-                        blk.ids[pos].clone(),
-                        blk.vector(pos, dim),
-                        blk.meta[pos].clone(),
-                    );
-                    if building[l].len() >= cap {
-                        let full =
-                            std::mem::replace(&mut building[l], Block::with_capacity(cap, dim));
-                        pl.blocks.insert(bno, Arc::new(full));
-                    }
-                }
-            }
-            for (l, mut blk) in building.into_iter().enumerate() {
-                if blk.len() > 0 {
-                    blk.shrink();
-                    let bno = lists[l].blocks.len() as u32;
-                    lists[l].blocks.insert(bno, Arc::new(blk));
-                }
-            }
-            (lists, locate, gen, d.gen, probes)
+            (blocks, labels, d.gen + 1, d.gen, probes, d.count())
         };
-        // Write the new generation in bounded chunks. Nothing refers to it until the state
-        // record is switched in the final batch below, so a crash in between leaves only
-        // unreferenced blocks; the first chunk deletes leftovers of any earlier attempt.
-        let jobs: Vec<(u32, u32, &Arc<Block>)> = lists
-            .iter()
-            .enumerate()
-            .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, blk)| (l as u32, b, blk)))
-            .collect();
+        // Each list takes its rows in the order of the old blocks, `cap` rows per block. The
+        // store copy below and the in-memory move in step 3 both follow this one order.
+        let mut rows_of: Vec<Vec<(u32, u32)>> = vec![Vec::new(); k];
+        for (bi, labs) in labels.iter().enumerate() {
+            for (pos, &l) in labs.iter().enumerate() {
+                rows_of[l as usize].push((bi as u32, pos as u32));
+            }
+        }
+        let mut locate = HashMap::with_capacity_and_hasher(count, Default::default());
+        for (l, rows) in rows_of.iter().enumerate() {
+            for (i, &(bi, pos)) in rows.iter().enumerate() {
+                let id = blocks[bi as usize].ids[pos as usize].clone();
+                locate.insert(id, (l as u32, (i / cap) as u32));
+            }
+        }
+        // 2. Write the new generation in bounded chunks, built a few lists at a time and
+        // dropped once sealed, so memory never holds a second full copy. Nothing refers to it
+        // until the state record is switched in the final batch below, so a crash in between
+        // leaves only unreferenced blocks; the first chunk deletes leftovers of any earlier
+        // attempt.
         let t_write = std::time::Instant::now();
+        let build = |l: usize, b: usize| {
+            let rows = &rows_of[l][b * cap..((b + 1) * cap).min(rows_of[l].len())];
+            let mut blk = Block::with_capacity(rows.len(), dim);
+            for &(bi, pos) in rows {
+                let src = &blocks[bi as usize];
+                let pos = pos as usize;
+                blk.push_row(
+                    src.ids[pos].clone(),
+                    src.vector(pos, dim),
+                    src.inv_norms[pos],
+                    src.meta[pos].clone(),
+                );
+            }
+            blk
+        };
+        let jobs: Vec<(usize, usize)> = (0..k)
+            .flat_map(|l| (0..rows_of[l].len().div_ceil(cap)).map(move |b| (l, b)))
+            .collect();
         let per_chunk = (TRAIN_WRITE_CHUNK_BYTES / BLOCK_BYTES).max(1);
-        for (i, chunk) in jobs.chunks(per_chunk).enumerate() {
+        let mut first = true;
+        for chunk in jobs.chunks(per_chunk) {
             let mut batch = WriteBatch::new();
-            if i == 0 {
+            if std::mem::take(&mut first) {
                 batch.delete_prefix(fmt::list_gen_prefix(&self.id, gen));
             }
             let sealed: Vec<(Vec<u8>, Vec<u8>)> = chunk
                 .par_iter()
-                .map(|(l, b, blk)| self.seal_block(gen, *l, *b, blk, dim))
+                .map(|&(l, b)| self.seal_block(gen, l as u32, b as u32, &build(l, b), dim))
                 .collect();
             for (k, v) in sealed {
                 batch.put(k, v);
             }
             self.store.write(batch)?;
         }
+        let per_list: Vec<usize> = rows_of.iter().map(Vec::len).collect();
+        drop(rows_of);
+        drop(blocks);
         let mut batch = WriteBatch::new();
         batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
         batch.delete(fmt::centroids_key(&self.id, old_gen));
@@ -1413,19 +1427,52 @@ impl Index {
         batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
         self.store.write(batch)?;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
-        let mut lists = lists;
+        // 3. The store has switched; now memory does. Rows move from the old blocks into the
+        // new ones in the same order as above, each old block freed once emptied, so the
+        // process never holds both generations. Queries wait for this step (a copy of the
+        // vectors: about 20 ms per 100k 128-d vectors here).
+        let t_swap = std::time::Instant::now();
+        let mut d = self.data.write();
+        let old = std::mem::take(&mut d.lists);
+        let mut lists = vec![PostingList::default(); k];
+        let mut placed = vec![0usize; k];
+        let room = |l: usize, placed: usize| (per_list[l] - placed).min(cap);
+        let mut fill: Vec<Block> = (0..k)
+            .map(|l| Block::with_capacity(room(l, 0), dim))
+            .collect();
+        let old_blocks = old.into_iter().flat_map(|pl| pl.blocks.into_values());
+        for (blk, labs) in old_blocks.zip(&labels) {
+            let Block {
+                ids,
+                vecs,
+                inv_norms,
+                meta,
+                ..
+            } = Arc::try_unwrap(blk).unwrap_or_else(|shared| (*shared).clone());
+            for (pos, ((id, m), &l)) in ids.into_iter().zip(meta).zip(labs).enumerate() {
+                let l = l as usize;
+                fill[l].push_row(id, &vecs[pos * dim..(pos + 1) * dim], inv_norms[pos], m);
+                placed[l] += 1;
+                if fill[l].len() == cap || placed[l] == per_list[l] {
+                    let next = Block::with_capacity(room(l, placed[l]), dim);
+                    let full = std::mem::replace(&mut fill[l], next);
+                    let bno = lists[l].blocks.len() as u32;
+                    lists[l].blocks.insert(bno, Arc::new(full));
+                }
+            }
+        }
         if wants_quant(true, probes as u32, lists.len()) {
             lists
                 .par_iter_mut()
                 .for_each(|pl| quantize_list(pl, dim, angular));
         }
-        let mut d = self.data.write();
         d.gen = gen;
         d.trained = true;
         d.default_probes = probes as u32;
         d.centroids = centroids;
         d.lists = lists;
         d.locate = locate;
+        tracing::debug!(index = %self.name, secs = t_swap.elapsed().as_secs_f32(), "generation swapped in memory");
         Ok(k)
     }
 }
