@@ -171,24 +171,60 @@ fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f32>> 
         .collect()
 }
 
+/// A fresh in-memory store holding index `name` with `n` `dim`-d vectors around `clusters`
+/// centres, items "0", "1", ... each with metadata `{"i": i}`.
+fn filled_index(
+    name: &str,
+    metric: Metric,
+    precision: Precision,
+    dim: usize,
+    n: usize,
+    clusters: usize,
+    seed: u64,
+) -> Filled {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    create(&e, name, &kek, cfg(metric, precision, dim as u32));
+    let ix = e.open(name, Some(&kek)).unwrap();
+    let data = clustered(n, dim, clusters, seed);
+    let items: Vec<NewItem> = data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| item(&i.to_string(), v.clone(), json!({"i": i})))
+        .collect();
+    ix.upsert(items).unwrap();
+    Filled {
+        store,
+        kek,
+        e,
+        ix,
+        data,
+    }
+}
+
+/// What [`filled_index`] made.
+struct Filled {
+    store: Arc<dyn IndexStore>,
+    kek: Kek,
+    e: Arc<Engine>,
+    ix: Lease,
+    data: Vec<Vec<f32>>,
+}
+
 #[test]
 fn training_keeps_every_vector_and_recall() {
     for (metric, precision) in [
         (Metric::Euclidean, Precision::F32),
         (Metric::Cosine, Precision::F16),
     ] {
-        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
-        let kek = Kek::random();
-        let e = engine(store.clone());
-        create(&e, "t", &kek, cfg(metric, precision, 16));
-        let ix = e.open("t", Some(&kek)).unwrap();
-        let data = clustered(3000, 16, 20, 3);
-        let items: Vec<NewItem> = data
-            .iter()
-            .enumerate()
-            .map(|(i, v)| item(&i.to_string(), v.clone(), json!({"i": i})))
-            .collect();
-        ix.upsert(items).unwrap();
+        let Filled {
+            store,
+            kek,
+            e,
+            ix,
+            data,
+        } = filled_index("t", metric, precision, 16, 3000, 20, 3);
         let exact = ix.search(&data[..50], &params(10)).unwrap();
         let k = e.train_now(&ix, &TrainParams::default()).unwrap();
         assert_eq!(k, 64);
@@ -538,19 +574,14 @@ fn trained_generation_in_memory_matches_the_store_through_later_edits() {
         (Metric::Euclidean, Precision::F32),
         (Metric::Cosine, Precision::F16),
     ] {
-        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
-        let kek = Kek::random();
-        let e = engine(store.clone());
-        create(&e, "m", &kek, cfg(metric, precision, 64));
-        let ix = e.open("m", Some(&kek)).unwrap();
         // 64 dimensions and 8 lists: every list spans several blocks.
-        let data = clustered(5000, 64, 12, 9);
-        let items: Vec<NewItem> = data
-            .iter()
-            .enumerate()
-            .map(|(i, v)| item(&i.to_string(), v.clone(), json!({"i": i})))
-            .collect();
-        ix.upsert(items).unwrap();
+        let Filled {
+            store,
+            kek,
+            e,
+            ix,
+            data,
+        } = filled_index("m", metric, precision, 64, 5000, 12, 9);
         let train = TrainParams {
             n_lists: Some(8),
             ..TrainParams::default()
