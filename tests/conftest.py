@@ -15,7 +15,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("SEALDB_BIN", ROOT / "target" / "debug" / "sealdb"))
-REFERENCE = Path(os.environ.get("SEALDB_REFERENCE", ROOT.parent / "shared" / "reference"))
+# The original service's 0.17.0 OpenAPI document, dumped by tests/run.sh from the PyPI package.
+ORIGINAL_SPEC = Path(os.environ.get("SEALDB_ORIGINAL_SPEC",
+                                    ROOT / ".venvs" / "service17" / "openapi-0.17.0.json"))
 
 
 def free_port():
@@ -38,7 +40,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self):
-        self.port = free_port()
+        # A restart keeps the port, as a real server would, so clients keep working.
+        self.port = self.port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CYBORGDB_", "AUTO_TRAIN"))}
         env.update({"PORT": str(self.port), "CYBORGDB_DISK_PATH": str(self.data_dir),
                     "HOST": "127.0.0.1"})

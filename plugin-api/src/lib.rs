@@ -9,15 +9,18 @@
 //! * [`KmsProvider`] — wraps and unwraps index key-encryption keys with an external KMS.
 //! * [`UserStore`] — keeps per-index user records for RBAC.
 //!
-//! All traits are object safe (`Arc<dyn IndexStore>` is how the server holds them) and their
-//! methods are blocking: the server calls them from its blocking thread pool, never from an
-//! async task, so an implementation may do file or network I/O directly. This also keeps them
-//! expressible over a plain C ABI for dynamically loaded plugins.
+//! All traits are object safe (`Arc<dyn IndexStore>` is how the server holds them). The store
+//! and user-store methods are blocking: the server calls them from its blocking thread pool,
+//! never from an async task, so an implementation may do file I/O directly. [`KmsProvider`] is
+//! async (its calls are network round trips; `async-trait` is re-exported for implementors).
+//! All stay expressible over a plain C ABI for dynamically loaded plugins.
 
 pub mod kms;
 pub mod store;
 pub mod users;
 
-pub use kms::{KmsError, KmsProvider};
+pub use async_trait::async_trait;
+pub use kms::{KmsError, KmsProvider, SlotFields, Wrapped};
 pub use store::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
 pub use users::{UserStore, UserStoreError};
+pub use zeroize::Zeroizing;

@@ -132,6 +132,8 @@ fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, L
     engine
         .create(CreateSpec {
             name: "bench".into(),
+            id: sealdb_server::engine::new_index_id(),
+            envelope: None,
             kek: kek.clone(),
             config: IndexConfig {
                 metric: Metric::Euclidean,

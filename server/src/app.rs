@@ -11,6 +11,7 @@ use crate::api::{self, error::ApiError, AppState};
 use crate::auth::Auth;
 use crate::config::{Config, DbType, Durability};
 use crate::engine::{Engine, EngineConfig};
+use crate::kms::{Kms, KmsFailure};
 
 /// The configured stores: indexes and users (one backend serves both).
 pub struct Stores {
@@ -56,7 +57,7 @@ pub fn open_store(cfg: &Config) -> Result<Stores, String> {
 }
 
 /// Build the shared state.
-pub fn state(cfg: &Config, stores: Stores) -> Arc<AppState> {
+pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
     let store = stores.index;
     let engine = Engine::new(
         store,
@@ -71,6 +72,7 @@ pub fn state(cfg: &Config, stores: Stores) -> Arc<AppState> {
     Arc::new(AppState {
         engine,
         auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users),
+        kms,
         max_body_bytes: (cfg.max_body_mb as usize).saturating_mul(1 << 20),
     })
 }
@@ -174,11 +176,90 @@ async fn log_request<E: poem::Endpoint>(
     resp
 }
 
+/// Longest a single KMS call may take before the request gets 502.
+const KMS_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// At start: a KMS-backed index whose slot now names another key id or region (or provider)
+/// than its envelope recorded is re-keyed onto the slot's current key (the old key must still
+/// be reachable). Failures are logged and leave the index as it was; it is tried again at the
+/// next start.
+fn sync_kms_drift(state: &AppState) {
+    let indexes = match state.engine.kms_indexes() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list KMS-backed indexes for the drift check");
+            return;
+        }
+    };
+    for (name, id, env) in indexes {
+        let moved = (|| -> Result<bool, String> {
+            match state.kms.drifted(&env) {
+                Ok(false) => return Ok(false),
+                Ok(true) => {}
+                Err(KmsFailure::UnknownSlot(..)) => {
+                    return Err(format!(
+                        "slot '{}' is no longer configured; requests for this index will fail until it is",
+                        env.slot
+                    ))
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            let old = state.kms.kek_for(&id, &env).map_err(|e| e.to_string())?;
+            let (kek, new_env) = state
+                .kms
+                .new_kek(&env.slot, &id)
+                .map_err(|e| e.to_string())?;
+            state
+                .engine
+                .rewrap(&name, &old, &kek, Some(new_env.clone()))
+                .map_err(|e| e.to_string())?;
+            state.kms.remember(&id, &new_env, &kek);
+            Ok(true)
+        })();
+        match moved {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(index = %name, slot = %env.slot, "KMS slot settings changed: index key re-wrapped under the slot's current key")
+            }
+            Err(e) => {
+                tracing::warn!(index = %name, slot = %env.slot, error = %e, "KMS drift check: index left as it was")
+            }
+        }
+    }
+}
+
 /// Run until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
     let stores = open_store(&cfg)?;
     tracing::info!(backend = stores.index.backend(), path = %cfg.disk_path.display(), "store opened");
-    let state = state(&cfg, stores);
+    let kms = Kms::build(
+        &cfg.kms_slots,
+        std::time::Duration::from_secs(cfg.kek_cache_ttl_seconds),
+        KMS_CALL_TIMEOUT,
+    )
+    .await?;
+    tracing::info!(slots = ?kms.names(), "KMS registry loaded ({} slots)", kms.names().len());
+    let state = state(&cfg, stores, Arc::new(kms));
+    {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || sync_kms_drift(&st))
+            .await
+            .map_err(|e| format!("KMS drift check failed: {e}"))?;
+    }
+    {
+        // Tell the operator early about a slot that cannot serve, without delaying the start.
+        let kms = state.kms.clone();
+        tokio::task::spawn_blocking(move || {
+            for (slot, health) in kms.health() {
+                match health {
+                    Ok(()) => tracing::info!(%slot, "KMS slot healthy"),
+                    Err(e) => {
+                        tracing::warn!(%slot, error = %e, "KMS slot is not healthy; its indexes fail with 502 until it is")
+                    }
+                }
+            }
+        });
+    }
     if !state.auth.enabled() {
         tracing::warn!("CYBORGDB_SERVICE_ROOT_KEY is not set: authentication is DISABLED and every route is open");
     } else if !state.auth.rbac_enabled() {

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::kms::SlotConfig;
+
 /// Storage backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DbType {
@@ -119,6 +121,16 @@ pub struct Config {
     #[arg(long = "config", env = "CYBORGDB_CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
 
+    /// Seconds a KEK unwrapped through a KMS slot stays in memory (0 = ask the KMS on every
+    /// request). KMS-side revocation takes effect within this time.
+    #[arg(long, env = "INDEX_KEK_CACHE_TTL_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub kek_cache_ttl_seconds: u64,
+
+    /// KMS slots from the YAML file's `kms.registry` (YAML only, like the original).
+    #[arg(skip)]
+    pub kms_slots: Vec<SlotConfig>,
+
     /// Print the OpenAPI spec (JSON) and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -143,6 +155,7 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("index_cache_mb", "sealdb_index_cache_mb"),
     ("durability", "sealdb_durability"),
     ("max_body_mb", "sealdb_max_body_mb"),
+    ("kek_cache_ttl_seconds", "index_kek_cache_ttl_seconds"),
 ];
 
 /// Expand `${VAR}` (must be set) and `${VAR:-default}` in a YAML string.
@@ -175,7 +188,79 @@ fn expand_env(s: &str, key: &str) -> Result<String, ConfigError> {
     Ok(out)
 }
 
-fn load_yaml(path: &std::path::Path) -> Result<HashMap<String, String>, ConfigError> {
+/// A YAML scalar as text (`None` for null); anything else is an error naming `key`.
+fn scalar(v: &serde_yaml_ng::Value, key: &str) -> Result<Option<String>, ConfigError> {
+    Ok(match v {
+        serde_yaml_ng::Value::String(s) => Some(expand_env(s, key)?),
+        serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+        serde_yaml_ng::Value::Bool(b) => Some(b.to_string()),
+        serde_yaml_ng::Value::Null => None,
+        _ => return Err(ConfigError(format!("{key} must be a scalar"))),
+    })
+}
+
+/// `kms.registry`: one slot per entry, `provider` required, every other field a string.
+fn load_kms(
+    doc: &serde_yaml_ng::Value,
+    path: &std::path::Path,
+) -> Result<Vec<SlotConfig>, ConfigError> {
+    let Some(kms) = doc.get("kms") else {
+        return Ok(Vec::new());
+    };
+    let Some(registry) = kms.get("registry") else {
+        return Ok(Vec::new());
+    };
+    if registry.is_null() {
+        return Ok(Vec::new());
+    }
+    let registry = registry.as_mapping().ok_or_else(|| {
+        ConfigError(format!(
+            "kms.registry in {} must be a mapping of slot names",
+            path.display()
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (name, slot) in registry {
+        let name = name
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                ConfigError("kms.registry: slot names must be non-empty strings".into())
+            })?
+            .to_owned();
+        let slot = slot.as_mapping().ok_or_else(|| {
+            ConfigError(format!("kms.registry.{name} must be a mapping of fields"))
+        })?;
+        let mut fields = sealdb_plugin_api::SlotFields::new();
+        for (k, v) in slot {
+            let k = k
+                .as_str()
+                .ok_or_else(|| {
+                    ConfigError(format!("kms.registry.{name}: field names must be strings"))
+                })?
+                .to_owned();
+            if let Some(v) = scalar(v, &format!("kms.registry.{name}.{k}"))? {
+                fields.insert(k, v);
+            }
+        }
+        let provider = fields
+            .remove("provider")
+            .filter(|p| !p.trim().is_empty())
+            .ok_or_else(|| {
+                ConfigError(format!("kms.registry.{name}: field 'provider' is required"))
+            })?;
+        out.push(SlotConfig {
+            name,
+            provider: provider.trim().to_owned(),
+            fields,
+        });
+    }
+    Ok(out)
+}
+
+type Yaml = (HashMap<String, String>, Vec<SlotConfig>);
+
+fn load_yaml(path: &std::path::Path) -> Result<Yaml, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
@@ -189,22 +274,12 @@ fn load_yaml(path: &std::path::Path) -> Result<HashMap<String, String>, ConfigEr
         for (k, v) in service {
             let Some(k) = k.as_str() else { continue };
             let k = k.to_ascii_lowercase();
-            let raw = match v {
-                serde_yaml_ng::Value::String(s) => s.clone(),
-                serde_yaml_ng::Value::Number(n) => n.to_string(),
-                serde_yaml_ng::Value::Bool(b) => b.to_string(),
-                serde_yaml_ng::Value::Null => continue,
-                _ => {
-                    return Err(ConfigError(format!(
-                        "service.{k} in {} must be a scalar",
-                        path.display()
-                    )))
-                }
-            };
-            out.insert(k.clone(), expand_env(&raw, &format!("service.{k}"))?);
+            if let Some(v) = scalar(v, &format!("service.{k}"))? {
+                out.insert(k, v);
+            }
         }
     }
-    Ok(out)
+    Ok((out, load_kms(&doc, path)?))
 }
 
 impl Config {
@@ -239,8 +314,9 @@ impl Config {
                 .find(|p| p.exists()),
         };
         if let Some(path) = yaml_path {
-            let yaml = load_yaml(&path)?;
+            let (yaml, slots) = load_yaml(&path)?;
             cfg.overlay(&matches, &yaml)?;
+            cfg.kms_slots = slots;
         }
         Ok(cfg)
     }
@@ -295,6 +371,16 @@ impl Config {
                 "api_key" => self.api_key = Some(v.clone()),
                 "index_cache_mb" => {
                     self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
+                }
+                "kek_cache_ttl_seconds" => {
+                    self.kek_cache_ttl_seconds = match v.parse::<u64>() {
+                        Ok(n) if n <= 86_400 => n,
+                        _ => {
+                            return Err(bad(format!(
+                                "'{v}' is not a whole number of seconds from 0 to 86400"
+                            )))
+                        }
+                    }
                 }
                 "durability" => self.durability = Durability::from_str(v, true).map_err(bad)?,
                 "max_body_mb" => {
@@ -364,6 +450,34 @@ mod tests {
         assert_eq!(c.max_body_mb, 8);
         let e = Config::load_from(["sealdb", "--config", "/nonexistent/x.yaml"]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.yaml"), "{e}");
+    }
+
+    #[test]
+    fn kms_registry_is_read_with_env_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::env::set_var("SEALDB_TEST_VAULT_TOKEN", "s.tok");
+        std::fs::write(
+            &path,
+            "kms:\n  registry:\n    prod-aws:\n      provider: aws-kms\n      key_id: alias/x\n      region: us-east-1\n    bao:\n      provider: vault\n      address: http://127.0.0.1:8200\n      key_name: k\n      token: ${SEALDB_TEST_VAULT_TOKEN}\n",
+        )
+        .unwrap();
+        let c = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.kms_slots.len(), 2);
+        let bao = c.kms_slots.iter().find(|s| s.name == "bao").unwrap();
+        assert_eq!(bao.provider, "vault");
+        assert_eq!(bao.fields["token"], "s.tok");
+        assert!(!bao.fields.contains_key("provider"));
+        for (yaml, want) in [
+            ("kms:\n  registry:\n    s1:\n      key_id: k\n", "kms.registry.s1: field 'provider'"),
+            ("kms:\n  registry:\n    s1:\n      provider: vault\n      token: ${SEALDB_TEST_UNSET_VAR}\n", "kms.registry.s1.token"),
+            ("kms:\n  registry:\n    s1:\n      provider: vault\n      address: [1]\n", "kms.registry.s1.address"),
+            ("kms:\n  registry: [1]\n", "kms.registry"),
+        ] {
+            std::fs::write(&path, yaml).unwrap();
+            let e = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(e.to_string().contains(want), "{yaml}: {e}");
+        }
     }
 
     #[test]

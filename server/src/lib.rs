@@ -7,4 +7,5 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod keys;
+pub mod kms;
 pub mod users;

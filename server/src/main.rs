@@ -13,7 +13,11 @@ fn main() {
     if cfg.print_openapi {
         println!(
             "{}",
-            api::spec_json(app::state(&cfg, app::Stores::memory()))
+            api::spec_json(app::state(
+                &cfg,
+                app::Stores::memory(),
+                std::sync::Arc::new(sealdb_server::kms::Kms::empty())
+            ))
         );
         return;
     }

@@ -390,6 +390,8 @@ mod tests {
         engine
             .create(CreateSpec {
                 name: "i".into(),
+                id: crate::engine::new_index_id(),
+                envelope: None,
                 kek: kek.clone(),
                 config: IndexConfig {
                     metric: Metric::Euclidean,

@@ -8,7 +8,11 @@ use sealdb_server::{api, app, config::Config};
 #[test]
 fn committed_spec_matches_code() {
     let cfg = Config::load_from(["sealdb"]).expect("default config");
-    let state = app::state(&cfg, app::Stores::memory());
+    let state = app::state(
+        &cfg,
+        app::Stores::memory(),
+        std::sync::Arc::new(sealdb_server::kms::Kms::empty()),
+    );
     let generated = api::spec_json(state) + "\n";
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
     if std::env::var_os("UPDATE_OPENAPI").is_some() {

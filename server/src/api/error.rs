@@ -119,6 +119,19 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
+impl From<crate::kms::KmsFailure> for ApiError {
+    fn from(e: crate::kms::KmsFailure) -> Self {
+        use crate::kms::KmsFailure as K;
+        match e {
+            K::UnknownSlot(..) => Self::bad_request(e.to_string()),
+            _ => {
+                tracing::warn!(error = %e, "KMS failure");
+                Self::new(502, e.to_string())
+            }
+        }
+    }
+}
+
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         match e {

@@ -8,7 +8,10 @@ use poem_openapi::{Enum, Object, OpenApi, Tags};
 use super::error::{responses, ApiError};
 use super::{blocking, parse_kek, AppState, Credentials, IndexRef, SuccessResponse};
 use crate::auth::Action;
-use crate::engine::{CreateSpec, IndexConfig, Metric, Precision, TrainParams};
+use crate::engine::{
+    new_index_id, validate_name, CreateSpec, EngineError, IndexConfig, KeySource, Metric,
+    Precision, TrainParams,
+};
 
 #[derive(Tags)]
 enum Tag {
@@ -84,6 +87,12 @@ pub struct IndexInfo {
     pub embedding_model: Option<String>,
     /// Number of vectors stored.
     pub num_vectors: i64,
+    /// The KMS slot that wraps this index's key (absent for client-supplied keys).
+    #[oai(skip_serializing_if_is_none)]
+    pub kms_name: Option<String>,
+    /// That slot's provider (`vault`, `aws-kms`).
+    #[oai(skip_serializing_if_is_none)]
+    pub kms_provider: Option<String>,
 }
 
 /// Train (or retrain) the IVF lists. All knobs are optional.
@@ -103,6 +112,21 @@ pub struct TrainRequest {
     /// Memory limit for the training sample in MiB (0 or absent = no limit).
     pub max_memory: Option<i64>,
 }
+
+/// Re-wrap an index's key: rotate it under its KMS slot's current key version, move it onto
+/// another slot, or move a client-key index onto a slot. The data is not re-encrypted: the
+/// index's data key is wrapped anew under a fresh KEK, in one atomic write.
+#[derive(Object, Debug)]
+#[oai(rename = "RewrapRequest")]
+pub struct RewrapRequest {
+    pub index_name: String,
+    /// The slot to wrap under; absent = the index's current slot (rotation).
+    pub kms_name: Option<String>,
+    /// The current key of a client-key index being moved onto `kms_name`.
+    pub index_key: Option<String>,
+}
+
+super::wipe_key_on_drop!(RewrapRequest);
 
 /// Background training queue.
 #[derive(Object, Debug)]
@@ -126,10 +150,11 @@ pub struct TrainingStatus {
 
 responses!(ListIndexesResponse, IndexList, [401 => Unauthorized]);
 responses!(CreateIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 409 => Conflict, 422 => Invalid, 502 => KmsFailure]);
-responses!(DescribeIndexResponse, IndexInfo, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(DeleteIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(DescribeIndexResponse, IndexInfo, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(DeleteIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(TrainingStatusResponse, TrainingStatus, [401 => Unauthorized]);
+responses!(RewrapIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 
 pub struct IndexesApi {
     pub state: Arc<AppState>,
@@ -204,24 +229,20 @@ impl IndexesApi {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
             state.auth.require(&p, Action::Admin)?;
-            let kek = match (req.index_key.as_deref(), req.kms_name.as_deref()) {
-                (Some(_), Some(_)) => {
-                    return Err(ApiError::bad_request(
-                        "index_key and kms_name are mutually exclusive: send exactly one",
-                    ))
-                }
-                (None, None) => {
-                    return Err(ApiError::bad_request(
-                        "send exactly one of index_key (64 hex characters) or kms_name",
-                    ))
-                }
-                (None, Some(slot)) => {
-                    return Err(ApiError::bad_request(format!(
-                        "no KMS slot named '{slot}' is configured on this server; use index_key instead"
-                    )))
-                }
-                (Some(k), None) => parse_kek(Some(k))?.expect("present"),
-            };
+            if req.index_key.is_some() && req.kms_name.is_some() {
+                return Err(ApiError::bad_request(
+                    "index_key and kms_name are mutually exclusive: send exactly one",
+                ));
+            }
+            if req.index_key.is_none() && req.kms_name.is_none() {
+                return Err(ApiError::bad_request(
+                    "send exactly one of index_key (64 hex characters) or kms_name",
+                ));
+            }
+            let client_kek = parse_kek(req.index_key.as_deref())?;
+            if let Some(slot) = req.kms_name.as_deref() {
+                state.kms.check_slot(slot)?;
+            }
             let metric = match req.metric.as_deref() {
                 None => Metric::Euclidean,
                 Some(m) => Metric::parse(m).ok_or_else(|| {
@@ -255,9 +276,26 @@ impl IndexesApi {
                 }
             }
             let name = req.index_name.clone();
+            validate_name(&name)?;
+            let id = new_index_id();
+            let (kek, envelope) = match (client_kek, req.kms_name.as_deref()) {
+                (Some(k), _) => (k, None),
+                (None, Some(slot)) => {
+                    // Refuse a taken name before asking the KMS for anything.
+                    if state.engine.exists(&name)? {
+                        return Err(EngineError::AlreadyExists(name).into());
+                    }
+                    let (k, env) = state.kms.new_kek(slot, &id)?;
+                    (k, Some(env))
+                }
+                (None, None) => unreachable!("checked above"),
+            };
+            let remember = envelope.clone();
             state.engine.create(CreateSpec {
                 name: name.clone(),
-                kek,
+                id,
+                kek: kek.clone(),
+                envelope,
                 config: IndexConfig {
                     metric,
                     precision,
@@ -269,7 +307,12 @@ impl IndexesApi {
                         .unwrap_or(0),
                 },
             })?;
-            tracing::info!(index = %name, "index created");
+            if let Some(env) = &remember {
+                state.kms.remember(&id, env, &kek);
+                tracing::info!(index = %name, slot = %env.slot, provider = %env.provider, "index created (KMS-backed)");
+            } else {
+                tracing::info!(index = %name, "index created");
+            }
             Ok(SuccessResponse::new(format!("Index '{name}' created successfully")))
         })
         .await
@@ -292,15 +335,16 @@ impl IndexesApi {
         blocking(move || {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
-            let kek = parse_kek(req.index.index_key.as_deref())?;
-            let ix = state.auth.open_index(
-                &state.engine,
-                &p,
-                Action::Read,
-                &req.index.index_name,
-                kek.as_ref(),
-            )?;
+            let name = &req.index.index_name;
+            let kek = state.resolve_kek(&p, name, parse_kek(req.index.index_key.as_deref())?)?;
+            let ix = state
+                .auth
+                .open_index(&state.engine, &p, Action::Read, name, kek.as_ref())?;
             let info = state.engine.describe(&ix);
+            let (kms_name, kms_provider) = match state.engine.key_source(name)?.1 {
+                KeySource::Client => (None, None),
+                KeySource::Kms(env) => (Some(env.slot), Some(env.provider)),
+            };
             Ok(IndexInfo {
                 index_name: info.name,
                 is_trained: info.is_trained,
@@ -310,6 +354,8 @@ impl IndexesApi {
                 storage_precision: info.precision.as_str().into(),
                 embedding_model: info.embedding_model,
                 num_vectors: info.num_vectors as i64,
+                kms_name,
+                kms_provider,
             })
         })
         .await
@@ -333,8 +379,10 @@ impl IndexesApi {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
             state.auth.require(&p, Action::Admin)?;
-            let kek = parse_kek(req.index.index_key.as_deref())?;
-            let id = state.engine.delete(&req.index.index_name, kek.as_ref())?;
+            let name = &req.index.index_name;
+            let kek = state.resolve_kek(&p, name, parse_kek(req.index.index_key.as_deref())?)?;
+            let id = state.engine.delete(name, kek.as_ref())?;
+            state.kms.forget(&id);
             if let Some(users) = state.auth.users() {
                 // The index is gone and its grants are useless, but erase them anyway.
                 if let Err(e) = users.delete_index(&id) {
@@ -365,7 +413,11 @@ impl IndexesApi {
             let req = body.0;
             let p = state.auth.authenticate(creds.key())?;
             state.auth.require(&p, Action::Admin)?;
-            let kek = parse_kek(req.index.index_key.as_deref())?;
+            let kek = state.resolve_kek(
+                &p,
+                &req.index.index_name,
+                parse_kek(req.index.index_key.as_deref())?,
+            )?;
             let params = TrainParams {
                 n_lists: positive("n_lists", req.n_lists)?,
                 batch_size: positive("batch_size", req.batch_size)?,
@@ -428,6 +480,71 @@ impl IndexesApi {
                 worker_pid: 0,
                 global_training: Default::default(),
             })
+        })
+        .await
+        .into()
+    }
+
+    /// Re-wrap an index's key under a KMS slot: with only `index_name`, under its slot's
+    /// current key version (after a rotation in the KMS); with `kms_name`, onto that slot;
+    /// with `index_key` and `kms_name`, a client-key index moves onto the slot and is read
+    /// without a key from then on. The data is never re-encrypted; on any failure the old
+    /// wrap stays. Needs the root key when RBAC is on.
+    #[oai(
+        path = "/indexes/rewrap",
+        method = "post",
+        operation_id = "rewrap_index_v1_indexes_rewrap_post",
+        tag = "Tag::Indexes"
+    )]
+    async fn rewrap(&self, creds: Credentials, body: Json<RewrapRequest>) -> RewrapIndexResponse {
+        let state = self.state.clone();
+        blocking(move || {
+            let req = body.0;
+            let p = state.auth.authenticate(creds.key())?;
+            state.auth.require(&p, Action::Admin)?;
+            if state.auth.rbac_enabled() && !matches!(p, crate::auth::Principal::Root) {
+                return Err(ApiError::forbidden("Re-wrapping keys requires the root API key"));
+            }
+            let name = req.index_name.clone();
+            let (id, source) = state.engine.key_source(&name)?;
+            let client_kek = parse_kek(req.index_key.as_deref())?;
+            let (old, target) = match (source, req.kms_name.clone(), client_kek) {
+                (KeySource::Kms(env), _, Some(_)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "index '{name}' is KMS-backed (slot '{}'): do not supply index_key",
+                        env.slot
+                    )))
+                }
+                (KeySource::Kms(env), target, None) => {
+                    let target = target.unwrap_or_else(|| env.slot.clone());
+                    state.kms.check_slot(&target)?;
+                    (state.kms.kek_for(&id, &env)?, target)
+                }
+                (KeySource::Client, None, _) => {
+                    return Err(ApiError::bad_request(format!(
+                        "index '{name}' uses a client-supplied key: send kms_name (and its index_key) to move it onto a KMS slot"
+                    )))
+                }
+                (KeySource::Client, Some(_), None) => {
+                    return Err(EngineError::MissingKey(name).into())
+                }
+                (KeySource::Client, Some(target), Some(old)) => {
+                    state.kms.check_slot(&target)?;
+                    // Check the key before asking the KMS for anything.
+                    drop(state.engine.open(&name, Some(&old))?);
+                    (old, target)
+                }
+            };
+            let (kek, env) = state.kms.new_kek(&target, &id)?;
+            state.engine.rewrap(&name, &old, &kek, Some(env.clone()))?;
+            state.kms.remember(&id, &env, &kek);
+            tracing::info!(index = %name, slot = %env.slot, provider = %env.provider, key_version = %env.key_version, "index key re-wrapped");
+            Ok(SuccessResponse::new(format!(
+                "Index '{name}' re-wrapped under KMS slot '{}' ({}, key version {})",
+                env.slot,
+                env.provider,
+                if env.key_version.is_empty() { "current" } else { &env.key_version }
+            )))
         })
         .await
         .into()

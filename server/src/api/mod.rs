@@ -19,7 +19,7 @@ use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{Object, OpenApiService, SecurityScheme};
 use serde_json::{Map, Value};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, KeySource};
 use crate::keys::Kek;
 use error::ApiError;
 
@@ -30,6 +30,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: crate::auth::Auth,
+    /// KMS slots and the KEK cache.
+    pub kms: Arc<crate::kms::Kms>,
     /// Largest request body accepted (`--max-body-mb`).
     pub max_body_bytes: usize,
 }
@@ -183,6 +185,30 @@ impl SuccessResponse {
         Self {
             status: success_status(),
             message: message.into(),
+        }
+    }
+}
+
+impl AppState {
+    /// The KEK to open index `name` with. A client-key index takes the caller's `index_key`
+    /// as sent; a KMS-backed one takes none (sending one is 400) and gets its KEK from its
+    /// slot. User keys open indexes through their grants and need neither.
+    pub fn resolve_kek(
+        &self,
+        principal: &crate::auth::Principal,
+        name: &str,
+        kek: Option<Kek>,
+    ) -> Result<Option<Kek>, ApiError> {
+        if matches!(principal, crate::auth::Principal::User(_)) {
+            return Ok(kek);
+        }
+        match self.engine.key_source(name)? {
+            (_, KeySource::Client) => Ok(kek),
+            (_, KeySource::Kms(env)) if kek.is_some() => Err(ApiError::bad_request(format!(
+                "index '{name}' is KMS-backed (slot '{}'): do not supply index_key; omit it from the request",
+                env.slot
+            ))),
+            (id, KeySource::Kms(env)) => Ok(Some(self.kms.kek_for(&id, &env)?)),
         }
     }
 }

@@ -55,9 +55,9 @@ pub struct ListUsersResponse {
     pub users: Vec<UserInfo>,
 }
 
-responses!(CreateUserResponseEnum, CreateUserResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(ListUsersResponseEnum, ListUsersResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(DeleteUserResponse, no_content, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(CreateUserResponseEnum, CreateUserResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(ListUsersResponseEnum, ListUsersResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(DeleteUserResponse, no_content, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 
 pub struct UsersApi {
     pub state: Arc<AppState>,
@@ -77,7 +77,7 @@ fn open_as_root<'a>(
         .auth
         .users()
         .ok_or_else(|| ApiError::forbidden("RBAC is not enabled"))?;
-    let kek = parse_kek(key)?;
+    let kek = state.resolve_kek(&p, name, parse_kek(key)?)?;
     Ok((users, state.engine.open(name, kek.as_ref())?))
 }
 

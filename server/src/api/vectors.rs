@@ -357,12 +357,12 @@ pub struct NumVectors {
     pub result: i64,
 }
 
-responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(GetVectorsResponse, GetResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(DeleteVectorsResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(ListIdsResponseEnum, ListIdsResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
-responses!(NumVectorsResponse, NumVectors, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid]);
+responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(GetVectorsResponse, GetResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(DeleteVectorsResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(ListIdsResponseEnum, ListIdsResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(NumVectorsResponse, NumVectors, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 
 pub struct VectorsApi {
     pub state: Arc<AppState>,
@@ -377,7 +377,7 @@ fn open(
 ) -> Result<Lease, ApiError> {
     let (name, key) = (index.index_name.as_str(), index.index_key.as_deref());
     let principal = state.auth.authenticate(creds.key())?;
-    let kek = parse_kek(key)?;
+    let kek = state.resolve_kek(&principal, name, parse_kek(key)?)?;
     Ok(state
         .auth
         .open_index(&state.engine, &principal, action, name, kek.as_ref())?)

@@ -319,9 +319,11 @@ impl State {
 
 /// How a presented KEK is verified: by unwrapping the stored wrapped DEK with it (one
 /// AES-GCM operation on 32 bytes) and comparing the result with the index's DEK.
+/// Also remembers the index's KMS envelope, which changes together with the wrapped DEK.
 pub(crate) struct KeyCheck {
     pub wrapped_dek: Vec<u8>,
     pub aad: Vec<u8>,
+    pub envelope: Option<super::Envelope>,
 }
 
 /// What a request brings to open an index.
@@ -411,7 +413,7 @@ pub struct Index {
     pub config: IndexConfig,
     keys: IndexKeys,
     dek: Dek,
-    key_check: KeyCheck,
+    key_check: RwLock<KeyCheck>,
     store: Arc<dyn IndexStore>,
     writer: Mutex<()>,
     training: Mutex<()>,
@@ -450,7 +452,7 @@ impl Index {
             keys: IndexKeys::derive(&dek),
             dek,
             id,
-            key_check,
+            key_check: RwLock::new(key_check),
             store,
             writer: Mutex::new(()),
             training: Mutex::new(()),
@@ -549,8 +551,8 @@ impl Index {
             Access::Dek(d) => d.ct_eq(&self.dek),
             Access::Kek(None) => return Err(EngineError::MissingKey(self.name.clone())),
             Access::Kek(Some(k)) => {
-                keys::unwrap_dek(k, &self.key_check.wrapped_dek, &self.key_check.aad)
-                    .is_ok_and(|d| d.ct_eq(&self.dek))
+                let kc = self.key_check.read();
+                keys::unwrap_dek(k, &kc.wrapped_dek, &kc.aad).is_ok_and(|d| d.ct_eq(&self.dek))
             }
         };
         if ok {
@@ -558,6 +560,19 @@ impl Index {
         } else {
             Err(EngineError::WrongKey(self.name.clone()))
         }
+    }
+
+    /// Where this index's KEK comes from.
+    pub(crate) fn key_source(&self) -> super::KeySource {
+        match &self.key_check.read().envelope {
+            None => super::KeySource::Client,
+            Some(e) => super::KeySource::Kms(e.clone()),
+        }
+    }
+
+    /// After a rewrap was stored: verify presented keys against the new wrap.
+    pub(crate) fn set_key_check(&self, kc: KeyCheck) {
+        *self.key_check.write() = kc;
     }
 
     fn ensure_live(&self) -> Result<(), EngineError> {

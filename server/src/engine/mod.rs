@@ -10,6 +10,7 @@ pub mod filter;
 pub mod format;
 pub mod index;
 pub mod kmeans;
+pub mod meta;
 pub mod training;
 
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ pub use distance::Metric;
 use format::{IndexId, Reader, Writer};
 pub use index::{Access, Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
 use index::{Data, KeyCheck};
+pub use meta::Envelope;
+use meta::{config_aad, dek_aad, MetaRecord};
 pub use training::{Trainer, TrainingStatus};
 
 /// Everything that can go wrong in the engine. The API layer maps each variant to exactly one
@@ -203,8 +206,28 @@ impl IndexConfig {
 /// What `create` needs.
 pub struct CreateSpec {
     pub name: String,
+    /// From [`new_index_id`]; a KMS envelope's context is derived from it before create.
+    pub id: IndexId,
     pub kek: Kek,
+    /// `Some` for a KMS-backed index: how the KEK is wrapped.
+    pub envelope: Option<Envelope>,
     pub config: IndexConfig,
+}
+
+/// A fresh random index id.
+pub fn new_index_id() -> IndexId {
+    let mut id = [0u8; format::INDEX_ID_LEN];
+    rand::rng().fill_bytes(&mut id);
+    id
+}
+
+/// Where an index's KEK comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// The client sends it on every request.
+    Client,
+    /// A KMS slot unwraps it from this envelope.
+    Kms(Envelope),
 }
 
 /// What `describe` reports.
@@ -228,67 +251,6 @@ pub struct EngineConfig {
     pub auto_train: bool,
     /// Memory budget for open indexes (`None` = unlimited, `Some(0)` = keep nothing).
     pub cache_limit_bytes: Option<usize>,
-}
-
-/// Key-mode byte of the meta record.
-const KEY_MODE_CLIENT: u8 = 0;
-
-/// The clear header of a meta record plus its sealed parts.
-struct MetaRecord {
-    id: IndexId,
-    key_mode: u8,
-    wrapped_dek: Vec<u8>,
-    sealed_config: Vec<u8>,
-}
-
-impl MetaRecord {
-    fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.raw(format::META_MAGIC)
-            .u8(format::FORMAT_VERSION)
-            .raw(&self.id)
-            .u8(self.key_mode)
-            .bytes(b"") // KMS slot name (KMS-backed indexes only)
-            .bytes(b"") // KMS-wrapped KEK (KMS-backed indexes only)
-            .bytes(&self.wrapped_dek)
-            .bytes(&self.sealed_config);
-        w.0
-    }
-    fn decode(buf: &[u8]) -> Result<Self, EngineError> {
-        let mut r = Reader::new(buf, "meta record");
-        if r.take(4)? != format::META_MAGIC {
-            return Err(EngineError::Corrupt("meta record has a bad magic".into()));
-        }
-        if r.u8()? != format::FORMAT_VERSION {
-            return Err(EngineError::Corrupt(
-                "meta record has an unknown format version".into(),
-            ));
-        }
-        let id: IndexId = r.take(format::INDEX_ID_LEN)?.try_into().expect("16 bytes");
-        let key_mode = r.u8()?;
-        r.bytes()?;
-        r.bytes()?;
-        Ok(Self {
-            id,
-            key_mode,
-            wrapped_dek: r.bytes()?.to_vec(),
-            sealed_config: r.bytes()?.to_vec(),
-        })
-    }
-}
-
-fn dek_aad(meta_key: &[u8], id: &IndexId) -> Vec<u8> {
-    let mut a = format::aad(meta_key);
-    a.extend_from_slice(b"/dek/");
-    a.extend_from_slice(id);
-    a
-}
-
-fn config_aad(meta_key: &[u8], id: &IndexId) -> Vec<u8> {
-    let mut a = format::aad(meta_key);
-    a.extend_from_slice(b"/config/");
-    a.extend_from_slice(id);
-    a
 }
 
 /// Check an index name: 1-255 bytes, no control characters, not the reserved `default`.
@@ -453,13 +415,12 @@ impl Engine {
         if self.store.get(&mk)?.is_some() {
             return Err(EngineError::AlreadyExists(spec.name));
         }
-        let mut id = [0u8; format::INDEX_ID_LEN];
-        rand::rng().fill_bytes(&mut id);
+        let id = spec.id;
         let dek = Dek::random();
         let keys = IndexKeys::derive(&dek);
         let meta = MetaRecord {
             id,
-            key_mode: KEY_MODE_CLIENT,
+            envelope: spec.envelope,
             wrapped_dek: keys::wrap_dek(&spec.kek, &dek, &dek_aad(&mk, &id)),
             sealed_config: keys.seal(&config_aad(&mk, &id), &spec.config.encode()),
         };
@@ -533,13 +494,75 @@ impl Engine {
             .store
             .get(&format::meta_key(name))?
             .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
-        let meta = MetaRecord::decode(&raw)?;
-        if meta.key_mode != KEY_MODE_CLIENT {
-            return Err(EngineError::Corrupt(format!(
-                "index '{name}' uses a key mode this server does not know"
-            )));
+        MetaRecord::decode(&raw)
+    }
+
+    /// Whether an index of this name exists.
+    pub fn exists(&self, name: &str) -> Result<bool, EngineError> {
+        Ok(self.store.get(&format::meta_key(name))?.is_some())
+    }
+
+    /// The id of an index and where its KEK comes from (from memory when it is open).
+    pub fn key_source(&self, name: &str) -> Result<(IndexId, KeySource), EngineError> {
+        if let Some(slot) = self.cache.slots.lock().get(name) {
+            if let Some(ix) = slot.index.read().as_ref() {
+                return Ok((ix.id, ix.key_source()));
+            }
         }
-        Ok(meta)
+        let meta = self.meta(name)?;
+        Ok((
+            meta.id,
+            meta.envelope.map_or(KeySource::Client, KeySource::Kms),
+        ))
+    }
+
+    /// `(name, id, envelope)` of every KMS-backed index (for the start-up drift check).
+    pub fn kms_indexes(&self) -> Result<Vec<(String, IndexId, Envelope)>, EngineError> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan_prefix(&[format::kind::META])? {
+            let name = String::from_utf8(k[1..].to_vec())
+                .map_err(|_| EngineError::Corrupt("index name is not UTF-8".into()))?;
+            let m = MetaRecord::decode(&v)?;
+            if let Some(e) = m.envelope {
+                out.push((name, m.id, e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-key an index: the DEK (and so all data) stays; it is wrapped anew under `new_kek`
+    /// and the meta record records `envelope` (`None` = the client supplies `new_kek`), in
+    /// one write. `old` must open the index. Nothing changes when the write fails.
+    pub fn rewrap(
+        &self,
+        name: &str,
+        old: &Kek,
+        new_kek: &Kek,
+        envelope: Option<Envelope>,
+    ) -> Result<(), EngineError> {
+        let ix = self.open_arc(name, Access::Kek(Some(old)))?;
+        let _g = self.create_lock.lock();
+        let mk = format::meta_key(name);
+        let current = self.meta(name)?;
+        if current.id != ix.id {
+            return Err(EngineError::NotFound(name.to_owned()));
+        }
+        let aad = dek_aad(&mk, &ix.id);
+        let meta = MetaRecord {
+            id: ix.id,
+            envelope: envelope.clone(),
+            wrapped_dek: keys::wrap_dek(new_kek, ix.dek(), &aad),
+            sealed_config: current.sealed_config,
+        };
+        let mut batch = WriteBatch::new();
+        batch.put(mk, meta.encode());
+        self.store.write(batch)?;
+        ix.set_key_check(KeyCheck {
+            aad,
+            wrapped_dek: meta.wrapped_dek,
+            envelope,
+        });
+        Ok(())
     }
 
     /// The random id of an index (RBAC grants are bound to it).
@@ -571,6 +594,7 @@ impl Engine {
         let key_check = KeyCheck {
             aad: dek_aad(&mk, &meta.id),
             wrapped_dek: meta.wrapped_dek.clone(),
+            envelope: meta.envelope.clone(),
         };
         let dek = match access {
             Access::Kek(kek) => {

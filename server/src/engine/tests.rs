@@ -32,6 +32,8 @@ fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize
 fn create(e: &Engine, name: &str, kek: &Kek, config: IndexConfig) {
     e.create(CreateSpec {
         name: name.into(),
+        id: crate::engine::new_index_id(),
+        envelope: None,
         kek: kek.clone(),
         config,
     })
@@ -79,6 +81,8 @@ fn create_upsert_query_get_delete_reload() {
     assert!(matches!(
         e.create(CreateSpec {
             name: "a".into(),
+            id: crate::engine::new_index_id(),
+            envelope: None,
             kek: kek.clone(),
             config: cfg(Metric::Euclidean, Precision::F32, 0)
         }),
