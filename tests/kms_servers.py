@@ -100,6 +100,21 @@ class OpenBao(_Process):
             "associated_data": base64.b64encode(associated_data).decode()})["data"]
         return base64.b64decode(data["plaintext"])
 
+    def approle(self, key, role, token_ttl="1h"):
+        """An AppRole allowed only to wrap/unwrap with `key` (and read it): (role_id, secret_id)."""
+        if "approle/" not in self.call("GET", "/v1/sys/auth")["data"]:
+            self.call("POST", "/v1/sys/auth/approle", {"type": "approle"})
+        policy = "\n".join([
+            f'path "transit/encrypt/{key}" {{ capabilities = ["update"] }}',
+            f'path "transit/decrypt/{key}" {{ capabilities = ["update"] }}',
+            f'path "transit/keys/{key}" {{ capabilities = ["read"] }}'])
+        self.call("PUT", f"/v1/sys/policies/acl/{role}", {"policy": policy})
+        self.call("POST", f"/v1/auth/approle/role/{role}", {
+            "token_policies": [role], "token_ttl": token_ttl, "token_max_ttl": token_ttl})
+        role_id = self.call("GET", f"/v1/auth/approle/role/{role}/role-id")["data"]["role_id"]
+        secret_id = self.call("POST", f"/v1/auth/approle/role/{role}/secret-id", {})["data"]["secret_id"]
+        return role_id, secret_id
+
     def slot(self, key, **extra):
         return {"provider": "vault", "address": self.url, "key_name": key, "token": self.TOKEN,
                 "timeout_seconds": 2, **extra}

@@ -6,11 +6,13 @@ client-key -> KMS migration, start-up drift, RBAC users on KMS indexes, the offi
 and that the raw store never holds an unwrapped KEK.
 """
 import base64
+import json
 import re
 import secrets
 import time
 
 import pytest
+import requests
 
 from conftest import Api, new_key, unique
 from kms_servers import Moto, OpenBao, registry_yaml
@@ -99,6 +101,36 @@ def test_kms_index_lifecycle_and_restart(provider, bao, moto, kms_server):
     assert st == 200, b
     st, b = api.get("/v1/indexes/list")
     assert name not in b["indexes"]
+
+
+def test_vault_approle_login_and_relogin_after_the_token_expires(bao, kms_server):
+    key = unique("k")
+    bao.create_key(key)
+    role_id, secret_id = bao.approle(key, unique("role"), token_ttl="2s")
+    slot = bao.slot(key, role_id=role_id, secret_id=secret_id)
+    del slot["token"]
+    srv = kms_server({"ar": slot}, env={"INDEX_KEK_CACHE_TTL_SECONDS": "0"})
+    api = Api(srv.url)
+    name = unique()
+    create_kms(api, name, "ar")
+    upsert_some(api, name)
+    time.sleep(2.5)  # the AppRole token has expired: the provider logs in again
+    check_readable(api, name)
+    assert role_id not in srv.logs() and secret_id not in srv.logs()
+
+
+def test_aws_assume_role_with_external_id(moto, kms_server):
+    slot = moto.slot(moto.create_key(), role_arn="arn:aws:iam::123456789012:role/sealdb-test",
+                     external_id="ext-1", role_session_name="sealdb-ci")
+    srv = kms_server({"byok": slot})
+    api = Api(srv.url)
+    name = unique()
+    create_kms(api, name, "byok")
+    assumed = requests.get(moto.url + "/moto-api/data.json", timeout=10).json()["sts"]["AssumedRole"]
+    assert any("sealdb-ci" in json.dumps(r) for r in assumed), assumed
+    upsert_some(api, name)
+    srv.restart()
+    check_readable(api, name)
 
 
 def test_aws_endpoint_from_the_environment(moto, kms_server):
@@ -208,9 +240,13 @@ def test_outage_is_502_naming_the_slot_then_recovers_without_restart(provider, b
         st, b = api.post("/v1/vectors/upsert", {"index_name": name, "items": [
             {"id": "lost?", "vector": [0, 0, 0, 0]}]})
         assert st == 502, b
+        st, b = api.post("/v1/indexes/rewrap", {"index_name": name})
+        assert st == 502, b  # and the old envelope stays
     finally:
         kms.resume()
     check_readable(api, name)  # nothing lost, nothing half-written, no restart
+    srv.restart()
+    check_readable(api, name)
 
 
 def test_cached_kek_serves_within_the_ttl_during_an_outage(bao, kms_server):
