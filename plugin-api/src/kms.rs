@@ -76,6 +76,22 @@ pub trait KmsProvider: Send + Sync + 'static {
     async fn health(&self) -> Result<(), KmsError>;
 }
 
+/// The blocking form of a KMS provider, for plugins loaded over the C ABI (a plain Rust
+/// implementation of this trait becomes a plugin through `declare_plugin!`). The server runs
+/// its calls on the blocking pool with a timeout; calls may come from several threads at once.
+pub trait BlockingKmsProvider: Send + Sync + 'static {
+    /// See [`KmsProvider::key_id`].
+    fn key_id(&self) -> &str;
+    /// See [`KmsProvider::region`].
+    fn region(&self) -> &str;
+    /// See [`KmsProvider::wrap`].
+    fn wrap(&self, kek: &[u8], context: &[u8]) -> Result<Wrapped, KmsError>;
+    /// See [`KmsProvider::unwrap`].
+    fn unwrap(&self, wrapped: &[u8], context: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError>;
+    /// See [`KmsProvider::health`].
+    fn health(&self) -> Result<(), KmsError>;
+}
+
 /// Read a required field of a slot, naming it when absent or empty.
 pub fn required<'a>(fields: &'a SlotFields, name: &str) -> Result<&'a str, KmsError> {
     match fields.get(name).map(|s| s.trim()) {

@@ -15,12 +15,17 @@
 //! async (its calls are network round trips; `async-trait` is re-exported for implementors).
 //! All stay expressible over a plain C ABI for dynamically loaded plugins.
 
+pub mod abi;
+pub mod export;
 pub mod kms;
 pub mod store;
 pub mod users;
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
 pub use async_trait::async_trait;
-pub use kms::{KmsError, KmsProvider, SlotFields, Wrapped};
+pub use kms::{BlockingKmsProvider, KmsError, KmsProvider, SlotFields, Wrapped};
 pub use store::{IndexStore, KeyValue, StoreError, WriteBatch, WriteOp};
-pub use users::{UserStore, UserStoreError};
+pub use users::{KvUserStore, UserStore, UserStoreError};
 pub use zeroize::Zeroizing;

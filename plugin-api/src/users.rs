@@ -31,3 +31,62 @@ pub trait UserStore: Send + Sync + 'static {
     /// Remove every user of an index (the index is being deleted).
     fn delete_index(&self, index_id: &[u8]) -> Result<(), UserStoreError>;
 }
+
+/// A [`UserStore`] kept inside an [`IndexStore`](crate::IndexStore), under the keys
+/// `'U' || index id || user id` (the user record kind of the server's format). Stores that have
+/// no user directory of their own (the filesystem store, plugin stores) use it; since the server
+/// deletes an index with one batch over its `'U' || index id` prefix, the index's users go in
+/// the same atomic batch.
+pub struct KvUserStore<S: ?Sized>(pub std::sync::Arc<S>);
+
+impl<S: crate::IndexStore + ?Sized> KvUserStore<S> {
+    fn prefix(index_id: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(1 + index_id.len() + 16);
+        k.push(b'U');
+        k.extend_from_slice(index_id);
+        k
+    }
+    fn key(index_id: &[u8], user_id: &[u8]) -> Vec<u8> {
+        let mut k = Self::prefix(index_id);
+        k.extend_from_slice(user_id);
+        k
+    }
+}
+
+fn io(e: crate::StoreError) -> UserStoreError {
+    UserStoreError::Io(e.to_string())
+}
+
+impl<S: crate::IndexStore + ?Sized> UserStore for KvUserStore<S> {
+    fn put(&self, index_id: &[u8], user_id: &[u8], record: &[u8]) -> Result<(), UserStoreError> {
+        let mut b = crate::WriteBatch::new();
+        b.put(Self::key(index_id, user_id), record.to_vec());
+        self.0.write(b).map_err(io)
+    }
+    fn get(&self, index_id: &[u8], user_id: &[u8]) -> Result<Option<Vec<u8>>, UserStoreError> {
+        self.0.get(&Self::key(index_id, user_id)).map_err(io)
+    }
+    fn list(&self, index_id: &[u8]) -> Result<Vec<crate::store::KeyValue>, UserStoreError> {
+        let p = Self::prefix(index_id);
+        Ok(self
+            .0
+            .scan_prefix(&p)
+            .map_err(io)?
+            .into_iter()
+            .map(|(k, v)| (k[p.len()..].to_vec(), v))
+            .collect())
+    }
+    fn delete(&self, index_id: &[u8], user_id: &[u8]) -> Result<bool, UserStoreError> {
+        let k = Self::key(index_id, user_id);
+        let existed = self.0.get(&k).map_err(io)?.is_some();
+        let mut b = crate::WriteBatch::new();
+        b.delete(k);
+        self.0.write(b).map_err(io)?;
+        Ok(existed)
+    }
+    fn delete_index(&self, index_id: &[u8]) -> Result<(), UserStoreError> {
+        let mut b = crate::WriteBatch::new();
+        b.delete_prefix(Self::prefix(index_id));
+        self.0.write(b).map_err(io)
+    }
+}

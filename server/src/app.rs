@@ -5,56 +5,14 @@ use std::sync::Arc;
 use poem::http::StatusCode;
 use poem::listener::TcpListener;
 use poem::{EndpointExt, IntoResponse, Response, Route};
-use sealdb_plugin_api::{IndexStore, UserStore};
 
 use crate::api::{self, error::ApiError, AppState};
 use crate::auth::Auth;
-use crate::config::{Config, DbType, Durability};
+use crate::config::{Config, Durability};
 use crate::engine::{Engine, EngineConfig};
 use crate::kms::{Kms, KmsFailure};
-
-/// The configured stores: indexes and users (one backend serves both).
-pub struct Stores {
-    pub index: Arc<dyn IndexStore>,
-    pub users: Arc<dyn UserStore>,
-}
-
-impl Stores {
-    /// Both stores in one throwaway in-memory backend.
-    pub fn memory() -> Self {
-        let m = Arc::new(sealdb_store_memory::MemoryStore::new());
-        Self {
-            index: m.clone(),
-            users: m,
-        }
-    }
-}
-
-/// Open the configured store.
-pub fn open_store(cfg: &Config) -> Result<Stores, String> {
-    Ok(match cfg.db_type {
-        DbType::Memory => Stores::memory(),
-        DbType::Disk => {
-            let r = Arc::new(
-                sealdb_store_redb::RedbStore::open_dir_with(
-                    &cfg.disk_path,
-                    sealdb_store_redb::WalOptions {
-                        durability: match cfg.durability {
-                            Durability::Sync => sealdb_store_redb::Durability::Sync,
-                            Durability::Relaxed => sealdb_store_redb::Durability::Relaxed,
-                        },
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", cfg.disk_path.display()))?,
-            );
-            Stores {
-                index: r.clone(),
-                users: r,
-            }
-        }
-    })
-}
+pub use crate::plugins::Stores;
+use crate::plugins::{Registry, StoreSettings};
 
 /// Build the shared state.
 pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
@@ -176,9 +134,6 @@ async fn log_request<E: poem::Endpoint>(
     resp
 }
 
-/// Longest a single KMS call may take before the request gets 502.
-const KMS_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// At start: a KMS-backed index whose slot now names another key id or region (or provider)
 /// than its envelope recorded is re-keyed onto the slot's current key (the old key must still
 /// be reachable). Failures are logged and leave the index as it was; it is tried again at the
@@ -230,12 +185,26 @@ fn sync_kms_drift(state: &AppState) {
 
 /// Run until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
-    let stores = open_store(&cfg)?;
+    let timeout = std::time::Duration::from_secs(cfg.plugin_timeout_seconds);
+    let mut registry = Registry::builtin();
+    registry.load(&cfg.plugins, timeout)?;
+    let stores = registry.open_store(
+        &cfg.db_type,
+        &StoreSettings {
+            disk_path: &cfg.disk_path,
+            durability: match cfg.durability {
+                Durability::Sync => crate::plugins::Durability::Sync,
+                Durability::Relaxed => crate::plugins::Durability::Relaxed,
+            },
+            plugin_timeout: timeout,
+        },
+    )?;
     tracing::info!(backend = stores.index.backend(), path = %cfg.disk_path.display(), "store opened");
     let kms = Kms::build(
         &cfg.kms_slots,
+        registry.kms_factories(),
         std::time::Duration::from_secs(cfg.kek_cache_ttl_seconds),
-        KMS_CALL_TIMEOUT,
+        timeout,
     )
     .await?;
     tracing::info!(slots = ?kms.names(), "KMS registry loaded ({} slots)", kms.names().len());

@@ -10,15 +10,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use crate::kms::SlotConfig;
-
-/// Storage backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DbType {
-    /// Embedded redb database under `--disk-path` (durable).
-    Disk,
-    /// In memory; everything is lost at exit.
-    Memory,
-}
+use crate::plugins::PluginConfig;
 
 /// When the disk backend acknowledges a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,15 +49,10 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 8000)]
     pub port: u16,
 
-    /// Storage backend.
-    #[arg(
-        long,
-        env = "CYBORGDB_DB_TYPE",
-        value_enum,
-        default_value = "disk",
-        ignore_case = true
-    )]
-    pub db_type: DbType,
+    /// Storage backend: `disk` (embedded redb under --disk-path, durable), `filesystem` (one
+    /// file per record under --disk-path), `memory` (lost at exit), or a store a plugin offers.
+    #[arg(long, env = "CYBORGDB_DB_TYPE", default_value = "disk")]
+    pub db_type: String,
 
     /// Data directory of the disk backend.
     #[arg(long, env = "CYBORGDB_DISK_PATH", default_value = "./sealdb-data")]
@@ -131,6 +118,16 @@ pub struct Config {
     #[arg(skip)]
     pub kms_slots: Vec<SlotConfig>,
 
+    /// Plugin libraries from the YAML file's `plugins:` list.
+    #[arg(skip)]
+    pub plugins: Vec<PluginConfig>,
+
+    /// Longest a KMS call or a store-plugin call may take, in seconds, before the request
+    /// fails (502 for KMS, 500 for a store).
+    #[arg(long, env = "SEALDB_PLUGIN_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub plugin_timeout_seconds: u64,
+
     /// Print the OpenAPI spec (JSON) and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -155,6 +152,7 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("index_cache_mb", "sealdb_index_cache_mb"),
     ("durability", "sealdb_durability"),
     ("max_body_mb", "sealdb_max_body_mb"),
+    ("plugin_timeout_seconds", "sealdb_plugin_timeout_seconds"),
     ("kek_cache_ttl_seconds", "index_kek_cache_ttl_seconds"),
 ];
 
@@ -258,7 +256,66 @@ fn load_kms(
     Ok(out)
 }
 
-type Yaml = (HashMap<String, String>, Vec<SlotConfig>);
+/// `plugins:`: a list of `{path, sha256?, config?}`. Relative paths are relative to the YAML
+/// file's directory.
+fn load_plugins(
+    doc: &serde_yaml_ng::Value,
+    path: &std::path::Path,
+) -> Result<Vec<PluginConfig>, ConfigError> {
+    let Some(list) = doc.get("plugins") else {
+        return Ok(Vec::new());
+    };
+    if list.is_null() {
+        return Ok(Vec::new());
+    }
+    let list = list
+        .as_sequence()
+        .ok_or_else(|| ConfigError("plugins must be a list of {path, sha256, config}".into()))?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut out = Vec::new();
+    for (i, e) in list.iter().enumerate() {
+        let at = format!("plugins[{i}]");
+        let m = e
+            .as_mapping()
+            .ok_or_else(|| ConfigError(format!("{at} must be a mapping with a path")))?;
+        let mut plugin_path = None;
+        let mut sha256 = None;
+        let mut config = serde_json::Map::new();
+        for (k, v) in m {
+            match k.as_str() {
+                Some("path") => plugin_path = scalar(v, &format!("{at}.path"))?,
+                Some("sha256") => sha256 = scalar(v, &format!("{at}.sha256"))?,
+                Some("config") => {
+                    let json = serde_json::to_value(v).map_err(|e| {
+                        ConfigError(format!("{at}.config cannot be represented as JSON: {e}"))
+                    })?;
+                    config = match json {
+                        serde_json::Value::Object(o) => o,
+                        serde_json::Value::Null => serde_json::Map::new(),
+                        _ => return Err(ConfigError(format!("{at}.config must be a mapping"))),
+                    };
+                }
+                other => {
+                    return Err(ConfigError(format!(
+                        "{at}: unknown field {other:?} (expected path, sha256, config)"
+                    )))
+                }
+            }
+        }
+        let p = plugin_path
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ConfigError(format!("{at}.path is required")))?;
+        let p = std::path::PathBuf::from(p);
+        out.push(PluginConfig {
+            path: if p.is_relative() { base.join(p) } else { p },
+            sha256,
+            config,
+        });
+    }
+    Ok(out)
+}
+
+type Yaml = (HashMap<String, String>, Vec<SlotConfig>, Vec<PluginConfig>);
 
 fn load_yaml(path: &std::path::Path) -> Result<Yaml, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -279,7 +336,7 @@ fn load_yaml(path: &std::path::Path) -> Result<Yaml, ConfigError> {
             }
         }
     }
-    Ok((out, load_kms(&doc, path)?))
+    Ok((out, load_kms(&doc, path)?, load_plugins(&doc, path)?))
 }
 
 impl Config {
@@ -314,9 +371,10 @@ impl Config {
                 .find(|p| p.exists()),
         };
         if let Some(path) = yaml_path {
-            let (yaml, slots) = load_yaml(&path)?;
+            let (yaml, slots, plugins) = load_yaml(&path)?;
             cfg.overlay(&matches, &yaml)?;
             cfg.kms_slots = slots;
+            cfg.plugins = plugins;
         }
         Ok(cfg)
     }
@@ -360,7 +418,7 @@ impl Config {
             match *id {
                 "host" => self.host = v.parse().map_err(|e| bad(format!("{e}")))?,
                 "port" => self.port = v.parse().map_err(|e| bad(format!("{e}")))?,
-                "db_type" => self.db_type = DbType::from_str(v, true).map_err(bad)?,
+                "db_type" => self.db_type = v.clone(),
                 "disk_path" => self.disk_path = PathBuf::from(v),
                 "log_level" => self.log_level = parse_level(v).map_err(bad)?,
                 "auto_train_min_vectors" => {
@@ -371,6 +429,16 @@ impl Config {
                 "api_key" => self.api_key = Some(v.clone()),
                 "index_cache_mb" => {
                     self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
+                }
+                "plugin_timeout_seconds" => {
+                    self.plugin_timeout_seconds = match v.parse::<u64>() {
+                        Ok(n) if (1..=3600).contains(&n) => n,
+                        _ => {
+                            return Err(bad(format!(
+                                "'{v}' is not a whole number of seconds from 1 to 3600"
+                            )))
+                        }
+                    }
                 }
                 "kek_cache_ttl_seconds" => {
                     self.kek_cache_ttl_seconds = match v.parse::<u64>() {
@@ -427,7 +495,7 @@ mod tests {
         let p = path.to_str().unwrap();
         let c = Config::load_from(["sealdb", "--config", p]).unwrap();
         assert_eq!(c.port, 9100);
-        assert_eq!(c.db_type, DbType::Memory);
+        assert_eq!(c.db_type, "memory");
         assert_eq!(c.auto_train_min_vectors, 77);
         let c = Config::load_from(["sealdb", "--config", p, "--port", "9200"]).unwrap();
         assert_eq!(c.port, 9200);
@@ -481,10 +549,39 @@ mod tests {
     }
 
     #[test]
+    fn plugins_are_listed_with_paths_relative_to_the_yaml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "plugins:\n  - path: libx.so\n    sha256: abc\n    config: {root: /d, shards: 4}\n  - path: /abs/liby.so\n",
+        )
+        .unwrap();
+        let c = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.plugins.len(), 2);
+        assert_eq!(c.plugins[0].path, dir.path().join("libx.so"));
+        assert_eq!(c.plugins[0].sha256.as_deref(), Some("abc"));
+        assert_eq!(c.plugins[0].config["shards"], 4);
+        assert_eq!(c.plugins[1].path, std::path::PathBuf::from("/abs/liby.so"));
+        for (yaml, want) in [
+            ("plugins:\n  - sha256: x\n", "plugins[0].path is required"),
+            (
+                "plugins:\n  - path: a\n    pth: b\n",
+                "plugins[0]: unknown field",
+            ),
+            ("plugins: {a: 1}\n", "plugins must be a list"),
+        ] {
+            std::fs::write(&path, yaml).unwrap();
+            let e = Config::load_from(["sealdb", "--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(e.to_string().contains(want), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn defaults() {
         let c = Config::load_from(["sealdb"]).unwrap();
         assert_eq!(c.host.to_string(), "127.0.0.1");
-        assert_eq!(c.db_type, DbType::Disk);
+        assert_eq!(c.db_type, "disk");
         assert!(!c.auto_train_disabled);
         assert_eq!(c.max_body_mb, 256);
     }

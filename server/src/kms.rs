@@ -23,6 +23,7 @@ use sealdb_plugin_api::{KmsError, KmsProvider, SlotFields};
 use crate::engine::format::IndexId;
 use crate::engine::Envelope;
 use crate::keys::{Kek, KEY_LEN};
+use crate::plugins::KmsFactory;
 
 /// One slot as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,49 +80,53 @@ pub struct Kms {
     /// The runtime provider futures run on (`None` only for a registry with no slots).
     rt: Option<tokio::runtime::Handle>,
     cache: Mutex<HashMap<IndexId, Arc<Mutex<Option<Cached>>>>>,
+    /// Provider factories by name (built-in and plugins).
+    factories: BTreeMap<String, Arc<dyn KmsFactory>>,
     /// Providers for envelopes wrapped under an earlier key id or region of a slot.
     previous: Mutex<HashMap<Snapshot, Arc<dyn KmsProvider>>>,
 }
 
-/// Build the provider of one slot.
-async fn build_provider(kind: &str, fields: &SlotFields) -> Result<Arc<dyn KmsProvider>, KmsError> {
-    Ok(match kind {
-        sealdb_kms_vault::NAME => Arc::new(sealdb_kms_vault::VaultProvider::new(fields).await?),
-        sealdb_kms_aws::NAME => Arc::new(sealdb_kms_aws::AwsKmsProvider::new(fields).await?),
-        sealdb_kms_none::NAME => {
-            return Err(KmsError::Config(
-                "provider 'none' is reserved for client-supplied keys and cannot be configured: \
-                 omit kms_name to use index_key"
-                    .into(),
-            ))
-        }
-        other => {
-            return Err(KmsError::Config(format!(
-                "unknown provider '{other}' (this server has: {}, {})",
-                sealdb_kms_vault::NAME,
-                sealdb_kms_aws::NAME
-            )))
-        }
-    })
+/// Build the provider of one slot through the registry's factories.
+async fn build_provider(
+    factories: &BTreeMap<String, Arc<dyn KmsFactory>>,
+    kind: &str,
+    fields: &SlotFields,
+) -> Result<Arc<dyn KmsProvider>, KmsError> {
+    if kind == sealdb_kms_none::NAME {
+        return Err(KmsError::Config(
+            "provider 'none' is reserved for client-supplied keys and cannot be configured: \
+             omit kms_name to use index_key"
+                .into(),
+        ));
+    }
+    match factories.get(kind) {
+        Some(f) => f.create(fields).await,
+        None => Err(KmsError::Config(format!(
+            "unknown provider '{kind}' (this server has: {})",
+            factories.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
 /// The fields that address the key an envelope was made with, when the slot's key id or
 /// region has changed since.
-fn fields_for_snapshot(kind: &str, fields: &SlotFields, env: &Envelope) -> SlotFields {
+/// Only the built-in providers can be pointed back at an earlier key; a plugin's key id is
+/// opaque to the server.
+fn fields_for_snapshot(kind: &str, fields: &SlotFields, env: &Envelope) -> Option<SlotFields> {
     let mut f = fields.clone();
     match kind {
         sealdb_kms_vault::NAME => {
-            if let Some((mount, key)) = env.key_id.rsplit_once('/') {
-                f.insert("mount".into(), mount.into());
-                f.insert("key_name".into(), key.into());
-            }
+            let (mount, key) = env.key_id.rsplit_once('/')?;
+            f.insert("mount".into(), mount.into());
+            f.insert("key_name".into(), key.into());
         }
-        _ => {
+        sealdb_kms_aws::NAME => {
             f.insert("key_id".into(), env.key_id.clone());
             f.insert("region".into(), env.region.clone());
         }
+        _ => return None,
     }
-    f
+    Some(f)
 }
 
 /// The context every wrap of an index's KEK is bound to.
@@ -142,6 +147,7 @@ impl Kms {
     /// Build and validate every slot. A bad slot is an error naming the slot and the field.
     pub async fn build(
         configs: &[SlotConfig],
+        factories: BTreeMap<String, Arc<dyn KmsFactory>>,
         ttl: Duration,
         call_timeout: Duration,
     ) -> Result<Self, String> {
@@ -153,7 +159,7 @@ impl Kms {
                     c.name, c.name
                 ));
             }
-            let provider = build_provider(&c.provider, &c.fields)
+            let provider = build_provider(&factories, &c.provider, &c.fields)
                 .await
                 .map_err(|e| format!("kms.registry.{}: {e}", c.name))?;
             slots.insert(
@@ -171,6 +177,7 @@ impl Kms {
             call_timeout,
             rt: Some(tokio::runtime::Handle::current()),
             cache: Mutex::default(),
+            factories,
             previous: Mutex::default(),
         })
     }
@@ -183,6 +190,7 @@ impl Kms {
             call_timeout: Duration::from_secs(1),
             rt: None,
             cache: Mutex::default(),
+            factories: BTreeMap::new(),
             previous: Mutex::default(),
         }
     }
@@ -299,9 +307,16 @@ impl Kms {
         if let Some(p) = self.previous.lock().get(&key) {
             return Ok(p.clone());
         }
-        let fields = fields_for_snapshot(&slot.kind, &slot.fields, env);
+        let fields = fields_for_snapshot(&slot.kind, &slot.fields, env).ok_or_else(|| {
+            fail(KmsError::Config(format!(
+                "the slot's key changed from '{}' to '{}' and provider '{}' cannot address the old one",
+                env.key_id,
+                slot.provider.key_id(),
+                slot.kind
+            )))
+        })?;
         let p = self
-            .block_on(build_provider(&slot.kind, &fields))
+            .block_on(build_provider(&self.factories, &slot.kind, &fields))
             .map_err(fail)?;
         self.previous.lock().insert(key, p.clone());
         Ok(p)
@@ -438,6 +453,7 @@ mod tests {
             call_timeout: Duration::from_secs(5),
             rt: Some(rt.handle().clone()),
             cache: Mutex::default(),
+            factories: BTreeMap::new(),
             previous: Mutex::default(),
         };
         (Arc::new(kms), p)

@@ -8,4 +8,5 @@ pub mod config;
 pub mod engine;
 pub mod keys;
 pub mod kms;
+pub mod plugins;
 pub mod users;

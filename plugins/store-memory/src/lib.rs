@@ -152,3 +152,15 @@ mod tests {
         assert_eq!(IndexStore::get(&s, b"y").unwrap(), Some(b"3".to_vec()));
     }
 }
+
+#[cfg(test)]
+mod conformance_tests {
+    use std::sync::Arc;
+
+    #[test]
+    fn conforms_to_the_store_contract() {
+        // One instance stands for "the same data" on every open.
+        let m = Arc::new(super::MemoryStore::new());
+        sealdb_plugin_api::conformance::run_all(&move || m.clone());
+    }
+}

@@ -508,3 +508,17 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod conformance_tests {
+    use std::sync::Arc;
+
+    #[test]
+    fn conforms_to_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_path_buf();
+        sealdb_plugin_api::conformance::run_all(&move || {
+            Arc::new(super::RedbStore::open_dir(&p).unwrap())
+        });
+    }
+}
