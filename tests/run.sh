@@ -39,7 +39,7 @@ echo "== cargo build + test"
 cargo build --workspace --all-targets
 cargo test --workspace
 
-export SEALDB_BIN=$ROOT/target/debug/sealdb
+export SEALDB_BIN=$ROOT/target/debug/sealdb SEALDB_PLUGIN_DIR=$ROOT/target/debug
 cd tests
 echo "== black-box HTTP suite + official client 0.18.0"
 "$VENVS/client18/bin/python" -m pytest -q -p no:cacheprovider .

@@ -622,3 +622,62 @@ pub mod flat_json {
         }
     }
 }
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod layout_tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// The offsets docs/plugins.md gives for 64-bit targets.
+    #[test]
+    fn layout_matches_the_specification() {
+        assert_eq!((size_of::<Bytes>(), size_of::<Buf>()), (16, 24));
+        assert_eq!(size_of::<HostApi>(), 24);
+        assert_eq!(
+            (offset_of!(HostApi, context), offset_of!(HostApi, log)),
+            (8, 16)
+        );
+        assert_eq!(size_of::<Descriptor>(), 80);
+        assert_eq!(
+            [
+                offset_of!(Descriptor, magic),
+                offset_of!(Descriptor, abi_major),
+                offset_of!(Descriptor, abi_minor),
+                offset_of!(Descriptor, size),
+                offset_of!(Descriptor, name),
+                offset_of!(Descriptor, version),
+                offset_of!(Descriptor, init),
+                offset_of!(Descriptor, free_buf),
+                offset_of!(Descriptor, kms),
+                offset_of!(Descriptor, store),
+            ],
+            [0, 8, 10, 12, 16, 32, 48, 56, 64, 72]
+        );
+        assert_eq!(size_of::<KmsTable>(), 64);
+        assert_eq!(
+            [
+                offset_of!(KmsTable, provider),
+                offset_of!(KmsTable, create),
+                offset_of!(KmsTable, destroy),
+                offset_of!(KmsTable, wrap),
+                offset_of!(KmsTable, unwrap),
+                offset_of!(KmsTable, health),
+            ],
+            [8, 24, 32, 40, 48, 56]
+        );
+        assert_eq!(size_of::<StoreTable>(), 72);
+        assert_eq!(
+            [
+                offset_of!(StoreTable, name),
+                offset_of!(StoreTable, open),
+                offset_of!(StoreTable, close),
+                offset_of!(StoreTable, get),
+                offset_of!(StoreTable, get_many),
+                offset_of!(StoreTable, scan),
+                offset_of!(StoreTable, write),
+            ],
+            [8, 24, 32, 40, 48, 56, 64]
+        );
+        assert_eq!(MAGIC.to_le_bytes(), *b"SEALDBPL");
+    }
+}

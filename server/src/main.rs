@@ -31,7 +31,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
-    if let Err(e) = rt.block_on(app::run(cfg)) {
+    let result = rt.block_on(app::run(cfg));
+    // A blocking call that never returns (a hung plugin or KMS call) must not keep the
+    // process alive after a shutdown: stop waiting for the blocking pool after a while.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if let Err(e) = result {
         tracing::error!("{e}");
         eprintln!("sealdb: {e}");
         std::process::exit(1);
