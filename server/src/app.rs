@@ -31,6 +31,11 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
         engine,
         auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users),
         kms,
+        embed: Arc::new(crate::embed::Embedders::new(
+            std::iter::once(cfg.models_dir.clone())
+                .chain(cfg.embed_cache.clone())
+                .collect(),
+        )),
         max_body_bytes: (cfg.max_body_mb as usize).saturating_mul(1 << 20),
     })
 }

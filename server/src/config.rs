@@ -128,6 +128,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub plugin_timeout_seconds: u64,
 
+    /// Where embedding models are looked for (`<dir>/<model>/` or `<dir>/<org>/<model>/`);
+    /// `CYBORGDB_EMBED_CACHE` is looked in too. Install one with `scripts/fetch-model.sh`.
+    #[arg(long, env = "SEALDB_MODELS_DIR", default_value = "./models")]
+    pub models_dir: PathBuf,
+
+    /// The original service's model cache, another place to look for models.
+    #[arg(long, env = "CYBORGDB_EMBED_CACHE")]
+    pub embed_cache: Option<PathBuf>,
+
     /// Print the OpenAPI spec (JSON) and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -153,6 +162,8 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("durability", "sealdb_durability"),
     ("max_body_mb", "sealdb_max_body_mb"),
     ("plugin_timeout_seconds", "sealdb_plugin_timeout_seconds"),
+    ("models_dir", "sealdb_models_dir"),
+    ("embed_cache", "cyborgdb_embed_cache"),
     ("kek_cache_ttl_seconds", "index_kek_cache_ttl_seconds"),
 ];
 
@@ -430,6 +441,8 @@ impl Config {
                 "index_cache_mb" => {
                     self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
                 }
+                "models_dir" => self.models_dir = PathBuf::from(v),
+                "embed_cache" => self.embed_cache = Some(PathBuf::from(v)),
                 "plugin_timeout_seconds" => {
                     self.plugin_timeout_seconds = match v.parse::<u64>() {
                         Ok(n) if (1..=3600).contains(&n) => n,

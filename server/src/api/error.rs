@@ -132,6 +132,20 @@ impl From<crate::kms::KmsFailure> for ApiError {
     }
 }
 
+impl From<crate::embed::EmbedError> for ApiError {
+    fn from(e: crate::embed::EmbedError) -> Self {
+        use crate::embed::EmbedError as E;
+        match e {
+            E::Unknown(_) => Self::bad_request(e.to_string()),
+            E::NotInstalled { .. } => Self::new(503, e.to_string()),
+            E::Load(_) | E::Run(_) => {
+                tracing::error!(error = %e, "embedding failure");
+                Self::internal(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         match e {
@@ -194,6 +208,11 @@ macro_rules! responses {
     (@munch [$($head:tt)*], [$($acc:tt)*], [502 => $var:ident $(, $($rest:tt)*)?]) => {
         crate::api::error::responses!(@munch [$($head)*],
             [$($acc)* #[doc = "The key management service failed."] #[oai(status = 502)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($($rest)*)?]);
+    };
+    (@munch [$($head:tt)*], [$($acc:tt)*], [503 => $var:ident $(, $($rest:tt)*)?]) => {
+        crate::api::error::responses!(@munch [$($head)*],
+            [$($acc)* #[doc = "Needed here but not available on this server (an embedding model that is not installed)."] #[oai(status = 503)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
     (@munch [$name:ident, $ok:ty, ($($okv:tt)*), |$v:ident| $okexpr:expr, [$($code:tt => $var:ident),*]], [$($variants:tt)*], []) => {

@@ -172,24 +172,6 @@ fn positive(name: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
     }
 }
 
-/// Dimensions of embedding models this server knows, used when `dimension` is omitted.
-fn model_dimension(model: &str) -> Option<u32> {
-    let short = model.rsplit('/').next().unwrap_or(model);
-    match short {
-        "all-MiniLM-L6-v2"
-        | "all-MiniLM-L12-v2"
-        | "paraphrase-MiniLM-L6-v2"
-        | "bge-small-en-v1.5"
-        | "e5-small-v2"
-        | "multilingual-e5-small" => Some(384),
-        "all-mpnet-base-v2" | "bge-base-en-v1.5" | "e5-base-v2" | "nomic-embed-text-v1.5" => {
-            Some(768)
-        }
-        "bge-large-en-v1.5" | "e5-large-v2" => Some(1024),
-        _ => None,
-    }
-}
-
 #[OpenApi]
 impl IndexesApi {
     /// List the names of all indexes.
@@ -266,14 +248,15 @@ impl IndexesApi {
             };
             let model = req.embedding_model.clone().filter(|m| !m.is_empty());
             if let Some(m) = &model {
-                if let Some(md) = model_dimension(m) {
-                    if dimension != 0 && dimension != md {
-                        return Err(ApiError::invalid(format!(
-                            "embedding model '{m}' produces {md}-dimensional vectors but dimension is {dimension}"
-                        )));
-                    }
-                    dimension = md;
+                let info = crate::embed::lookup(m)
+                    .ok_or_else(|| crate::embed::EmbedError::Unknown(m.clone()))?;
+                let md = info.dimension;
+                if dimension != 0 && dimension != md {
+                    return Err(ApiError::bad_request(format!(
+                        "embedding model '{m}' produces {md}-dimensional vectors but dimension is {dimension}"
+                    )));
                 }
+                dimension = md;
             }
             let name = req.index_name.clone();
             validate_name(&name)?;

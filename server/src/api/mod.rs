@@ -3,6 +3,7 @@
 //!
 //! Invariant: engine types never appear in the spec, and DTOs never reach the engine.
 
+pub mod embeddings;
 pub mod error;
 pub mod fast_json;
 pub mod health;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub auth: crate::auth::Auth,
     /// KMS slots and the KEK cache.
     pub kms: Arc<crate::kms::Kms>,
+    /// Embedding models, loaded on first use.
+    pub embed: Arc<crate::embed::Embedders>,
     /// Largest request body accepted (`--max-body-mb`).
     pub max_body_bytes: usize,
 }
@@ -232,6 +235,7 @@ where
 /// Every API, as one poem-openapi service with the given server URL.
 pub type Apis = (
     health::HealthApi,
+    embeddings::EmbeddingsApi,
     indexes::IndexesApi,
     vectors::VectorsApi,
     users::UsersApi,
@@ -241,6 +245,9 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             health::HealthApi,
+            embeddings::EmbeddingsApi {
+                state: state.clone(),
+            },
             indexes::IndexesApi {
                 state: state.clone(),
             },

@@ -357,8 +357,8 @@ pub struct NumVectors {
     pub result: i64,
 }
 
-responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
-responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure, 503 => Unavailable]);
+responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure, 503 => Unavailable]);
 responses!(GetVectorsResponse, GetResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(DeleteVectorsResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(ListIdsResponseEnum, ListIdsResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
@@ -418,15 +418,19 @@ fn decode_rows(b64: &str, dimension: i64, what: &str) -> Result<Vec<Vec<f32>>, A
         .collect())
 }
 
-fn no_embedding(ix: &Index, what: &str) -> ApiError {
+/// Embed `texts` with the index's model; an index without one needs vectors (422).
+fn embed_texts(
+    state: &AppState,
+    ix: &Index,
+    what: &str,
+    texts: &[&str],
+) -> Result<Vec<Vec<f32>>, ApiError> {
     match &ix.config.embedding_model {
-        Some(m) => ApiError::invalid(format!(
-            "{what}: server-side embedding with '{m}' is not available on this server yet; send vectors"
-        )),
-        None => ApiError::invalid(format!(
+        Some(m) => Ok(state.embed.embed(m, texts)?),
+        None => Err(ApiError::invalid(format!(
             "{what}: index '{}' has no embedding_model, so a vector is required",
             ix.name
-        )),
+        ))),
     }
 }
 
@@ -561,16 +565,39 @@ impl VectorsApi {
         blocking(move || {
             let req = body.0;
             let ix = open(&state, &creds, Action::Write, &req.index)?;
+            // Items without a vector get their contents embedded, all in one go.
+            let mut missing = Vec::new();
+            for (i, it) in req.items.iter().enumerate() {
+                if it.vector.is_none() {
+                    match it.contents.as_deref() {
+                        Some(c) if !c.is_empty() => missing.push((i, c)),
+                        _ => {
+                            return Err(ApiError::invalid(format!(
+                                "items[{i}] (id '{}') has neither a vector nor contents to embed",
+                                it.id
+                            )))
+                        }
+                    }
+                }
+            }
+            let mut embedded = if missing.is_empty() {
+                Vec::new()
+            } else {
+                let texts: Vec<&str> = missing.iter().map(|(_, c)| *c).collect();
+                let what = format!(
+                    "items[{}] (id '{}') has no vector",
+                    missing[0].0, req.items[missing[0].0].id
+                );
+                embed_texts(&state, &ix, &what, &texts)?
+            }
+            .into_iter();
             let mut items = Vec::with_capacity(req.items.len());
-            for (i, it) in req.items.into_iter().enumerate() {
+            for it in req.items {
                 let vector = match it.vector {
                     Some(v) => v,
-                    None => {
-                        return Err(no_embedding(
-                            &ix,
-                            &format!("items[{i}] (id '{}') has no vector", it.id),
-                        ))
-                    }
+                    None => embedded
+                        .next()
+                        .ok_or_else(|| ApiError::internal("embedding returned too few vectors"))?,
                 };
                 items.push(NewItem {
                     id: it.id,
@@ -652,7 +679,9 @@ impl VectorsApi {
                 let vector =
                     match (q.query_vectors, q.query_contents) {
                         (Some(v), _) => v,
-                        (None, Some(_)) => return Err(no_embedding(&ix, "query_contents")),
+                        (None, Some(text)) => embed_texts(&state, &ix, "query_contents", &[&text])?
+                            .pop()
+                            .ok_or_else(|| ApiError::internal("embedding returned no vector"))?,
                         (None, None) => return Err(ApiError::invalid(
                             "send query_vectors (a vector or a list of vectors) or query_contents",
                         )),
