@@ -40,6 +40,10 @@ def test_the_published_similarities(api):
                                            "query_contents": texts[2], "top_k": 1,
                                            "include": ["distance"]})
     assert st == 200 and q["results"][0]["id"] == "2" and q["results"][0]["distance"] < 1e-3, q
+    # Several texts at once: one result list per text.
+    st, q = api.post("/v1/vectors/query", {"index_name": name, "index_key": key,
+                                           "query_contents": [texts[0], texts[2]], "top_k": 1})
+    assert st == 200 and [r[0]["id"] for r in q["results"]] == ["0", "2"], q
 
 
 def test_long_texts_are_truncated_not_refused(api):

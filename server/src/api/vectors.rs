@@ -235,7 +235,9 @@ pub struct BatchQueryRequest {
     #[oai(flatten)]
     pub index: IndexRef,
     /// Query vectors, one per row.
-    pub query_vectors: Vec<Vec<f32>>,
+    pub query_vectors: Option<Vec<Vec<f32>>>,
+    /// Texts to embed and search with, one query each (indexes with an embedding model).
+    pub query_contents: Option<Vec<String>>,
     #[oai(flatten)]
     pub options: QueryOptions,
 }
@@ -693,11 +695,23 @@ impl VectorsApi {
             }
             QueryBody::Batch(q) => {
                 let ix = open(&state, &creds, Action::Read, &q.index)?;
-                if q.query_vectors.is_empty() {
-                    return Err(ApiError::invalid("query_vectors must not be empty"));
+                let queries = match (q.query_vectors, q.query_contents) {
+                    (Some(v), _) => v,
+                    (None, Some(texts)) => {
+                        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                        embed_texts(&state, &ix, "query_contents", &refs)?
+                    }
+                    (None, None) => {
+                        return Err(ApiError::invalid(
+                            "send query_vectors (a list of vectors) or query_contents (a list of texts)",
+                        ))
+                    }
+                };
+                if queries.is_empty() {
+                    return Err(ApiError::invalid("the batch holds no queries"));
                 }
                 Ok(QueryResponse {
-                    results: QueryResults::Batch(run_query(&ix, q.query_vectors, q.options)?),
+                    results: QueryResults::Batch(run_query(&ix, queries, q.options)?),
                 })
             }
         })
