@@ -48,3 +48,15 @@ def test_an_unknown_model_or_a_wrong_dimension_is_refused(client):
     e = expect_status(400, client.create_index, unique("emb"), key, embedding_model="no-such-model")
     assert MODEL in str(e)
     expect_status(400, client.create_index, unique("emb"), key, embedding_model=MODEL, dimension=8)
+
+
+def test_without_the_model_the_client_gets_503_naming_the_fix(make_server, tmp_path):
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    srv = make_server(env={"SEALDB_MODELS_DIR": str(empty)})
+    c = cyborgdb.Client(srv.url)
+    key = c.generate_key()
+    ix = c.create_index(unique("emb"), key, embedding_model=MODEL)
+    e = expect_status(503, ix.upsert, [{"id": "a", "contents": "hello"}])
+    assert "scripts/fetch-model.sh" in str(e), repr(e)
+    expect_status(503, ix.query, query_contents="hello")
