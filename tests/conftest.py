@@ -27,7 +27,8 @@ def free_port():
 
 
 class Server:
-    def __init__(self, data_dir, env=None, args=()):
+    def __init__(self, data_dir, env=None, args=(), scheme="http", verify=None):
+        self.scheme, self.verify = scheme, verify
         self.data_dir = Path(data_dir)
         self.extra_env = dict(env or {})
         self.args = list(args)
@@ -37,7 +38,7 @@ class Server:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self):
         # A restart keeps the port, as a real server would, so clients keep working.
@@ -55,9 +56,9 @@ class Server:
                 raise RuntimeError(f"sealdb exited with {self.proc.returncode}: "
                                    + self.log_path.read_text(errors="replace")[-2000:])
             try:
-                if requests.get(self.url + "/v1/health", timeout=1).ok:
+                if requests.get(self.url + "/v1/health", timeout=1, verify=self.verify).ok:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.exceptions.SSLError):
                 time.sleep(0.05)
         raise RuntimeError("sealdb did not become healthy in 30 s")
 
@@ -85,8 +86,8 @@ class Server:
 def make_server(tmp_path):
     servers = []
 
-    def make(env=None, args=(), name="data"):
-        s = Server(tmp_path / name, env=env, args=args)
+    def make(env=None, args=(), name="data", **kw):
+        s = Server(tmp_path / name, env=env, args=args, **kw)
         servers.append(s)
         return s.start()
 

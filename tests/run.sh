@@ -19,7 +19,7 @@ venv() { # venv NAME PACKAGES...
 }
 
 echo "== Python environments"
-venv client18 "cyborgdb==0.18.0" "pytest>=8" requests numpy
+venv client18 "cyborgdb==0.18.0" "pytest>=8" requests numpy prometheus-client
 venv client17 "cyborgdb==0.17.0" "pytest>=8" requests numpy
 # The original service 0.17.0 from the registry: its app's OpenAPI document is the contract
 # that tests/test_spec_compat.py holds ours to (dumped once per venv, no server started).

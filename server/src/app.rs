@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use poem::http::StatusCode;
-use poem::listener::TcpListener;
+use poem::listener::{Listener, TcpListener};
 use poem::{EndpointExt, IntoResponse, Response, Route};
 
 use crate::api::{self, error::ApiError, AppState};
@@ -16,7 +16,8 @@ use crate::plugins::{Registry, StoreSettings};
 
 /// Build the shared state.
 pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
-    let store = stores.index;
+    let store: Arc<dyn sealdb_plugin_api::IndexStore> =
+        Arc::new(crate::metrics::MeteredStore(stores.index));
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -31,6 +32,8 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
         engine,
         auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users),
         kms,
+        wal_dir: (cfg.db_type.eq_ignore_ascii_case("disk")).then(|| cfg.disk_path.clone()),
+        metrics_open: cfg.metrics_open,
         embed: Arc::new(crate::embed::Embedders::new(
             std::iter::once(cfg.models_dir.clone())
                 .chain(cfg.embed_cache.clone())
@@ -38,6 +41,43 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
         )),
         max_body_bytes: (cfg.max_body_mb as usize).saturating_mul(1 << 20),
     })
+}
+
+/// `GET /metrics`: Prometheus text format. Needs the root key when authentication is on,
+/// unless `--metrics-open`.
+#[poem::handler]
+async fn metrics_endpoint(req: &poem::Request, state: poem::web::Data<&Arc<AppState>>) -> Response {
+    let state: Arc<AppState> = state.0.clone();
+    if state.auth.enabled() && !state.metrics_open {
+        let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok());
+        match state.auth.authenticate(key) {
+            Ok(crate::auth::Principal::Root) | Ok(crate::auth::Principal::Open) => {}
+            _ => {
+                let e = ApiError::unauthorized(
+                    "GET /metrics needs the root API key in X-API-Key (or start with --metrics-open)",
+                );
+                return poem::web::Json(
+                    serde_json::json!({"status_code": e.status, "detail": e.detail}),
+                )
+                .with_status(StatusCode::UNAUTHORIZED)
+                .into_response();
+            }
+        }
+    }
+    let body = tokio::task::spawn_blocking(move || {
+        let (open, bytes, vectors) = state.engine.open_stats();
+        crate::metrics::render(crate::metrics::Snapshot {
+            open_indexes: open,
+            cached_bytes: bytes,
+            vectors,
+            wal_dir: state.wal_dir.clone(),
+        })
+    })
+    .await
+    .unwrap_or_default();
+    Response::builder()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
 }
 
 /// Errors raised outside the operations (unknown route, wrong method) as JSON error bodies.
@@ -59,10 +99,12 @@ async fn json_error(err: poem::Error) -> Response {
 /// The whole HTTP application.
 pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
     let limit = state.max_body_bytes;
+    let metrics_state = state.clone();
     let service = api::service(state);
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
     Route::new()
+        .at("/metrics", poem::get(metrics_endpoint).data(metrics_state))
         .at("/v1/openapi.json", spec)
         .nest("/v1/docs", docs)
         .nest("/v1", service)
@@ -121,22 +163,97 @@ async fn limit_body<E: poem::Endpoint>(
     ep.call(req).await.map(IntoResponse::into_response)
 }
 
-/// One log line per request: method, path, status, latency. Never the query string, headers
-/// or body, which can carry keys (`?index_key=` on the user routes, `X-API-Key`, `index_key`).
+/// The operation a request is for, by route (a bounded set: never an index name or an id).
+pub fn operation_of(method: &poem::http::Method, path: &str) -> &'static str {
+    use poem::http::Method as M;
+    let path = path.trim_end_matches('/');
+    match (method, path) {
+        (_, "/v1/health") => "health",
+        (_, "/v1/ready") => "ready",
+        (_, "/metrics") => "metrics",
+        (_, "/v1/openapi.json") => "openapi",
+        (_, p) if p.starts_with("/v1/docs") => "docs",
+        (_, "/v1/embedding-models") => "list_embedding_models",
+        (_, "/v1/indexes/list") => "list_indexes",
+        (_, "/v1/indexes/create") => "create_index",
+        (_, "/v1/indexes/describe") => "describe_index",
+        (_, "/v1/indexes/delete") => "delete_index",
+        (_, "/v1/indexes/train") => "train_index",
+        (_, "/v1/indexes/rewrap") => "rewrap_index",
+        (_, "/v1/indexes/training-status") => "training_status",
+        (_, "/v1/vectors/upsert") => "upsert",
+        (_, "/v1/vectors/upsert_binary") => "upsert_binary",
+        (_, "/v1/vectors/query") => "query",
+        (_, "/v1/vectors/query_binary") => "query_binary",
+        (_, "/v1/vectors/get") => "get",
+        (_, "/v1/vectors/delete") => "delete",
+        (_, "/v1/vectors/list_ids") => "list_ids",
+        (_, "/v1/vectors/num_vectors") => "num_vectors",
+        (m, p) if p.starts_with("/v1/indexes/") && p.contains("/users") => match *m {
+            M::POST => "create_user",
+            M::DELETE => "delete_user",
+            _ => "list_users",
+        },
+        _ => "other",
+    }
+}
+
+/// A client's `X-Request-Id` is kept when it is 1-128 characters of `[A-Za-z0-9._:-]`.
+fn sane_request_id(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Every request: an id (the client's `X-Request-Id` when sane, else a new one) returned in
+/// `X-Request-Id` and carried by every log line of the request (a tracing span, entered on the
+/// blocking pool too); one log line at the end (method, path, operation, status, latency), at
+/// WARN for 4xx and ERROR for 5xx; request metrics. Never the query string, headers or body,
+/// which can carry keys (`?index_key=` on the user routes, `X-API-Key`, `index_key`).
 async fn log_request<E: poem::Endpoint>(
     ep: std::sync::Arc<E>,
     req: poem::Request,
 ) -> poem::Result<Response> {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| sane_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let mut b = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+            hex::encode(b)
+        });
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let op = operation_of(&method, &path);
+    let span = tracing::info_span!("request", request_id = %id, op);
     let started = std::time::Instant::now();
-    let resp = ep.call(req).await.map(IntoResponse::into_response);
-    let status = match &resp {
-        Ok(r) => r.status(),
-        Err(e) => e.status(),
+    let resp = ep
+        .call(req)
+        .instrument(span.clone())
+        .await
+        .map(IntoResponse::into_response);
+    let mut resp = match resp {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     };
-    tracing::info!(%method, %path, status = status.as_u16(), ms = started.elapsed().as_secs_f64() * 1e3, "request");
-    resp
+    let status = resp.status().as_u16();
+    let secs = started.elapsed().as_secs_f64();
+    crate::metrics::request(op, status, secs);
+    let _g = span.enter();
+    let ms = secs * 1e3;
+    match status {
+        500.. => tracing::error!(%method, %path, status, ms, "request failed"),
+        400..=499 => tracing::warn!(%method, %path, status, ms, "request refused"),
+        _ => tracing::info!(%method, %path, status, ms, "request"),
+    }
+    if let Ok(v) = poem::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
 }
 
 /// At start: a KMS-backed index whose slot now names another key id or region (or provider)
@@ -190,6 +307,17 @@ fn sync_kms_drift(state: &AppState) {
 
 /// Run until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
+    crate::metrics::install(cfg.metrics_index_labels)?;
+    let tls = match (&cfg.ssl_cert_path, &cfg.ssl_key_path) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((c.clone(), k.clone(), crate::tls::load(c, k)?)),
+        (Some(_), None) => {
+            return Err("SSL_CERT_PATH is set but SSL_KEY_PATH is not: set both for HTTPS".into())
+        }
+        (None, Some(_)) => {
+            return Err("SSL_KEY_PATH is set but SSL_CERT_PATH is not: set both for HTTPS".into())
+        }
+    };
     let timeout = std::time::Duration::from_secs(cfg.plugin_timeout_seconds);
     let mut registry = Registry::builtin();
     registry.load(&cfg.plugins, timeout)?;
@@ -240,8 +368,19 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         tracing::warn!("legacy single-key mode (CYBORGDB_API_KEY): user management is unavailable");
     }
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    tracing::info!(%addr, "SealDB listening (docs at /v1/docs)");
-    poem::Server::new(TcpListener::bind(addr.clone()))
+    let listener = match tls {
+        None => {
+            tracing::info!(%addr, "SealDB listening on HTTP (docs at /v1/docs)");
+            TcpListener::bind(addr.clone()).boxed()
+        }
+        Some((cert, key, first)) => {
+            tracing::info!(%addr, cert = %cert.display(), "SealDB listening on HTTPS (docs at /v1/docs; SIGHUP reloads the certificate)");
+            TcpListener::bind(addr.clone())
+                .rustls(crate::tls::reloading(cert, key, first))
+                .boxed()
+        }
+    };
+    poem::Server::new(listener)
         .run_with_graceful_shutdown(
             routes(state),
             shutdown_signal(),

@@ -21,6 +21,13 @@ pub enum Durability {
     Relaxed,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -73,6 +80,17 @@ pub struct Config {
     /// Log level: DEBUG, INFO, WARNING or ERROR.
     #[arg(long, env = "CYBORGDB_SERVICE_LOG_LEVEL", default_value = "INFO", value_parser = parse_level)]
     pub log_level: String,
+
+    /// Log format: `text` (human-readable) or `json` (one JSON object per line, with the
+    /// request id and operation of request lines).
+    #[arg(
+        long,
+        env = "SEALDB_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        ignore_case = true
+    )]
+    pub log_format: LogFormat,
 
     /// Vector count at which an untrained index starts training in the background.
     #[arg(long, env = "AUTO_TRAIN_MIN_VECTORS", default_value_t = 65_536)]
@@ -137,6 +155,24 @@ pub struct Config {
     #[arg(long, env = "CYBORGDB_EMBED_CACHE")]
     pub embed_cache: Option<PathBuf>,
 
+    /// PEM certificate chain: with --ssl-key-path, serve HTTPS (reloaded on SIGHUP).
+    #[arg(long, env = "SSL_CERT_PATH")]
+    pub ssl_cert_path: Option<PathBuf>,
+
+    /// PEM private key of --ssl-cert-path.
+    #[arg(long, env = "SSL_KEY_PATH")]
+    pub ssl_key_path: Option<PathBuf>,
+
+    /// Serve GET /metrics without an API key even when authentication is on.
+    #[arg(long, env = "SEALDB_METRICS_OPEN", default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_open: bool,
+
+    /// Label per-index metrics with index names (off by default: names can be sensitive).
+    #[arg(long, env = "SEALDB_METRICS_INDEX_LABELS", default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_index_labels: bool,
+
     /// Print the OpenAPI spec (JSON) and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -163,6 +199,11 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("max_body_mb", "sealdb_max_body_mb"),
     ("plugin_timeout_seconds", "sealdb_plugin_timeout_seconds"),
     ("models_dir", "sealdb_models_dir"),
+    ("log_format", "sealdb_log_format"),
+    ("metrics_open", "sealdb_metrics_open"),
+    ("ssl_cert_path", "ssl_cert_path"),
+    ("ssl_key_path", "ssl_key_path"),
+    ("metrics_index_labels", "sealdb_metrics_index_labels"),
     ("embed_cache", "cyborgdb_embed_cache"),
     ("kek_cache_ttl_seconds", "index_kek_cache_ttl_seconds"),
 ];
@@ -442,6 +483,11 @@ impl Config {
                     self.index_cache_mb = Some(v.parse().map_err(|e| bad(format!("{e}")))?)
                 }
                 "models_dir" => self.models_dir = PathBuf::from(v),
+                "ssl_cert_path" => self.ssl_cert_path = Some(PathBuf::from(v)),
+                "ssl_key_path" => self.ssl_key_path = Some(PathBuf::from(v)),
+                "metrics_open" => self.metrics_open = parse_bool(v).map_err(bad)?,
+                "metrics_index_labels" => self.metrics_index_labels = parse_bool(v).map_err(bad)?,
+                "log_format" => self.log_format = LogFormat::from_str(v, true).map_err(bad)?,
                 "embed_cache" => self.embed_cache = Some(PathBuf::from(v)),
                 "plugin_timeout_seconds" => {
                     self.plugin_timeout_seconds = match v.parse::<u64>() {

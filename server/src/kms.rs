@@ -235,11 +235,20 @@ impl Kms {
         &self,
         slot: &str,
         provider: &str,
+        op: &'static str,
         fut: impl std::future::Future<Output = Result<T, KmsError>>,
     ) -> Result<T, KmsFailure> {
         // The timer is made inside the runtime (block_on enters its context).
         let limit = self.call_timeout;
-        match self.block_on(async move { tokio::time::timeout(limit, fut).await }) {
+        let started = Instant::now();
+        let r = self.block_on(async move { tokio::time::timeout(limit, fut).await });
+        crate::metrics::kms_call(
+            slot,
+            op,
+            matches!(r, Ok(Ok(_))),
+            started.elapsed().as_secs_f64(),
+        );
+        match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(error)) => Err(KmsFailure::Provider {
                 slot: slot.to_owned(),
@@ -258,7 +267,12 @@ impl Kms {
     pub fn wrap(&self, slot_name: &str, id: &IndexId, kek: &Kek) -> Result<Envelope, KmsFailure> {
         let slot = self.slot(slot_name)?;
         let p = &slot.provider;
-        let w = self.call(slot_name, p.provider(), p.wrap(kek.expose(), &context(id)))?;
+        let w = self.call(
+            slot_name,
+            p.provider(),
+            "wrap",
+            p.wrap(kek.expose(), &context(id)),
+        )?;
         Ok(Envelope {
             slot: slot_name.to_owned(),
             provider: p.provider().to_owned(),
@@ -337,6 +351,7 @@ impl Kms {
         let raw = self.call(
             &env.slot,
             &env.provider,
+            "unwrap",
             p.unwrap(&env.wrapped_kek, &context(id)),
         )?;
         let bytes: [u8; KEY_LEN] = raw
@@ -379,7 +394,10 @@ impl Kms {
             .iter()
             .map(|(name, s)| {
                 let p = &s.provider;
-                (name.clone(), self.call(name, p.provider(), p.health()))
+                (
+                    name.clone(),
+                    self.call(name, p.provider(), "health", p.health()),
+                )
             })
             .collect()
     }

@@ -9,5 +9,7 @@ pub mod embed;
 pub mod engine;
 pub mod keys;
 pub mod kms;
+pub mod metrics;
 pub mod plugins;
+pub mod tls;
 pub mod users;

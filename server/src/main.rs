@@ -1,6 +1,7 @@
 //! `sealdb`: start the server (see `--help`).
 
-use sealdb_server::{api, app, config::Config};
+use sealdb_server::config::{Config, LogFormat};
+use sealdb_server::{api, app};
 
 fn main() {
     let cfg = match Config::load() {
@@ -21,12 +22,17 @@ fn main() {
         );
         return;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SEALDB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cfg.tracing_filter())),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEALDB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cfg.tracing_filter()));
+    match cfg.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .init(),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

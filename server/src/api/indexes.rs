@@ -146,6 +146,24 @@ pub struct TrainingStatus {
     pub worker_pid: i64,
     /// Always `{}` (kept for compatibility).
     pub global_training: super::JsonObject,
+    /// Each training running now: its phase, how far, since when.
+    pub progress: Vec<TrainingProgress>,
+}
+
+/// How far one training has come.
+#[derive(Object, Debug)]
+#[oai(rename = "TrainingProgress")]
+pub struct TrainingProgress {
+    pub index_name: String,
+    /// `sampling`, `kmeans`, `assigning`, `writing` or `swapping`.
+    pub phase: String,
+    /// Within the phase: rows sampled, k-means iteration, blocks assigned, batches written.
+    pub step: i64,
+    /// Of `steps` (for `kmeans`, the iteration limit; training may converge before it).
+    pub steps: i64,
+    /// Of the whole training, from 0 to 1.
+    pub fraction: f64,
+    pub elapsed_seconds: f64,
 }
 
 responses!(ListIndexesResponse, IndexList, [401 => Unauthorized]);
@@ -454,7 +472,26 @@ impl IndexesApi {
                     training.push(n.clone());
                 }
             }
+            let visible = |n: &String| match &p {
+                crate::auth::Principal::User(_) => training.contains(n),
+                _ => true,
+            };
+            let progress = state
+                .engine
+                .training_progress()
+                .into_iter()
+                .filter(|t| visible(&t.index))
+                .map(|t| TrainingProgress {
+                    index_name: t.index,
+                    phase: t.phase.into(),
+                    step: t.step as i64,
+                    steps: t.steps as i64,
+                    fraction: t.fraction,
+                    elapsed_seconds: t.elapsed_seconds,
+                })
+                .collect();
             Ok(TrainingStatus {
+                progress,
                 training_indexes: training,
                 retrain_threshold: state.engine.config().auto_train_min_vectors as i64,
                 currently_training: st.currently_training,

@@ -35,6 +35,10 @@ pub struct AppState {
     pub kms: Arc<crate::kms::Kms>,
     /// Embedding models, loaded on first use.
     pub embed: Arc<crate::embed::Embedders>,
+    /// The disk store's directory (for the write-ahead-log size metric), when it is redb.
+    pub wal_dir: Option<std::path::PathBuf>,
+    /// Serve /metrics without a key.
+    pub metrics_open: bool,
     /// Largest request body accepted (`--max-body-mb`).
     pub max_body_bytes: usize,
 }
@@ -227,7 +231,9 @@ where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    // The request's span (its id) follows the work onto the blocking pool.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError::internal(format!("Internal server error: worker failed: {e}")))?
 }
@@ -244,7 +250,9 @@ pub type Apis = (
 pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
-            health::HealthApi,
+            health::HealthApi {
+                state: state.clone(),
+            },
             embeddings::EmbeddingsApi {
                 state: state.clone(),
             },

@@ -143,6 +143,13 @@ impl Embedders {
         self.candidates(m).into_iter().find(|d| has_weights(d))
     }
 
+    /// Names of the models loaded so far.
+    pub fn loaded(&self) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = self.loaded.lock().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The runner for a model name, loading it on first use.
     pub fn get(&self, name: &str) -> Result<Arc<bert::Bert>, EmbedError> {
         let info = lookup(name).ok_or_else(|| EmbedError::Unknown(name.to_owned()))?;
@@ -175,9 +182,12 @@ impl Embedders {
     /// Embed `texts` with model `name`, `BATCH` texts per forward pass.
     pub fn embed(&self, name: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let b = self.get(name)?;
+        let model = lookup(name).map_or("?", |m| m.name);
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(BATCH) {
+            let t = std::time::Instant::now();
             out.extend(b.embed(chunk)?);
+            crate::metrics::embed_batch(model, chunk.len(), t.elapsed().as_secs_f64());
         }
         Ok(out)
     }

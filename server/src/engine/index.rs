@@ -19,6 +19,7 @@ use super::distance::{self, Metric, Quant};
 use super::filter::Filter;
 use super::format::{self as fmt, IndexId, Reader, Writer};
 use super::kmeans::{self, KMeansParams};
+use super::progress::{Phase, Progress};
 use super::{EngineError, IndexConfig, Precision};
 use crate::keys::{self, Dek, IndexKeys, Kek};
 
@@ -419,6 +420,8 @@ pub struct Index {
     training: Mutex<()>,
     data: RwLock<Data>,
     deleted: AtomicBool,
+    /// The running training's progress, if one runs.
+    pub(crate) progress: Mutex<Option<Arc<super::progress::Progress>>>,
 }
 
 impl std::fmt::Debug for Index {
@@ -458,6 +461,7 @@ impl Index {
             training: Mutex::new(()),
             data: RwLock::new(data),
             deleted: AtomicBool::new(false),
+            progress: Mutex::new(None),
         }
     }
 
@@ -1251,6 +1255,15 @@ impl Index {
     pub fn train(&self, p: &TrainParams) -> Result<usize, EngineError> {
         let _t = self.training.lock();
         self.ensure_live()?;
+        let progress = Arc::new(Progress::new(&self.name));
+        *self.progress.lock() = Some(progress.clone());
+        struct Clear<'a>(&'a Mutex<Option<Arc<Progress>>>);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                *self.0.lock() = None;
+            }
+        }
+        let _clear = Clear(&self.progress);
         let (sample, dim, k, seed) = {
             let d = self.data.read();
             let n = d.count();
@@ -1286,6 +1299,7 @@ impl Index {
             let mut i = 0usize;
             for pl in &d.lists {
                 for blk in pl.blocks.values() {
+                    progress.set(Phase::Sampling, i, n);
                     for pos in 0..blk.len() {
                         if i as f64 >= next {
                             let v = blk.vector(pos, dim);
@@ -1317,11 +1331,14 @@ impl Index {
             seed,
         };
         let t_kmeans = std::time::Instant::now();
-        let (centroids, passes) = kmeans::train(&sample, dim, &params);
+        progress.set(Phase::KMeans, 0, params.max_iters);
+        let (centroids, passes) = kmeans::train_observed(&sample, dim, &params, &mut |pass| {
+            progress.set(Phase::KMeans, pass, params.max_iters)
+        });
         tracing::debug!(index = %self.name, rows = sample.len() / dim, passes, secs = t_kmeans.elapsed().as_secs_f32(), "k-means done");
         drop(sample);
         let k = centroids.len() / dim;
-        self.install_training(centroids, k, dim, params.batch_size)
+        self.install_training(centroids, k, dim, params.batch_size, &progress)
     }
 
     fn install_training(
@@ -1330,6 +1347,7 @@ impl Index {
         k: usize,
         dim: usize,
         batch: usize,
+        progress: &Progress,
     ) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
@@ -1344,9 +1362,11 @@ impl Index {
                 .iter()
                 .flat_map(|pl| pl.blocks.values().cloned())
                 .collect();
+            progress.set(Phase::Assigning, 0, blocks.len());
             let labels: Vec<Vec<u32>> = blocks
                 .par_iter()
                 .map(|b| {
+                    progress.step();
                     if angular {
                         let normed: Vec<f32> = b
                             .vecs
@@ -1407,7 +1427,9 @@ impl Index {
             .collect();
         let per_chunk = (TRAIN_WRITE_CHUNK_BYTES / BLOCK_BYTES).max(1);
         let mut first = true;
-        for chunk in jobs.chunks(per_chunk) {
+        let n_chunks = jobs.len().div_ceil(per_chunk);
+        for (ci, chunk) in jobs.chunks(per_chunk).enumerate() {
+            progress.set(Phase::Writing, ci, n_chunks);
             let mut batch = WriteBatch::new();
             if std::mem::take(&mut first) {
                 batch.delete_prefix(fmt::list_gen_prefix(&self.id, gen));
@@ -1447,6 +1469,7 @@ impl Index {
         // process never holds both generations. Queries wait for this step (a copy of the
         // vectors, plus 8-bit codes where used: 40-60 ms per 100k 128-d vectors here).
         let t_swap = std::time::Instant::now();
+        progress.set(Phase::Swapping, 0, 1);
         let mut d = self.data.write();
         let old = std::mem::take(&mut d.lists);
         let mut lists = vec![PostingList::default(); k];

@@ -215,6 +215,16 @@ fn init_plus_plus(data: &[f32], dim: usize, k: usize, rng: &mut StdRng) -> Vec<f
 /// Cluster the rows of `data` (row-major, `dim` wide) into `p.k` centroids; also returns the
 /// number of assignment passes run. Requires at least `p.k` rows.
 pub fn train(data: &[f32], dim: usize, p: &KMeansParams) -> (Vec<f32>, usize) {
+    train_observed(data, dim, p, &mut |_| {})
+}
+
+/// [`train`], calling `on_pass(passes so far)` after each assignment pass.
+pub fn train_observed(
+    data: &[f32],
+    dim: usize,
+    p: &KMeansParams,
+    on_pass: &mut dyn FnMut(usize),
+) -> (Vec<f32>, usize) {
     let n = data.len() / dim;
     let k = p.k.clamp(1, n.max(1));
     let mut rng = StdRng::seed_from_u64(p.seed);
@@ -225,6 +235,7 @@ pub fn train(data: &[f32], dim: usize, p: &KMeansParams) -> (Vec<f32>, usize) {
     for _ in 0..p.max_iters.max(1) {
         let (labels, obj) = assign(data, dim, &centroids, p.batch_size);
         passes += 1;
+        on_pass(passes);
         if p.settle > 0.0 && !prev_labels.is_empty() {
             let moved = labels
                 .iter()

@@ -11,6 +11,7 @@ pub mod format;
 pub mod index;
 pub mod kmeans;
 pub mod meta;
+pub mod progress;
 pub mod training;
 
 use std::collections::HashMap;
@@ -462,13 +463,16 @@ impl Engine {
         self.cache.touch(&slot);
         if let Some(ix) = slot.index.read().as_ref() {
             ix.check_access(access)?;
+            crate::metrics::index_cache(true);
             return Ok(ix.clone());
         }
         let mut guard = slot.index.write();
         if let Some(ix) = guard.as_ref() {
             ix.check_access(access)?;
+            crate::metrics::index_cache(true);
             return Ok(ix.clone());
         }
+        crate::metrics::index_cache(false);
         let loaded = self.load(name, access);
         match loaded {
             Ok(ix) => {
@@ -699,7 +703,42 @@ impl Engine {
     /// Train now, in the caller's thread, reporting it in the training status meanwhile.
     pub fn train_now(&self, ix: &Arc<Index>, p: &TrainParams) -> Result<usize, EngineError> {
         let _mark = self.trainer.mark_explicit(&ix.name);
-        ix.train(p)
+        let started = std::time::Instant::now();
+        let r = ix.train(p);
+        crate::metrics::training(&ix.name, false, r.is_ok(), started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// The progress of every training running now.
+    pub fn training_progress(&self) -> Vec<progress::TrainingProgress> {
+        let slots = self.cache.slots.lock();
+        let mut out: Vec<_> = slots
+            .values()
+            .filter_map(|slot| {
+                let g = slot.index.try_read()?;
+                let ix = g.as_ref()?;
+                let p = ix.progress.lock().clone()?;
+                Some(p.snapshot())
+            })
+            .collect();
+        out.sort_by(|a, b| a.index.cmp(&b.index));
+        out
+    }
+
+    /// Open indexes, their approximate decrypted bytes, and `(name, vectors)` of each.
+    pub fn open_stats(&self) -> (usize, usize, Vec<(String, usize)>) {
+        let slots = self.cache.slots.lock();
+        let mut bytes = 0;
+        let mut per = Vec::new();
+        for (name, slot) in slots.iter() {
+            if let Some(g) = slot.index.try_read() {
+                if let Some(ix) = g.as_ref() {
+                    bytes += ix.approx_bytes();
+                    per.push((name.clone(), ix.read().count()));
+                }
+            }
+        }
+        (per.len(), bytes, per)
     }
 
     pub fn training_status(&self) -> TrainingStatus {

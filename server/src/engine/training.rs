@@ -75,12 +75,23 @@ impl Trainer {
                 ix
             };
             let started = std::time::Instant::now();
-            match ix.train(&TrainParams::default()) {
-                Ok(k) => {
-                    tracing::info!(index = %ix.name, n_lists = k, secs = started.elapsed().as_secs_f32(), "background training finished")
+            // A panic in one training must not end background training for good.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ix.train(&TrainParams::default())
+            }));
+            let secs = started.elapsed().as_secs_f64();
+            match result {
+                Ok(Ok(k)) => {
+                    crate::metrics::training(&ix.name, true, true, secs);
+                    tracing::info!(index = %ix.name, n_lists = k, secs, "background training finished")
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
+                    crate::metrics::training(&ix.name, true, false, secs);
                     tracing::warn!(index = %ix.name, error = %e, "background training failed")
+                }
+                Err(_) => {
+                    crate::metrics::training(&ix.name, true, false, secs);
+                    tracing::error!(index = %ix.name, "background training panicked; the worker goes on")
                 }
             }
             self.state.lock().current = None;
