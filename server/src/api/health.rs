@@ -31,8 +31,8 @@ pub struct Health {
 #[derive(Object, Debug)]
 #[oai(rename = "ReadinessResponse")]
 pub struct Readiness {
-    /// `ready`; `degraded` when a KMS slot is unhealthy (its indexes get 502, others are
-    /// served); `unavailable` when the store does not answer.
+    /// `ready`, or `degraded` when a KMS slot is unhealthy (its indexes get 502, others are
+    /// served).
     pub status: String,
     /// `ok`, or `failed` (details in the server log).
     pub store: String,
@@ -51,7 +51,7 @@ pub enum ReadyResponse {
     Ready(Json<Readiness>),
     /// The store does not answer.
     #[oai(status = 503)]
-    Unavailable(Json<Readiness>),
+    Unavailable(Json<super::error::ErrorBody>),
 }
 
 pub struct HealthApi {
@@ -107,12 +107,7 @@ impl HealthApi {
             }
             let degraded = kms.values().any(|v| v != "ok");
             Readiness {
-                status: match (store_ok, degraded) {
-                    (false, _) => "unavailable",
-                    (true, true) => "degraded",
-                    (true, false) => "ready",
-                }
-                .into(),
+                status: if degraded { "degraded" } else { "ready" }.into(),
                 store: if store_ok { "ok" } else { "failed" }.into(),
                 kms,
                 models_loaded: state.embed.loaded().iter().map(|s| s.to_string()).collect(),
@@ -126,13 +121,9 @@ impl HealthApi {
         .await;
         match r {
             Ok(r) if r.store == "ok" => ReadyResponse::Ready(Json(r)),
-            Ok(r) => ReadyResponse::Unavailable(Json(r)),
-            Err(_) => ReadyResponse::Unavailable(Json(Readiness {
-                status: "unavailable".into(),
-                store: "failed".into(),
-                kms: BTreeMap::new(),
-                models_loaded: Vec::new(),
-                models_installed: Vec::new(),
+            _ => ReadyResponse::Unavailable(Json(super::error::ErrorBody {
+                status_code: 503,
+                detail: "not ready: the store does not answer (see the server log)".into(),
             })),
         }
     }
