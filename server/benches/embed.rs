@@ -56,13 +56,59 @@ fn matmul_peak() -> f64 {
     best
 }
 
+fn probe_ops() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1280, 1536), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (1536, 384), &dev).unwrap();
+    let time = |name: &str, f: &dyn Fn()| {
+        f();
+        let t = Instant::now();
+        for _ in 0..10 {
+            f();
+        }
+        println!("  op {name}: {:.2} ms", t.elapsed().as_secs_f64() * 100.0);
+    };
+    time("matmul 1280x1536x384", &|| drop(x.matmul(&w).unwrap()));
+    time("gelu_erf 1280x1536", &|| drop(x.gelu_erf().unwrap()));
+    let b = Tensor::zeros(1536, candle_core::DType::F32, &dev).unwrap();
+    time("bias + gelu_erf (candle, two passes)", &|| {
+        drop(x.broadcast_add(&b).unwrap().gelu_erf().unwrap())
+    });
+    time("bias + gelu_erf (fused, ours)", &|| {
+        drop(sealdb_server::embed::encoder::bias_gelu(&x, &b).unwrap())
+    });
+    let s = Tensor::randn(0f32, 1.0, (64, 12, 20, 20), &dev).unwrap();
+    time("softmax 64x12x20x20", &|| {
+        drop(candle_nn::ops::softmax_last_dim(&s).unwrap())
+    });
+    let y = Tensor::randn(0f32, 1.0, (1280, 384), &dev).unwrap();
+    let ln = candle_nn::LayerNorm::new(
+        Tensor::ones(384, candle_core::DType::F32, &dev).unwrap(),
+        Tensor::zeros(384, candle_core::DType::F32, &dev).unwrap(),
+        1e-12,
+    );
+    time("layernorm 1280x384", &|| {
+        drop(candle_core::Module::forward(&ln, &y).unwrap())
+    });
+    let q = Tensor::randn(0f32, 1.0, (64, 12, 20, 32), &dev).unwrap();
+    time("attn scores 64x12 (20x32x20)", &|| {
+        drop(q.matmul(&q.t().unwrap()).unwrap())
+    });
+    time("transpose+contiguous 64x20x12x32", &|| {
+        drop(q.transpose(1, 2).unwrap().contiguous().unwrap())
+    });
+}
+
 fn main() {
+    if std::env::var_os("SEALDB_EMBED_PROBE").is_some() {
+        probe_ops();
+    }
     let dir = std::env::var_os("SEALDB_MODELS_DIR").unwrap_or_else(|| "./models".into());
     let e = Embedders::new(vec![dir.into()]);
     let model = e
         .get("all-MiniLM-L6-v2")
         .expect("install the model: scripts/fetch-model.sh");
-    let all = texts(64 * 8);
+    let all = texts(64 * 32);
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
 
     let _ = model.embed(&refs[..4]).unwrap();

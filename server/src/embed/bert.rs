@@ -7,7 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
+
+use super::encoder::Encoder;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::EmbedError;
@@ -23,7 +25,7 @@ pub enum Pooling {
 
 /// A loaded model.
 pub struct Bert {
-    model: BertModel,
+    model: Encoder,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -82,7 +84,7 @@ impl Bert {
             .map_err(|e| load_err(dir, "truncation", e))?;
         let weights = dir.join("model.safetensors");
         let vb = load_weights(&weights).map_err(|e| load_err(dir, "model.safetensors", e))?;
-        let model = BertModel::load(vb, &config).map_err(|e| load_err(dir, "weights", e))?;
+        let model = Encoder::load(vb, &config).map_err(|e| load_err(dir, "weights", e))?;
         Ok(Self {
             model,
             tokenizer,
@@ -115,11 +117,7 @@ impl Bert {
         let dev = Device::Cpu;
         let ids = Tensor::from_vec(ids, (n, len), &dev).map_err(|e| run(&e))?;
         let mask = Tensor::from_vec(mask, (n, len), &dev).map_err(|e| run(&e))?;
-        let types = ids.zeros_like().map_err(|e| run(&e))?;
-        let hidden = self
-            .model
-            .forward(&ids, &types, Some(&mask))
-            .map_err(|e| run(&e))?;
+        let hidden = self.model.forward(&ids, &mask).map_err(|e| run(&e))?;
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1).and_then(|t| t.squeeze(1)),
             Pooling::Mean => (|| {

