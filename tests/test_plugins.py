@@ -219,3 +219,28 @@ def test_a_panicking_or_hanging_plugin_fails_the_request_not_the_server(plugin_s
     srv.proc.terminate()
     assert srv.proc.wait(timeout=12) == 0
     assert time.time() - started < 12
+
+
+def test_a_failing_store_plugin_is_500_naming_it_and_the_server_stays_up(plugin_server, tmp_path):
+    flag = tmp_path / "store-flag"
+    srv = plugin_server(yaml([{"path": lib(FAULTY), "config": {"flag": flag}}]),
+                        args=["--db-type", "faulty-store"],
+                        env={"SEALDB_PLUGIN_TIMEOUT_SECONDS": "2"})
+    api = Api(srv.url)
+    name, key = unique(), new_key()
+    assert api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2})[0] == 200
+    up = lambda i: api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [
+        {"id": f"x{i}", "vector": [1, i]}]})
+    assert up(0)[0] == 200
+    for mode, want in [("error", "faulty-store was told to fail"),
+                       ("panic", "plugin panicked: faulty-store was told to panic"),
+                       ("hang", "did not answer within 2 s")]:
+        flag.write_text(mode)
+        st, b = up(1)
+        assert st == 500, (mode, b)
+        assert "store plugin 'sealdb-test-faulty-plugin'" in b["detail"] and want in b["detail"], (mode, b)
+        flag.unlink()
+        assert requests.get(srv.url + "/v1/health", timeout=5).ok
+    assert up(2)[0] == 200
+    st, b = api.post("/v1/vectors/num_vectors", {"index_name": name, "index_key": key})
+    assert st == 200 and b["result"] == 2, b  # the failed upserts wrote nothing

@@ -1,4 +1,9 @@
-//! `faulty-kms`, for the server's failure tests only. Slot field `mode`:
+//! `faulty-kms` and `faulty-store`, for the server's failure tests only.
+//!
+//! `faulty-store` keeps records in memory; while the file named by its config field `flag`
+//! exists, every call fails as the file says: `error` (an I/O error), `panic`, or `hang`.
+//!
+//! `faulty-kms`: slot field `mode`:
 //! * `ok`: wraps by XOR with a fixed pad, prefixed with the context (not secure; a test double);
 //! * `panic`: every wrap/unwrap panics;
 //! * `hang`: every wrap/unwrap sleeps for an hour;
@@ -7,8 +12,15 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use sealdb_plugin_api::abi::flat_json;
 use sealdb_plugin_api::kms::{optional, required};
-use sealdb_plugin_api::{BlockingKmsProvider, KmsError, SlotFields, Wrapped, Zeroizing};
+use sealdb_plugin_api::{
+    BlockingKmsProvider, IndexStore, KeyValue, KmsError, SlotFields, StoreError, Wrapped,
+    WriteBatch, WriteOp, Zeroizing,
+};
 
 pub struct Faulty {
     mode: String,
@@ -70,8 +82,80 @@ impl BlockingKmsProvider for Faulty {
     }
 }
 
+pub struct FaultyStore {
+    map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+    flag: String,
+}
+
+impl FaultyStore {
+    fn open(config: &str) -> Result<Self, StoreError> {
+        let c = flat_json::decode(config).map_err(StoreError::Unavailable)?;
+        let flag = c
+            .get("flag")
+            .cloned()
+            .ok_or_else(|| StoreError::Unavailable("config needs 'flag'".into()))?;
+        Ok(Self {
+            map: RwLock::new(BTreeMap::new()),
+            flag,
+        })
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match std::fs::read_to_string(&self.flag)
+            .as_deref()
+            .map(str::trim)
+        {
+            Ok("panic") => panic!("faulty-store was told to panic"),
+            Ok("hang") => {
+                std::thread::sleep(Duration::from_secs(3600));
+                Ok(())
+            }
+            Ok(_) => Err(StoreError::Io("faulty-store was told to fail".into())),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl IndexStore for FaultyStore {
+    fn backend(&self) -> &str {
+        "faulty-store"
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check()?;
+        Ok(self.map.read().unwrap().get(key).cloned())
+    }
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        self.check()?;
+        Ok(self
+            .map
+            .read()
+            .unwrap()
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.check()?;
+        let mut m = self.map.write().unwrap();
+        for op in batch.into_ops() {
+            match op {
+                WriteOp::Put { key, value } => {
+                    m.insert(key, value);
+                }
+                WriteOp::Delete { key } => {
+                    m.remove(&key);
+                }
+                WriteOp::DeletePrefix { prefix } => m.retain(|k, _| !k.starts_with(&prefix)),
+            }
+        }
+        Ok(())
+    }
+}
+
 sealdb_plugin_api::declare_plugin! {
     name: "sealdb-test-faulty-plugin",
     version: "0.1.0",
     kms: { provider: "faulty-kms", instance: Faulty, create: Faulty::from_fields },
+    store: { name: "faulty-store", instance: FaultyStore, open: FaultyStore::open },
 }
