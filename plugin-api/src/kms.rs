@@ -105,6 +105,35 @@ pub fn optional<'a>(fields: &'a SlotFields, name: &str) -> Option<&'a str> {
     fields.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
 }
 
+/// The optional `timeout_seconds` field: a whole number of seconds from 1 to 300, or
+/// `default_secs` when absent.
+pub fn timeout_field(
+    fields: &SlotFields,
+    default_secs: u64,
+) -> Result<std::time::Duration, KmsError> {
+    match optional(fields, "timeout_seconds") {
+        None => Ok(std::time::Duration::from_secs(default_secs)),
+        Some(t) => match t.parse::<u64>() {
+            Ok(s) if (1..=300).contains(&s) => Ok(std::time::Duration::from_secs(s)),
+            _ => Err(KmsError::Config(
+                "field 'timeout_seconds' must be a whole number from 1 to 300".into(),
+            )),
+        },
+    }
+}
+
+/// An optional URL field, which must start with `http://` or `https://`.
+pub fn url_field<'a>(fields: &'a SlotFields, name: &str) -> Result<Option<&'a str>, KmsError> {
+    match optional(fields, name) {
+        Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+            Err(KmsError::Config(format!(
+                "field '{name}' must start with http:// or https://"
+            )))
+        }
+        other => Ok(other),
+    }
+}
+
 /// Refuse fields a provider does not know, so a typo does not silently fall back to a default.
 pub fn only_known(fields: &SlotFields, known: &[&str]) -> Result<(), KmsError> {
     for k in fields.keys() {

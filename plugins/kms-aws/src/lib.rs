@@ -26,7 +26,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use sealdb_plugin_api::kms::{only_known, optional, required};
+use sealdb_plugin_api::kms::{only_known, optional, required, timeout_field, url_field};
 use sealdb_plugin_api::{async_trait, KmsError, KmsProvider, SlotFields, Wrapped, Zeroizing};
 
 /// The provider name in YAML.
@@ -108,25 +108,8 @@ impl AwsKmsProvider {
                 "field 'external_id' needs 'role_arn'".into(),
             ));
         }
-        let timeout = match optional(fields, "timeout_seconds") {
-            None => Duration::from_secs(10),
-            Some(t) => match t.parse::<u64>() {
-                Ok(s) if (1..=300).contains(&s) => Duration::from_secs(s),
-                _ => {
-                    return Err(KmsError::Config(
-                        "field 'timeout_seconds' must be a whole number from 1 to 300".into(),
-                    ))
-                }
-            },
-        };
-        let endpoint = optional(fields, "endpoint");
-        if let Some(ep) = endpoint {
-            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                return Err(KmsError::Config(
-                    "field 'endpoint' must start with http:// or https://".into(),
-                ));
-            }
-        }
+        let timeout = timeout_field(fields, 10)?;
+        let endpoint = url_field(fields, "endpoint")?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(region.clone()))
             .timeout_config(

@@ -24,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine as _;
-use sealdb_plugin_api::kms::{only_known, optional, required};
+use sealdb_plugin_api::kms::{only_known, optional, required, timeout_field, url_field};
 use sealdb_plugin_api::{async_trait, KmsError, KmsProvider, SlotFields, Wrapped, Zeroizing};
 use vaultrs::client::{Client as _, VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
@@ -126,14 +126,11 @@ impl VaultProvider {
     /// transit engine until the first wrap, unwrap or health call.
     pub async fn new(fields: &SlotFields) -> Result<Self, KmsError> {
         only_known(fields, FIELDS)?;
-        let address = required(fields, "address")?
+        required(fields, "address")?;
+        let address = url_field(fields, "address")?
+            .unwrap_or_default()
             .trim_end_matches('/')
             .to_owned();
-        if !(address.starts_with("http://") || address.starts_with("https://")) {
-            return Err(KmsError::Config(
-                "field 'address' must start with http:// or https://".into(),
-            ));
-        }
         if url_host_missing(&address) {
             return Err(KmsError::Config(
                 "field 'address' has no host (expected http(s)://host:port)".into(),
@@ -144,17 +141,7 @@ impl VaultProvider {
             .unwrap_or("transit")
             .trim_matches('/')
             .to_owned();
-        let timeout = match optional(fields, "timeout_seconds") {
-            None => Duration::from_secs(10),
-            Some(t) => match t.parse::<u64>() {
-                Ok(s) if (1..=300).contains(&s) => Duration::from_secs(s),
-                _ => {
-                    return Err(KmsError::Config(
-                        "field 'timeout_seconds' must be a whole number from 1 to 300".into(),
-                    ))
-                }
-            },
-        };
+        let timeout = timeout_field(fields, 10)?;
         let ca_cert = optional(fields, "ca_cert").map(str::to_owned);
         if let Some(ca) = &ca_cert {
             if !std::path::Path::new(ca).is_file() {
