@@ -1,0 +1,470 @@
+//! Search: probe order, exact and 8-bit scans of posting lists, batched queries answered
+//! list by list with matrix products, and the bounded top-k heap.
+
+use super::*;
+
+impl Index {
+    /// Search: one result list per query, nearest first.
+    pub fn search(
+        &self,
+        queries: &[Vec<f32>],
+        p: &SearchParams,
+    ) -> Result<Vec<Vec<Hit>>, EngineError> {
+        let mut results = {
+            let d = self.data.read();
+            let dim = d.dimension as usize;
+            for q in queries {
+                if dim != 0 && q.len() != dim {
+                    return Err(EngineError::Invalid(format!(
+                        "query vector has {} dimensions but index '{}' has {}",
+                        q.len(),
+                        self.name,
+                        dim
+                    )));
+                }
+                if q.iter().any(|x| !x.is_finite()) {
+                    return Err(EngineError::Invalid(
+                        "query vector has a NaN or infinite component".into(),
+                    ));
+                }
+            }
+            if d.count() == 0 {
+                return Ok(queries.iter().map(|_| Vec::new()).collect());
+            }
+            if queries.len() == 1 {
+                // No fork/join for one query: rayon's wake-up costs more than a small probe.
+                vec![self.search_one(&d, &queries[0], p)]
+            } else if queries.len() >= BATCH_GEMM_MIN && p.filter.is_none() {
+                self.search_batch(&d, queries, p)
+            } else {
+                queries
+                    .par_iter()
+                    .map(|q| self.search_one(&d, q, p))
+                    .collect::<Vec<_>>()
+            }
+        };
+        if p.include.contents {
+            for hits in &mut results {
+                let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
+                let contents = self.contents_of(&ids)?;
+                for (h, c) in hits.iter_mut().zip(contents) {
+                    h.contents = Some(c);
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// The probe budget and the lists in the order to probe them. Without a filter only the
+    /// first `probes` lists are returned (and put in order); a filter may need to go further.
+    fn probe_order(&self, d: &Data, q: &[f32], p: &SearchParams) -> (usize, Vec<usize>) {
+        let ivf = d.trained && d.lists.len() > 1;
+        let mut probes = if ivf {
+            p.n_probes.filter(|&n| n > 0).unwrap_or_else(|| {
+                if d.default_probes > 0 {
+                    d.default_probes as usize
+                } else {
+                    auto_n_probes(d.lists.len())
+                }
+            })
+        } else {
+            d.lists.len()
+        };
+        if p.greedy {
+            probes = probes.saturating_mul(2);
+        }
+        let probes = probes.min(d.lists.len());
+        // All centroid distances in one kernel call, then only the first `probes` are sorted.
+        let order: Vec<usize> = if ivf {
+            let mut dists = Vec::with_capacity(d.lists.len());
+            distance::scan(Metric::SquaredEuclidean, q, &d.centroids, &[], &mut dists);
+            let mut cd: Vec<(f32, usize)> = dists.into_iter().zip(0..).collect();
+            let by_dist = |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0);
+            if p.filter.is_none() && probes < cd.len() {
+                cd.select_nth_unstable_by(probes, by_dist);
+                cd.truncate(probes);
+            }
+            cd.sort_unstable_by(by_dist);
+            cd.into_iter().map(|(_, i)| i).collect()
+        } else {
+            (0..d.lists.len()).collect()
+        };
+        (probes, order)
+    }
+
+    fn query_view<'q>(&self, q: &'q [f32], buf: &'q mut Vec<f32>) -> &'q [f32] {
+        if self.config.metric.is_angular() {
+            *buf = distance::normalized(q);
+            buf
+        } else {
+            q
+        }
+    }
+
+    fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Vec<Hit> {
+        let metric = self.config.metric;
+        let dim = d.dimension as usize;
+        let mut qn = Vec::new();
+        let q = self.query_view(q, &mut qn);
+        let (probes, order) = self.probe_order(d, q, p);
+        let probed = &order[..probes.min(order.len())];
+        // Quantised lists: a first pass over the 8-bit codes keeps RERANK times more
+        // candidates, which are then rescored exactly.
+        let quant = p.filter.is_none() && probed.iter().any(|&li| d.lists[li].quant.is_some());
+        let k = if quant {
+            p.top_k.saturating_mul(RERANK).max(p.top_k + 32)
+        } else {
+            p.top_k
+        };
+        let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
+        let scan = |top: &mut TopK, li: usize| {
+            if quant {
+                top.scan_list_quant(metric, q, li, &d.lists[li], dim);
+            } else {
+                top.scan_list(metric, q, li, &d.lists[li], None);
+            }
+        };
+        let heap = if p.filter.is_none() && volume >= PARALLEL_SCAN_MIN {
+            // A large unfiltered scan: split the lists across cores, merge the partial top-k.
+            // Two runs of lists per worker: each run fills its own heap from empty, so more
+            // and smaller pieces would cost heap work without balancing load any better.
+            let run = probed
+                .len()
+                .div_ceil(2 * rayon::current_num_threads())
+                .max(1);
+            probed
+                .par_chunks(run)
+                .map(|lists| {
+                    let mut top = TopK::new(k);
+                    for &li in lists {
+                        scan(&mut top, li);
+                    }
+                    top
+                })
+                .reduce(|| TopK::new(k), TopK::merge)
+        } else {
+            let mut top = TopK::new(k);
+            for (n, &li) in order.iter().enumerate() {
+                // A filtered query keeps probing until it has k matches.
+                if n >= probes && (p.filter.is_none() || top.heap.len() >= k) {
+                    break;
+                }
+                if p.filter.is_none() {
+                    scan(&mut top, li);
+                } else {
+                    top.scan_list(metric, q, li, &d.lists[li], p.filter.as_ref());
+                }
+            }
+            top
+        }
+        .heap;
+        let mut cands = heap.into_vec();
+        if quant {
+            self.rescore(d, q, &mut cands);
+            cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
+            cands.truncate(p.top_k);
+        }
+        self.hits(d, cands, p)
+    }
+
+    /// Unfiltered batches: each posting list is read once for all the queries that probe it,
+    /// and their distances come from one matrix product per block
+    /// (`|q-x|^2 = |q|^2 + |x|^2 - 2 q.x`, or `1 - q.x/|x|` for cosine) instead of one scan per
+    /// query. The k winners of each query are then rescored with the exact kernel, so the
+    /// distances reported are the same as for a single query.
+    fn search_batch(&self, d: &Data, queries: &[Vec<f32>], p: &SearchParams) -> Vec<Vec<Hit>> {
+        let metric = self.config.metric;
+        let dim = d.dimension as usize;
+        let nq = queries.len();
+        let k = p.top_k;
+        let mut qm: Vec<f32> = Vec::with_capacity(nq * dim);
+        let mut by_list: Vec<Vec<u32>> = vec![Vec::new(); d.lists.len()];
+        for (qi, q) in queries.iter().enumerate() {
+            let mut qn = Vec::new();
+            let q = self.query_view(q, &mut qn);
+            qm.extend_from_slice(q);
+            let (probes, order) = self.probe_order(d, q, p);
+            for &li in &order[..probes.min(order.len())] {
+                by_list[li].push(qi as u32);
+            }
+        }
+        let q_norms: Vec<f32> = qm.chunks_exact(dim).map(|q| distance::dot(q, q)).collect();
+        let work: Vec<(usize, &Vec<u32>)> = by_list
+            .iter()
+            .enumerate()
+            .filter(|(li, qs)| !qs.is_empty() && d.lists[*li].len() > 0)
+            .collect();
+        let tops = work
+            .par_iter()
+            .fold(
+                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
+                |mut tops, &(li, qs)| {
+                    let mut sub = Vec::with_capacity(qs.len() * dim);
+                    for &qi in qs {
+                        sub.extend_from_slice(&qm[qi as usize * dim..][..dim]);
+                    }
+                    let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
+                        return tops;
+                    };
+                    for (&bno, blk) in &d.lists[li].blocks {
+                        let n = blk.len();
+                        let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
+                        else {
+                            continue;
+                        };
+                        let dots = sub.dot(&x.t());
+                        let x_norms: Vec<f32> = if metric.is_angular() {
+                            Vec::new()
+                        } else {
+                            blk.vecs
+                                .chunks_exact(dim)
+                                .map(|r| distance::dot(r, r))
+                                .collect()
+                        };
+                        for (row, &qi) in dots.rows().into_iter().zip(qs) {
+                            let top = &mut tops[qi as usize];
+                            let qn = q_norms[qi as usize];
+                            for (pos, &dt) in row.iter().enumerate() {
+                                let s = if metric.is_angular() {
+                                    1.0 - dt * blk.inv_norms[pos]
+                                } else {
+                                    (qn + x_norms[pos] - 2.0 * dt).max(0.0)
+                                };
+                                if !top.beats_worst(s) {
+                                    continue;
+                                }
+                                top.push(Cand {
+                                    score: s,
+                                    list: li as u32,
+                                    block: bno,
+                                    pos: pos as u32,
+                                });
+                            }
+                        }
+                    }
+                    tops
+                },
+            )
+            .reduce(
+                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
+                |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
+            );
+        tops.into_par_iter()
+            .enumerate()
+            .map(|(qi, top)| {
+                let mut cands = top.heap.into_vec();
+                self.rescore(d, &qm[qi * dim..][..dim], &mut cands);
+                self.hits(d, cands, p)
+            })
+            .collect()
+    }
+
+    /// Replace candidate scores with exact ones (the same kernels as a single scan).
+    fn rescore(&self, d: &Data, q: &[f32], cands: &mut [Cand]) {
+        let dim = d.dimension as usize;
+        let angular = self.config.metric.is_angular();
+        for c in cands {
+            if let Some(blk) = d.block(c.list, c.block) {
+                let row = blk.vector(c.pos as usize, dim);
+                c.score = if angular {
+                    1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
+                } else {
+                    distance::l2sq(q, row)
+                };
+            }
+        }
+    }
+
+    /// Candidates to hits, nearest first.
+    fn hits(&self, d: &Data, mut cands: Vec<Cand>, p: &SearchParams) -> Vec<Hit> {
+        let metric = self.config.metric;
+        let dim = d.dimension as usize;
+        cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
+        cands
+            .into_iter()
+            .filter_map(|c| {
+                let blk = d.block(c.list, c.block)?;
+                let pos = c.pos as usize;
+                Some(Hit {
+                    id: blk.ids[pos].clone(),
+                    distance: metric.finish(c.score),
+                    metadata: p.include.metadata.then(|| {
+                        blk.meta[pos]
+                            .clone()
+                            .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
+                    }),
+                    vector: p.include.vector.then(|| blk.vector(pos, dim).to_vec()),
+                    contents: None,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Unfiltered queries that scan at least this many vectors use all cores.
+const PARALLEL_SCAN_MIN: usize = 8_192;
+
+/// Candidates kept per result by the first pass over quantised lists.
+const RERANK: usize = 4;
+
+/// Unfiltered batches of at least this many queries are answered list by list with matrix
+/// products (see `search_batch`).
+const BATCH_GEMM_MIN: usize = 8;
+
+/// A bounded max-heap of the best `k` candidates seen so far.
+struct TopK {
+    k: usize,
+    heap: std::collections::BinaryHeap<Cand>,
+    scores: Vec<f32>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            heap: std::collections::BinaryHeap::with_capacity(k + 1),
+            scores: Vec::new(),
+        }
+    }
+
+    fn scan_list(
+        &mut self,
+        metric: Metric,
+        q: &[f32],
+        li: usize,
+        list: &PostingList,
+        filter: Option<&Filter>,
+    ) {
+        let mut scores = std::mem::take(&mut self.scores);
+        for (&bno, blk) in &list.blocks {
+            distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+            self.offer_block(&scores, li, bno, blk, filter);
+        }
+        self.scores = scores;
+    }
+
+    /// Offer one block's scores (row order) to the heap, skipping rows the filter rejects.
+    fn offer_block(
+        &mut self,
+        scores: &[f32],
+        li: usize,
+        bno: u32,
+        blk: &Block,
+        filter: Option<&Filter>,
+    ) {
+        for (pos, &s) in scores.iter().enumerate() {
+            if !self.beats_worst(s) {
+                continue;
+            }
+            if let Some(f) = filter {
+                if !f.matches(blk.meta[pos].as_deref()) {
+                    continue;
+                }
+            }
+            self.push(Cand {
+                score: s,
+                list: li as u32,
+                block: bno,
+                pos: pos as u32,
+            });
+        }
+    }
+
+    /// Whether a candidate with score `s` would enter the heap.
+    fn beats_worst(&self, s: f32) -> bool {
+        self.heap.len() < self.k || s < self.heap.peek().map_or(f32::INFINITY, |c| c.score)
+    }
+
+    /// First pass over a quantised list: approximate scores in the metric's units
+    /// (squared L2, or `|a-b|^2 / 2 = 1 - cos` for unit vectors). Blocks whose codes are
+    /// missing are scanned exactly.
+    fn scan_list_quant(
+        &mut self,
+        metric: Metric,
+        q: &[f32],
+        li: usize,
+        list: &PostingList,
+        dim: usize,
+    ) {
+        let Some(quant) = &list.quant else {
+            return self.scan_list(metric, q, li, list, None);
+        };
+        let qc = quant.prepare(q);
+        let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
+        let mut raw = Vec::new();
+        let mut scores = std::mem::take(&mut self.scores);
+        for (&bno, blk) in &list.blocks {
+            if blk.codes.len() == blk.len() * dim {
+                distance::quant_scan(&qc, &blk.codes, &mut raw);
+                // Compare in code units first: most rows fail one integer comparison.
+                let mut limit = self.raw_limit(unit);
+                for (pos, &r) in raw.iter().enumerate() {
+                    if r > limit {
+                        continue;
+                    }
+                    let s = r as f32 * unit;
+                    if self.beats_worst(s) {
+                        self.push(Cand {
+                            score: s,
+                            list: li as u32,
+                            block: bno,
+                            pos: pos as u32,
+                        });
+                        limit = self.raw_limit(unit);
+                    }
+                }
+            } else {
+                distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+                self.offer_block(&scores, li, bno, blk, None);
+            }
+        }
+        self.scores = scores;
+    }
+
+    /// The largest raw code distance that could still enter the heap, for a list whose code
+    /// unit is `unit` (a superset bound: `beats_worst` decides).
+    fn raw_limit(&self, unit: f32) -> u32 {
+        if self.heap.len() < self.k {
+            return u32::MAX;
+        }
+        let w = self.heap.peek().map_or(f32::INFINITY, |c| c.score) / unit;
+        if w.is_nan() || w >= u32::MAX as f32 {
+            u32::MAX
+        } else {
+            w.max(0.0) as u32
+        }
+    }
+
+    fn push(&mut self, c: Cand) {
+        self.heap.push(c);
+        if self.heap.len() > self.k {
+            self.heap.pop();
+        }
+    }
+
+    fn merge(mut self, other: TopK) -> TopK {
+        for c in other.heap {
+            self.push(c);
+        }
+        self
+    }
+}
+
+#[derive(PartialEq)]
+struct Cand {
+    score: f32,
+    list: u32,
+    block: u32,
+    pos: u32,
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&o.score)
+    }
+}
