@@ -39,7 +39,7 @@ export SEALDB_BAO_BIN=$VENVS/bao/bin/bao SEALDB_MOTO_BIN=$VENVS/moto/bin/moto_se
 export SEALDB_MODELS_DIR=$VENVS/models
 
 echo "== cargo build + test"
-cargo build --workspace --all-targets
+cargo build --workspace
 cargo test --workspace
 
 export SEALDB_BIN=$ROOT/target/debug/sealdb SEALDB_PLUGIN_DIR=$ROOT/target/debug
