@@ -126,6 +126,7 @@ fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, L
             auto_train_min_vectors: usize::MAX,
             auto_train: false,
             cache_limit_bytes: None,
+            train_time_limit: None,
         },
     );
     let kek = Kek::random();

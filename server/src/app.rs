@@ -26,6 +26,7 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
             cache_limit_bytes: cfg
                 .index_cache_mb
                 .map(|mb| (mb as usize).saturating_mul(1 << 20)),
+            train_time_limit: cfg.limits().train_time_limit(),
         },
     );
     Arc::new(AppState {
@@ -40,6 +41,7 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
                 .collect(),
         )),
         max_body_bytes: (cfg.max_body_mb as usize).saturating_mul(1 << 20),
+        limits: cfg.limits(),
     })
 }
 
@@ -380,14 +382,23 @@ pub async fn run(cfg: Config) -> Result<(), String> {
                 .boxed()
         }
     };
-    poem::Server::new(listener)
+    let engine = state.engine.clone();
+    let grace = std::time::Duration::from_secs(cfg.shutdown_timeout_seconds);
+    let served = poem::Server::new(listener)
         .run_with_graceful_shutdown(
             routes(state),
-            shutdown_signal(),
-            Some(std::time::Duration::from_secs(10)),
+            async move {
+                shutdown_signal().await;
+                // Trainings stop at their next check (within about a second); requests in
+                // flight get `grace` to finish.
+                engine.begin_shutdown();
+            },
+            Some(grace),
         )
         .await
-        .map_err(|e| format!("server on {addr} failed: {e}"))
+        .map_err(|e| format!("server on {addr} failed: {e}"));
+    tracing::info!("requests drained; store closing");
+    served
 }
 
 async fn shutdown_signal() {

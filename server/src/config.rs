@@ -113,6 +113,58 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub max_body_mb: u64,
 
+    /// Most result rows one query request may ask for: `top_k` times the number of query
+    /// vectors (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_QUERY_RESULTS", default_value_t = 1_000_000)]
+    pub max_query_results: usize,
+
+    /// Most ids in one get or delete request (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_IDS_PER_REQUEST", default_value_t = 100_000)]
+    pub max_ids_per_request: usize,
+
+    /// Longest item id in bytes (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_ID_BYTES", default_value_t = 1024)]
+    pub max_id_bytes: usize,
+
+    /// Largest vector dimension (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_DIMENSION", default_value_t = 65_536)]
+    pub max_dimension: usize,
+
+    /// Deepest nesting of a filter document (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_FILTER_DEPTH", default_value_t = 32)]
+    pub max_filter_depth: usize,
+
+    /// Most operators and values in one filter document (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_FILTER_NODES", default_value_t = 10_000)]
+    pub max_filter_nodes: usize,
+
+    /// Largest `max_iters` a train request may ask for (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_TRAIN_ITERS", default_value_t = 1000)]
+    pub max_train_iters: usize,
+
+    /// Largest `n_lists` a train request may ask for (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_N_LISTS", default_value_t = 65_536)]
+    pub max_n_lists: usize,
+
+    /// Largest `batch_size` a train request may ask for (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_TRAIN_BATCH_SIZE", default_value_t = 65_536)]
+    pub max_train_batch_size: usize,
+
+    /// Largest `max_memory` (MiB) a train request may ask for (422 beyond).
+    #[arg(long, env = "SEALDB_MAX_TRAIN_MEMORY_MB", default_value_t = 65_536)]
+    pub max_train_memory_mb: usize,
+
+    /// Seconds one training (explicit or background) may run before it is stopped; the
+    /// index keeps its previous lists. 0 = no limit.
+    #[arg(long, env = "SEALDB_MAX_TRAIN_SECONDS", default_value_t = 3600)]
+    pub max_train_seconds: u64,
+
+    /// Seconds a shutdown (SIGTERM, SIGINT) waits for requests in flight before it stops
+    /// them; trainings are stopped at once. Then the store is flushed and the process exits 0.
+    #[arg(long, env = "SEALDB_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_timeout_seconds: u64,
+
     /// Root API key: when set, every route but /v1/health needs X-API-Key.
     #[arg(long, env = "CYBORGDB_SERVICE_ROOT_KEY", hide_env_values = true)]
     pub root_key: Option<String>,
@@ -392,6 +444,23 @@ fn load_yaml(path: &std::path::Path) -> Result<Yaml, ConfigError> {
 }
 
 impl Config {
+    /// The per-request limits these settings give.
+    pub fn limits(&self) -> crate::limits::Limits {
+        crate::limits::Limits {
+            max_query_results: self.max_query_results,
+            max_ids_per_request: self.max_ids_per_request,
+            max_id_bytes: self.max_id_bytes,
+            max_dimension: self.max_dimension,
+            max_filter_depth: self.max_filter_depth,
+            max_filter_nodes: self.max_filter_nodes,
+            max_train_iters: self.max_train_iters,
+            max_n_lists: self.max_n_lists,
+            max_train_batch_size: self.max_train_batch_size,
+            max_train_memory_mb: self.max_train_memory_mb,
+            max_train_seconds: self.max_train_seconds,
+        }
+    }
+
     /// Parse flags and environment, then fill still-defaulted settings from the YAML file.
     pub fn load() -> Result<Self, ConfigError> {
         Self::load_from(std::env::args_os())

@@ -9,6 +9,7 @@ pub mod embed;
 pub mod engine;
 pub mod keys;
 pub mod kms;
+pub mod limits;
 pub mod metrics;
 pub mod plugins;
 pub mod tls;

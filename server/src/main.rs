@@ -40,7 +40,7 @@ fn main() {
     let result = rt.block_on(app::run(cfg));
     // A blocking call that never returns (a hung plugin or KMS call) must not keep the
     // process alive after a shutdown: stop waiting for the blocking pool after a while.
-    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
     if let Err(e) = result {
         tracing::error!("{e}");
         eprintln!("sealdb: {e}");

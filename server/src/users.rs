@@ -384,6 +384,7 @@ mod tests {
                 auto_train_min_vectors: 1 << 30,
                 auto_train: false,
                 cache_limit_bytes: None,
+                train_time_limit: None,
             },
         );
         let kek = Kek::random();

@@ -82,11 +82,27 @@ impl From<EngineError> for ApiError {
             EngineError::MissingKey(_) => Self::unauthorized(e.to_string()),
             EngineError::BadRequest(_) => Self::bad_request(e.to_string()),
             EngineError::Invalid(_) => Self::invalid(e.to_string()),
+            EngineError::Cancelled(r) => {
+                use crate::engine::CancelReason as C;
+                let status = match r {
+                    C::Superseded | C::Busy => 409,
+                    C::Deleted => 404,
+                    C::Shutdown => 503,
+                    C::TimeLimit(_) => 422,
+                };
+                Self::new(status, e.to_string())
+            }
             EngineError::Store(_) | EngineError::Corrupt(_) => {
                 tracing::error!(error = %e, "internal failure");
                 Self::internal(format!("Internal server error: {e}"))
             }
         }
+    }
+}
+
+impl From<crate::limits::OverLimit> for ApiError {
+    fn from(e: crate::limits::OverLimit) -> Self {
+        Self::invalid(e.to_string())
     }
 }
 
@@ -197,7 +213,7 @@ macro_rules! responses {
     };
     (@munch [$($head:tt)*], [$($acc:tt)*], [409 => $var:ident $(, $($rest:tt)*)?]) => {
         crate::api::error::responses!(@munch [$($head)*],
-            [$($acc)* #[doc = "The index already exists."] #[oai(status = 409)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($acc)* #[doc = "Conflict with the index's current state: it already exists, or (train) a newer train request took over."] #[oai(status = 409)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
     (@munch [$($head:tt)*], [$($acc:tt)*], [422 => $var:ident $(, $($rest:tt)*)?]) => {
@@ -212,7 +228,7 @@ macro_rules! responses {
     };
     (@munch [$($head:tt)*], [$($acc:tt)*], [503 => $var:ident $(, $($rest:tt)*)?]) => {
         crate::api::error::responses!(@munch [$($head)*],
-            [$($acc)* #[doc = "Needed here but not available on this server (an embedding model that is not installed)."] #[oai(status = 503)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
+            [$($acc)* #[doc = "Not available now: an embedding model that is not installed, or (train) the server is shutting down."] #[oai(status = 503)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
     (@munch [$name:ident, $ok:ty, ($($okv:tt)*), |$v:ident| $okexpr:expr, [$($code:tt => $var:ident),*]], [$($variants:tt)*], []) => {

@@ -170,7 +170,7 @@ responses!(ListIndexesResponse, IndexList, [401 => Unauthorized]);
 responses!(CreateIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 409 => Conflict, 422 => Invalid, 502 => KmsFailure]);
 responses!(DescribeIndexResponse, IndexInfo, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(DeleteIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
-responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 409 => Conflict, 422 => Invalid, 502 => KmsFailure, 503 => Unavailable]);
 responses!(TrainingStatusResponse, TrainingStatus, [401 => Unauthorized]);
 responses!(RewrapIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 
@@ -257,10 +257,13 @@ impl IndexesApi {
             };
             let mut dimension = match req.dimension {
                 None => 0,
-                Some(d) if (1..=65_536).contains(&d) => d as u32,
+                Some(d) if d >= 1 => {
+                    state.limits.dimension(d as usize)?;
+                    d as u32
+                }
                 Some(d) => {
                     return Err(ApiError::invalid(format!(
-                        "dimension must be between 1 and 65536 (got {d})"
+                        "dimension must be at least 1 (got {d})"
                     )))
                 }
             };
@@ -430,10 +433,14 @@ impl IndexesApi {
                     t => t,
                 },
                 max_memory_mb: positive("max_memory", req.max_memory)?,
+                time_limit: state.limits.train_time_limit(),
             };
-            if params.n_lists.is_some_and(|n| n > 65_536) {
-                return Err(ApiError::invalid("n_lists must be at most 65536"));
-            }
+            state.limits.train(
+                params.max_iters,
+                params.n_lists,
+                params.batch_size,
+                params.max_memory_mb,
+            )?;
             let ix = state.engine.open(&req.index.index_name, kek.as_ref())?;
             let started = std::time::Instant::now();
             let k = state.engine.train_now(&ix, &params)?;

@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics_open: bool,
     /// Largest request body accepted (`--max-body-mb`).
     pub max_body_bytes: usize,
+    /// Per-request bounds on work (`crate::limits`).
+    pub limits: crate::limits::Limits,
 }
 
 /// `X-API-Key` header. Optional in the spec: with no root key configured the server is open.

@@ -386,12 +386,18 @@ fn open(
 }
 
 /// Decode `vectors_b64` (little-endian float32, `dimension` per row) into one vector per row.
-fn decode_rows(b64: &str, dimension: i64, what: &str) -> Result<Vec<Vec<f32>>, ApiError> {
-    if !(1..=65_536).contains(&dimension) {
+fn decode_rows(
+    limits: &crate::limits::Limits,
+    b64: &str,
+    dimension: i64,
+    what: &str,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    if dimension < 1 {
         return Err(ApiError::invalid(format!(
-            "{what}.dimension must be between 1 and 65536 (got {dimension})"
+            "{what}.dimension must be at least 1 (got {dimension})"
         )));
     }
+    limits.dimension(dimension as usize)?;
     let text = b64.trim().as_bytes();
     let invalid = |e: &dyn std::fmt::Display| {
         ApiError::invalid(format!("{what}.vectors_b64 is not valid base64: {e}"))
@@ -442,6 +448,12 @@ fn upsert_items(
     items: Vec<NewItem>,
 ) -> Result<UpsertResult, ApiError> {
     let n = items.len();
+    state
+        .limits
+        .id_lengths(items.iter().map(|it| it.id.as_str()))?;
+    if let Some(it) = items.first() {
+        state.limits.dimension(it.vector.len())?;
+    }
     ix.upsert(items)?;
     let triggered = state.engine.maybe_auto_train(ix);
     Ok(UpsertResult {
@@ -453,7 +465,7 @@ fn upsert_items(
 }
 
 impl QueryOptions {
-    fn resolve(self) -> Result<SearchParams, ApiError> {
+    fn resolve(self, limits: &crate::limits::Limits) -> Result<SearchParams, ApiError> {
         let top_k = match self.top_k {
             None => 100,
             Some(k) if (1..=100_000).contains(&k) => k as usize,
@@ -474,7 +486,10 @@ impl QueryOptions {
         };
         let filter = match &self.filters {
             None => None,
-            Some(f) => Filter::compile(&f.0).map_err(|e| ApiError::invalid(e.to_string()))?,
+            Some(f) => {
+                limits.filter(&f.0)?;
+                Filter::compile(&f.0).map_err(|e| ApiError::invalid(e.to_string()))?
+            }
         };
         let mut include = Include::default();
         for field in self.include.unwrap_or_default() {
@@ -539,11 +554,13 @@ fn fetched_dto(f: Fetched) -> GetResultItem {
 }
 
 fn run_query(
+    limits: &crate::limits::Limits,
     ix: &Index,
     queries: Vec<Vec<f32>>,
     opts: QueryOptions,
 ) -> Result<Vec<Vec<QueryResultItem>>, ApiError> {
-    let params = opts.resolve()?;
+    let params = opts.resolve(limits)?;
+    limits.query(queries.len(), params.top_k)?;
     let include = params.include;
     let results = ix.search(&queries, &params)?;
     Ok(results
@@ -631,7 +648,7 @@ impl VectorsApi {
             let req = body.0;
             let ix = open(&state, &creds, Action::Write, &req.index)?;
             let b = req.batch;
-            let rows = decode_rows(&b.vectors_b64, b.dimension, "batch")?;
+            let rows = decode_rows(&state.limits, &b.vectors_b64, b.dimension, "batch")?;
             let n = rows.len();
             if n != b.ids.len() {
                 return Err(ApiError::invalid(format!(
@@ -688,13 +705,21 @@ impl VectorsApi {
                             "send query_vectors (a vector or a list of vectors) or query_contents",
                         )),
                     };
-                let mut r = run_query(&ix, vec![vector], q.options)?;
+                let mut r = run_query(&state.limits, &ix, vec![vector], q.options)?;
                 Ok(QueryResponse {
                     results: QueryResults::Single(r.pop().unwrap_or_default()),
                 })
             }
             QueryBody::Batch(q) => {
                 let ix = open(&state, &creds, Action::Read, &q.index)?;
+                // Refuse an oversized batch before embedding any of it.
+                let n = q
+                    .query_vectors
+                    .as_ref()
+                    .map(Vec::len)
+                    .or(q.query_contents.as_ref().map(Vec::len))
+                    .unwrap_or(0);
+                state.limits.query(n, q.options.top_k.unwrap_or(1).max(1) as usize)?;
                 let queries = match (q.query_vectors, q.query_contents) {
                     (Some(v), _) => v,
                     (None, Some(texts)) => {
@@ -711,7 +736,7 @@ impl VectorsApi {
                     return Err(ApiError::invalid("the batch holds no queries"));
                 }
                 Ok(QueryResponse {
-                    results: QueryResults::Batch(run_query(&ix, queries, q.options)?),
+                    results: QueryResults::Batch(run_query(&state.limits, &ix, queries, q.options)?),
                 })
             }
         })
@@ -736,12 +761,17 @@ impl VectorsApi {
         blocking(move || {
             let q = body.0;
             let ix = open(&state, &creds, Action::Read, &q.index)?;
-            let queries = decode_rows(&q.batch.vectors_b64, q.batch.dimension, "batch")?;
+            let queries = decode_rows(
+                &state.limits,
+                &q.batch.vectors_b64,
+                q.batch.dimension,
+                "batch",
+            )?;
             if queries.is_empty() {
                 return Err(ApiError::invalid("batch.vectors_b64 holds no vectors"));
             }
             Ok(QueryResponse {
-                results: QueryResults::Batch(run_query(&ix, queries, q.options)?),
+                results: QueryResults::Batch(run_query(&state.limits, &ix, queries, q.options)?),
             })
         })
         .await
@@ -786,6 +816,7 @@ impl VectorsApi {
                     inc
                 }
             };
+            state.limits.ids(&req.ids)?;
             let found = ix.get(&req.ids, include)?;
             Ok(GetResponse {
                 results: found.into_iter().map(fetched_dto).collect(),
@@ -807,6 +838,7 @@ impl VectorsApi {
         blocking(move || {
             let req = body.0;
             let ix = open(&state, &creds, Action::Write, &req.index)?;
+            state.limits.ids(&req.ids)?;
             let n = ix.delete_ids(&req.ids)?;
             Ok(UpsertResult {
                 status: "success".into(),

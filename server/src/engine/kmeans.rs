@@ -26,22 +26,47 @@ pub struct KMeansParams {
     pub seed: u64,
 }
 
+/// Largest distance matrix one assignment chunk may hold (rows x centroids x 4 bytes): it
+/// bounds the memory of a chunk whatever `batch_size` and `n_lists` a request asks for, and
+/// so also how long one chunk runs between two checks of the stop flag.
+const CHUNK_MATRIX_BYTES: usize = 32 << 20;
+
+/// Never stop.
+pub fn never() -> bool {
+    false
+}
+
 /// Index of the nearest centroid to every row of `data`, and the summed squared distance.
 ///
 /// Distances come from one matrix product per chunk of `batch` rows:
 /// `|x - c|^2 = |x|^2 - 2 x.c + |c|^2`, which runs at GEMM speed instead of one kernel call
 /// per (point, centroid) pair. Chunks run in parallel.
 pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec<u32>, f64) {
-    let batch = batch.max(1);
+    assign_stoppable(data, dim, centroids, batch, &never)
+        .expect("never() does not stop an assignment")
+}
+
+/// [`assign`] that checks `stop` before every chunk and gives up (`None`) once it says so.
+pub fn assign_stoppable(
+    data: &[f32],
+    dim: usize,
+    centroids: &[f32],
+    batch: usize,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Option<(Vec<u32>, f64)> {
     let k = centroids.len() / dim.max(1);
+    let batch = batch.clamp(1, (CHUNK_MATRIX_BYTES / (4 * k.max(1))).max(1));
     let cview = ndarray::ArrayView2::from_shape((k, dim), centroids).expect("k x dim centroids");
     let c_norms: Vec<f32> = centroids
         .chunks_exact(dim)
         .map(|c| super::distance::dot(c, c))
         .collect();
-    let parts: Vec<(Vec<u32>, f64)> = data
+    let parts: Vec<Option<(Vec<u32>, f64)>> = data
         .par_chunks(batch * dim)
         .map(|chunk| {
+            if stop() {
+                return None;
+            }
             let m = chunk.len() / dim;
             let x = ndarray::ArrayView2::from_shape((m, dim), chunk).expect("m x dim points");
             let dots = x.dot(&cview.t());
@@ -59,16 +84,17 @@ pub fn assign(data: &[f32], dim: usize, centroids: &[f32], batch: usize) -> (Vec
                 labels.push(best.0 as u32);
                 obj += (best.1 + x_norm).max(0.0) as f64;
             }
-            (labels, obj)
+            Some((labels, obj))
         })
         .collect();
     let mut all = Vec::with_capacity(data.len() / dim.max(1));
     let mut obj = 0f64;
-    for (p, o) in parts {
+    for part in parts {
+        let (p, o) = part?;
         all.extend(p);
         obj += o;
     }
-    (all, obj)
+    Some((all, obj))
 }
 
 /// The global number of the first row of each chunk when `chunks` are taken in order.
@@ -173,17 +199,39 @@ pub fn nearest(row: &[f32], centroids: &[f32], dim: usize) -> (usize, f32) {
     best
 }
 
+/// Largest k-means++ seeding cost (`k x subsample x dim` multiply-adds, about 20 s on one
+/// core); beyond it seeds are distinct random rows, as FAISS does for every k.
+const PLUS_PLUS_MAX_WORK: usize = 1 << 36;
+
 /// k-means++ seeding on a subsample of at most `16 k` rows: far-apart seeds avoid the local
-/// minima plain random seeding falls into, at a cost of `O(16 k^2 d)`.
-fn init_plus_plus(data: &[f32], dim: usize, k: usize, rng: &mut StdRng) -> Vec<f32> {
+/// minima plain random seeding falls into, at a cost of `O(16 k^2 d)`. Very large `k` (where
+/// that cost explodes) gets random distinct rows instead. `None` when `stop` said so.
+fn init_plus_plus(
+    data: &[f32],
+    dim: usize,
+    k: usize,
+    rng: &mut StdRng,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Option<Vec<f32>> {
     let n = data.len() / dim;
     let m = n.min(16 * k).max(k);
+    if k.saturating_mul(m).saturating_mul(dim) > PLUS_PLUS_MAX_WORK {
+        let rows = sample(rng, n, k).into_vec();
+        return Some(
+            rows.iter()
+                .flat_map(|&r| data[r * dim..(r + 1) * dim].iter().copied())
+                .collect(),
+        );
+    }
     let rows: Vec<usize> = sample(rng, n, m).into_vec();
     let mut centroids = Vec::with_capacity(k * dim);
     let row = |i: usize| &data[rows[i] * dim..(rows[i] + 1) * dim];
     centroids.extend_from_slice(row(rng.random_range(0..m)));
     let mut best: Vec<f32> = (0..m).map(|i| l2sq(row(i), &centroids[..dim])).collect();
     while centroids.len() < k * dim {
+        if stop() {
+            return None;
+        }
         let total: f64 = best.iter().map(|&d| d as f64).sum();
         let pick = if total > 0.0 {
             let mut target = rng.random::<f64>() * total;
@@ -209,31 +257,33 @@ fn init_plus_plus(data: &[f32], dim: usize, k: usize, rng: &mut StdRng) -> Vec<f
             }
         });
     }
-    centroids
+    Some(centroids)
 }
 
 /// Cluster the rows of `data` (row-major, `dim` wide) into `p.k` centroids; also returns the
 /// number of assignment passes run. Requires at least `p.k` rows.
 pub fn train(data: &[f32], dim: usize, p: &KMeansParams) -> (Vec<f32>, usize) {
-    train_observed(data, dim, p, &mut |_| {})
+    train_observed(data, dim, p, &mut |_| {}, &never).expect("never() does not stop training")
 }
 
-/// [`train`], calling `on_pass(passes so far)` after each assignment pass.
+/// [`train`], calling `on_pass(passes so far)` after each assignment pass, and giving up
+/// (`None`) within one assignment chunk of `stop` turning true.
 pub fn train_observed(
     data: &[f32],
     dim: usize,
     p: &KMeansParams,
     on_pass: &mut dyn FnMut(usize),
-) -> (Vec<f32>, usize) {
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Option<(Vec<f32>, usize)> {
     let n = data.len() / dim;
     let k = p.k.clamp(1, n.max(1));
     let mut rng = StdRng::seed_from_u64(p.seed);
-    let mut centroids = init_plus_plus(data, dim, k, &mut rng);
+    let mut centroids = init_plus_plus(data, dim, k, &mut rng, stop)?;
     let mut prev_obj = f64::INFINITY;
     let mut prev_labels: Vec<u32> = Vec::new();
     let mut passes = 0;
     for _ in 0..p.max_iters.max(1) {
-        let (labels, obj) = assign(data, dim, &centroids, p.batch_size);
+        let (labels, obj) = assign_stoppable(data, dim, &centroids, p.batch_size, stop)?;
         passes += 1;
         on_pass(passes);
         if p.settle > 0.0 && !prev_labels.is_empty() {
@@ -295,7 +345,7 @@ pub fn train_observed(
             break;
         }
     }
-    (centroids, passes)
+    Some((centroids, passes))
 }
 
 #[cfg(test)]

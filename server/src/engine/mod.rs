@@ -26,7 +26,9 @@ use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch};
 use crate::keys::{self, Dek, IndexKeys, Kek};
 pub use distance::Metric;
 use format::{IndexId, Reader, Writer};
-pub use index::{Access, Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams};
+pub use index::{
+    Access, CancelReason, Fetched, Hit, Include, Index, NewItem, SearchParams, TrainParams,
+};
 use index::{Data, KeyCheck};
 pub use meta::Envelope;
 use meta::{config_aad, dek_aad, MetaRecord};
@@ -54,6 +56,9 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A training stopped before it finished.
+    #[error("training stopped: {0}")]
+    Cancelled(CancelReason),
 }
 
 /// How vectors are stored.
@@ -252,6 +257,8 @@ pub struct EngineConfig {
     pub auto_train: bool,
     /// Memory budget for open indexes (`None` = unlimited, `Some(0)` = keep nothing).
     pub cache_limit_bytes: Option<usize>,
+    /// How long one training may run before it is stopped (`None` = no limit).
+    pub train_time_limit: Option<std::time::Duration>,
 }
 
 /// Check an index name: 1-255 bytes, no control characters, not the reserved `default`.
@@ -379,6 +386,8 @@ pub struct Engine {
     cache: Arc<Cache>,
     create_lock: Mutex<()>,
     trainer: Arc<Trainer>,
+    /// Set once at shutdown: every training stops at its next check.
+    shutdown: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Engine {
@@ -390,9 +399,24 @@ impl Engine {
                 ..Cache::default()
             }),
             create_lock: Mutex::new(()),
-            trainer: Trainer::start(),
+            trainer: Trainer::start(config.train_time_limit),
+            shutdown: Arc::default(),
             config,
         })
+    }
+
+    /// Begin shutting down: running trainings stop within about a second, queued background
+    /// trainings are dropped. Requests already in flight finish.
+    pub fn begin_shutdown(&self) {
+        self.shutdown
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.trainer.stop();
+    }
+
+    /// Whether any training (explicit or background) is still running.
+    pub fn training_running(&self) -> bool {
+        let st = self.trainer.status();
+        st.currently_training.is_some() || !st.explicit.is_empty()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -634,12 +658,16 @@ impl Engine {
             key_check,
             self.store.clone(),
             data,
+            self.shutdown.clone(),
         )))
     }
 
     /// Delete an index and everything it stores, atomically. Returns the deleted index's id.
     pub fn delete(&self, name: &str, kek: Option<&Kek>) -> Result<IndexId, EngineError> {
         let ix = self.open_arc(name, Access::Kek(kek))?;
+        // A training of this index stops first (it holds the writer lock while it writes).
+        ix.cancel_training();
+        self.trainer.forget(name);
         let _g = self.create_lock.lock();
         let _w = ix.mark_deleted();
         let mut batch = WriteBatch::new();

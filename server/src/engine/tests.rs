@@ -25,6 +25,7 @@ fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize
             auto_train_min_vectors: 1_000_000,
             auto_train: false,
             cache_limit_bytes,
+            train_time_limit: None,
         },
     )
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use super::index::{Index, TrainParams};
+use super::EngineError;
 
 /// What `training-status` reports.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +20,7 @@ pub struct TrainingStatus {
 
 #[derive(Default)]
 struct State {
+    stopped: bool,
     queue: VecDeque<Arc<Index>>,
     current: Option<String>,
     explicit: HashMap<String, usize>,
@@ -28,6 +30,7 @@ struct State {
 pub struct Trainer {
     state: Mutex<State>,
     wake: Condvar,
+    time_limit: Option<std::time::Duration>,
 }
 
 /// Keeps an index listed as training while an explicit `train` call runs.
@@ -50,10 +53,11 @@ impl Drop for ExplicitMark<'_> {
 
 impl Trainer {
     /// Start the worker thread.
-    pub fn start() -> Arc<Self> {
+    pub fn start(time_limit: Option<std::time::Duration>) -> Arc<Self> {
         let t = Arc::new(Self {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            time_limit,
         });
         let worker = t.clone();
         std::thread::Builder::new()
@@ -67,8 +71,12 @@ impl Trainer {
         loop {
             let ix = {
                 let mut st = self.state.lock();
-                while st.queue.is_empty() {
+                while st.queue.is_empty() && !st.stopped {
                     self.wake.wait(&mut st);
+                }
+                if st.stopped {
+                    st.queue.clear();
+                    return;
                 }
                 let ix = st.queue.pop_front().expect("non-empty");
                 st.current = Some(ix.name.clone());
@@ -77,13 +85,20 @@ impl Trainer {
             let started = std::time::Instant::now();
             // A panic in one training must not end background training for good.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                ix.train(&TrainParams::default())
+                ix.train_background(&TrainParams {
+                    time_limit: self.time_limit,
+                    ..TrainParams::default()
+                })
             }));
             let secs = started.elapsed().as_secs_f64();
             match result {
                 Ok(Ok(k)) => {
                     crate::metrics::training(&ix.name, true, true, secs);
                     tracing::info!(index = %ix.name, n_lists = k, secs, "background training finished")
+                }
+                Ok(Err(EngineError::Cancelled(r))) => {
+                    crate::metrics::training(&ix.name, true, false, secs);
+                    tracing::info!(index = %ix.name, reason = %r, "background training stopped")
                 }
                 Ok(Err(e)) => {
                     crate::metrics::training(&ix.name, true, false, secs);
@@ -98,10 +113,20 @@ impl Trainer {
         }
     }
 
+    /// Stop the worker: the queue is dropped; a running training stops on its own (the
+    /// engine's shutdown flag) and the worker then exits.
+    pub fn stop(&self) {
+        let mut st = self.state.lock();
+        st.stopped = true;
+        st.queue.clear();
+        self.wake.notify_all();
+    }
+
     /// Queue `ix` unless it is already queued or training. Returns whether it was queued.
     pub fn enqueue(&self, ix: Arc<Index>) -> bool {
         let mut st = self.state.lock();
-        if st.current.as_deref() == Some(ix.name.as_str())
+        if st.stopped
+            || st.current.as_deref() == Some(ix.name.as_str())
             || st.queue.iter().any(|q| q.name == ix.name)
         {
             return false;

@@ -28,14 +28,11 @@ pub struct Stores {
 impl Stores {
     /// Both stores in one throwaway in-memory backend.
     pub fn memory() -> Self {
-        let m = Arc::new(sealdb_store_memory::MemoryStore::new());
-        Self {
-            index: m.clone(),
-            users: m,
-        }
+        Self::layered(Arc::new(sealdb_store_memory::MemoryStore::new()))
     }
 
-    /// A store without a user directory of its own keeps RBAC records inside it.
+    /// RBAC records live inside the index store (under `'U' || index id`), so deleting an
+    /// index removes its grants in the same atomic batch.
     pub fn layered(index: Arc<dyn IndexStore>) -> Self {
         Self {
             users: Arc::new(KvUserStore(index.clone())),
@@ -131,10 +128,7 @@ impl StoreFactory for Redb {
             )
             .map_err(|e| format!("CYBORGDB_DISK_PATH={}: {e}", s.disk_path.display()))?,
         );
-        Ok(Stores {
-            index: r.clone(),
-            users: r,
-        })
+        Ok(Stores::layered(r))
     }
 }
 

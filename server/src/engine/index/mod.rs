@@ -7,7 +7,7 @@
 //! failed store write leaves memory untouched, and memory never shows what the store lacks.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -377,6 +377,39 @@ pub struct TrainParams {
     pub max_iters: Option<usize>,
     pub tolerance: Option<f64>,
     pub max_memory_mb: Option<usize>,
+    /// Give up (with [`CancelReason::TimeLimit`]) once this much time has passed.
+    pub time_limit: Option<std::time::Duration>,
+}
+
+/// Why a training stopped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// A newer train request for the same index took over.
+    Superseded,
+    /// The index is being deleted.
+    Deleted,
+    /// The server is shutting down.
+    Shutdown,
+    /// The training ran past its time limit.
+    TimeLimit(std::time::Duration),
+    /// (Background training only) another training of the index is running.
+    Busy,
+}
+
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Superseded => f.write_str("a newer train request for this index took over"),
+            Self::Deleted => f.write_str("the index is being deleted"),
+            Self::Shutdown => f.write_str("the server is shutting down"),
+            Self::TimeLimit(d) => write!(
+                f,
+                "training ran past the limit of {} s (--max-train-seconds / SEALDB_MAX_TRAIN_SECONDS)",
+                d.as_secs()
+            ),
+            Self::Busy => f.write_str("another training of this index is running"),
+        }
+    }
 }
 
 /// Auto `n_lists`: the power of two nearest to sqrt(n) (on a log scale), between 1 and 65536.
@@ -405,6 +438,11 @@ pub struct Index {
     store: Arc<dyn IndexStore>,
     writer: Mutex<()>,
     training: Mutex<()>,
+    /// Bumped by every superseding train request and by delete: a running training whose
+    /// number no longer matches stops at its next check.
+    train_epoch: AtomicU64,
+    /// The engine's shutdown flag: set, every training stops at its next check.
+    shutdown: Arc<AtomicBool>,
     data: RwLock<Data>,
     deleted: AtomicBool,
     /// The running training's progress, if one runs.
@@ -435,6 +473,7 @@ impl Index {
         key_check: KeyCheck,
         store: Arc<dyn IndexStore>,
         data: Data,
+        shutdown: Arc<AtomicBool>,
     ) -> Self {
         Self {
             name,
@@ -446,6 +485,8 @@ impl Index {
             store,
             writer: Mutex::new(()),
             training: Mutex::new(()),
+            train_epoch: AtomicU64::new(0),
+            shutdown,
             data: RwLock::new(data),
             deleted: AtomicBool::new(false),
             progress: Mutex::new(None),
@@ -572,6 +613,12 @@ impl Index {
         } else {
             Ok(())
         }
+    }
+
+    /// Stop a running training of this index at its next check (it fails with
+    /// [`CancelReason::Superseded`] unless a more specific reason applies).
+    pub(crate) fn cancel_training(&self) {
+        self.train_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) fn mark_deleted(&self) -> parking_lot::MutexGuard<'_, ()> {

@@ -20,11 +20,73 @@ const SETTLE_FRACTION: f64 = 0.01;
 /// built, sealed and dropped, next to the old generation).
 const TRAIN_WRITE_CHUNK_BYTES: usize = 4 << 20;
 
+/// What a running training checks between steps of bounded work.
+struct Stopper<'a> {
+    ix: &'a Index,
+    epoch: u64,
+    deadline: Option<(std::time::Instant, std::time::Duration)>,
+}
+
+impl Stopper<'_> {
+    fn reason(&self) -> Option<CancelReason> {
+        if self.ix.deleted.load(Ordering::Acquire) {
+            Some(CancelReason::Deleted)
+        } else if self.ix.shutdown.load(Ordering::Acquire) {
+            Some(CancelReason::Shutdown)
+        } else if self.ix.train_epoch.load(Ordering::Acquire) != self.epoch {
+            // Delete bumps the epoch before it can set `deleted`.
+            Some(CancelReason::Superseded)
+        } else {
+            match self.deadline {
+                Some((at, limit)) if std::time::Instant::now() >= at => {
+                    Some(CancelReason::TimeLimit(limit))
+                }
+                _ => None,
+            }
+        }
+    }
+    fn stopped(&self) -> bool {
+        self.reason().is_some()
+    }
+    /// The error for a step that saw [`Self::stopped`] (reasons never revert).
+    fn cancelled(&self) -> EngineError {
+        EngineError::Cancelled(self.reason().unwrap_or(CancelReason::Superseded))
+    }
+    fn check(&self) -> Result<(), EngineError> {
+        match self.reason() {
+            Some(r) => Err(EngineError::Cancelled(r)),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Index {
     /// Train (or retrain) the IVF lists. Blocks until done; queries keep working meanwhile.
-    /// Returns the number of lists.
+    /// A running training of the same index is superseded (it stops within about a second
+    /// and fails with [`CancelReason::Superseded`]). Returns the number of lists.
     pub fn train(&self, p: &TrainParams) -> Result<usize, EngineError> {
+        let epoch = self.train_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         let _t = self.training.lock();
+        self.train_locked(p, epoch)
+    }
+
+    /// Background training: never supersedes a running one (fails with
+    /// [`CancelReason::Busy`] instead); any explicit train request supersedes it.
+    pub fn train_background(&self, p: &TrainParams) -> Result<usize, EngineError> {
+        let Some(_t) = self.training.try_lock() else {
+            return Err(EngineError::Cancelled(CancelReason::Busy));
+        };
+        let epoch = self.train_epoch.load(Ordering::Acquire);
+        self.train_locked(p, epoch)
+    }
+
+    fn train_locked(&self, p: &TrainParams, epoch: u64) -> Result<usize, EngineError> {
+        let stop = Stopper {
+            ix: self,
+            epoch,
+            deadline: p.time_limit.map(|d| (std::time::Instant::now() + d, d)),
+        };
+        stop.check()?;
         self.ensure_live()?;
         let progress = Arc::new(Progress::new(&self.name));
         *self.progress.lock() = Some(progress.clone());
@@ -69,6 +131,7 @@ impl Index {
             let mut next = 0f64;
             let mut i = 0usize;
             for pl in &d.lists {
+                stop.check()?;
                 for blk in pl.blocks.values() {
                     progress.set(Phase::Sampling, i, n);
                     for pos in 0..blk.len() {
@@ -103,13 +166,19 @@ impl Index {
         };
         let t_kmeans = std::time::Instant::now();
         progress.set(Phase::KMeans, 0, params.max_iters);
-        let (centroids, passes) = kmeans::train_observed(&sample, dim, &params, &mut |pass| {
-            progress.set(Phase::KMeans, pass, params.max_iters)
-        });
+        let stopped = || stop.stopped();
+        let (centroids, passes) = kmeans::train_observed(
+            &sample,
+            dim,
+            &params,
+            &mut |pass| progress.set(Phase::KMeans, pass, params.max_iters),
+            &stopped,
+        )
+        .ok_or_else(|| stop.cancelled())?;
         tracing::debug!(index = %self.name, rows = sample.len() / dim, passes, secs = t_kmeans.elapsed().as_secs_f32(), "k-means done");
         drop(sample);
         let k = centroids.len() / dim;
-        self.install_training(centroids, k, dim, params.batch_size, &progress)
+        self.install_training(centroids, k, dim, params.batch_size, &progress, &stop)
     }
 
     fn install_training(
@@ -119,9 +188,12 @@ impl Index {
         dim: usize,
         batch: usize,
         progress: &Progress,
+        stop: &Stopper<'_>,
     ) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
+        stop.check()?;
+        let stopped = || stop.stopped();
         let cap = Self::block_cap(dim, self.config.precision);
         let angular = self.config.metric.is_angular();
         // 1. Queries keep running: label every row, calibrate n_probes, plan where rows go.
@@ -138,18 +210,20 @@ impl Index {
                 .par_iter()
                 .map(|b| {
                     progress.step();
-                    if angular {
+                    let r = if angular {
                         let normed: Vec<f32> = b
                             .vecs
                             .chunks_exact(dim)
                             .flat_map(distance::normalized)
                             .collect();
-                        kmeans::assign(&normed, dim, &centroids, batch).0
+                        kmeans::assign_stoppable(&normed, dim, &centroids, batch, &stopped)
                     } else {
-                        kmeans::assign(&b.vecs, dim, &centroids, batch).0
-                    }
+                        kmeans::assign_stoppable(&b.vecs, dim, &centroids, batch, &stopped)
+                    };
+                    r.map(|(labels, _)| labels)
                 })
-                .collect();
+                .collect::<Option<_>>()
+                .ok_or_else(|| stop.cancelled())?;
             let chunks: Vec<&[f32]> = blocks.iter().map(|b| b.vecs.as_slice()).collect();
             let flat_labels: Vec<u32> = labels.iter().flatten().copied().collect();
             let t_cal = std::time::Instant::now();
@@ -200,6 +274,7 @@ impl Index {
         let mut first = true;
         let n_chunks = jobs.len().div_ceil(per_chunk);
         for (ci, chunk) in jobs.chunks(per_chunk).enumerate() {
+            stop.check()?;
             progress.set(Phase::Writing, ci, n_chunks);
             let mut batch = WriteBatch::new();
             if std::mem::take(&mut first) {
@@ -214,6 +289,8 @@ impl Index {
             }
             self.store.write(batch)?;
         }
+        // The last moment to stop: after the next write the new generation is the index.
+        stop.check()?;
         let per_list: Vec<usize> = rows_of.iter().map(Vec::len).collect();
         drop(rows_of);
         drop(blocks);
