@@ -92,6 +92,10 @@ impl From<EngineError> for ApiError {
                 };
                 Self::new(status, e.to_string())
             }
+            EngineError::Integrity { .. } => {
+                tracing::error!(error = %e, "integrity failure");
+                Self::internal(format!("Internal server error: {e}"))
+            }
             EngineError::Store(_) | EngineError::Corrupt(_) => {
                 tracing::error!(error = %e, "internal failure");
                 Self::internal(format!("Internal server error: {e}"))

@@ -1,14 +1,16 @@
 //! Store keys and record encodings. `docs/FORMAT.md` describes every byte; keep them in step.
 //!
-//! Every value except the clear header of a meta record is sealed with AES-256-GCM under the
-//! index's record key, with associated data `"SDB1" || store key`: a sealed value only opens
-//! under the exact key it was written at, so a blob swapped, copied or moved inside the store
-//! fails to open instead of returning another record's data.
+//! Every value except the clear header of a meta record is sealed with AES-256-GCM under a
+//! key of its own (derived from the index's DEK and a random salt), with associated data
+//! `"SDB2" || store key` and, for records that change over an index's life, the write
+//! *epoch* the state record expects them at: a sealed value only opens under the exact key
+//! and version it was written at, so a blob swapped, copied, moved or rolled back inside the
+//! store fails to open instead of returning another record's (or an older) data.
 
 use super::EngineError;
 
 /// Format version written into meta records and associated data.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Magic at the start of a meta record.
 pub const META_MAGIC: &[u8; 4] = b"SDBM";
 /// Length of index ids.
@@ -96,6 +98,13 @@ pub fn aad(store_key: &[u8]) -> Vec<u8> {
     a
 }
 
+/// Associated data for a record that must be at write epoch `epoch` (blocks, item records).
+pub fn aad_at(store_key: &[u8], epoch: u64) -> Vec<u8> {
+    let mut a = aad(store_key);
+    a.extend_from_slice(&epoch.to_be_bytes());
+    a
+}
+
 /// Little-endian byte writer.
 #[derive(Default)]
 pub struct Writer(pub Vec<u8>);
@@ -176,6 +185,10 @@ impl<'a> Reader<'a> {
     }
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
+    }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
     }
 }
 

@@ -108,10 +108,12 @@ impl MetaRecord {
         if r.take(4)? != format::META_MAGIC {
             return Err(EngineError::Corrupt("meta record has a bad magic".into()));
         }
-        if r.u8()? != format::FORMAT_VERSION {
-            return Err(EngineError::Corrupt(
-                "meta record has an unknown format version".into(),
-            ));
+        let version = r.u8()?;
+        if version != format::FORMAT_VERSION {
+            return Err(EngineError::Corrupt(format!(
+                "meta record has format version {version}; this server reads version {}",
+                format::FORMAT_VERSION
+            )));
         }
         let id: IndexId = r
             .take(format::INDEX_ID_LEN)?
@@ -136,6 +138,17 @@ impl MetaRecord {
             sealed_config: r.bytes()?.to_vec(),
         })
     }
+}
+
+/// The digest of a meta record as stored, which the index's state record holds: a meta
+/// record put back from an earlier version (an older wrap, a revoked KMS envelope) no longer
+/// matches it.
+pub(crate) fn meta_digest(raw: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"sealdb/v2/meta-digest");
+    h.update(raw);
+    h.finalize().into()
 }
 
 /// Associated data of the wrapped DEK: binds it to the index's name and id.

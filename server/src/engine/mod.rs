@@ -31,7 +31,7 @@ pub use index::{
 };
 use index::{Data, KeyCheck};
 pub use meta::Envelope;
-use meta::{config_aad, dek_aad, MetaRecord};
+use meta::{config_aad, dek_aad, meta_digest, MetaRecord};
 pub use training::{Trainer, TrainingStatus};
 
 /// Everything that can go wrong in the engine. The API layer maps each variant to exactly one
@@ -56,6 +56,10 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The store returned records that do not fit together: altered, swapped, duplicated,
+    /// deleted or rolled back (see docs/THREAT-MODEL.md).
+    #[error("integrity check failed for index '{index}': {what}")]
+    Integrity { index: String, what: String },
     /// A training stopped before it finished.
     #[error("training stopped: {0}")]
     Cancelled(CancelReason),
@@ -450,11 +454,12 @@ impl Engine {
             sealed_config: keys.seal(&config_aad(&mk, &id), &spec.config.encode()),
         };
         let sk = format::state_key(&id);
-        let state = index::State::fresh(spec.config.declared_dimension).encode();
+        let raw_meta = meta.encode();
+        let state =
+            index::State::fresh(spec.config.declared_dimension, meta_digest(&raw_meta)).encode();
         let mut batch = WriteBatch::new();
-        // Clear any leftovers of an id collision (never expected) before writing.
         batch
-            .put(mk, meta.encode())
+            .put(mk, raw_meta)
             .put(sk.clone(), keys.seal(&format::aad(&sk), &state));
         self.store.write(batch)?;
         // A stale slot (e.g. from a deleted index of the same name) must not survive.
@@ -518,11 +523,16 @@ impl Engine {
     }
 
     fn meta(&self, name: &str) -> Result<MetaRecord, EngineError> {
+        Ok(self.meta_raw(name)?.0)
+    }
+
+    /// The meta record and its digest.
+    fn meta_raw(&self, name: &str) -> Result<(MetaRecord, [u8; 32]), EngineError> {
         let raw = self
             .store
             .get(&format::meta_key(name))?
             .ok_or_else(|| EngineError::NotFound(name.to_owned()))?;
-        MetaRecord::decode(&raw)
+        Ok((MetaRecord::decode(&raw)?, meta_digest(&raw)))
     }
 
     /// Whether an index of this name exists.
@@ -570,6 +580,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let ix = self.open_arc(name, Access::Kek(Some(old)))?;
         let _g = self.create_lock.lock();
+        let _w = ix.lock_writer();
+        ix.ensure_live()?;
         let mk = format::meta_key(name);
         let current = self.meta(name)?;
         if current.id != ix.id {
@@ -582,9 +594,14 @@ impl Engine {
             wrapped_dek: keys::wrap_dek(new_kek, ix.dek(), &aad),
             sealed_config: current.sealed_config,
         };
+        // The state record vouches for the new meta record in the same batch.
+        let raw_meta = meta.encode();
+        let digest = meta_digest(&raw_meta);
+        let (epoch, sk, sealed_state) = ix.state_for_meta(digest);
         let mut batch = WriteBatch::new();
-        batch.put(mk, meta.encode());
+        batch.put(mk, raw_meta).put(sk, sealed_state);
         self.store.write(batch)?;
+        ix.apply_meta(epoch, digest);
         ix.set_key_check(KeyCheck {
             aad,
             wrapped_dek: meta.wrapped_dek,
@@ -618,7 +635,7 @@ impl Engine {
 
     fn load(&self, name: &str, access: Access<'_>) -> Result<Arc<Index>, EngineError> {
         let mk = format::meta_key(name);
-        let meta = self.meta(name)?;
+        let (meta, digest) = self.meta_raw(name)?;
         let key_check = KeyCheck {
             aad: dek_aad(&mk, &meta.id),
             wrapped_dek: meta.wrapped_dek.clone(),
@@ -645,10 +662,11 @@ impl Engine {
         )?;
         let data: Data = Index::load_data(
             self.store.as_ref(),
+            name,
             &meta.id,
             &ikeys,
-            config.declared_dimension,
             config.metric,
+            digest,
         )?;
         Ok(Arc::new(Index::assemble(
             name.to_owned(),

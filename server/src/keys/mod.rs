@@ -2,10 +2,24 @@
 //!
 //! ```text
 //! KEK (32 B, from the client on every call, or from a KMS slot)
-//!  └─ wraps DEK (32 B, random per index, stored only wrapped)
-//!      ├─ HKDF "sealdb/v1/seal"  -> record key: AES-256-GCM for every stored record
-//!      └─ HKDF "sealdb/v1/id-mac" -> HMAC-SHA256 key turning ids into store locators
+//!  ├─ HKDF "sealdb/v2/kek-commit" -> commitment key: HMAC over the wrap's AAD, stored
+//!  └─ HKDF "sealdb/v2/kek-wrap"   -> wraps DEK (32 B, random per index, stored only wrapped)
+//!      ├─ HKDF "sealdb/v2/record-root" -> R; every sealed record gets its own key
+//!      │     K_rec = HMAC-SHA256(R, "sealdb/v2/record" || salt || 0x01), salt: 16 random bytes
+//!      └─ HKDF "sealdb/v2/id-mac"      -> HMAC-SHA256 key turning ids into store locators
 //! ```
+//!
+//! **Nonce bound.** AES-GCM with random 96-bit nonces is safe for about 2^32 messages per
+//! key. Here no key seals more than one record: each seal draws a fresh 128-bit salt and
+//! derives its own key (`K_rec` is HKDF-Expand of the PRK `R` with info
+//! `"sealdb/v2/record" || salt`, as in Tink's AES-GCM-HKDF and the AWS Encryption SDK). The
+//! remaining bound is a collision between two salts: below 2^-32 for up to 2^48 records
+//! sealed under one index (89 years at 100,000 seals per second). [`MESSAGES_PER_KEY`] says
+//! so in code and `tests::every_seal_uses_its_own_key` checks it.
+//!
+//! **Key commitment.** AES-GCM is not key-committing: a ciphertext can be built that opens
+//! under two keys. The wrapped DEK is therefore preceded by a commitment, an HMAC under a key
+//! derived from the KEK; a KEK that does not reproduce it is wrong, before any decryption.
 //!
 //! Invariant: key material lives in [`Kek`]/[`Dek`] newtypes that zeroize on drop and whose
 //! `Debug` prints nothing secret, so a key cannot end up in a log by accident.
@@ -24,8 +38,14 @@ pub const KEY_LEN: usize = 32;
 pub const NONCE_LEN: usize = 12;
 /// AES-GCM tag length.
 pub const TAG_LEN: usize = 16;
-/// Bytes a sealed record adds to its plaintext (nonce + tag).
-pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+/// Random salt of one sealed record (selects its derived key).
+pub const SALT_LEN: usize = 16;
+/// Bytes a record sealed by [`IndexKeys::seal`] adds to its plaintext (salt + nonce + tag).
+pub const SEAL_OVERHEAD: usize = SALT_LEN + NONCE_LEN + TAG_LEN;
+/// Messages sealed under any one AES-GCM key of an index's records: each record has its own.
+pub const MESSAGES_PER_KEY: usize = 1;
+/// Length of the key commitment in front of a wrapped DEK.
+pub const COMMIT_LEN: usize = 32;
 
 /// Errors of the key layer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -138,7 +158,7 @@ pub fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
 
 /// Open what [`seal_with`] produced; fails unless key and `aad` match.
 pub fn open_with(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
-    if sealed.len() < SEAL_OVERHEAD {
+    if sealed.len() < NONCE_LEN + TAG_LEN {
         return Err(KeyError::Open);
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
@@ -152,15 +172,40 @@ fn cipher_for(key: &[u8; KEY_LEN]) -> Aes256Gcm {
     Aes256Gcm::new_from_slice(key).expect("a 32-byte key is valid for AES-256")
 }
 
-/// Wrap `dek` under `kek`, bound to `aad` (which names the index).
+fn commitment(kek: &Kek, aad: &[u8]) -> [u8; COMMIT_LEN] {
+    let mut ck = hkdf(kek.expose(), b"sealdb/v2/kek-commit");
+    let mut m = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&ck).expect("HMAC takes any key length");
+    ck.zeroize();
+    m.update(aad);
+    m.finalize().into_bytes().into()
+}
+
+fn wrap_cipher(kek: &Kek) -> Aes256Gcm {
+    let mut wk = hkdf(kek.expose(), b"sealdb/v2/kek-wrap");
+    let c = cipher_for(&wk);
+    wk.zeroize();
+    c
+}
+
+/// Wrap `dek` under `kek`, bound to `aad` (which names the index):
+/// `commitment (32) || nonce || ciphertext || tag`.
 pub fn wrap_dek(kek: &Kek, dek: &Dek, aad: &[u8]) -> Vec<u8> {
-    seal_with(&cipher_for(kek.expose()), aad, dek.expose())
+    let mut out = commitment(kek, aad).to_vec();
+    out.extend(seal_with(&wrap_cipher(kek), aad, dek.expose()));
+    out
 }
 
 /// Unwrap a DEK; a wrong KEK (or a wrapped DEK moved to another index) fails with
-/// [`KeyError::Open`].
+/// [`KeyError::Open`]. The commitment is checked first, in constant time.
 pub fn unwrap_dek(kek: &Kek, wrapped: &[u8], aad: &[u8]) -> Result<Dek, KeyError> {
-    let mut raw = open_with(&cipher_for(kek.expose()), aad, wrapped)?;
+    if wrapped.len() < COMMIT_LEN {
+        return Err(KeyError::Open);
+    }
+    let (commit, sealed) = wrapped.split_at(COMMIT_LEN);
+    if !bool::from(commitment(kek, aad).ct_eq(commit)) {
+        return Err(KeyError::Open);
+    }
+    let mut raw = open_with(&wrap_cipher(kek), aad, sealed)?;
     let out: Result<[u8; KEY_LEN], _> = raw.as_slice().try_into();
     raw.zeroize();
     out.map(Dek::from_bytes).map_err(|_| KeyError::Open)
@@ -169,7 +214,8 @@ pub fn unwrap_dek(kek: &Kek, wrapped: &[u8], aad: &[u8]) -> Result<Dek, KeyError
 /// The per-index keys derived from a DEK, ready to use.
 #[derive(Clone)]
 pub struct IndexKeys {
-    cipher: Aes256Gcm,
+    /// HMAC keyed with the record root `R`; cloned per seal to derive that record's key.
+    record_root: Hmac<Sha256>,
     id_mac: Hmac<Sha256>,
 }
 
@@ -180,28 +226,52 @@ impl std::fmt::Debug for IndexKeys {
 }
 
 impl IndexKeys {
-    /// Derive the record cipher and the id MAC from `dek`.
+    /// Derive the record root and the id MAC from `dek`.
     pub fn derive(dek: &Dek) -> Self {
-        let mut seal = hkdf(dek.expose(), b"sealdb/v1/seal");
-        let mut mac = hkdf(dek.expose(), b"sealdb/v1/id-mac");
+        let mut root = hkdf(dek.expose(), b"sealdb/v2/record-root");
+        let mut mac = hkdf(dek.expose(), b"sealdb/v2/id-mac");
         let keys = Self {
-            cipher: cipher_for(&seal),
+            record_root: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&root)
+                .expect("HMAC takes any key length"),
             id_mac: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&mac)
                 .expect("HMAC takes any key length"),
         };
-        seal.zeroize();
+        root.zeroize();
         mac.zeroize();
         keys
     }
 
-    /// Seal a record whose associated data is `aad`.
+    /// The AES-256-GCM key of the record sealed with `salt`.
+    fn record_cipher(&self, salt: &[u8]) -> Aes256Gcm {
+        let mut m = self.record_root.clone();
+        m.update(b"sealdb/v2/record");
+        m.update(salt);
+        m.update(&[1]);
+        let mut k: [u8; KEY_LEN] = m.finalize().into_bytes().into();
+        let c = cipher_for(&k);
+        k.zeroize();
+        c
+    }
+
+    /// Seal a record whose associated data is `aad`: `salt || nonce || ciphertext || tag`,
+    /// under a key of its own (see the module docs).
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        seal_with(&self.cipher, aad, plaintext)
+        let mut salt = [0u8; SALT_LEN];
+        rand::rng().fill_bytes(&mut salt);
+        let sealed = seal_with(&self.record_cipher(&salt), aad, plaintext);
+        let mut out = Vec::with_capacity(SALT_LEN + sealed.len());
+        out.extend_from_slice(&salt);
+        out.extend_from_slice(&sealed);
+        out
     }
 
     /// Open a record sealed with the same associated data.
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
-        open_with(&self.cipher, aad, sealed)
+        if sealed.len() < SEAL_OVERHEAD {
+            return Err(KeyError::Open);
+        }
+        let (salt, rest) = sealed.split_at(SALT_LEN);
+        open_with(&self.record_cipher(salt), aad, rest)
     }
 
     /// The 16-byte keyed locator of an item id: the store sees this, never the id.
@@ -255,9 +325,46 @@ mod tests {
         assert_eq!(keys.open(b"rec-1", &a).unwrap(), b"hello");
         assert!(keys.open(b"rec-2", &a).is_err());
         let mut t = a.clone();
-        t[NONCE_LEN] ^= 1;
+        t[SALT_LEN + NONCE_LEN] ^= 1;
         assert!(keys.open(b"rec-1", &t).is_err());
         assert!(keys.open(b"rec-1", &a[..5]).is_err());
+    }
+
+    /// The nonce bound of the module docs: no two seals share a derived key (salt), so no
+    /// AES-GCM key ever seals more than [`MESSAGES_PER_KEY`] record; a record opened with
+    /// another record's salt fails.
+    #[test]
+    fn every_seal_uses_its_own_key() {
+        let keys = IndexKeys::derive(&Dek::random());
+        let n = 20_000;
+        let mut salts = std::collections::HashSet::new();
+        let mut sealed = Vec::new();
+        for i in 0..n {
+            let s = keys.seal(b"same-aad", format!("record {i}").as_bytes());
+            assert!(salts.insert(s[..SALT_LEN].to_vec()), "a derived key was used twice");
+            sealed.push(s);
+        }
+        assert_eq!(salts.len(), n / MESSAGES_PER_KEY);
+        // The salt selects the key: graft record 0's salt onto record 1 and it fails.
+        let mut grafted = sealed[1].clone();
+        grafted[..SALT_LEN].copy_from_slice(&sealed[0][..SALT_LEN]);
+        assert!(keys.open(b"same-aad", &grafted).is_err());
+        assert_eq!(keys.open(b"same-aad", &sealed[1]).unwrap(), b"record 1");
+    }
+
+    #[test]
+    fn wrapped_deks_are_key_committing() {
+        let (kek, dek) = (Kek::random(), Dek::random());
+        let w = wrap_dek(&kek, &dek, b"ix");
+        assert_eq!(w.len(), COMMIT_LEN + NONCE_LEN + KEY_LEN + TAG_LEN);
+        // Any change to the commitment refuses the key before decryption.
+        let mut t = w.clone();
+        t[0] ^= 1;
+        assert_eq!(unwrap_dek(&kek, &t, b"ix").unwrap_err(), KeyError::Open);
+        assert!(unwrap_dek(&kek, &w[..COMMIT_LEN - 1], b"ix").is_err());
+        // The commitment binds the key: a wrong key fails the commitment itself.
+        assert_ne!(commitment(&Kek::random(), b"ix"), commitment(&kek, b"ix"));
+        assert_ne!(commitment(&kek, b"ix"), commitment(&kek, b"iy"));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub(crate) struct Block {
     vecs: Vec<f32>,
     inv_norms: Vec<f32>,
     meta: Vec<Option<Arc<Value>>>,
+    /// Per row: the write epoch of the item's contents record (0 = it has none).
+    cepochs: Vec<u64>,
+    /// The write epoch this block was sealed at (what the state record's manifest holds).
+    epoch: u64,
     /// 8-bit codes of `vecs` under the list's [`Quant`] (empty when the list has none).
     /// Only [`code_block`] writes them; edits leave them stale until the block is installed.
     codes: Vec<u8>,
@@ -57,6 +61,8 @@ impl Block {
             vecs: Vec::with_capacity(rows * dim),
             inv_norms: Vec::with_capacity(rows),
             meta: Vec::with_capacity(rows),
+            cepochs: Vec::with_capacity(rows),
+            epoch: 0,
             codes: Vec::new(),
         }
     }
@@ -67,6 +73,7 @@ impl Block {
         self.vecs.shrink_to_fit();
         self.inv_norms.shrink_to_fit();
         self.meta.shrink_to_fit();
+        self.cepochs.shrink_to_fit();
     }
 
     /// A copy with room for `rows` more vectors (a plain clone has no spare capacity, so
@@ -77,20 +84,30 @@ impl Block {
         b.vecs.extend_from_slice(&self.vecs);
         b.inv_norms.extend_from_slice(&self.inv_norms);
         b.meta.extend_from_slice(&self.meta);
+        b.cepochs.extend_from_slice(&self.cepochs);
         b.codes.extend_from_slice(&self.codes);
+        b.epoch = self.epoch;
         b
     }
 
-    fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>) {
-        self.push_row(id, vec, distance::inv_norm(vec), meta);
+    fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>, cepoch: u64) {
+        self.push_row(id, vec, distance::inv_norm(vec), meta, cepoch);
     }
 
     /// [`Block::push`] with the row's inverse norm already known.
-    fn push_row(&mut self, id: String, vec: &[f32], inv_norm: f32, meta: Option<Arc<Value>>) {
+    fn push_row(
+        &mut self,
+        id: String,
+        vec: &[f32],
+        inv_norm: f32,
+        meta: Option<Arc<Value>>,
+        cepoch: u64,
+    ) {
         self.ids.push(id);
         self.vecs.extend_from_slice(vec);
         self.inv_norms.push(inv_norm);
         self.meta.push(meta);
+        self.cepochs.push(cepoch);
     }
 
     fn position(&self, id: &str) -> Option<usize> {
@@ -102,6 +119,7 @@ impl Block {
         self.ids.swap_remove(pos);
         self.inv_norms.swap_remove(pos);
         self.meta.swap_remove(pos);
+        self.cepochs.swap_remove(pos);
         if pos != last {
             let (head, tail) = self.vecs.split_at_mut(last * dim);
             head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
@@ -115,17 +133,18 @@ impl Block {
 
     /// Plaintext encoding; see docs/FORMAT.md "Posting-list block".
     fn encode(&self, dim: usize, precision: Precision) -> Vec<u8> {
-        let mut w = Writer::with_capacity(10 + self.len() * (24 + dim * 4));
-        w.u8(1)
+        let mut w = Writer::with_capacity(10 + self.len() * (32 + dim * 4));
+        w.u8(2)
             .u8(precision.code())
             .u32(dim as u32)
             .u32(self.len() as u32);
-        for (id, meta) in self.ids.iter().zip(&self.meta) {
+        for ((id, meta), &ce) in self.ids.iter().zip(&self.meta).zip(&self.cepochs) {
             w.bytes(id.as_bytes());
             match meta {
                 Some(m) => w.bytes(&serde_json::to_vec(m.as_ref()).unwrap_or_default()),
                 None => w.bytes(b""),
             };
+            w.u64(ce);
         }
         precision.encode_into(&self.vecs, &mut w.0);
         w.0
@@ -133,7 +152,7 @@ impl Block {
 
     fn decode(buf: &[u8]) -> Result<(Block, usize), EngineError> {
         let mut r = Reader::new(buf, "posting-list block");
-        if r.u8()? != 1 {
+        if r.u8()? != 2 {
             return Err(EngineError::Corrupt(
                 "unknown posting-list block version".into(),
             ));
@@ -142,6 +161,11 @@ impl Block {
             .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
         let dim = r.u32()? as usize;
         let n = r.u32()? as usize;
+        // Every row takes at least 16 bytes (two lengths and an epoch): a count the record
+        // cannot hold is corrupt, and must not size an allocation.
+        if n > r.remaining() / 16 {
+            return Err(EngineError::Corrupt("posting-list block count is too large".into()));
+        }
         let mut b = Block::default();
         for _ in 0..n {
             b.ids.push(r.str()?.to_owned());
@@ -153,6 +177,10 @@ impl Block {
                     EngineError::Corrupt("bad metadata in posting-list block".into())
                 })?))
             });
+            b.cepochs.push(r.u64()?);
+        }
+        if dim.checked_mul(n).is_none_or(|x| x.saturating_mul(precision.bytes()) != r.remaining()) {
+            return Err(EngineError::Corrupt("posting-list block has the wrong length".into()));
         }
         b.vecs = precision.decode(r.rest(), n * dim)?;
         b.inv_norms = b
@@ -232,6 +260,10 @@ pub(crate) struct Data {
     pub trained: bool,
     /// Calibrated default `n_probes` (0 = use the formula).
     pub default_probes: u32,
+    /// Write epoch of the state record: bumped by every batch that changes the index.
+    pub epoch: u64,
+    /// Digest of the meta record the state record vouches for.
+    pub meta_digest: [u8; 32],
     centroids: Vec<f32>,
     lists: Vec<PostingList>,
     locate: HashMap<String, (u32, u32)>,
@@ -249,8 +281,9 @@ impl Data {
     }
 }
 
-/// The persisted, mutable facts about an index (the sealed state record).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The persisted, mutable facts about an index (the sealed state record), including the
+/// manifest that every other record of the index is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct State {
     pub dimension: u32,
     pub gen: u32,
@@ -258,35 +291,60 @@ pub(crate) struct State {
     pub n_lists: u32,
     /// Default `n_probes` calibrated at training (0 = not calibrated).
     pub default_probes: u32,
+    /// Bumped by every write batch of the index.
+    pub epoch: u64,
+    /// [`super::super::meta::meta_digest`] of the index's meta record.
+    pub meta_digest: [u8; 32],
+    /// `(list, block, epoch)` of every block of generation `gen`, sorted.
+    pub manifest: Vec<(u32, u32, u64)>,
 }
 
 impl State {
     /// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u8(2)
+        let mut w = Writer::with_capacity(64 + self.manifest.len() * 16);
+        w.u8(3)
             .u32(self.dimension)
             .u32(self.gen)
             .u8(self.trained as u8)
             .u32(self.n_lists)
-            .u32(self.default_probes);
+            .u32(self.default_probes)
+            .u64(self.epoch)
+            .raw(&self.meta_digest)
+            .u32(self.manifest.len() as u32);
+        for &(l, b, e) in &self.manifest {
+            w.u32(l).u32(b).u64(e);
+        }
         w.0
     }
 
-    /// Reads versions 1 (no calibrated probes) and 2.
     fn decode(buf: &[u8]) -> Result<Self, EngineError> {
         let mut r = Reader::new(buf, "state record");
-        let version = r.u8()?;
-        if !(1..=2).contains(&version) {
+        if r.u8()? != 3 {
             return Err(EngineError::Corrupt("unknown state record version".into()));
         }
-        Ok(Self {
+        let mut st = Self {
             dimension: r.u32()?,
             gen: r.u32()?,
             trained: r.u8()? != 0,
             n_lists: r.u32()?,
-            default_probes: if version >= 2 { r.u32()? } else { 0 },
-        })
+            default_probes: r.u32()?,
+            epoch: r.u64()?,
+            meta_digest: r
+                .take(32)?
+                .try_into()
+                .map_err(|_| EngineError::Corrupt("state record is truncated".into()))?,
+            manifest: Vec::new(),
+        };
+        let n = r.u32()? as usize;
+        if n > r.remaining() / 16 {
+            return Err(EngineError::Corrupt("state record manifest is truncated".into()));
+        }
+        st.manifest.reserve_exact(n);
+        for _ in 0..n {
+            st.manifest.push((r.u32()?, r.u32()?, r.u64()?));
+        }
+        Ok(st)
     }
 
     #[cfg(test)]
@@ -294,13 +352,50 @@ impl State {
         Self::decode(buf)
     }
 
-    pub(crate) fn fresh(dimension: u32) -> Self {
+    pub(crate) fn fresh(dimension: u32, meta_digest: [u8; 32]) -> Self {
         Self {
             dimension,
             gen: 0,
             trained: false,
             n_lists: 1,
             default_probes: 0,
+            epoch: 0,
+            meta_digest,
+            manifest: Vec::new(),
+        }
+    }
+
+    /// The state of `d` after a batch at `epoch` that rewrote `touched` (empty = deleted).
+    fn after(
+        d: &Data,
+        dimension: u32,
+        epoch: u64,
+        touched: &HashMap<(u32, u32), Block>,
+        meta_digest: [u8; 32],
+    ) -> Self {
+        let mut manifest: Vec<(u32, u32, u64)> = d
+            .lists
+            .iter()
+            .enumerate()
+            .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, blk)| (l as u32, b, blk.epoch)))
+            .filter(|(l, b, _)| !touched.contains_key(&(*l, *b)))
+            .collect();
+        manifest.extend(
+            touched
+                .iter()
+                .filter(|(_, blk)| blk.len() > 0)
+                .map(|(&(l, b), _)| (l, b, epoch)),
+        );
+        manifest.sort_unstable();
+        Self {
+            dimension,
+            gen: d.gen,
+            trained: d.trained,
+            n_lists: d.n_lists() as u32,
+            default_probes: d.default_probes,
+            epoch,
+            meta_digest,
+            manifest,
         }
     }
 }
@@ -432,7 +527,7 @@ pub struct Index {
     pub name: String,
     pub id: IndexId,
     pub config: IndexConfig,
-    keys: IndexKeys,
+    pub(crate) keys: IndexKeys,
     dek: Dek,
     key_check: RwLock<KeyCheck>,
     store: Arc<dyn IndexStore>,
@@ -461,6 +556,7 @@ struct UpsertPlan {
     touched: HashMap<(u32, u32), Block>,
     locate: Vec<(String, (u32, u32))>,
     dimension: u32,
+    epoch: u64,
 }
 
 impl Index {
@@ -493,59 +589,101 @@ impl Index {
         }
     }
 
-    /// Load the mutable part of an index from the store (state, centroids, blocks).
+    /// Load the mutable part of an index from the store (state, centroids, blocks), checking
+    /// every record against the state record: the meta record's digest, each block's epoch,
+    /// and that the blocks present are exactly the manifest's.
     pub(crate) fn load_data(
         store: &dyn IndexStore,
+        name: &str,
         id: &IndexId,
         keys: &IndexKeys,
-        declared_dim: u32,
         metric: Metric,
+        meta_digest: [u8; 32],
     ) -> Result<Data, EngineError> {
-        let sk = fmt::state_key(id);
-        let st = match store.get(&sk)? {
-            Some(sealed) => State::decode(&keys.open(&fmt::aad(&sk), &sealed).map_err(corrupt)?)?,
-            None => State::fresh(declared_dim),
+        let integrity = |what: String| EngineError::Integrity {
+            index: name.to_owned(),
+            what,
         };
-        let State {
-            dimension,
-            gen,
-            trained,
-            n_lists,
-            default_probes,
-        } = st;
+        let sk = fmt::state_key(id);
+        let sealed = store
+            .get(&sk)?
+            .ok_or_else(|| integrity("the state record is missing".into()))?;
+        let st = State::decode(
+            &keys
+                .open(&fmt::aad(&sk), &sealed)
+                .map_err(|_| integrity("the state record failed authentication".into()))?,
+        )?;
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&st.meta_digest[..], &meta_digest[..])) {
+            return Err(integrity(
+                "the meta record is not the one the state record vouches for (replaced or rolled back)".into(),
+            ));
+        }
         let mut data = Data {
-            dimension,
-            gen,
-            trained,
-            default_probes,
-            lists: vec![PostingList::default(); n_lists.max(1) as usize],
+            dimension: st.dimension,
+            gen: st.gen,
+            trained: st.trained,
+            default_probes: st.default_probes,
+            epoch: st.epoch,
+            meta_digest,
+            lists: vec![PostingList::default(); st.n_lists.max(1) as usize],
             ..Data::default()
         };
-        if trained {
-            let ck = fmt::centroids_key(id, gen);
+        if st.trained {
+            let ck = fmt::centroids_key(id, st.gen);
             let sealed = store
                 .get(&ck)?
-                .ok_or_else(|| EngineError::Corrupt("centroids record missing".into()))?;
-            let raw = keys.open(&fmt::aad(&ck), &sealed).map_err(corrupt)?;
-            data.centroids = Precision::F32.decode(&raw, n_lists as usize * dimension as usize)?;
+                .ok_or_else(|| integrity("the centroids record is missing".into()))?;
+            let raw = keys
+                .open(&fmt::aad(&ck), &sealed)
+                .map_err(|_| integrity("the centroids record failed authentication".into()))?;
+            data.centroids =
+                Precision::F32.decode(&raw, st.n_lists as usize * st.dimension as usize)?;
         }
-        let records = store.scan_prefix(&fmt::list_gen_prefix(id, gen))?;
+        let expected: HashMap<(u32, u32), u64> = st
+            .manifest
+            .iter()
+            .map(|&(l, b, e)| ((l, b), e))
+            .collect();
+        let records = store.scan_prefix(&fmt::list_gen_prefix(id, st.gen))?;
         let blocks: Vec<(u32, u32, Block)> = records
             .par_iter()
             .map(|(k, v)| {
                 let (list, bno) = fmt::parse_block_key(k)
-                    .ok_or_else(|| EngineError::Corrupt("malformed block key".into()))?;
-                let plain = keys.open(&fmt::aad(k), v).map_err(corrupt)?;
-                let (block, _) = Block::decode(&plain)?;
+                    .ok_or_else(|| integrity("a block record has a malformed key".into()))?;
+                let epoch = *expected.get(&(list, bno)).ok_or_else(|| {
+                    integrity(format!("block {list}/{bno} is not in the manifest (duplicated or left over)"))
+                })?;
+                let plain = keys.open(&fmt::aad_at(k, epoch), v).map_err(|_| {
+                    integrity(format!(
+                        "block {list}/{bno} failed authentication at epoch {epoch} (altered, swapped or rolled back)"
+                    ))
+                })?;
+                let (mut block, _) = Block::decode(&plain)?;
+                block.epoch = epoch;
                 Ok((list, bno, block))
             })
             .collect::<Result<_, EngineError>>()?;
+        if blocks.len() != expected.len() {
+            let have: HashSet<(u32, u32)> = blocks.iter().map(|(l, b, _)| (*l, *b)).collect();
+            let (l, b) = expected
+                .keys()
+                .find(|k| !have.contains(k))
+                .copied()
+                .unwrap_or_default();
+            return Err(integrity(format!(
+                "block {l}/{b} is missing ({} of {} blocks present)",
+                blocks.len(),
+                expected.len()
+            )));
+        }
         for (list, bno, block) in blocks {
             let pl = data.lists.get_mut(list as usize).ok_or_else(|| {
                 EngineError::Corrupt("block of a list that does not exist".into())
             })?;
             for id in &block.ids {
-                data.locate.insert(id.clone(), (list, bno));
+                if data.locate.insert(id.clone(), (list, bno)).is_some() {
+                    return Err(integrity(format!("item '{id}' appears in two blocks")));
+                }
             }
             pl.blocks.insert(bno, Arc::new(block));
         }
@@ -607,7 +745,7 @@ impl Index {
         *self.key_check.write() = kc;
     }
 
-    fn ensure_live(&self) -> Result<(), EngineError> {
+    pub(crate) fn ensure_live(&self) -> Result<(), EngineError> {
         if self.deleted.load(Ordering::Acquire) {
             Err(EngineError::NotFound(self.name.clone()))
         } else {
@@ -636,6 +774,7 @@ impl Index {
         (BLOCK_BYTES / (dim.max(1) * precision.bytes())).clamp(16, 4096)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn seal_block(
         &self,
         gen: u32,
@@ -643,12 +782,44 @@ impl Index {
         bno: u32,
         block: &Block,
         dim: usize,
+        epoch: u64,
     ) -> (Vec<u8>, Vec<u8>) {
         let key = fmt::block_key(&self.id, gen, list, bno);
-        let sealed = self
-            .keys
-            .seal(&fmt::aad(&key), &block.encode(dim, self.config.precision));
+        let sealed = self.keys.seal(
+            &fmt::aad_at(&key, epoch),
+            &block.encode(dim, self.config.precision),
+        );
         (key, sealed)
+    }
+
+    /// Put the state record for a batch at `epoch` into `batch`.
+    fn put_state(&self, batch: &mut WriteBatch, st: &State) {
+        let sk = fmt::state_key(&self.id);
+        batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
+    }
+
+    /// A rewrap changes the meta record: the state record must vouch for the new one, in the
+    /// same batch. Call with the writer lock held ([`Self::lock_writer`]); `apply` after the
+    /// batch is stored.
+    pub(crate) fn state_for_meta(&self, meta_digest: [u8; 32]) -> (u64, Vec<u8>, Vec<u8>) {
+        let d = self.data.read();
+        let epoch = d.epoch + 1;
+        let st = State::after(&d, d.dimension, epoch, &HashMap::default(), meta_digest);
+        let sk = fmt::state_key(&self.id);
+        let v = self.keys.seal(&fmt::aad(&sk), &st.encode());
+        (epoch, sk, v)
+    }
+
+    /// Record in memory what [`Self::state_for_meta`] stored.
+    pub(crate) fn apply_meta(&self, epoch: u64, meta_digest: [u8; 32]) {
+        let mut d = self.data.write();
+        d.epoch = epoch;
+        d.meta_digest = meta_digest;
+    }
+
+    /// Serialise with upserts, deletes and training's final step.
+    pub(crate) fn lock_writer(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.writer.lock()
     }
 
     fn assign_list(&self, d: &Data, v: &[f32]) -> u32 {
@@ -736,6 +907,7 @@ impl Index {
             }
             let dim = dimension as usize;
             let cap = Self::block_cap(dim, self.config.precision);
+            let epoch = d.epoch + 1;
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut tails: HashMap<u32, u32> = HashMap::default();
             let mut locate = Vec::with_capacity(items.len());
@@ -780,16 +952,17 @@ impl Index {
                     tails.insert(list, bno);
                 }
                 let meta = it.metadata.map(|m| Arc::new(Value::Object(m)));
+                let has_contents = it.contents.as_deref().is_some_and(|c| !c.is_empty());
                 touched
                     .entry((list, bno))
                     .or_insert_with(|| Block::with_capacity(cap, dim))
-                    .push(it.id.clone(), stored, meta);
+                    .push(it.id.clone(), stored, meta, if has_contents { epoch } else { 0 });
                 match &it.contents {
                     Some(c) if !c.is_empty() => {
                         let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
                         let mut w = Writer::with_capacity(8 + it.id.len() + c.len());
                         w.u8(1).bytes(it.id.as_bytes()).bytes(c.as_bytes());
-                        let sealed = self.keys.seal(&fmt::aad(&ik), &w.0);
+                        let sealed = self.keys.seal(&fmt::aad_at(&ik, epoch), &w.0);
                         batch.put(ik, sealed);
                     }
                     // An overwrite without contents drops the old contents; a new item has
@@ -807,7 +980,7 @@ impl Index {
                     if blk.len() == 0 {
                         (fmt::block_key(&self.id, d.gen, l, b), None)
                     } else {
-                        let (k, v) = self.seal_block(d.gen, l, b, blk, dim);
+                        let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch);
                         (k, Some(v))
                     }
                 })
@@ -818,34 +991,29 @@ impl Index {
                     None => batch.delete(k),
                 };
             }
-            if dimension != d.dimension {
-                let sk = fmt::state_key(&self.id);
-                let st = State {
-                    dimension,
-                    gen: d.gen,
-                    trained: d.trained,
-                    n_lists: d.n_lists() as u32,
-                    default_probes: d.default_probes,
-                };
-                batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
-            }
+            self.put_state(
+                &mut batch,
+                &State::after(&d, dimension, epoch, &touched, d.meta_digest),
+            );
             plan = UpsertPlan {
                 touched,
                 locate,
                 dimension,
+                epoch,
             };
         }
         self.store.write(batch)?;
         let mut d = self.data.write();
         d.dimension = plan.dimension;
-        self.install(&mut d, plan.touched);
+        d.epoch = plan.epoch;
+        self.install(&mut d, plan.touched, plan.epoch);
         for (id, loc) in plan.locate {
             d.locate.insert(id, loc);
         }
         Ok(d.count())
     }
 
-    fn install(&self, d: &mut Data, touched: HashMap<(u32, u32), Block>) {
+    fn install(&self, d: &mut Data, touched: HashMap<(u32, u32), Block>, epoch: u64) {
         let dim = d.dimension as usize;
         let angular = self.config.metric.is_angular();
         for ((l, b), blk) in touched {
@@ -857,6 +1025,7 @@ impl Index {
                 pl.blocks.remove(&b);
             } else {
                 let mut blk = blk;
+                blk.epoch = epoch;
                 match &pl.quant {
                     Some(q) => code_block(q, &mut blk, dim, angular),
                     None => blk.codes = Vec::new(),
@@ -875,9 +1044,10 @@ impl Index {
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
         let mut removed = Vec::new();
-        let touched = {
+        let (touched, epoch) = {
             let d = self.data.read();
             let dim = d.dimension as usize;
+            let epoch = d.epoch + 1;
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut seen = HashSet::new();
             for id in ids {
@@ -900,44 +1070,99 @@ impl Index {
                 if blk.len() == 0 {
                     batch.delete(fmt::block_key(&self.id, d.gen, l, b));
                 } else {
-                    let (k, v) = self.seal_block(d.gen, l, b, blk, dim);
+                    let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch);
                     batch.put(k, v);
                 }
             }
-            touched
+            self.put_state(
+                &mut batch,
+                &State::after(&d, d.dimension, epoch, &touched, d.meta_digest),
+            );
+            (touched, epoch)
         };
         if removed.is_empty() {
             return Ok(0);
         }
         self.store.write(batch)?;
         let mut d = self.data.write();
-        self.install(&mut d, touched);
+        d.epoch = epoch;
+        self.install(&mut d, touched, epoch);
         for id in &removed {
             d.locate.remove(id);
         }
         Ok(removed.len())
     }
 
-    /// Read the contents of items (empty string when none was stored).
+    /// The contents epoch of each id as memory has it now (0 = none or unknown).
+    fn contents_epochs(&self, ids: &[&str]) -> Vec<u64> {
+        let d = self.data.read();
+        ids.iter()
+            .map(|id| {
+                let Some(&(l, b)) = d.locate.get(*id) else {
+                    return 0;
+                };
+                d.block(l, b)
+                    .and_then(|blk| blk.position(id).map(|p| blk.cepochs[p]))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Read the contents of items (empty string when none was stored). Each item record must
+    /// be at the epoch its block row records; a writer may have replaced it since the epochs
+    /// were read, so a mismatch is re-checked once after the writer lets go before it counts
+    /// as an integrity failure.
     fn contents_of(&self, ids: &[&str]) -> Result<Vec<String>, EngineError> {
         let keys: Vec<Vec<u8>> = ids
             .iter()
             .map(|id| fmt::item_key(&self.id, &self.keys.id_locator(id)))
             .collect();
-        let values = self.store.get_many(&keys)?;
-        keys.iter()
-            .zip(values)
-            .map(|(k, v)| match v {
-                None => Ok(String::new()),
-                Some(sealed) => {
-                    let plain = self.keys.open(&fmt::aad(k), &sealed).map_err(corrupt)?;
+        let read = |epochs: &[u64], which: &[usize]| -> Result<Vec<Option<String>>, EngineError> {
+            let wanted: Vec<Vec<u8>> = which
+                .iter()
+                .filter(|&&i| epochs[i] != 0)
+                .map(|&i| keys[i].clone())
+                .collect();
+            let mut values = self.store.get_many(&wanted)?.into_iter();
+            which
+                .iter()
+                .map(|&i| {
+                    if epochs[i] == 0 {
+                        return Ok(Some(String::new()));
+                    }
+                    let Some(sealed) = values.next().flatten() else {
+                        return Ok(None);
+                    };
+                    let Ok(plain) = self.keys.open(&fmt::aad_at(&keys[i], epochs[i]), &sealed)
+                    else {
+                        return Ok(None);
+                    };
                     let mut r = Reader::new(&plain, "item record");
                     r.u8()?;
                     r.bytes()?;
-                    Ok(r.str()?.to_owned())
-                }
-            })
-            .collect()
+                    Ok(Some(r.str()?.to_owned()))
+                })
+                .collect()
+        };
+        let all: Vec<usize> = (0..ids.len()).collect();
+        let first = read(&self.contents_epochs(ids), &all)?;
+        let retry: Vec<usize> = all.iter().copied().filter(|&i| first[i].is_none()).collect();
+        let mut out: Vec<Option<String>> = first;
+        if !retry.is_empty() {
+            // Wait for a writer in flight (it stores first, then installs in memory).
+            drop(self.writer.lock());
+            let second = read(&self.contents_epochs(ids), &retry)?;
+            for (&i, v) in retry.iter().zip(second) {
+                out[i] = Some(v.ok_or_else(|| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!(
+                        "the contents record of item '{}' is missing or not at its epoch (deleted, altered or rolled back)",
+                        ids[i]
+                    ),
+                })?);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// Fetch items by id, in request order; unknown ids are omitted.
@@ -994,9 +1219,6 @@ fn has_non_finite(v: &[f32]) -> bool {
     v.iter().fold(false, |bad, x| bad | !x.is_finite())
 }
 
-fn corrupt(_: crate::keys::KeyError) -> EngineError {
-    EngineError::Corrupt("a stored record failed authentication (altered or moved)".into())
-}
 
 #[allow(dead_code)]
 fn _assert_send_sync() {

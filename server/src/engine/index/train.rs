@@ -197,7 +197,7 @@ impl Index {
         let cap = Self::block_cap(dim, self.config.precision);
         let angular = self.config.metric.is_angular();
         // 1. Queries keep running: label every row, calibrate n_probes, plan where rows go.
-        let (blocks, labels, gen, old_gen, probes, count) = {
+        let (blocks, labels, gen, old_gen, probes, count, epoch, meta_digest) = {
             let d = self.data.read();
             // Every existing block is already a contiguous matrix: assign it in place.
             let blocks: Vec<Arc<Block>> = d
@@ -229,7 +229,16 @@ impl Index {
             let t_cal = std::time::Instant::now();
             let probes = calibrate_probes(&chunks, dim, angular, &flat_labels, &centroids);
             tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
-            (blocks, labels, d.gen + 1, d.gen, probes, d.count())
+            (
+                blocks,
+                labels,
+                d.gen + 1,
+                d.gen,
+                probes,
+                d.count(),
+                d.epoch + 1,
+                d.meta_digest,
+            )
         };
         // Each list takes its rows in the order of the old blocks, `cap` rows per block. The
         // store copy below and the in-memory move in step 3 both follow this one order.
@@ -263,6 +272,7 @@ impl Index {
                     src.vector(pos, dim),
                     src.inv_norms[pos],
                     src.meta[pos].clone(),
+                    src.cepochs[pos],
                 );
             }
             blk
@@ -282,7 +292,7 @@ impl Index {
             }
             let sealed: Vec<(Vec<u8>, Vec<u8>)> = chunk
                 .par_iter()
-                .map(|&(l, b)| self.seal_block(gen, l as u32, b as u32, &build(l, b), dim))
+                .map(|&(l, b)| self.seal_block(gen, l as u32, b as u32, &build(l, b), dim, epoch))
                 .collect();
             for (k, v) in sealed {
                 batch.put(k, v);
@@ -292,6 +302,10 @@ impl Index {
         // The last moment to stop: after the next write the new generation is the index.
         stop.check()?;
         let per_list: Vec<usize> = rows_of.iter().map(Vec::len).collect();
+        let manifest: Vec<(u32, u32, u64)> = jobs
+            .iter()
+            .map(|&(l, b)| (l as u32, b as u32, epoch))
+            .collect();
         drop(rows_of);
         drop(blocks);
         let mut batch = WriteBatch::new();
@@ -301,15 +315,17 @@ impl Index {
         let mut raw = Vec::with_capacity(centroids.len() * 4);
         Precision::F32.encode_into(&centroids, &mut raw);
         batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
-        let sk = fmt::state_key(&self.id);
         let st = State {
             dimension: dim as u32,
             gen,
             trained: true,
             n_lists: k as u32,
             default_probes: probes as u32,
+            epoch,
+            meta_digest,
+            manifest,
         };
-        batch.put(sk.clone(), self.keys.seal(&fmt::aad(&sk), &st.encode()));
+        self.put_state(&mut batch, &st);
         self.store.write(batch)?;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
         // 3. The store has switched; now memory does. Rows move from the old blocks into the
@@ -333,15 +349,23 @@ impl Index {
                 vecs,
                 inv_norms,
                 meta,
+                cepochs,
                 ..
             } = Arc::try_unwrap(blk).unwrap_or_else(|shared| (*shared).clone());
             for (pos, ((id, m), &l)) in ids.into_iter().zip(meta).zip(labs).enumerate() {
                 let l = l as usize;
-                fill[l].push_row(id, &vecs[pos * dim..(pos + 1) * dim], inv_norms[pos], m);
+                fill[l].push_row(
+                    id,
+                    &vecs[pos * dim..(pos + 1) * dim],
+                    inv_norms[pos],
+                    m,
+                    cepochs[pos],
+                );
                 placed[l] += 1;
                 if fill[l].len() == cap || placed[l] == per_list[l] {
                     let next = Block::with_capacity(room(l, placed[l]), dim);
-                    let full = std::mem::replace(&mut fill[l], next);
+                    let mut full = std::mem::replace(&mut fill[l], next);
+                    full.epoch = epoch;
                     let bno = lists[l].blocks.len() as u32;
                     lists[l].blocks.insert(bno, Arc::new(full));
                 }
@@ -353,6 +377,7 @@ impl Index {
                 .for_each(|pl| quantize_list(pl, dim, angular));
         }
         d.gen = gen;
+        d.epoch = epoch;
         d.trained = true;
         d.default_probes = probes as u32;
         d.centroids = centroids;
