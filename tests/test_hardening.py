@@ -201,3 +201,52 @@ def test_sigterm_during_training_and_upserts_exits_in_time_losing_nothing(make_s
     assert sorted(r["id"] for r in got) == sorted(acked)
     assert all(r["contents"] in (f"c{r['id'][1:]}",
                                  base64.b64encode(f"c{r['id'][1:]}".encode()).decode()) for r in got)
+
+
+def test_debug_logs_of_a_full_workflow_hold_no_secret(make_server):
+    """Every key, token and plaintext of a workflow, searched for in TRACE-level logs."""
+    import requests
+    root_key = "root-" + new_key()
+    srv = make_server(env={"CYBORGDB_SERVICE_ROOT_KEY": root_key, "CYBORGDB_SERVICE_LOG_LEVEL": "DEBUG",
+                           "SEALDB_LOG": "trace"},
+                      args=["--auto-train-min-vectors", "64"])
+    root, key = Api(srv.url, root_key), new_key()
+    name = unique()
+    contents, meta_value = "plaintext-contents-" + new_key()[:16], "meta-" + new_key()[:16]
+    vec_marker = 12345.678
+    assert root.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 4})[0] == 200
+    items = [{"id": f"i{i}", "vector": [vec_marker, i, 0, 1], "contents": contents,
+              "metadata": {"tag": meta_value}} for i in range(100)]
+    assert root.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})[0] == 200
+    wait = time.monotonic() + 20
+    while root.get("/v1/indexes/training-status")[1]["training_indexes"] and time.monotonic() < wait:
+        time.sleep(0.1)
+    st, b = root.post("/v1/vectors/query", {"index_name": name, "index_key": key, "top_k": 3,
+                                            "query_vectors": [vec_marker, 1, 0, 1],
+                                            "filters": {"tag": meta_value},
+                                            "include": ["metadata", "contents", "vector"]})
+    assert st == 200 and b["results"][0]["metadata"]["tag"] == meta_value
+    st, user = root.post(f"/v1/indexes/{name}/users", {"permissions": ["read"], "index_key": key})
+    assert st == 200
+    token = user["api_key"]
+    # A user key, a wrong key, a bad token, and the 0.17-style ?index_key= query parameter.
+    assert Api(srv.url, token).post("/v1/vectors/get", {"index_name": name, "ids": ["i1"]})[0] == 200
+    wrong = new_key()
+    assert root.post("/v1/vectors/get", {"index_name": name, "index_key": wrong, "ids": ["i1"]})[0] == 401
+    assert Api(srv.url, token[:-3] + "AAA").post("/v1/vectors/get", {"index_name": name, "ids": ["i1"]})[0] == 401
+    r = requests.get(f"{srv.url}/v1/indexes/{name}/users", params={"index_key": key},
+                     headers={"X-API-Key": root_key})
+    assert r.status_code == 200
+    r = requests.delete(f"{srv.url}/v1/indexes/{name}/users/{user['user_id']}", params={"index_key": key},
+                        headers={"X-API-Key": root_key})
+    assert r.status_code == 204
+    assert root.post("/v1/indexes/delete", {"index_name": name, "index_key": key})[0] == 200
+    srv.stop()
+    logs = srv.logs()
+    assert "request" in logs and len(logs) > 2000, "the server logged almost nothing"
+    assert "DEBUG" in logs or "TRACE" in logs, "debug logging was not on"
+    for what, secret in [("index key", key), ("index key, upper case", key.upper()),
+                         ("wrong key", wrong), ("root key", root_key), ("user token", token),
+                         ("token body", token[7:]), ("contents", contents), ("metadata", meta_value),
+                         ("vector", "12345.678")]:
+        assert secret not in logs, f"the {what} appears in the logs"

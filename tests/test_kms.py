@@ -402,7 +402,7 @@ def test_the_raw_store_never_holds_the_unwrapped_kek(bao, kms_server):
         n = int.from_bytes(raw[m.start() - 4:m.start()], "little")
         ciphertexts.add(raw[m.start():m.start() + n])
     assert len(ciphertexts) == 1, ciphertexts
-    meta = raw.index(b"SDBM\x01")
+    meta = raw.index(b"SDBM\x02")
     index_id = raw[meta + 5: meta + 21]
     # The decrypt authenticates the index id as associated data, so this is the KEK the
     # server wrapped for this very index.

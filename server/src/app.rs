@@ -15,7 +15,7 @@ pub use crate::plugins::Stores;
 use crate::plugins::{Registry, StoreSettings};
 
 /// Build the shared state.
-pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
+pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Result<Arc<AppState>, String> {
     let store: Arc<dyn sealdb_plugin_api::IndexStore> =
         Arc::new(crate::metrics::MeteredStore(stores.index));
     let engine = Engine::new(
@@ -29,9 +29,9 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
             train_time_limit: cfg.limits().train_time_limit(),
         },
     );
-    Arc::new(AppState {
+    Ok(Arc::new(AppState {
         engine,
-        auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users),
+        auth: Auth::new(cfg.root_key.clone(), cfg.api_key.clone(), stores.users)?,
         kms,
         wal_dir: (cfg.db_type.eq_ignore_ascii_case("disk")).then(|| cfg.disk_path.clone()),
         metrics_open: cfg.metrics_open,
@@ -42,7 +42,7 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Arc<AppState> {
         )),
         max_body_bytes: (cfg.max_body_mb as usize).saturating_mul(1 << 20),
         limits: cfg.limits(),
-    })
+    }))
 }
 
 /// `GET /metrics`: Prometheus text format. Needs the root key when authentication is on,
@@ -343,7 +343,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     )
     .await?;
     tracing::info!(slots = ?kms.names(), "KMS registry loaded ({} slots)", kms.names().len());
-    let state = state(&cfg, stores, Arc::new(kms));
+    let state = state(&cfg, stores, Arc::new(kms))?;
     {
         let st = state.clone();
         tokio::task::spawn_blocking(move || sync_kms_drift(&st))

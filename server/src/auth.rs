@@ -62,8 +62,12 @@ fn secret(s: Option<String>) -> Option<Zeroizing<String>> {
     s.filter(|k| !k.is_empty()).map(Zeroizing::new)
 }
 
+/// Constant-time equality that does not leak the length either: both sides are hashed to 32
+/// bytes first, and the digests are compared.
 fn same(a: &str, b: &str) -> bool {
-    a.as_bytes().ct_eq(b.as_bytes()).into()
+    use sha2::{Digest, Sha256};
+    let (da, db) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    da.as_slice().ct_eq(db.as_slice()).into()
 }
 
 /// The configured credentials.
@@ -78,14 +82,27 @@ impl Auth {
         root: Option<String>,
         legacy: Option<String>,
         user_store: Arc<dyn UserStore>,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let root = secret(root);
-        let users = root.as_ref().map(|r| Users::new(user_store, r));
-        Self {
+        if let Some(r) = &root {
+            if r.chars().count() < 32 {
+                tracing::warn!(
+                    "CYBORGDB_SERVICE_ROOT_KEY is shorter than 32 characters: use a long random key (for example 64 hex digits)"
+                );
+            }
+        }
+        let users = match &root {
+            None => None,
+            Some(r) => Some(
+                Users::new(user_store, r)
+                    .map_err(|e| format!("opening the user directory: {e}"))?,
+            ),
+        };
+        Ok(Self {
             root,
             legacy: secret(legacy),
             users,
-        }
+        })
     }
 
     /// Whether requests must carry an API key.
@@ -203,6 +220,7 @@ mod tests {
             legacy.map(Into::into),
             Arc::new(MemoryStore::new()),
         )
+        .unwrap()
     }
 
     #[test]

@@ -45,7 +45,7 @@ fn parse_level(s: &str) -> Result<String, String> {
 }
 
 /// SealDB server: an encrypted vector database speaking the CyborgDB REST API.
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(name = "sealdb", version, about)]
 pub struct Config {
     /// Address to bind.
@@ -441,6 +441,21 @@ fn load_yaml(path: &std::path::Path) -> Result<Yaml, ConfigError> {
         }
     }
     Ok((out, load_kms(&doc, path)?, load_plugins(&doc, path)?))
+}
+
+/// The settings that say where the server is; no key, token or slot field value.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("db_type", &self.db_type)
+            .field("disk_path", &self.disk_path)
+            .field("root_key", &self.root_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("kms_slots", &self.kms_slots)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {

@@ -26,12 +26,23 @@ use crate::keys::{Kek, KEY_LEN};
 use crate::plugins::KmsFactory;
 
 /// One slot as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SlotConfig {
     pub name: String,
     pub provider: String,
     /// Every field but `provider`, `${VAR}` expanded.
     pub fields: SlotFields,
+}
+
+/// Field names only: values can be tokens and secret ids.
+impl std::fmt::Debug for SlotConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotConfig")
+            .field("name", &self.name)
+            .field("provider", &self.provider)
+            .field("fields", &self.fields.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Why a KMS operation failed. `UnknownSlot` is the caller's mistake (400); the others are

@@ -219,8 +219,8 @@ mod tests {
         assert!(l
             .train(Some(1000), Some(65_536), Some(2048), Some(1024))
             .is_ok());
-        assert!(l.ids(&vec!["x".repeat(1025)]).is_err());
-        assert!(l.ids(&vec!["x".repeat(1024)]).is_ok());
+        assert!(l.ids(&["x".repeat(1025)]).is_err());
+        assert!(l.ids(&["x".repeat(1024)]).is_ok());
         assert!(l.ids(&vec![String::new(); 100_001]).is_err());
     }
 

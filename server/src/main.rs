@@ -14,11 +14,14 @@ fn main() {
     if cfg.print_openapi {
         println!(
             "{}",
-            api::spec_json(app::state(
-                &cfg,
-                app::Stores::memory(),
-                std::sync::Arc::new(sealdb_server::kms::Kms::empty())
-            ))
+            api::spec_json(
+                app::state(
+                    &cfg,
+                    app::Stores::memory(),
+                    std::sync::Arc::new(sealdb_server::kms::Kms::empty())
+                )
+                .expect("an in-memory state always builds")
+            )
         );
         return;
     }

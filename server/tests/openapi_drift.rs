@@ -12,7 +12,8 @@ fn committed_spec_matches_code() {
         &cfg,
         app::Stores::memory(),
         std::sync::Arc::new(sealdb_server::kms::Kms::empty()),
-    );
+    )
+    .expect("state");
     let generated = api::spec_json(state) + "\n";
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
     if std::env::var_os("UPDATE_OPENAPI").is_some() {

@@ -119,6 +119,10 @@ impl From<crate::users::UserError> for ApiError {
             U::NotFound(_) => Self::new(404, e.to_string()),
             U::BadRequest(m) => Self::bad_request(m),
             U::Engine(e) => e.into(),
+            U::Integrity(_) => {
+                tracing::error!(error = %e, "user directory integrity failure");
+                Self::internal(format!("Internal server error: {e}"))
+            }
             U::Store(_) => {
                 tracing::error!(error = %e, "user store failure");
                 Self::internal(format!("Internal server error: {e}"))

@@ -37,7 +37,7 @@ pub enum StoragePrecision {
 }
 
 /// Create an encrypted DiskIVF index.
-#[derive(Object, Debug)]
+#[derive(Object)]
 #[oai(rename = "CreateIndexRequest")]
 pub struct CreateIndexRequest {
     /// Unique name (1-255 bytes; `default` is reserved).
@@ -58,6 +58,18 @@ pub struct CreateIndexRequest {
 }
 
 super::wipe_key_on_drop!(CreateIndexRequest);
+super::redacted_debug!(
+    CreateIndexRequest,
+    [
+        index_name,
+        kms_name,
+        dimension,
+        embedding_model,
+        metric,
+        storage_precision
+    ],
+    [index_key]
+);
 
 /// Names an index and carries its key.
 #[derive(Object, Debug)]
@@ -116,7 +128,7 @@ pub struct TrainRequest {
 /// Re-wrap an index's key: rotate it under its KMS slot's current key version, move it onto
 /// another slot, or move a client-key index onto a slot. The data is not re-encrypted: the
 /// index's data key is wrapped anew under a fresh KEK, in one atomic write.
-#[derive(Object, Debug)]
+#[derive(Object)]
 #[oai(rename = "RewrapRequest")]
 pub struct RewrapRequest {
     pub index_name: String,
@@ -127,6 +139,7 @@ pub struct RewrapRequest {
 }
 
 super::wipe_key_on_drop!(RewrapRequest);
+super::redacted_debug!(RewrapRequest, [index_name, kms_name], [index_key]);
 
 /// Background training queue.
 #[derive(Object, Debug)]

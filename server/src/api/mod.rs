@@ -130,7 +130,7 @@ impl ToJSON for JsonObject {
 }
 
 /// The two fields every index-scoped request starts with (flattened into each request).
-#[derive(Object, Debug)]
+#[derive(Object)]
 #[oai(rename = "IndexRef")]
 pub struct IndexRef {
     pub index_name: String,
@@ -138,6 +138,52 @@ pub struct IndexRef {
     /// omitted with a `cdbk_` user key.
     pub index_key: Option<String>,
 }
+
+/// `Debug` for a DTO that carries a secret: the listed fields print, the secret ones print
+/// only whether they were given. A key can therefore never reach a log through `{:?}`.
+macro_rules! redacted_debug {
+    ($ty:ty, [$($shown:ident),*], [$($secret:ident),*]) => {
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut d = f.debug_struct(stringify!($ty));
+                $(d.field(stringify!($shown), &self.$shown);)*
+                $(d.field(stringify!($secret), &crate::api::Redacted(&self.$secret));)*
+                d.finish()
+            }
+        }
+    };
+}
+pub(crate) use redacted_debug;
+
+/// Prints `<redacted>` for anything given, `None` for an absent option.
+pub(crate) struct Redacted<'a, T>(pub &'a T);
+
+impl<T: RedactShape> std::fmt::Debug for Redacted<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_present() {
+            "<redacted>"
+        } else {
+            "None"
+        })
+    }
+}
+
+/// Whether a secret field holds a value.
+pub(crate) trait RedactShape {
+    fn is_present(&self) -> bool;
+}
+impl RedactShape for String {
+    fn is_present(&self) -> bool {
+        true
+    }
+}
+impl RedactShape for Option<String> {
+    fn is_present(&self) -> bool {
+        self.is_some()
+    }
+}
+
+redacted_debug!(IndexRef, [index_name], [index_key]);
 
 /// Wipe key text carried in a request when the request is dropped. The parsed [`Kek`] wipes
 /// itself; this covers the hex copy in the DTO.

@@ -20,7 +20,7 @@ enum Tag {
 }
 
 /// Mint a user key for one index.
-#[derive(Object, Debug)]
+#[derive(Object)]
 #[oai(rename = "CreateUserRequest")]
 pub struct CreateUserRequest {
     /// Non-empty subset of `read` and `write`.
@@ -30,9 +30,10 @@ pub struct CreateUserRequest {
 }
 
 super::wipe_key_on_drop!(CreateUserRequest);
+super::redacted_debug!(CreateUserRequest, [permissions], [index_key]);
 
 /// The new user. `api_key` is shown only here and never stored: keep it.
-#[derive(Object, Debug)]
+#[derive(Object)]
 #[oai(rename = "CreateUserResponse")]
 pub struct CreateUserResponse {
     /// 32 hexadecimal characters.
@@ -40,6 +41,8 @@ pub struct CreateUserResponse {
     /// `cdbk_…`; send it as `X-API-Key`. No index key is needed with it.
     pub api_key: String,
 }
+
+super::redacted_debug!(CreateUserResponse, [user_id], [api_key]);
 
 #[derive(Object, Debug)]
 #[oai(rename = "UserInfo")]

@@ -330,7 +330,6 @@ fn names_are_validated() {
     assert!(validate_name(&"x".repeat(256)).is_err());
 }
 
-
 #[test]
 fn cache_budget_zero_keeps_nothing_between_uses() {
     let e = engine_with_cache(Arc::new(MemoryStore::new()), Some(0));
@@ -619,6 +618,10 @@ mod tamper {
     use super::*;
 
     type Snapshot = Vec<(Vec<u8>, Vec<u8>)>;
+    type OpenStore = fn(&std::path::Path) -> Arc<dyn IndexStore>;
+    type Attack = (&'static str, fn(&Setup));
+    type Locate<'a> = &'a dyn Fn(&Setup, &str) -> Vec<u8>;
+    type ItemAttack = (&'static str, fn(&Setup, Locate<'_>));
 
     struct Setup {
         store: Arc<dyn IndexStore>,
@@ -629,7 +632,7 @@ mod tamper {
         _dir: tempfile::TempDir,
     }
 
-    fn stores() -> Vec<(&'static str, fn(&std::path::Path) -> Arc<dyn IndexStore>)> {
+    fn stores() -> Vec<(&'static str, OpenStore)> {
         vec![
             ("redb", |p| {
                 Arc::new(sealdb_store_redb::RedbStore::open_dir(p).unwrap()) as Arc<dyn IndexStore>
@@ -640,7 +643,7 @@ mod tamper {
         ]
     }
 
-    fn setup(open: fn(&std::path::Path) -> Arc<dyn IndexStore>) -> Setup {
+    fn setup(open: OpenStore) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let kek = Kek::random();
@@ -689,7 +692,10 @@ mod tamper {
     }
 
     fn older(s: &Setup, key: &[u8]) -> Option<Vec<u8>> {
-        s.before.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        s.before
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
     }
 
     fn put(s: &Setup, k: &[u8], v: &[u8]) {
@@ -731,10 +737,16 @@ mod tamper {
         };
         match ix.get(&[id.to_string()], inc) {
             Err(EngineError::Integrity { .. }) => {}
-            other => panic!("{store_name}/{attack}: expected an integrity error, got {other:?}", other = other.map(|v| v.len())),
+            other => panic!(
+                "{store_name}/{attack}: expected an integrity error, got {other:?}",
+                other = other.map(|v| v.len())
+            ),
         }
         // Without contents the item is still served.
-        assert_eq!(ix.get(&[id.to_string()], Include::default()).unwrap().len(), 1);
+        assert_eq!(
+            ix.get(&[id.to_string()], Include::default()).unwrap().len(),
+            1
+        );
     }
 
     #[test]
@@ -749,14 +761,18 @@ mod tamper {
             };
             let got = ix.get(&["3".into(), "300".into()], inc).unwrap();
             assert_eq!(got[0].contents.as_deref(), Some("new contents 3"), "{name}");
-            assert_eq!(got[1].contents.as_deref(), Some("contents of 300"), "{name}");
+            assert_eq!(
+                got[1].contents.as_deref(),
+                Some("contents of 300"),
+                "{name}"
+            );
         }
     }
 
     #[test]
     fn block_attacks() {
         for (name, open) in stores() {
-            let attacks: [(&str, fn(&Setup)); 5] = [
+            let attacks: [Attack; 5] = [
                 ("flip a byte", |s| {
                     let (k, v) = &of_kind(s, format::kind::LIST)[0];
                     put(s, k, &flip(v));
@@ -796,7 +812,7 @@ mod tamper {
     #[test]
     fn state_and_meta_attacks() {
         for (name, open) in stores() {
-            let attacks: [(&str, fn(&Setup)); 4] = [
+            let attacks: [Attack; 4] = [
                 ("flip a byte of the state", |s| {
                     let k = format::state_key(&s.id);
                     let v = s.store.get(&k).unwrap().unwrap();
@@ -831,7 +847,7 @@ mod tamper {
                 let ix = e.open("t", Some(&s.kek)).unwrap();
                 format::item_key(&s.id, &ix.keys.id_locator(id))
             };
-            let attacks: [(&str, fn(&Setup, &dyn Fn(&Setup, &str) -> Vec<u8>)); 4] = [
+            let attacks: [ItemAttack; 4] = [
                 ("flip a byte", |s, loc| {
                     let k = loc(s, "3");
                     let v = s.store.get(&k).unwrap().unwrap();
@@ -839,7 +855,10 @@ mod tamper {
                 }),
                 ("swap two item records", |s, loc| {
                     let (a, b) = (loc(s, "3"), loc(s, "300"));
-                    let (va, vb) = (s.store.get(&a).unwrap().unwrap(), s.store.get(&b).unwrap().unwrap());
+                    let (va, vb) = (
+                        s.store.get(&a).unwrap().unwrap(),
+                        s.store.get(&b).unwrap().unwrap(),
+                    );
                     put(s, &a, &vb);
                     put(s, &b, &va);
                 }),
@@ -861,4 +880,131 @@ mod tamper {
             contents_fail(&s, name, "duplicate an item record", "300");
         }
     }
+}
+
+#[test]
+fn state_record_v3_layout_round_trips() {
+    // docs/FORMAT.md "State record", byte by byte.
+    let st = index::State {
+        dimension: 128,
+        gen: 3,
+        trained: true,
+        n_lists: 2,
+        default_probes: 1,
+        epoch: 9,
+        meta_digest: [5; 32],
+        manifest: vec![(0, 0, 7), (1, 0, 9)],
+    };
+    let raw = st.encode();
+    let mut want = vec![3u8];
+    want.extend_from_slice(&128u32.to_le_bytes());
+    want.extend_from_slice(&3u32.to_le_bytes());
+    want.push(1);
+    want.extend_from_slice(&2u32.to_le_bytes());
+    want.extend_from_slice(&1u32.to_le_bytes());
+    want.extend_from_slice(&9u64.to_le_bytes());
+    want.extend_from_slice(&[5; 32]);
+    want.extend_from_slice(&2u32.to_le_bytes());
+    for (l, b, e) in [(0u32, 0u32, 7u64), (1, 0, 9)] {
+        want.extend_from_slice(&l.to_le_bytes());
+        want.extend_from_slice(&b.to_le_bytes());
+        want.extend_from_slice(&e.to_le_bytes());
+    }
+    assert_eq!(raw, want);
+    assert_eq!(index::State::decode_for_test(&raw).unwrap(), st);
+    for cut in 0..raw.len() {
+        assert!(
+            index::State::decode_for_test(&raw[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // A manifest count larger than the record can hold is refused before allocating.
+    let mut huge = raw[..raw.len() - 32].to_vec();
+    let at = huge.len() - 4;
+    huge[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(index::State::decode_for_test(&huge).is_err());
+}
+
+/// A store written by format 2 (committed bytes) keeps opening: key, config, trained lists,
+/// metadata, contents. Regenerate only on a deliberate format change, with
+/// `SEALDB_WRITE_FIXTURE=1 cargo test -p sealdb-server format_v2_fixture`.
+#[test]
+fn format_v2_fixture_still_opens() {
+    const KEK: [u8; 32] = [0x5e; 32];
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v2.hex");
+    let kek = Kek::from_bytes(KEK);
+    if std::env::var_os("SEALDB_WRITE_FIXTURE").is_some() {
+        let store = Arc::new(MemoryStore::new());
+        let e = engine(store.clone());
+        create(&e, "fixture", &kek, cfg(Metric::Cosine, Precision::F16, 3));
+        let ix = e.open("fixture", Some(&kek)).unwrap();
+        let items: Vec<NewItem> = (0..40)
+            .map(|i| {
+                item(
+                    &format!("f{i}"),
+                    vec![i as f32, 1.0, -(i as f32) / 2.0],
+                    json!({"i": i}),
+                )
+            })
+            .collect();
+        ix.upsert(items).unwrap();
+        e.train_now(
+            &ix,
+            &TrainParams {
+                n_lists: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let text: String = store
+            .scan_prefix(&[])
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{} {}\n", hex::encode(k), hex::encode(v)))
+            .collect();
+        std::fs::write(&path, text).unwrap();
+    }
+    let text = std::fs::read_to_string(&path).expect("the committed format-2 fixture");
+    let store = Arc::new(MemoryStore::new());
+    let mut b = WriteBatch::new();
+    for line in text.lines() {
+        let (k, v) = line.split_once(' ').unwrap();
+        b.put(hex::decode(k).unwrap(), hex::decode(v).unwrap());
+    }
+    store.write(b).unwrap();
+    let e = engine(store);
+    let ix = e.open("fixture", Some(&kek)).unwrap();
+    let info = e.describe(&ix);
+    assert_eq!(
+        (
+            info.dimension,
+            info.num_vectors,
+            info.is_trained,
+            info.n_lists
+        ),
+        (3, 40, true, 2)
+    );
+    assert_eq!(
+        (info.metric, info.precision),
+        (Metric::Cosine, Precision::F16)
+    );
+    let got = ix
+        .get(
+            &["f7".into()],
+            Include {
+                vector: true,
+                metadata: true,
+                contents: true,
+                distance: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(got[0].vector.as_deref(), Some(&[7.0, 1.0, -3.5][..]));
+    assert_eq!(got[0].metadata.as_deref(), Some(&json!({"i": 7})));
+    assert_eq!(got[0].contents.as_deref(), Some("contents of f7"));
+    assert!(matches!(
+        e.open("fixture", Some(&Kek::random())),
+        Err(EngineError::WrongKey(_))
+    ));
 }

@@ -174,7 +174,8 @@ fn cipher_for(key: &[u8; KEY_LEN]) -> Aes256Gcm {
 
 fn commitment(kek: &Kek, aad: &[u8]) -> [u8; COMMIT_LEN] {
     let mut ck = hkdf(kek.expose(), b"sealdb/v2/kek-commit");
-    let mut m = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&ck).expect("HMAC takes any key length");
+    let mut m =
+        <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&ck).expect("HMAC takes any key length");
     ck.zeroize();
     m.update(aad);
     m.finalize().into_bytes().into()
@@ -341,7 +342,10 @@ mod tests {
         let mut sealed = Vec::new();
         for i in 0..n {
             let s = keys.seal(b"same-aad", format!("record {i}").as_bytes());
-            assert!(salts.insert(s[..SALT_LEN].to_vec()), "a derived key was used twice");
+            assert!(
+                salts.insert(s[..SALT_LEN].to_vec()),
+                "a derived key was used twice"
+            );
             sealed.push(s);
         }
         assert_eq!(salts.len(), n / MESSAGES_PER_KEY);

@@ -67,8 +67,19 @@ pub trait KmsFactory: Send + Sync {
     async fn create(&self, fields: &SlotFields) -> Result<Arc<dyn KmsProvider>, KmsError>;
 }
 
+/// Keys only: a plugin's configuration can hold credentials.
+impl std::fmt::Debug for PluginConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginConfig")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .field("config", &self.config.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// One `plugins:` entry of the YAML file.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct PluginConfig {
     pub path: PathBuf,
     /// Hex SHA-256 the file must have.

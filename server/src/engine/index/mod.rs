@@ -164,7 +164,9 @@ impl Block {
         // Every row takes at least 16 bytes (two lengths and an epoch): a count the record
         // cannot hold is corrupt, and must not size an allocation.
         if n > r.remaining() / 16 {
-            return Err(EngineError::Corrupt("posting-list block count is too large".into()));
+            return Err(EngineError::Corrupt(
+                "posting-list block count is too large".into(),
+            ));
         }
         let mut b = Block::default();
         for _ in 0..n {
@@ -179,8 +181,13 @@ impl Block {
             });
             b.cepochs.push(r.u64()?);
         }
-        if dim.checked_mul(n).is_none_or(|x| x.saturating_mul(precision.bytes()) != r.remaining()) {
-            return Err(EngineError::Corrupt("posting-list block has the wrong length".into()));
+        if dim
+            .checked_mul(n)
+            .is_none_or(|x| x.saturating_mul(precision.bytes()) != r.remaining())
+        {
+            return Err(EngineError::Corrupt(
+                "posting-list block has the wrong length".into(),
+            ));
         }
         b.vecs = precision.decode(r.rest(), n * dim)?;
         b.inv_norms = b
@@ -338,7 +345,9 @@ impl State {
         };
         let n = r.u32()? as usize;
         if n > r.remaining() / 16 {
-            return Err(EngineError::Corrupt("state record manifest is truncated".into()));
+            return Err(EngineError::Corrupt(
+                "state record manifest is truncated".into(),
+            ));
         }
         st.manifest.reserve_exact(n);
         for _ in 0..n {
@@ -377,7 +386,11 @@ impl State {
             .lists
             .iter()
             .enumerate()
-            .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, blk)| (l as u32, b, blk.epoch)))
+            .flat_map(|(l, pl)| {
+                pl.blocks
+                    .iter()
+                    .map(move |(&b, blk)| (l as u32, b, blk.epoch))
+            })
             .filter(|(l, b, _)| !touched.contains_key(&(*l, *b)))
             .collect();
         manifest.extend(
@@ -613,7 +626,10 @@ impl Index {
                 .open(&fmt::aad(&sk), &sealed)
                 .map_err(|_| integrity("the state record failed authentication".into()))?,
         )?;
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(&st.meta_digest[..], &meta_digest[..])) {
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            &st.meta_digest[..],
+            &meta_digest[..],
+        )) {
             return Err(integrity(
                 "the meta record is not the one the state record vouches for (replaced or rolled back)".into(),
             ));
@@ -639,11 +655,8 @@ impl Index {
             data.centroids =
                 Precision::F32.decode(&raw, st.n_lists as usize * st.dimension as usize)?;
         }
-        let expected: HashMap<(u32, u32), u64> = st
-            .manifest
-            .iter()
-            .map(|&(l, b, e)| ((l, b), e))
-            .collect();
+        let expected: HashMap<(u32, u32), u64> =
+            st.manifest.iter().map(|&(l, b, e)| ((l, b), e)).collect();
         let records = store.scan_prefix(&fmt::list_gen_prefix(id, st.gen))?;
         let blocks: Vec<(u32, u32, Block)> = records
             .par_iter()
@@ -956,7 +969,12 @@ impl Index {
                 touched
                     .entry((list, bno))
                     .or_insert_with(|| Block::with_capacity(cap, dim))
-                    .push(it.id.clone(), stored, meta, if has_contents { epoch } else { 0 });
+                    .push(
+                        it.id.clone(),
+                        stored,
+                        meta,
+                        if has_contents { epoch } else { 0 },
+                    );
                 match &it.contents {
                     Some(c) if !c.is_empty() => {
                         let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
@@ -1146,7 +1164,11 @@ impl Index {
         };
         let all: Vec<usize> = (0..ids.len()).collect();
         let first = read(&self.contents_epochs(ids), &all)?;
-        let retry: Vec<usize> = all.iter().copied().filter(|&i| first[i].is_none()).collect();
+        let retry: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&i| first[i].is_none())
+            .collect();
         let mut out: Vec<Option<String>> = first;
         if !retry.is_empty() {
             // Wait for a writer in flight (it stores first, then installs in memory).
@@ -1218,7 +1240,6 @@ impl Index {
 fn has_non_finite(v: &[f32]) -> bool {
     v.iter().fold(false, |bad, x| bad | !x.is_finite())
 }
-
 
 #[allow(dead_code)]
 fn _assert_send_sync() {
