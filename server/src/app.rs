@@ -104,10 +104,17 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint {
     let metrics_state = state.clone();
     let service = api::service(state);
     let docs = service.swagger_ui();
-    let spec = service.spec_endpoint();
+    let spec = Arc::new(api::patch_spec(&service.spec()));
     Route::new()
         .at("/metrics", poem::get(metrics_endpoint).data(metrics_state))
-        .at("/v1/openapi.json", spec)
+        .at(
+            "/v1/openapi.json",
+            poem::get(poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/json; charset=utf-8")
+                    .body(spec.as_str().to_owned())
+            })),
+        )
         .nest("/v1/docs", docs)
         .nest("/v1", service)
         .catch_all_error(json_error)

@@ -150,6 +150,7 @@ pub struct TrainingStatus {
     /// Number of vectors at which an untrained index starts training in the background.
     pub retrain_threshold: i64,
     /// The index training now, if any.
+    #[oai(nullable)]
     pub currently_training: Option<String>,
     /// Indexes waiting for the training worker.
     pub queued_indexes: Vec<String>,

@@ -324,5 +324,39 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
 
 /// The spec as JSON, without starting a server (used by `--print-openapi` and the drift test).
 pub fn spec_json(state: Arc<AppState>) -> String {
-    service(state).spec()
+    patch_spec(&service(state).spec())
+}
+
+/// poem-openapi gives a `Union` of arrays `"type": "object"` next to its `anyOf`, which
+/// makes every array answer (and request) invalid against the schema. Drop that `type`
+/// wherever an `anyOf`/`oneOf` has no object variant.
+pub fn patch_spec(spec: &str) -> String {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(spec) else {
+        return spec.to_owned();
+    };
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(o) => {
+                let variants = o
+                    .get("anyOf")
+                    .or_else(|| o.get("oneOf"))
+                    .and_then(|x| x.as_array())
+                    .cloned();
+                if let Some(vs) = variants {
+                    let object_variant = vs.iter().any(|x| {
+                        x.get("type").and_then(|t| t.as_str()) == Some("object")
+                            || x.get("$ref").is_some()
+                    });
+                    if !object_variant && o.get("type").and_then(|t| t.as_str()) == Some("object") {
+                        o.remove("type");
+                    }
+                }
+                o.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut doc);
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| spec.to_owned())
 }
