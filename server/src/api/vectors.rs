@@ -516,6 +516,23 @@ impl QueryOptions {
     }
 }
 
+/// What the query handlers do with a parsed body before touching an index, for the fuzz
+/// harness (`crate::fuzz`).
+#[cfg(test)]
+pub(crate) fn resolve_for_fuzz(
+    q: QueryBody,
+    limits: &crate::limits::Limits,
+) -> Result<(), ApiError> {
+    let opts = match q {
+        QueryBody::Single(q) => q.options,
+        QueryBody::Batch(q) => q.options,
+    };
+    if let Some(f) = &opts.filters {
+        limits.filter(&f.0)?;
+    }
+    opts.resolve(limits).map(|_| ())
+}
+
 /// The f64 whose shortest decimal form is the f32's shortest form, so a stored `0.1f32`
 /// is written as `0.1`, not `0.10000000149011612`.
 fn f32_for_json(x: f32) -> f64 {

@@ -410,4 +410,28 @@ mod tests {
         let (_, obj_early) = assign(&data, 8, &early, 256);
         assert!(obj_early <= obj_full * 1.02, "{obj_early} vs {obj_full}");
     }
+
+    #[test]
+    fn a_stop_flag_ends_training_between_chunks() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut rng = StdRng::seed_from_u64(1);
+        let data: Vec<f32> = (0..20_000 * 4).map(|_| rng.random::<f32>()).collect();
+        let p = KMeansParams {
+            k: 64,
+            max_iters: 1000,
+            tolerance: 0.0,
+            settle: 0.0,
+            batch_size: 256,
+            seed: 1,
+        };
+        let calls = AtomicUsize::new(0);
+        // Stop after a few checks: training gives up instead of running 1000 passes.
+        let stop = || calls.fetch_add(1, Ordering::SeqCst) > 200;
+        let mut passes = 0;
+        assert!(train_observed(&data, 4, &p, &mut |n| passes = n, &stop).is_none());
+        assert!(passes < 1000, "{passes} passes");
+        // Never stopping, the same call finishes.
+        let short = KMeansParams { max_iters: 3, ..p };
+        assert!(train_observed(&data, 4, &short, &mut |_| {}, &never).is_some());
+    }
 }

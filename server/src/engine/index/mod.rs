@@ -1241,6 +1241,48 @@ fn has_non_finite(v: &[f32]) -> bool {
     v.iter().fold(false, |bad, x| bad | !x.is_finite())
 }
 
+/// Decoders of stored index data, for the fuzz harness (`crate::fuzz`).
+#[cfg(test)]
+pub(crate) fn fuzz_decoders(buf: &[u8]) {
+    if let Ok((b, dim)) = Block::decode(buf) {
+        // A decoded block must be internally consistent.
+        assert_eq!(b.vecs.len(), b.len() * dim);
+        assert_eq!(b.cepochs.len(), b.len());
+        assert_eq!(b.meta.len(), b.len());
+        assert_eq!(b.inv_norms.len(), b.len());
+    }
+    let _ = State::decode(buf);
+}
+
+/// Valid encodings to start mutating from.
+#[cfg(test)]
+pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let mut b = Block::with_capacity(3, 4);
+    b.push("a".into(), &[1.0, 2.0, 3.0, 4.0], None, 0);
+    b.push(
+        "bb".into(),
+        &[0.5; 4],
+        Some(Arc::new(serde_json::json!({"k": [1, "x"]}))),
+        9,
+    );
+    b.push("ccc".into(), &[-1.0; 4], None, 2);
+    let st = State {
+        dimension: 4,
+        gen: 1,
+        trained: true,
+        n_lists: 2,
+        default_probes: 1,
+        epoch: 5,
+        meta_digest: [3; 32],
+        manifest: vec![(0, 0, 4), (1, 0, 5)],
+    };
+    vec![
+        b.encode(4, Precision::F32),
+        b.encode(4, Precision::F16),
+        st.encode(),
+    ]
+}
+
 #[allow(dead_code)]
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
