@@ -36,7 +36,7 @@ fn rng() -> Rng {
     let seed = std::env::var("SEALDB_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5ea1_db);
+        .unwrap_or(0x005e_a1db);
     Rng(seed | 1)
 }
 
