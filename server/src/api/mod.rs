@@ -216,6 +216,33 @@ mod tests {
         super::wipe(&mut none);
         assert!(none.is_none());
     }
+
+    #[test]
+    fn key_carrying_types_print_no_key() {
+        let key = "ab".repeat(32);
+        let r = super::IndexRef {
+            index_name: "docs".into(),
+            index_key: Some(key.clone()),
+        };
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("docs") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!shown.contains(&key));
+        let u = super::users::CreateUserResponse {
+            user_id: "u1".into(),
+            api_key: "cdbk_1_secret".into(),
+        };
+        assert!(!format!("{u:?}").contains("cdbk_1_secret"));
+        let cfg =
+            crate::config::Config::load_from(["sealdb", "--root-key", "root-secret-1"]).unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("root-secret-1") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 }
 
 wipe_key_on_drop!(IndexRef);

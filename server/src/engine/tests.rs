@@ -1008,3 +1008,79 @@ fn format_v2_fixture_still_opens() {
         Err(EngineError::WrongKey(_))
     ));
 }
+
+/// A panic inside a background training (here: the store panics on write) is caught: the
+/// worker goes on and trains the index once the store works again.
+#[test]
+fn background_training_survives_a_panic() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Panicky(MemoryStore, AtomicBool);
+    impl IndexStore for Panicky {
+        fn backend(&self) -> &str {
+            "panicky"
+        }
+        fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(k)
+        }
+        fn scan_prefix(&self, p: &[u8]) -> Result<Vec<sealdb_plugin_api::KeyValue>, StoreError> {
+            self.0.scan_prefix(p)
+        }
+        fn write(&self, b: WriteBatch) -> Result<(), StoreError> {
+            // Generation-1 blocks are only ever written by a training.
+            let training = b.ops().iter().any(|op| match op {
+                sealdb_plugin_api::WriteOp::DeletePrefix { prefix } => {
+                    prefix.first() == Some(&format::kind::LIST)
+                }
+                _ => false,
+            });
+            if training && self.1.load(Ordering::SeqCst) {
+                panic!("store failure injected by the test");
+            }
+            self.0.write(b)
+        }
+    }
+    let store = Arc::new(Panicky(MemoryStore::new(), AtomicBool::new(true)));
+    let e = Engine::new(
+        store.clone(),
+        EngineConfig {
+            auto_train_min_vectors: 200,
+            auto_train: true,
+            cache_limit_bytes: None,
+            train_time_limit: None,
+        },
+    );
+    let kek = Kek::random();
+    create(&e, "p", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
+    let ix = e.open("p", Some(&kek)).unwrap();
+    let data: Vec<Vec<f32>> = (0..300).map(|i| vec![i as f32, (i % 7) as f32]).collect();
+    ix.upsert(numbered(&data)).unwrap();
+    let wait_idle = || {
+        for _ in 0..400 {
+            let st = e.training_status();
+            if st.currently_training.is_none() && st.queued.is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("training never finished");
+    };
+    assert!(
+        e.maybe_auto_train(&ix).is_some(),
+        "300 vectors over a threshold of 200"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    wait_idle();
+    assert!(
+        !e.describe(&ix).is_trained,
+        "the panicking training must not have installed anything"
+    );
+    store.1.store(false, Ordering::SeqCst);
+    assert!(
+        e.maybe_auto_train(&ix).is_some(),
+        "the worker takes new work after the panic"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    wait_idle();
+    assert!(e.describe(&ix).is_trained);
+    assert_eq!(e.describe(&ix).num_vectors, 300);
+}
