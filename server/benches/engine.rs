@@ -207,6 +207,48 @@ fn search_times(
     }
 }
 
+/// Sealing with a key per record (format 2) against sealing every record under one key (the
+/// format-1 scheme), same data, same run; and one small upsert into a 100k index, whose state
+/// record (with the block manifest) is re-sealed with every batch.
+fn sealing(ix: &sealdb_server::engine::Index) {
+    use aes_gcm::aead::KeyInit;
+    let keys = sealdb_server::keys::IndexKeys::derive(&sealdb_server::keys::Dek::random());
+    let one = aes_gcm::Aes256Gcm::new_from_slice(&[7u8; 32]).expect("key");
+    for (what, len, reps) in [("block_56k", 56 * 1024, 2000), ("item_100b", 100, 200_000)] {
+        let pt = vec![0x5au8; len];
+        let per_record = per_iter(reps, || {
+            black_box(keys.seal(b"aad", &pt));
+        });
+        let single = per_iter(reps, || {
+            black_box(sealdb_server::keys::seal_with(&one, b"aad", &pt));
+        });
+        let sealed = keys.seal(b"aad", &pt);
+        let open = per_iter(reps, || {
+            black_box(keys.open(b"aad", &sealed).expect("opens"));
+        });
+        println!(
+            "seal_{what}: per-record key {:.2} us, one key {:.2} us (ratio {:.2}); open {:.2} us",
+            per_record * 1e6,
+            single * 1e6,
+            per_record / single,
+            open * 1e6
+        );
+    }
+    let mut i = 0u64;
+    let t = per_iter(500, || {
+        i += 1;
+        let v: Vec<f32> = (0..128).map(|j| ((i + j) % 17) as f32).collect();
+        ix.upsert(vec![NewItem {
+            id: format!("extra-{}", i % 50),
+            vector: v,
+            metadata: None,
+            contents: Some("c".into()),
+        }])
+        .expect("upsert");
+    });
+    println!("upsert_1_item_into_100k_128: {:.1} us per batch", t * 1e6);
+}
+
 fn read_f32(path: &std::path::Path) -> Vec<f32> {
     std::fs::read(path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -252,4 +294,5 @@ fn main() {
     let (_e, ix) = build(&base, dim, n_lists);
     // One probe of one posting list (~n/n_lists vectors) is the n_probes=1 row.
     search_times(&ix, &queries, dim, &probes, "ivf_search_100k_128");
+    sealing(&ix);
 }
