@@ -624,10 +624,43 @@ mod tests {
         assert!(other.parse_token(&tok_b).is_err());
     }
 
+    /// An engine over `store` with one empty 2-d index `name`, and its key.
+    fn engine_with_index(
+        store: Arc<dyn sealdb_plugin_api::IndexStore>,
+        name: &str,
+    ) -> (Arc<crate::engine::Engine>, Kek) {
+        use crate::engine::{CreateSpec, Engine, EngineConfig, IndexConfig, Metric, Precision};
+        let engine = Engine::new(
+            store,
+            EngineConfig {
+                auto_train_min_vectors: 1 << 30,
+                auto_train: false,
+                cache_limit_bytes: None,
+                train_time_limit: None,
+            },
+        );
+        let kek = Kek::random();
+        engine
+            .create(CreateSpec {
+                name: name.into(),
+                id: crate::engine::new_index_id(),
+                envelope: None,
+                kek: kek.clone(),
+                config: IndexConfig {
+                    metric: Metric::Euclidean,
+                    precision: Precision::F32,
+                    embedding_model: None,
+                    declared_dimension: 2,
+                    created_at: 0,
+                },
+            })
+            .unwrap();
+        (engine, kek)
+    }
+
     /// Deleting an index removes its grants (records and roster) in the same single batch.
     #[test]
     fn deleting_an_index_removes_its_grants_in_its_one_batch() {
-        use crate::engine::{CreateSpec, Engine, EngineConfig, IndexConfig, Metric, Precision};
         use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, WriteBatch};
         use std::sync::atomic::{AtomicUsize, Ordering};
         struct Counting(MemoryStore, AtomicUsize);
@@ -647,31 +680,7 @@ mod tests {
             }
         }
         let store = Arc::new(Counting(MemoryStore::new(), AtomicUsize::new(0)));
-        let engine = Engine::new(
-            store.clone(),
-            EngineConfig {
-                auto_train_min_vectors: 1 << 30,
-                auto_train: false,
-                cache_limit_bytes: None,
-                train_time_limit: None,
-            },
-        );
-        let kek = Kek::random();
-        engine
-            .create(CreateSpec {
-                name: "g".into(),
-                id: crate::engine::new_index_id(),
-                envelope: None,
-                kek: kek.clone(),
-                config: IndexConfig {
-                    metric: Metric::Euclidean,
-                    precision: Precision::F32,
-                    embedding_model: None,
-                    declared_dimension: 2,
-                    created_at: 0,
-                },
-            })
-            .unwrap();
+        let (engine, kek) = engine_with_index(store.clone(), "g");
         let ix = engine.open("g", Some(&kek)).unwrap();
         let id = ix.id;
         let users = Users::new(
@@ -711,34 +720,9 @@ mod tests {
 
     #[test]
     fn raw_redb_file_holds_no_dek_or_user_secret() {
-        use crate::engine::{CreateSpec, Engine, EngineConfig, IndexConfig, Metric, Precision};
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(sealdb_store_redb::RedbStore::open_dir(dir.path()).unwrap());
-        let engine = Engine::new(
-            store.clone(),
-            EngineConfig {
-                auto_train_min_vectors: 1 << 30,
-                auto_train: false,
-                cache_limit_bytes: None,
-                train_time_limit: None,
-            },
-        );
-        let kek = Kek::random();
-        engine
-            .create(CreateSpec {
-                name: "i".into(),
-                id: crate::engine::new_index_id(),
-                envelope: None,
-                kek: kek.clone(),
-                config: IndexConfig {
-                    metric: Metric::Euclidean,
-                    precision: Precision::F32,
-                    embedding_model: None,
-                    declared_dimension: 2,
-                    created_at: 0,
-                },
-            })
-            .unwrap();
+        let (engine, kek) = engine_with_index(store.clone(), "i");
         let ix = engine.open("i", Some(&kek)).unwrap();
         let users = Users::new(
             Arc::new(sealdb_plugin_api::KvUserStore(store.clone())),

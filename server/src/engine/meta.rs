@@ -177,15 +177,7 @@ pub(crate) fn fuzz_decoders(buf: &[u8]) {
 /// Valid encodings to start mutating from.
 #[cfg(test)]
 pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
-    let env = Envelope {
-        slot: "prod".into(),
-        provider: "vault".into(),
-        key_id: "transit/k".into(),
-        region: "".into(),
-        key_version: "3".into(),
-        wrapped_kek: b"vault:v3:abc".to_vec(),
-        created_at: 1_700_000_000,
-    };
+    let env = tests::env();
     let m = MetaRecord {
         id: [7; 16],
         envelope: Some(env.clone()),
@@ -199,7 +191,7 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn env() -> Envelope {
+    pub(super) fn env() -> Envelope {
         Envelope {
             slot: "prod".into(),
             provider: "vault".into(),
