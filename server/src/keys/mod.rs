@@ -371,6 +371,18 @@ mod tests {
         assert_ne!(commitment(&kek, b"ix"), commitment(&kek, b"iy"));
     }
 
+    /// The zeroize features of aes-gcm (AES round keys, GHASH key) and of the digests (the
+    /// keyed inner and outer SHA-256 states an HMAC holds) are on: this does not compile
+    /// without them.
+    #[test]
+    fn key_schedules_are_wiped_on_drop() {
+        fn wiped<T: zeroize::ZeroizeOnDrop>() {}
+        wiped::<Aes256Gcm>();
+        wiped::<Sha256>();
+        wiped::<Kek>();
+        wiped::<Dek>();
+    }
+
     #[test]
     fn debug_never_prints_key_bytes() {
         let k = Kek::from_bytes([0x41; 32]);
