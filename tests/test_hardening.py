@@ -112,12 +112,18 @@ def test_over_limit_requests_are_refused_naming_the_limit(make_server):
     assert api.post("/v1/vectors/num_vectors", {"index_name": name, "index_key": key})[1]["result"] == 3000
 
 
-def test_a_newer_train_request_supersedes_a_running_one(make_server):
+def start_long_training(make_server):
+    """A server with a 20,000-vector index whose (long) training is running."""
     srv = make_server(args=["--auto-train-disabled"])
     api, key = Api(srv.url), new_key()
     name, _ = make_index(api, key, 20000)
     first = Background(lambda: api.post("/v1/indexes/train", long_train_body(name, key)))
     wait_training(api, name)
+    return srv, api, key, name, first
+
+
+def test_a_newer_train_request_supersedes_a_running_one(make_server):
+    srv, api, key, name, first = start_long_training(make_server)
     time.sleep(0.5)
     t0 = time.monotonic()
     status, body = api.post("/v1/indexes/train", {"index_name": name, "index_key": key,
@@ -131,11 +137,7 @@ def test_a_newer_train_request_supersedes_a_running_one(make_server):
 
 
 def test_deleting_an_index_stops_its_training(make_server):
-    srv = make_server(args=["--auto-train-disabled"])
-    api, key = Api(srv.url), new_key()
-    name, _ = make_index(api, key, 20000)
-    first = Background(lambda: api.post("/v1/indexes/train", long_train_body(name, key)))
-    wait_training(api, name)
+    srv, api, key, name, first = start_long_training(make_server)
     t0 = time.monotonic()
     assert api.post("/v1/indexes/delete", {"index_name": name, "index_key": key})[0] == 200
     assert time.monotonic() - t0 < 10
@@ -160,11 +162,7 @@ def test_training_time_limit(make_server):
 
 
 def test_sigterm_during_training_and_upserts_exits_in_time_losing_nothing(make_server):
-    srv = make_server(args=["--auto-train-disabled"])
-    api, key = Api(srv.url), new_key()
-    name, _ = make_index(api, key, 20000)
-    trainer = Background(lambda: api.post("/v1/indexes/train", long_train_body(name, key)))
-    wait_training(api, name)
+    srv, api, key, name, trainer = start_long_training(make_server)
     acked, stop = [], threading.Event()
 
     def writer():

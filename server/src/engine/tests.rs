@@ -727,6 +727,15 @@ mod tamper {
         }
     }
 
+    /// Each attack on a fresh setup; opening must then fail with an integrity error.
+    fn run_open_attacks(name: &str, open: OpenStore, attacks: &[Attack]) {
+        for (what, attack) in attacks {
+            let s = setup(open);
+            attack(&s);
+            open_fails(&s, name, what);
+        }
+    }
+
     /// Open works (the attack is on item contents), reading the contents fails.
     fn contents_fail(s: &Setup, store_name: &str, attack: &str, id: &str) {
         let e = engine(s.store.clone());
@@ -801,11 +810,7 @@ mod tamper {
                     put(s, &rolled.0, &rolled.1);
                 }),
             ];
-            for (what, attack) in attacks {
-                let s = setup(open);
-                attack(&s);
-                open_fails(&s, name, what);
-            }
+            run_open_attacks(name, open, &attacks);
         }
     }
 
@@ -830,11 +835,7 @@ mod tamper {
                     put(s, &k, &old);
                 }),
             ];
-            for (what, attack) in attacks {
-                let s = setup(open);
-                attack(&s);
-                open_fails(&s, name, what);
-            }
+            run_open_attacks(name, open, &attacks);
         }
     }
 
