@@ -1,0 +1,233 @@
+//! Posting-list blocks as held in memory, their byte encoding (docs/FORMAT.md
+//! "Posting-list block"), and the 8-bit codes of a list's first pass.
+
+use super::*;
+
+/// Target plaintext size of one posting-list block.
+pub(crate) const BLOCK_BYTES: usize = 56 * 1024;
+
+/// A posting-list block in memory.
+#[derive(Clone, Default)]
+pub(crate) struct Block {
+    pub(crate) ids: Vec<String>,
+    pub(crate) vecs: Vec<f32>,
+    pub(crate) inv_norms: Vec<f32>,
+    pub(crate) meta: Vec<Option<Arc<Value>>>,
+    /// Per row: the write epoch of the item's contents record (0 = it has none).
+    pub(crate) cepochs: Vec<u64>,
+    /// The write epoch this block was sealed at (what the state record's manifest holds).
+    pub(crate) epoch: u64,
+    /// 8-bit codes of `vecs` under the list's [`Quant`] (empty when the list has none).
+    /// Only [`code_block`] writes them; edits leave them stale until the block is installed.
+    pub(crate) codes: Vec<u8>,
+}
+
+impl Block {
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// An empty block with room for `rows` vectors, so that filling it never over-allocates.
+    pub(crate) fn with_capacity(rows: usize, dim: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(rows),
+            vecs: Vec::with_capacity(rows * dim),
+            inv_norms: Vec::with_capacity(rows),
+            meta: Vec::with_capacity(rows),
+            cepochs: Vec::with_capacity(rows),
+            epoch: 0,
+            codes: Vec::new(),
+        }
+    }
+
+    /// Drop spare capacity (a block grown by pushes can hold up to twice its size).
+    pub(crate) fn shrink(&mut self) {
+        self.ids.shrink_to_fit();
+        self.vecs.shrink_to_fit();
+        self.inv_norms.shrink_to_fit();
+        self.meta.shrink_to_fit();
+        self.cepochs.shrink_to_fit();
+    }
+
+    /// A copy with room for `rows` more vectors (a plain clone has no spare capacity, so
+    /// filling it would reallocate as it grows).
+    pub(crate) fn clone_with_room(&self, rows: usize, dim: usize) -> Self {
+        let mut b = Self::with_capacity(self.len() + rows, dim);
+        b.ids.extend_from_slice(&self.ids);
+        b.vecs.extend_from_slice(&self.vecs);
+        b.inv_norms.extend_from_slice(&self.inv_norms);
+        b.meta.extend_from_slice(&self.meta);
+        b.cepochs.extend_from_slice(&self.cepochs);
+        b.codes.extend_from_slice(&self.codes);
+        b.epoch = self.epoch;
+        b
+    }
+
+    pub(crate) fn push(&mut self, id: String, vec: &[f32], meta: Option<Arc<Value>>, cepoch: u64) {
+        self.push_row(id, vec, distance::inv_norm(vec), meta, cepoch);
+    }
+
+    /// [`Block::push`] with the row's inverse norm already known.
+    pub(crate) fn push_row(
+        &mut self,
+        id: String,
+        vec: &[f32],
+        inv_norm: f32,
+        meta: Option<Arc<Value>>,
+        cepoch: u64,
+    ) {
+        self.ids.push(id);
+        self.vecs.extend_from_slice(vec);
+        self.inv_norms.push(inv_norm);
+        self.meta.push(meta);
+        self.cepochs.push(cepoch);
+    }
+
+    pub(crate) fn position(&self, id: &str) -> Option<usize> {
+        self.ids.iter().position(|x| x == id)
+    }
+
+    pub(crate) fn swap_remove(&mut self, pos: usize, dim: usize) {
+        let last = self.ids.len() - 1;
+        self.ids.swap_remove(pos);
+        self.inv_norms.swap_remove(pos);
+        self.meta.swap_remove(pos);
+        self.cepochs.swap_remove(pos);
+        if pos != last {
+            let (head, tail) = self.vecs.split_at_mut(last * dim);
+            head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
+        }
+        self.vecs.truncate(last * dim);
+    }
+
+    pub(crate) fn vector(&self, pos: usize, dim: usize) -> &[f32] {
+        &self.vecs[pos * dim..(pos + 1) * dim]
+    }
+
+    /// Plaintext encoding; see docs/FORMAT.md "Posting-list block".
+    pub(crate) fn encode(&self, dim: usize, precision: Precision) -> Vec<u8> {
+        let mut w = Writer::with_capacity(10 + self.len() * (32 + dim * 4));
+        w.u8(2)
+            .u8(precision.code())
+            .u32(dim as u32)
+            .u32(self.len() as u32);
+        for ((id, meta), &ce) in self.ids.iter().zip(&self.meta).zip(&self.cepochs) {
+            w.bytes(id.as_bytes());
+            match meta {
+                Some(m) => w.bytes(&serde_json::to_vec(m.as_ref()).unwrap_or_default()),
+                None => w.bytes(b""),
+            };
+            w.u64(ce);
+        }
+        precision.encode_into(&self.vecs, &mut w.0);
+        w.0
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Result<(Block, usize), EngineError> {
+        let mut r = Reader::new(buf, "posting-list block");
+        if r.u8()? != 2 {
+            return Err(EngineError::Corrupt(
+                "unknown posting-list block version".into(),
+            ));
+        }
+        let precision = Precision::from_code(r.u8()?)
+            .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
+        let dim = r.u32()? as usize;
+        let n = r.u32()? as usize;
+        // Every row takes at least 16 bytes (two lengths and an epoch): a count the record
+        // cannot hold is corrupt, and must not size an allocation.
+        if n > r.remaining() / 16 {
+            return Err(EngineError::Corrupt(
+                "posting-list block count is too large".into(),
+            ));
+        }
+        let mut b = Block::default();
+        for _ in 0..n {
+            b.ids.push(r.str()?.to_owned());
+            let m = r.bytes()?;
+            b.meta.push(if m.is_empty() {
+                None
+            } else {
+                Some(Arc::new(serde_json::from_slice(m).map_err(|_| {
+                    EngineError::Corrupt("bad metadata in posting-list block".into())
+                })?))
+            });
+            b.cepochs.push(r.u64()?);
+        }
+        if dim
+            .checked_mul(n)
+            .is_none_or(|x| x.saturating_mul(precision.bytes()) != r.remaining())
+        {
+            return Err(EngineError::Corrupt(
+                "posting-list block has the wrong length".into(),
+            ));
+        }
+        b.vecs = precision.decode(r.rest(), n * dim)?;
+        b.inv_norms = b
+            .vecs
+            .chunks_exact(dim.max(1))
+            .map(distance::inv_norm)
+            .collect();
+        if dim == 0 {
+            b.inv_norms = vec![0.0; n];
+        }
+        Ok((b, dim))
+    }
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct PostingList {
+    pub(crate) blocks: BTreeMap<u32, Arc<Block>>,
+    /// Set on indexes whose default probe count is large (see [`wants_quant`]).
+    pub(crate) quant: Option<Arc<Quant>>,
+}
+
+/// Rows as the quantiser sees them: unit length for angular metrics.
+pub(crate) fn quant_rows(blk: &Block, dim: usize, angular: bool) -> std::borrow::Cow<'_, [f32]> {
+    if angular {
+        blk.vecs
+            .chunks_exact(dim)
+            .zip(&blk.inv_norms)
+            .flat_map(|(r, inv)| r.iter().map(move |x| x * inv))
+            .collect()
+    } else {
+        std::borrow::Cow::Borrowed(&blk.vecs)
+    }
+}
+
+pub(crate) fn code_block(q: &Quant, blk: &mut Block, dim: usize, angular: bool) {
+    blk.codes = q.encode(&quant_rows(blk, dim, angular));
+}
+
+/// Whether an index's lists get an 8-bit first pass: when its calibrated default probes at
+/// least a quarter of the lists, scans dominate query time and are memory bound, so a quarter
+/// of the traffic pays for the codes' memory (one byte per dimension and vector). Indexes
+/// with well-separated clusters probe few lists and never pay it.
+pub(crate) fn wants_quant(trained: bool, default_probes: u32, n_lists: usize) -> bool {
+    trained && n_lists > 1 && default_probes as usize * 4 >= n_lists
+}
+
+/// Fit the list's quantiser and code every block.
+pub(crate) fn quantize_list(pl: &mut PostingList, dim: usize, angular: bool) {
+    let rows: Vec<std::borrow::Cow<'_, [f32]>> = pl
+        .blocks
+        .values()
+        .map(|b| quant_rows(b, dim, angular))
+        .collect();
+    let Some(q) = Quant::fit(rows.iter().flat_map(|r| r.chunks_exact(dim)), dim) else {
+        pl.quant = None;
+        return;
+    };
+    let codes: Vec<Vec<u8>> = rows.iter().map(|r| q.encode(r)).collect();
+    drop(rows);
+    for (blk, c) in pl.blocks.values_mut().zip(codes) {
+        Arc::make_mut(blk).codes = c;
+    }
+    pl.quant = Some(Arc::new(q));
+}
+
+impl PostingList {
+    pub(crate) fn len(&self) -> usize {
+        self.blocks.values().map(|b| b.len()).sum()
+    }
+}
