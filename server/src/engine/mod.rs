@@ -417,12 +417,6 @@ impl Engine {
         self.trainer.stop();
     }
 
-    /// Whether any training (explicit or background) is still running.
-    pub fn training_running(&self) -> bool {
-        let st = self.trainer.status();
-        st.currently_training.is_some() || !st.explicit.is_empty()
-    }
-
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
