@@ -809,12 +809,7 @@ impl VectorsApi {
             let req = body.0;
             let ix = open(&state, &creds, Action::Read, &req.index)?;
             let include = match req.include {
-                None => Include {
-                    vector: true,
-                    contents: true,
-                    metadata: true,
-                    distance: false,
-                },
+                None => Include::STORED,
                 Some(fields) => {
                     let mut inc = Include::default();
                     for f in fields {

@@ -119,15 +119,7 @@ fn create_upsert_query_get_delete_reload() {
     assert_eq!(ix.list_ids().len(), 3);
     assert_eq!(ix.delete_ids(&["z".into(), "nope".into()]).unwrap(), 1);
     let got = ix
-        .get(
-            &["y".into(), "z".into(), "x".into()],
-            Include {
-                vector: true,
-                metadata: true,
-                contents: true,
-                distance: false,
-            },
-        )
+        .get(&["y".into(), "z".into(), "x".into()], Include::STORED)
         .unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].vector.as_deref(), Some(&[0.5f32, 0.0][..]));
@@ -720,17 +712,7 @@ fn format_v2_fixture_still_opens() {
         (info.metric, info.precision),
         (Metric::Cosine, Precision::F16)
     );
-    let got = ix
-        .get(
-            &["f7".into()],
-            Include {
-                vector: true,
-                metadata: true,
-                contents: true,
-                distance: false,
-            },
-        )
-        .unwrap();
+    let got = ix.get(&["f7".into()], Include::STORED).unwrap();
     assert_eq!(got[0].vector.as_deref(), Some(&[7.0, 1.0, -3.5][..]));
     assert_eq!(got[0].metadata.as_deref(), Some(&json!({"i": 7})));
     assert_eq!(got[0].contents.as_deref(), Some("contents of f7"));

@@ -99,6 +99,16 @@ pub struct Include {
     pub contents: bool,
 }
 
+impl Include {
+    /// Everything an item stores (what `get` returns when the request names no fields).
+    pub const STORED: Include = Include {
+        distance: false,
+        metadata: true,
+        vector: true,
+        contents: true,
+    };
+}
+
 /// One search result.
 #[derive(Debug, Clone)]
 pub struct Hit {
