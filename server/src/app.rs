@@ -23,9 +23,7 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Result<Arc<AppState
         EngineConfig {
             auto_train_min_vectors: cfg.auto_train_min_vectors,
             auto_train: !cfg.auto_train_disabled,
-            cache_limit_bytes: cfg
-                .index_cache_mb
-                .map(|mb| (mb as usize).saturating_mul(1 << 20)),
+            cache_limit_bytes: Some(cfg.cache_budget_bytes()),
             train_time_limit: cfg.limits().train_time_limit(),
         },
     );
@@ -71,6 +69,7 @@ async fn metrics_endpoint(req: &poem::Request, state: poem::web::Data<&Arc<AppSt
         crate::metrics::render(crate::metrics::Snapshot {
             open_indexes: open,
             cached_bytes: bytes,
+            blocks: state.engine.cache_stats(),
             vectors,
             wal_dir: state.wal_dir.clone(),
         })

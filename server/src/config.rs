@@ -101,9 +101,11 @@ pub struct Config {
           num_args = 0..=1, default_missing_value = "true")]
     pub auto_train_disabled: bool,
 
-    /// Memory budget for open (decrypted) indexes in MiB; idle indexes beyond it are dropped,
-    /// least recently used first. 0 = keep nothing between requests (every request decrypts
-    /// its index again; no key material stays in memory). Unset = unlimited.
+    /// Budget in MiB for decrypted data of all indexes: the shared cache of decrypted
+    /// posting-list blocks holds at most this much, and idle open indexes (centroids, block
+    /// directory, keys) beyond it are dropped. 0 = keep nothing between requests (every read
+    /// decrypts again; no key material stays in memory). Unset = half of physical memory
+    /// (or of the cgroup's memory limit, when lower).
     #[arg(long, env = "SEALDB_INDEX_CACHE_MB")]
     pub index_cache_mb: Option<u64>,
 
@@ -460,6 +462,15 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     /// The per-request limits these settings give.
+    /// The decrypted-data budget in bytes: `--index-cache-mb`, else half of the memory this
+    /// process may use.
+    pub fn cache_budget_bytes(&self) -> usize {
+        match self.index_cache_mb {
+            Some(mb) => (mb as usize).saturating_mul(1 << 20),
+            None => usable_memory_bytes() / 2,
+        }
+    }
+
     pub fn limits(&self) -> crate::limits::Limits {
         crate::limits::Limits {
             max_query_results: self.max_query_results,
@@ -619,6 +630,30 @@ impl Config {
             "ERROR" | "CRITICAL" => "error",
             _ => "info",
         }
+    }
+}
+
+/// Physical memory, or the cgroup (v2, then v1) memory limit when it is lower; 4 GiB when
+/// neither can be read.
+pub fn usable_memory_bytes() -> usize {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let total = read("/proc/meminfo").and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| read(p).and_then(|v| v.trim().parse::<usize>().ok()));
+    match (total, cgroup) {
+        (Some(t), Some(c)) => t.min(c),
+        (Some(t), None) => t,
+        (None, Some(c)) => c,
+        (None, None) => 4 << 30,
     }
 }
 

@@ -99,7 +99,10 @@ pub fn embed_batch(model: &'static str, texts: usize, secs: f64) {
 /// What is read at scrape time.
 pub struct Snapshot {
     pub open_indexes: usize,
+    /// Bytes open indexes hold outside the block cache.
     pub cached_bytes: usize,
+    /// The shared cache of decrypted blocks.
+    pub blocks: crate::engine::cache::CacheStats,
     /// `(index, vectors)` of the open indexes.
     pub vectors: Vec<(String, usize)>,
     /// The disk store's directory, for the write-ahead-log size.
@@ -110,6 +113,11 @@ pub struct Snapshot {
 pub fn render(s: Snapshot) -> String {
     gauge!("sealdb_open_indexes").set(s.open_indexes as f64);
     gauge!("sealdb_index_cache_bytes").set(s.cached_bytes as f64);
+    gauge!("sealdb_block_cache_bytes").set(s.blocks.bytes as f64);
+    gauge!("sealdb_block_cache_budget_bytes").set(s.blocks.budget as f64);
+    gauge!("sealdb_block_cache_blocks").set(s.blocks.blocks as f64);
+    counter!("sealdb_block_cache_hits_total").absolute(s.blocks.hits);
+    counter!("sealdb_block_cache_misses_total").absolute(s.blocks.misses);
     if index_labels() {
         for (name, n) in &s.vectors {
             gauge!("sealdb_index_vectors", "index" => name.clone()).set(*n as f64);

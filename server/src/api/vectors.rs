@@ -879,7 +879,7 @@ impl VectorsApi {
         blocking(move || {
             let req = body.0;
             let ix = open(&state, &creds, Action::Read, &req.index)?;
-            let ids = ix.list_ids();
+            let ids = ix.list_ids()?;
             Ok(ListIdsResponse {
                 count: ids.len() as i64,
                 ids,

@@ -297,26 +297,22 @@ pub struct Quant {
 impl Quant {
     /// Fit to `rows` (each `dim` wide). `None` without rows.
     pub fn fit<'a>(rows: impl Iterator<Item = &'a [f32]>, dim: usize) -> Option<Self> {
-        let mut lo = vec![f32::INFINITY; dim];
-        let mut hi = vec![f32::NEG_INFINITY; dim];
-        let mut any = false;
+        let mut b = QuantBounds::new(dim);
         for r in rows {
-            any = true;
-            for ((l, h), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(r) {
-                *l = l.min(x);
-                *h = h.max(x);
-            }
+            b.add(r);
         }
-        if !any {
-            return None;
-        }
-        let range = lo.iter().zip(&hi).map(|(l, h)| h - l).fold(0f32, f32::max);
-        let step = if range > 0.0 && range.is_finite() {
-            range / 255.0
-        } else {
-            1.0
-        };
-        Some(Self { min: lo, step })
+        b.finish()
+    }
+
+    /// The per-dimension minimum and the step (for the quantiser record).
+    pub fn params(&self) -> (&[f32], f32) {
+        (&self.min, self.step)
+    }
+
+    /// A quantiser from stored [`Quant::params`]; `None` when they cannot be one.
+    pub fn from_params(min: Vec<f32>, step: f32) -> Option<Self> {
+        (step.is_finite() && step > 0.0 && min.iter().all(|x| x.is_finite()))
+            .then_some(Self { min, step })
     }
 
     /// Size of one code step.
@@ -347,6 +343,51 @@ impl Quant {
             .zip(&self.min)
             .map(|(x, m)| ((x - m) * inv).round().clamp(-255.0, 510.0) as i16)
             .collect()
+    }
+}
+
+/// Running per-dimension bounds of the rows a [`Quant`] is fitted to (streamed by training).
+#[derive(Clone)]
+pub struct QuantBounds {
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+    any: bool,
+}
+
+impl QuantBounds {
+    pub fn new(dim: usize) -> Self {
+        Self {
+            lo: vec![f32::INFINITY; dim],
+            hi: vec![f32::NEG_INFINITY; dim],
+            any: false,
+        }
+    }
+
+    pub fn add(&mut self, row: &[f32]) {
+        self.any = true;
+        for ((l, h), &x) in self.lo.iter_mut().zip(self.hi.iter_mut()).zip(row) {
+            *l = l.min(x);
+            *h = h.max(x);
+        }
+    }
+
+    /// The quantiser for the rows seen; `None` without rows.
+    pub fn finish(self) -> Option<Quant> {
+        if !self.any {
+            return None;
+        }
+        let range = self
+            .lo
+            .iter()
+            .zip(&self.hi)
+            .map(|(l, h)| h - l)
+            .fold(0f32, f32::max);
+        let step = if range > 0.0 && range.is_finite() {
+            range / 255.0
+        } else {
+            1.0
+        };
+        Some(Quant { min: self.lo, step })
     }
 }
 

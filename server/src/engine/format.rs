@@ -28,6 +28,11 @@ pub mod kind {
     pub const LIST: u8 = b'L';
     /// `I || index id || locator` -> sealed item record (id and contents).
     pub const ITEM: u8 = b'I';
+    /// `P || index id || gen || locator` -> sealed position record: the `(list, block)` that
+    /// holds the item in generation `gen`.
+    pub const POS: u8 = b'P';
+    /// `Q || index id || gen` -> sealed 8-bit quantisers of the lists of generation `gen`.
+    pub const QUANT: u8 = b'Q';
     /// `U || index id || user id` -> sealed user record (RBAC).
     pub const USER: u8 = b'U';
 }
@@ -81,6 +86,24 @@ pub fn parse_block_key(key: &[u8]) -> Option<(u32, u32)> {
         u32::from_be_bytes(tail[..4].try_into().ok()?),
         u32::from_be_bytes(tail[4..].try_into().ok()?),
     ))
+}
+
+pub fn quant_key(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::QUANT, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn pos_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::POS, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn pos_key(id: &IndexId, gen: u32, locator: &[u8; 16]) -> Vec<u8> {
+    let mut k = pos_gen_prefix(id, gen);
+    k.extend_from_slice(locator);
+    k
 }
 
 pub fn item_key(id: &IndexId, locator: &[u8; 16]) -> Vec<u8> {

@@ -5,6 +5,7 @@
 //! * [`format`] is the byte layout of everything stored; [`distance`], [`kmeans`], [`filter`]
 //!   are the numeric and query building blocks.
 
+pub mod cache;
 pub mod distance;
 pub mod filter;
 pub mod format;
@@ -259,7 +260,9 @@ pub struct EngineConfig {
     /// Start background training once an untrained index holds at least this many vectors.
     pub auto_train_min_vectors: usize,
     pub auto_train: bool,
-    /// Memory budget for open indexes (`None` = unlimited, `Some(0)` = keep nothing).
+    /// Budget for decrypted data (`None` = unlimited, `Some(0)` = keep nothing): the block
+    /// cache holds at most this many bytes of decrypted blocks, and idle open indexes
+    /// (centroids, quantisers, block directory, keys) are dropped beyond it too.
     pub cache_limit_bytes: Option<usize>,
     /// How long one training may run before it is stopped (`None` = no limit).
     pub train_time_limit: Option<std::time::Duration>,
@@ -388,6 +391,7 @@ pub struct Engine {
     store: Arc<dyn IndexStore>,
     config: EngineConfig,
     cache: Arc<Cache>,
+    blocks: Arc<cache::BlockCache>,
     create_lock: Mutex<()>,
     trainer: Arc<Trainer>,
     /// Set once at shutdown: every training stops at its next check.
@@ -402,6 +406,9 @@ impl Engine {
                 limit: config.cache_limit_bytes,
                 ..Cache::default()
             }),
+            blocks: Arc::new(cache::BlockCache::new(
+                config.cache_limit_bytes.map_or(u64::MAX / 4, |b| b as u64),
+            )),
             create_lock: Mutex::new(()),
             trainer: Trainer::start(config.train_time_limit),
             shutdown: Arc::default(),
@@ -659,7 +666,7 @@ impl Engine {
             name,
             &meta.id,
             &ikeys,
-            config.metric,
+            config.metric.is_angular(),
             digest,
         )?;
         Ok(Arc::new(Index::assemble(
@@ -669,6 +676,7 @@ impl Engine {
             dek,
             key_check,
             self.store.clone(),
+            self.blocks.clone(),
             data,
             self.shutdown.clone(),
         )))
@@ -688,6 +696,8 @@ impl Engine {
             format::kind::STATE,
             format::kind::CENTROIDS,
             format::kind::LIST,
+            format::kind::POS,
+            format::kind::QUANT,
             format::kind::ITEM,
             format::kind::USER,
         ] {
@@ -695,6 +705,7 @@ impl Engine {
         }
         let res = self.store.write(batch);
         self.cache.slots.lock().remove(name);
+        self.blocks.forget(&ix.id, None);
         self.trainer.forget(name);
         res?;
         Ok(ix.id)
@@ -765,7 +776,13 @@ impl Engine {
         out
     }
 
-    /// Open indexes, their approximate decrypted bytes, and `(name, vectors)` of each.
+    /// The block cache's size and counters.
+    pub fn cache_stats(&self) -> cache::CacheStats {
+        self.blocks.stats()
+    }
+
+    /// Open indexes, the bytes they hold outside the block cache, and `(name, vectors)` of
+    /// each.
     pub fn open_stats(&self) -> (usize, usize, Vec<(String, usize)>) {
         let slots = self.cache.slots.lock();
         let mut bytes = 0;

@@ -116,7 +116,7 @@ fn create_upsert_query_get_delete_reload() {
     // Overwrite moves y.
     ix.upsert(vec![item("y", vec![0.5, 0.0], json!({"k": 3}))])
         .unwrap();
-    assert_eq!(ix.list_ids().len(), 3);
+    assert_eq!(ix.list_ids().unwrap().len(), 3);
     assert_eq!(ix.delete_ids(&["z".into(), "nope".into()]).unwrap(), 1);
     let got = ix
         .get(&["y".into(), "z".into(), "x".into()], Include::STORED)
@@ -135,7 +135,7 @@ fn create_upsert_query_get_delete_reload() {
         Err(EngineError::MissingKey(_))
     ));
     let ix2 = e2.open("a", Some(&kek)).unwrap();
-    let mut ids = ix2.list_ids();
+    let mut ids = ix2.list_ids().unwrap();
     ids.sort();
     assert_eq!(ids, ["x", "y"]);
     assert!(matches!(
@@ -340,7 +340,7 @@ fn cache_budget_zero_keeps_nothing_between_uses() {
     drop(b);
     assert!(first.upgrade().is_none(), "released with budget 0");
     let c = e.open("c", Some(&kek)).unwrap();
-    assert_eq!(c.list_ids(), ["x"]);
+    assert_eq!(c.list_ids().unwrap(), ["x"]);
     assert!(matches!(
         e.open("c", Some(&Kek::random())),
         Err(EngineError::WrongKey(_))
@@ -606,7 +606,7 @@ fn trained_generation_in_memory_matches_the_store_through_later_edits() {
 mod tamper;
 
 #[test]
-fn state_record_v3_layout_round_trips() {
+fn state_record_v4_layout_round_trips() {
     // docs/FORMAT.md "State record", byte by byte.
     let st = index::State {
         dimension: 128,
@@ -616,10 +616,10 @@ fn state_record_v3_layout_round_trips() {
         default_probes: 1,
         epoch: 9,
         meta_digest: [5; 32],
-        manifest: vec![(0, 0, 7), (1, 0, 9)],
+        manifest: vec![(0, 0, 7, 2), (1, 0, 9, 5)],
     };
     let raw = st.encode();
-    let mut want = vec![3u8];
+    let mut want = vec![4u8];
     want.extend_from_slice(&128u32.to_le_bytes());
     want.extend_from_slice(&3u32.to_le_bytes());
     want.push(1);
@@ -628,10 +628,11 @@ fn state_record_v3_layout_round_trips() {
     want.extend_from_slice(&9u64.to_le_bytes());
     want.extend_from_slice(&[5; 32]);
     want.extend_from_slice(&2u32.to_le_bytes());
-    for (l, b, e) in [(0u32, 0u32, 7u64), (1, 0, 9)] {
+    for (l, b, e, n) in [(0u32, 0u32, 7u64, 2u32), (1, 0, 9, 5)] {
         want.extend_from_slice(&l.to_le_bytes());
         want.extend_from_slice(&b.to_le_bytes());
         want.extend_from_slice(&e.to_le_bytes());
+        want.extend_from_slice(&n.to_le_bytes());
     }
     assert_eq!(raw, want);
     assert_eq!(index::State::decode_for_test(&raw).unwrap(), st);
@@ -642,22 +643,31 @@ fn state_record_v3_layout_round_trips() {
         );
     }
     // A manifest count larger than the record can hold is refused before allocating.
-    let mut huge = raw[..raw.len() - 32].to_vec();
+    let mut huge = raw[..raw.len() - 40].to_vec();
     let at = huge.len() - 4;
     huge[at..].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(index::State::decode_for_test(&huge).is_err());
 }
 
-/// A store written by format 2 (committed bytes) keeps opening: key, config, trained lists,
-/// metadata, contents. Regenerate only on a deliberate format change, with
+/// Stores written by format 2 (committed bytes) keep opening: key, config, trained lists,
+/// metadata, contents. `format-v2.hex` has a v3 state record (before position records) and is
+/// upgraded in place on open; `format-v2-state4.hex` is the current layout. Regenerate the
+/// current one only on a deliberate format change, with
 /// `SEALDB_WRITE_FIXTURE=1 cargo test -p sealdb-server format_v2_fixture`.
 #[test]
 fn format_v2_fixture_still_opens() {
+    for file in ["format-v2.hex", "format-v2-state4.hex"] {
+        fixture_opens(file);
+    }
+}
+
+fn fixture_opens(file: &str) {
     const KEK: [u8; 32] = [0x5e; 32];
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v2.hex");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(file);
     let kek = Kek::from_bytes(KEK);
-    if std::env::var_os("SEALDB_WRITE_FIXTURE").is_some() {
+    if std::env::var_os("SEALDB_WRITE_FIXTURE").is_some() && file == "format-v2-state4.hex" {
         let store = Arc::new(MemoryStore::new());
         let e = engine(store.clone());
         create(&e, "fixture", &kek, cfg(Metric::Cosine, Precision::F16, 3));
@@ -696,7 +706,7 @@ fn format_v2_fixture_still_opens() {
         b.put(hex::decode(k).unwrap(), hex::decode(v).unwrap());
     }
     store.write(b).unwrap();
-    let e = engine(store);
+    let e = engine(store.clone());
     let ix = e.open("fixture", Some(&kek)).unwrap();
     let info = e.describe(&ix);
     assert_eq!(
@@ -720,6 +730,22 @@ fn format_v2_fixture_still_opens() {
         e.open("fixture", Some(&Kek::random())),
         Err(EngineError::WrongKey(_))
     ));
+    let hits = ix.search(&[vec![7.0, 1.0, -3.5]], &params(3)).unwrap();
+    assert_eq!(hits[0][0].id, "f7", "{file}");
+    // Opened again (after an upgrade, from what the upgrade wrote): the same answers.
+    drop(ix);
+    let e = engine(store);
+    let ix = e.open("fixture", Some(&kek)).unwrap();
+    assert_eq!(e.describe(&ix).num_vectors, 40);
+    let got = ix.get(&["f7".into()], Include::STORED).unwrap();
+    assert_eq!(got[0].contents.as_deref(), Some("contents of f7"));
+    let mut ids = ix.list_ids().unwrap();
+    ids.sort();
+    assert_eq!(ids.len(), 40);
+    assert_eq!(
+        ix.search(&[vec![7.0, 1.0, -3.5]], &params(3)).unwrap()[0][0].id,
+        "f7"
+    );
 }
 
 /// A panic inside a background training (here: the store panics on write) is caught: the

@@ -1,14 +1,15 @@
-//! Posting-list blocks as held in memory, their byte encoding (docs/FORMAT.md
-//! "Posting-list block"), and the 8-bit codes of a list's first pass.
+//! Posting-list blocks as decrypted into the block cache, their byte encoding (docs/FORMAT.md
+//! "Posting-list block"), the resident directory of a list's blocks, and the 8-bit codes of
+//! a list's first pass.
 
 use super::*;
 
 /// Target plaintext size of one posting-list block.
 pub(crate) const BLOCK_BYTES: usize = 56 * 1024;
 
-/// A posting-list block in memory.
+/// A decrypted posting-list block. Immutable once shared (`Arc`) through the block cache.
 #[derive(Clone, Default)]
-pub(crate) struct Block {
+pub struct Block {
     pub(crate) ids: Vec<String>,
     pub(crate) vecs: Vec<f32>,
     pub(crate) inv_norms: Vec<f32>,
@@ -20,6 +21,8 @@ pub(crate) struct Block {
     /// 8-bit codes of `vecs` under the list's [`Quant`] (empty when the list has none).
     /// Only [`code_block`] writes them; edits leave them stale until the block is installed.
     pub(crate) codes: Vec<u8>,
+    /// Memory held, less the codes; set by [`Block::encode`] and [`Block::decode`].
+    pub(crate) held: usize,
 }
 
 impl Block {
@@ -37,7 +40,25 @@ impl Block {
             cepochs: Vec::with_capacity(rows),
             epoch: 0,
             codes: Vec::new(),
+            held: 0,
         }
+    }
+
+    /// Memory this block holds, as the block cache weighs it.
+    pub fn weight(&self) -> usize {
+        self.held + self.codes.len()
+    }
+
+    /// Approximate heap and inline bytes: vectors and norms, epochs, ids, and parsed metadata
+    /// at about four times its JSON size.
+    fn held_bytes(&self, meta_json: usize) -> usize {
+        std::mem::size_of::<Self>()
+            + self.vecs.len() * 4
+            + self.inv_norms.len() * 4
+            + self.cepochs.len() * 8
+            + self.ids.iter().map(|i| i.len() + 24).sum::<usize>()
+            + self.meta.len() * 8
+            + meta_json * 4
     }
 
     /// Drop spare capacity (a block grown by pushes can hold up to twice its size).
@@ -104,22 +125,29 @@ impl Block {
         &self.vecs[pos * dim..(pos + 1) * dim]
     }
 
-    /// Plaintext encoding; see docs/FORMAT.md "Posting-list block".
-    pub(crate) fn encode(&self, dim: usize, precision: Precision) -> Vec<u8> {
+    /// Plaintext encoding; see docs/FORMAT.md "Posting-list block". Also records the
+    /// block's [`Block::weight`].
+    pub(crate) fn encode(&mut self, dim: usize, precision: Precision) -> Vec<u8> {
         let mut w = Writer::with_capacity(10 + self.len() * (32 + dim * 4));
         w.u8(2)
             .u8(precision.code())
             .u32(dim as u32)
             .u32(self.len() as u32);
+        let mut meta_json = 0;
         for ((id, meta), &ce) in self.ids.iter().zip(&self.meta).zip(&self.cepochs) {
             w.bytes(id.as_bytes());
             match meta {
-                Some(m) => w.bytes(&serde_json::to_vec(m.as_ref()).unwrap_or_default()),
+                Some(m) => {
+                    let j = serde_json::to_vec(m.as_ref()).unwrap_or_default();
+                    meta_json += j.len();
+                    w.bytes(&j)
+                }
                 None => w.bytes(b""),
             };
             w.u64(ce);
         }
         precision.encode_into(&self.vecs, &mut w.0);
+        self.held = self.held_bytes(meta_json);
         w.0
     }
 
@@ -142,9 +170,11 @@ impl Block {
             ));
         }
         let mut b = Block::default();
+        let mut meta_json = 0;
         for _ in 0..n {
             b.ids.push(r.str()?.to_owned());
             let m = r.bytes()?;
+            meta_json += m.len();
             b.meta.push(if m.is_empty() {
                 None
             } else {
@@ -171,15 +201,31 @@ impl Block {
         if dim == 0 {
             b.inv_norms = vec![0.0; n];
         }
+        b.held = b.held_bytes(meta_json);
         Ok((b, dim))
     }
 }
 
+/// Where a block stands in its list's directory: the epoch it was sealed at and its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockMeta {
+    pub(crate) epoch: u64,
+    pub(crate) rows: u32,
+}
+
+/// The resident part of a posting list: its blocks' epochs and sizes (the blocks themselves
+/// are read from the store through the block cache) and its quantiser.
 #[derive(Clone, Default)]
-pub(crate) struct PostingList {
-    pub(crate) blocks: BTreeMap<u32, Arc<Block>>,
+pub(crate) struct ListDir {
+    pub(crate) blocks: BTreeMap<u32, BlockMeta>,
     /// Set on indexes whose default probe count is large (see [`wants_quant`]).
     pub(crate) quant: Option<Arc<Quant>>,
+}
+
+impl ListDir {
+    pub(crate) fn len(&self) -> usize {
+        self.blocks.values().map(|b| b.rows as usize).sum()
+    }
 }
 
 /// Rows as the quantiser sees them: unit length for angular metrics.
@@ -197,6 +243,7 @@ pub(crate) fn quant_rows(blk: &Block, dim: usize, angular: bool) -> std::borrow:
 
 pub(crate) fn code_block(q: &Quant, blk: &mut Block, dim: usize, angular: bool) {
     blk.codes = q.encode(&quant_rows(blk, dim, angular));
+    blk.codes.shrink_to_fit();
 }
 
 /// Whether an index's lists get an 8-bit first pass: when its calibrated default probes at
@@ -205,29 +252,4 @@ pub(crate) fn code_block(q: &Quant, blk: &mut Block, dim: usize, angular: bool) 
 /// with well-separated clusters probe few lists and never pay it.
 pub(crate) fn wants_quant(trained: bool, default_probes: u32, n_lists: usize) -> bool {
     trained && n_lists > 1 && default_probes as usize * 4 >= n_lists
-}
-
-/// Fit the list's quantiser and code every block.
-pub(crate) fn quantize_list(pl: &mut PostingList, dim: usize, angular: bool) {
-    let rows: Vec<std::borrow::Cow<'_, [f32]>> = pl
-        .blocks
-        .values()
-        .map(|b| quant_rows(b, dim, angular))
-        .collect();
-    let Some(q) = Quant::fit(rows.iter().flat_map(|r| r.chunks_exact(dim)), dim) else {
-        pl.quant = None;
-        return;
-    };
-    let codes: Vec<Vec<u8>> = rows.iter().map(|r| q.encode(r)).collect();
-    drop(rows);
-    for (blk, c) in pl.blocks.values_mut().zip(codes) {
-        Arc::make_mut(blk).codes = c;
-    }
-    pl.quant = Some(Arc::new(q));
-}
-
-impl PostingList {
-    pub(crate) fn len(&self) -> usize {
-        self.blocks.values().map(|b| b.len()).sum()
-    }
 }

@@ -1,4 +1,6 @@
-//! One open index: its keys, its posting lists in memory, and every operation on it.
+//! One open index: its keys, the resident directory of its posting lists, and every
+//! operation on it. Posting-list blocks live in the store and are decrypted on demand through
+//! the shared [`BlockCache`]; an item's block is found through its position record.
 //!
 //! Concurrency: `writer` serialises everything that changes the index (upsert, delete, the
 //! final step of training, deleting the index). A writer prepares its change under a *read*
@@ -15,6 +17,7 @@ use rayon::prelude::*;
 use sealdb_plugin_api::{IndexStore, WriteBatch};
 use serde_json::Value;
 
+use super::cache::{BlockCache, BlockKey};
 use super::distance::{self, Metric, Quant};
 use super::filter::Filter;
 use super::format::{self as fmt, IndexId, Reader, Writer};
@@ -32,10 +35,12 @@ mod search;
 mod state;
 mod train;
 
-use block::{code_block, quantize_list, wants_quant, Block, PostingList, BLOCK_BYTES};
+pub use block::Block;
+use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};
 pub(crate) use state::State;
 
-/// Everything about the index that changes, as held in memory.
+/// Everything about the index that changes and stays resident: the state record's facts,
+/// the centroids and the directory of blocks (no vectors, ids or metadata).
 #[derive(Default)]
 pub(crate) struct Data {
     pub dimension: u32,
@@ -48,8 +53,8 @@ pub(crate) struct Data {
     /// Digest of the meta record the state record vouches for.
     pub meta_digest: [u8; 32],
     centroids: Vec<f32>,
-    lists: Vec<PostingList>,
-    locate: HashMap<String, (u32, u32)>,
+    lists: Vec<ListDir>,
+    count: usize,
 }
 
 impl Data {
@@ -57,12 +62,18 @@ impl Data {
         self.lists.len().max(1)
     }
     pub fn count(&self) -> usize {
-        self.locate.len()
+        self.count
     }
-    fn block(&self, list: u32, block: u32) -> Option<&Arc<Block>> {
-        self.lists.get(list as usize)?.blocks.get(&block)
+    fn meta_of(&self, list: u32, block: u32) -> Option<BlockMeta> {
+        self.lists.get(list as usize)?.blocks.get(&block).copied()
     }
 }
+
+/// An item's row: its block and position (`None` = not in the index).
+type Row = Option<(Arc<Block>, usize)>;
+
+/// Blocks fetched for one request, by `(list, block)`.
+type Blocks = HashMap<(u32, u32), Arc<Block>>;
 
 /// How a presented KEK is verified: by unwrapping the stored wrapped DEK with it (one
 /// AES-GCM operation on 32 bytes) and comparing the result with the index's DEK.
@@ -117,6 +128,8 @@ pub struct Hit {
     pub metadata: Option<Arc<Value>>,
     pub vector: Option<Vec<f32>>,
     pub contents: Option<String>,
+    /// The epoch of the item's contents record (0 = none), for reading contents.
+    pub(crate) cepoch: u64,
 }
 
 /// One `get` result.
@@ -126,6 +139,7 @@ pub struct Fetched {
     pub metadata: Option<Arc<Value>>,
     pub vector: Option<Vec<f32>>,
     pub contents: Option<String>,
+    pub(crate) cepoch: u64,
 }
 
 /// Search knobs, resolved by the caller.
@@ -205,6 +219,7 @@ pub struct Index {
     dek: Dek,
     key_check: RwLock<KeyCheck>,
     store: Arc<dyn IndexStore>,
+    cache: Arc<BlockCache>,
     writer: Mutex<()>,
     training: Mutex<()>,
     /// Bumped by every superseding train request and by delete: a running training whose
@@ -228,10 +243,14 @@ impl std::fmt::Debug for Index {
 
 struct UpsertPlan {
     touched: HashMap<(u32, u32), Block>,
-    locate: Vec<(String, (u32, u32))>,
+    added: usize,
     dimension: u32,
     epoch: u64,
 }
+
+/// How long a reader that met a batch stored but not yet installed waits for its writer
+/// before it looks again.
+const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Index {
     #[allow(clippy::too_many_arguments)]
@@ -242,6 +261,7 @@ impl Index {
         dek: Dek,
         key_check: KeyCheck,
         store: Arc<dyn IndexStore>,
+        cache: Arc<BlockCache>,
         data: Data,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
@@ -253,6 +273,7 @@ impl Index {
             id,
             key_check: RwLock::new(key_check),
             store,
+            cache,
             writer: Mutex::new(()),
             training: Mutex::new(()),
             train_epoch: AtomicU64::new(0),
@@ -263,15 +284,15 @@ impl Index {
         }
     }
 
-    /// Load the mutable part of an index from the store (state, centroids, blocks), checking
-    /// every record against the state record: the meta record's digest, each block's epoch,
-    /// and that the blocks present are exactly the manifest's.
+    /// Load the resident part of an index (state record, centroids, quantisers): no block
+    /// is read. The meta record must be the one the state record vouches for; every block is
+    /// checked against the manifest's epoch when it is read.
     pub(crate) fn load_data(
         store: &dyn IndexStore,
         name: &str,
         id: &IndexId,
         keys: &IndexKeys,
-        metric: Metric,
+        angular: bool,
         meta_digest: [u8; 32],
     ) -> Result<Data, EngineError> {
         let integrity = |what: String| EngineError::Integrity {
@@ -282,7 +303,7 @@ impl Index {
         let sealed = store
             .get(&sk)?
             .ok_or_else(|| integrity("the state record is missing".into()))?;
-        let st = State::decode(
+        let mut st = State::decode(
             &keys
                 .open(&fmt::aad(&sk), &sealed)
                 .map_err(|_| integrity("the state record failed authentication".into()))?,
@@ -295,6 +316,10 @@ impl Index {
                 "the meta record is not the one the state record vouches for (replaced or rolled back)".into(),
             ));
         }
+        if st.manifest.iter().any(|e| e.3 == 0) {
+            st = Self::upgrade_v3(store, name, id, keys, angular, st)?;
+        }
+        let n_lists = st.n_lists.max(1) as usize;
         let mut data = Data {
             dimension: st.dimension,
             gen: st.gen,
@@ -302,9 +327,10 @@ impl Index {
             default_probes: st.default_probes,
             epoch: st.epoch,
             meta_digest,
-            lists: vec![PostingList::default(); st.n_lists.max(1) as usize],
+            lists: vec![ListDir::default(); n_lists],
             ..Data::default()
         };
+        let dim = st.dimension as usize;
         if st.trained {
             let ck = fmt::centroids_key(id, st.gen);
             let sealed = store
@@ -313,61 +339,120 @@ impl Index {
             let raw = keys
                 .open(&fmt::aad(&ck), &sealed)
                 .map_err(|_| integrity("the centroids record failed authentication".into()))?;
-            data.centroids =
-                Precision::F32.decode(&raw, st.n_lists as usize * st.dimension as usize)?;
-        }
-        let expected: HashMap<(u32, u32), u64> =
-            st.manifest.iter().map(|&(l, b, e)| ((l, b), e)).collect();
-        let records = store.scan_prefix(&fmt::list_gen_prefix(id, st.gen))?;
-        let blocks: Vec<(u32, u32, Block)> = records
-            .par_iter()
-            .map(|(k, v)| {
-                let (list, bno) = fmt::parse_block_key(k)
-                    .ok_or_else(|| integrity("a block record has a malformed key".into()))?;
-                let epoch = *expected.get(&(list, bno)).ok_or_else(|| {
-                    integrity(format!("block {list}/{bno} is not in the manifest (duplicated or left over)"))
-                })?;
-                let plain = keys.open(&fmt::aad_at(k, epoch), v).map_err(|_| {
-                    integrity(format!(
-                        "block {list}/{bno} failed authentication at epoch {epoch} (altered, swapped or rolled back)"
-                    ))
-                })?;
-                let (mut block, _) = Block::decode(&plain)?;
-                block.epoch = epoch;
-                Ok((list, bno, block))
-            })
-            .collect::<Result<_, EngineError>>()?;
-        if blocks.len() != expected.len() {
-            let have: HashSet<(u32, u32)> = blocks.iter().map(|(l, b, _)| (*l, *b)).collect();
-            let (l, b) = expected
-                .keys()
-                .find(|k| !have.contains(k))
-                .copied()
-                .unwrap_or_default();
-            return Err(integrity(format!(
-                "block {l}/{b} is missing ({} of {} blocks present)",
-                blocks.len(),
-                expected.len()
-            )));
-        }
-        for (list, bno, block) in blocks {
-            let pl = data.lists.get_mut(list as usize).ok_or_else(|| {
-                EngineError::Corrupt("block of a list that does not exist".into())
-            })?;
-            for id in &block.ids {
-                if data.locate.insert(id.clone(), (list, bno)).is_some() {
-                    return Err(integrity(format!("item '{id}' appears in two blocks")));
+            data.centroids = Precision::F32.decode(&raw, n_lists * dim)?;
+            if wants_quant(true, st.default_probes, n_lists) {
+                let qk = fmt::quant_key(id, st.gen);
+                let sealed = store
+                    .get(&qk)?
+                    .ok_or_else(|| integrity("the quantiser record is missing".into()))?;
+                let raw = keys
+                    .open(&fmt::aad(&qk), &sealed)
+                    .map_err(|_| integrity("the quantiser record failed authentication".into()))?;
+                for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
+                    data.lists[l].quant = q.map(Arc::new);
                 }
             }
-            pl.blocks.insert(bno, Arc::new(block));
         }
-        if wants_quant(data.trained, data.default_probes, data.lists.len()) {
-            let dim = data.dimension as usize;
-            data.lists
-                .par_iter_mut()
-                .for_each(|pl| quantize_list(pl, dim, metric.is_angular()));
+        for &(l, b, epoch, rows) in &st.manifest {
+            let pl = data.lists.get_mut(l as usize).ok_or_else(|| {
+                EngineError::Corrupt("manifest names a list that does not exist".into())
+            })?;
+            if rows == 0 || pl.blocks.insert(b, BlockMeta { epoch, rows }).is_some() {
+                return Err(EngineError::Corrupt(format!(
+                    "manifest entry {l}/{b} is empty or repeated"
+                )));
+            }
+            data.count += rows as usize;
         }
         Ok(data)
+    }
+
+    /// Upgrade an index written before position records (state record v3): read every
+    /// block once (each checked at its manifest epoch), write the position records of its
+    /// items in bounded batches, then the state record v4 with the row counts. A crash in
+    /// between leaves the v3 state in charge, and the next open starts over.
+    fn upgrade_v3(
+        store: &dyn IndexStore,
+        name: &str,
+        id: &IndexId,
+        keys: &IndexKeys,
+        angular: bool,
+        mut st: State,
+    ) -> Result<State, EngineError> {
+        let n_lists = st.n_lists.max(1) as usize;
+        let dim = st.dimension as usize;
+        let quant = wants_quant(st.trained, st.default_probes, n_lists);
+        let mut bounds = vec![distance::QuantBounds::new(dim); if quant { n_lists } else { 0 }];
+        tracing::info!(index = %name, blocks = st.manifest.len(), "upgrading the index to position records");
+        let per_read = (64usize << 20) / BLOCK_BYTES;
+        let mut manifest = Vec::with_capacity(st.manifest.len());
+        for chunk in st.manifest.chunks(per_read) {
+            let bkeys: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|&(l, b, _, _)| fmt::block_key(id, st.gen, l, b))
+                .collect();
+            let values = store.get_many(&bkeys)?;
+            type Done = ((u32, u32, u64, u32), Vec<(Vec<u8>, Vec<u8>)>, Block);
+            let done: Vec<Done> = chunk
+                .par_iter()
+                .zip(bkeys.par_iter().zip(values.into_par_iter()))
+                .map(|(&(l, b, e, _), (k, v))| {
+                    let fail = |what: &str| EngineError::Integrity {
+                        index: name.to_owned(),
+                        what: format!("block {l}/{b} {what}"),
+                    };
+                    let v = v.ok_or_else(|| fail("is missing"))?;
+                    let plain = keys
+                        .open(&fmt::aad_at(k, e), &v)
+                        .map_err(|_| fail("failed authentication"))?;
+                    let (blk, _) = Block::decode(&plain)?;
+                    let pos = blk
+                        .ids
+                        .iter()
+                        .map(|item| {
+                            let pk = fmt::pos_key(id, st.gen, &keys.id_locator(item));
+                            let mut w = Writer::with_capacity(8);
+                            w.u32(l).u32(b);
+                            let sealed = keys.seal(&fmt::aad(&pk), &w.0);
+                            (pk, sealed)
+                        })
+                        .collect();
+                    Ok(((l, b, e, blk.len() as u32), pos, blk))
+                })
+                .collect::<Result<_, EngineError>>()?;
+            let mut batch = WriteBatch::new();
+            for (entry, pos, blk) in done {
+                if let Some(qb) = bounds.get_mut(entry.0 as usize) {
+                    for row in block::quant_rows(&blk, dim, angular).chunks_exact(dim.max(1)) {
+                        qb.add(row);
+                    }
+                }
+                if entry.3 > 0 {
+                    manifest.push(entry);
+                }
+                for (k, v) in pos {
+                    batch.put(k, v);
+                }
+            }
+            store.write(batch)?;
+        }
+        st.manifest = manifest;
+        let sk = fmt::state_key(id);
+        let mut batch = WriteBatch::new();
+        if quant {
+            let qs: Vec<Option<Quant>> = bounds
+                .into_iter()
+                .map(distance::QuantBounds::finish)
+                .collect();
+            let qk = fmt::quant_key(id, st.gen);
+            batch.put(
+                qk.clone(),
+                keys.seal(&fmt::aad(&qk), &encode_quants(&qs, dim)),
+            );
+        }
+        batch.put(sk.clone(), keys.seal(&fmt::aad(&sk), &st.encode()));
+        store.write(batch)?;
+        Ok(st)
     }
 
     /// `(lists with a quantiser, lists, default probes)`.
@@ -378,10 +463,196 @@ impl Index {
         (q, d.lists.len(), d.default_probes)
     }
 
-    /// Rough memory held by the open index (vectors, norms, ids, metadata, lookup table).
+    /// Read blocks at the epochs `want` gives, from the cache or else the store (one batched
+    /// read for all misses, decrypted across cores). With `keep`, blocks read from the store
+    /// enter the cache (bulk readers such as training and `list_ids` pass `false`).
+    fn read_blocks(
+        &self,
+        gen: u32,
+        want: &[(u32, u32, u64)],
+        quant: &(dyn Fn(u32) -> Option<Arc<Quant>> + Sync),
+        keep: bool,
+    ) -> Result<Vec<Arc<Block>>, EngineError> {
+        let key_of = |&(list, block, epoch): &(u32, u32, u64)| BlockKey {
+            index: self.id,
+            gen,
+            list,
+            block,
+            epoch,
+        };
+        let mut out: Vec<Option<Arc<Block>>> =
+            want.iter().map(|w| self.cache.get(&key_of(w))).collect();
+        let missing: Vec<usize> = (0..want.len()).filter(|&i| out[i].is_none()).collect();
+        if missing.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        let keys: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|&i| fmt::block_key(&self.id, gen, want[i].0, want[i].1))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        let angular = self.config.metric.is_angular();
+        let read: Vec<Arc<Block>> = missing
+            .par_iter()
+            .zip(keys.par_iter().zip(values.into_par_iter()))
+            .map(|(&i, (k, v))| {
+                let (l, b, epoch) = want[i];
+                let v = v.ok_or_else(|| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {l}/{b} is missing"),
+                })?;
+                let plain = self.keys.open(&fmt::aad_at(k, epoch), &v).map_err(|_| {
+                    EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: format!(
+                            "block {l}/{b} failed authentication at epoch {epoch} (altered, swapped or rolled back)"
+                        ),
+                    }
+                })?;
+                let (mut blk, dim) = Block::decode(&plain)?;
+                blk.epoch = epoch;
+                if let Some(q) = quant(l) {
+                    code_block(&q, &mut blk, dim, angular);
+                }
+                let blk = Arc::new(blk);
+                if keep {
+                    self.cache.insert(key_of(&want[i]), blk.clone());
+                }
+                Ok(blk)
+            })
+            .collect::<Result<_, EngineError>>()?;
+        for (&i, blk) in missing.iter().zip(read) {
+            out[i] = Some(blk);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Read the blocks `(list, block)` at the epochs the directory `d` holds.
+    fn fetch(&self, d: &Data, refs: &[(u32, u32)], keep: bool) -> Result<Blocks, EngineError> {
+        let mut want = Vec::with_capacity(refs.len());
+        for &(l, b) in refs {
+            let m = d.meta_of(l, b).ok_or_else(|| EngineError::Integrity {
+                index: self.name.clone(),
+                what: format!("block {l}/{b} is not in the manifest"),
+            })?;
+            want.push((l, b, m.epoch));
+        }
+        want.sort_unstable();
+        want.dedup();
+        let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
+        let blocks = self.read_blocks(d.gen, &want, &quant, keep)?;
+        Ok(want
+            .into_iter()
+            .map(|(l, b, _)| (l, b))
+            .zip(blocks)
+            .collect())
+    }
+
+    /// Every block of list `li` in block order.
+    fn fetch_list(
+        &self,
+        d: &Data,
+        li: usize,
+        keep: bool,
+    ) -> Result<Vec<(u32, Arc<Block>)>, EngineError> {
+        let Some(pl) = d.lists.get(li) else {
+            return Ok(Vec::new());
+        };
+        let want: Vec<(u32, u32, u64)> = pl
+            .blocks
+            .iter()
+            .map(|(&b, m)| (li as u32, b, m.epoch))
+            .collect();
+        let quant = |_l: u32| pl.quant.clone();
+        let blocks = self.read_blocks(d.gen, &want, &quant, keep)?;
+        Ok(want.iter().map(|w| w.1).zip(blocks).collect())
+    }
+
+    /// Run a reader on a consistent view. A writer stores its batch before it installs it in
+    /// memory, so a reader can meet a record newer than the directory it holds; such a
+    /// mismatch is an integrity error only if it persists after the writer finished.
+    fn consistent<T>(&self, f: impl Fn(&Data) -> Result<T, EngineError>) -> Result<T, EngineError> {
+        let first = f(&self.data.read());
+        match first {
+            Err(EngineError::Integrity { .. }) => {
+                drop(self.writer.try_lock_for(WRITER_WAIT));
+                f(&self.data.read())
+            }
+            r => r,
+        }
+    }
+
+    /// Where each item sits in generation `gen` (`None` = not in the index), from the
+    /// position records.
+    fn positions(
+        &self,
+        gen: u32,
+        locators: &[[u8; 16]],
+    ) -> Result<Vec<Option<(u32, u32)>>, EngineError> {
+        let keys: Vec<Vec<u8>> = locators
+            .iter()
+            .map(|l| fmt::pos_key(&self.id, gen, l))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        keys.par_iter()
+            .zip(values.into_par_iter())
+            .with_min_len(256)
+            .map(|(k, v)| {
+                let Some(v) = v else { return Ok(None) };
+                let plain =
+                    self.keys
+                        .open(&fmt::aad(k), &v)
+                        .map_err(|_| EngineError::Integrity {
+                            index: self.name.clone(),
+                            what: "a position record failed authentication".into(),
+                        })?;
+                let mut r = Reader::new(&plain, "position record");
+                Ok(Some((r.u32()?, r.u32()?)))
+            })
+            .collect()
+    }
+
+    /// The sealed position record of an item at `(list, block)` in generation `gen`.
+    fn seal_position(
+        &self,
+        gen: u32,
+        locator: &[u8; 16],
+        list: u32,
+        block: u32,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let k = fmt::pos_key(&self.id, gen, locator);
+        let mut w = Writer::with_capacity(8);
+        w.u32(list).u32(block);
+        let v = self.keys.seal(&fmt::aad(&k), &w.0);
+        (k, v)
+    }
+
+    fn locators(&self, ids: &[&str]) -> Vec<[u8; 16]> {
+        ids.par_iter()
+            .with_min_len(256)
+            .map(|id| self.keys.id_locator(id))
+            .collect()
+    }
+
+    /// An item that a position record puts in a block without it: the record or the block
+    /// was tampered with.
+    fn misplaced(&self, id: &str) -> EngineError {
+        EngineError::Integrity {
+            index: self.name.clone(),
+            what: format!("item '{id}' is not in the block its position record names"),
+        }
+    }
+
+    /// Memory held by the open index itself, outside the block cache: centroids,
+    /// quantisers and the block directory.
     pub fn approx_bytes(&self) -> usize {
         let d = self.data.read();
-        d.count() * (d.dimension as usize * 4 + 96) + d.centroids.len() * 4
+        let blocks: usize = d.lists.iter().map(|pl| pl.blocks.len()).sum();
+        let quants = d.lists.iter().filter(|pl| pl.quant.is_some()).count();
+        d.centroids.len() * 4
+            + blocks * 48
+            + d.lists.len() * 64
+            + quants * (d.dimension as usize * 4 + 32)
     }
 
     /// The index's data key (for minting RBAC user grants).
@@ -454,7 +725,7 @@ impl Index {
         gen: u32,
         list: u32,
         bno: u32,
-        block: &Block,
+        block: &mut Block,
         dim: usize,
         epoch: u64,
     ) -> (Vec<u8>, Vec<u8>) {
@@ -539,16 +810,21 @@ impl Index {
             }
         }
         // Later duplicates of an id win, as if the items were upserted one by one.
-        let keep: Vec<bool> = {
+        let items: Vec<NewItem> = {
             let mut last: HashMap<&str, usize> =
                 HashMap::with_capacity_and_hasher(items.len(), Default::default());
             for (i, it) in items.iter().enumerate() {
                 last.insert(it.id.as_str(), i);
             }
-            items
+            let keep: Vec<bool> = items
                 .iter()
                 .enumerate()
                 .map(|(i, it)| last[it.id.as_str()] == i)
+                .collect();
+            items
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(it, k)| k.then_some(it))
                 .collect()
         };
         let plan;
@@ -582,45 +858,64 @@ impl Index {
             let dim = dimension as usize;
             let cap = Self::block_cap(dim, self.config.precision);
             let epoch = d.epoch + 1;
-            let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
-            let mut tails: HashMap<u32, u32> = HashMap::default();
-            let mut locate = Vec::with_capacity(items.len());
-            for (it, keep) in items.into_iter().zip(keep) {
-                if !keep {
-                    continue;
-                }
-                let existing = d.locate.get(&it.id).copied();
-                if let Some((l, b)) = existing {
-                    let blk = touched.entry((l, b)).or_insert_with(|| {
-                        d.block(l, b)
-                            .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
-                            .unwrap_or_default()
-                    });
-                    if let Some(pos) = blk.position(&it.id) {
-                        blk.swap_remove(pos, dim);
+            let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            let locators = self.locators(&ids);
+            let old = self.positions(d.gen, &locators)?;
+            let lists: Vec<u32> = if dimension == d.dimension {
+                items
+                    .par_iter()
+                    .with_min_len(64)
+                    .map(|it| self.assign_list(&d, &it.vector))
+                    .collect()
+            } else {
+                vec![0; items.len()]
+            };
+            // The blocks this batch changes: the old homes of overwritten items, and the last
+            // block of every list that receives items.
+            let last_block = |l: u32| {
+                d.lists
+                    .get(l as usize)
+                    .and_then(|pl| pl.blocks.keys().next_back().copied())
+            };
+            let mut needed: Vec<(u32, u32)> = old.iter().flatten().copied().collect();
+            let mut seen_lists: HashSet<u32> = HashSet::new();
+            for &l in &lists {
+                if seen_lists.insert(l) {
+                    if let Some(b) = last_block(l) {
+                        needed.push((l, b));
                     }
                 }
-                let stored = &it.vector[..];
-                let list = if dimension == d.dimension {
-                    self.assign_list(&d, stored)
+            }
+            let have = self.fetch(&d, &needed, true)?;
+            let copy = |l: u32, b: u32| {
+                have.get(&(l, b))
+                    .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
+            };
+            let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
+            let mut tails: HashMap<u32, u32> = HashMap::default();
+            let mut added = 0usize;
+            for (i, it) in items.into_iter().enumerate() {
+                if let Some((l, b)) = old[i] {
+                    let blk = touched
+                        .entry((l, b))
+                        .or_insert_with(|| copy(l, b).unwrap_or_default());
+                    let pos = blk.position(&it.id).ok_or_else(|| self.misplaced(&it.id))?;
+                    blk.swap_remove(pos, dim);
                 } else {
-                    0
-                };
-                let tail = *tails.entry(list).or_insert_with(|| {
-                    d.lists
-                        .get(list as usize)
-                        .and_then(|pl| pl.blocks.keys().next_back().copied())
-                        .unwrap_or(0)
-                });
+                    added += 1;
+                }
+                let list = lists[i];
+                let tail = *tails
+                    .entry(list)
+                    .or_insert_with(|| last_block(list).unwrap_or(0));
                 let mut bno = tail;
-                let full = {
-                    let blk = touched.entry((list, bno)).or_insert_with(|| {
-                        d.block(list, bno)
-                            .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
-                            .unwrap_or_else(|| Block::with_capacity(cap, dim))
-                    });
-                    blk.len() >= cap
-                };
+                let full = touched
+                    .entry((list, bno))
+                    .or_insert_with(|| {
+                        copy(list, bno).unwrap_or_else(|| Block::with_capacity(cap, dim))
+                    })
+                    .len()
+                    >= cap;
                 if full {
                     bno = tail + 1;
                     tails.insert(list, bno);
@@ -632,13 +927,13 @@ impl Index {
                     .or_insert_with(|| Block::with_capacity(cap, dim))
                     .push(
                         it.id.clone(),
-                        stored,
+                        &it.vector,
                         meta,
                         if has_contents { epoch } else { 0 },
                     );
                 match &it.contents {
                     Some(c) if !c.is_empty() => {
-                        let ik = fmt::item_key(&self.id, &self.keys.id_locator(&it.id));
+                        let ik = fmt::item_key(&self.id, &locators[i]);
                         let mut w = Writer::with_capacity(8 + it.id.len() + c.len());
                         w.u8(1).bytes(it.id.as_bytes()).bytes(c.as_bytes());
                         let sealed = self.keys.seal(&fmt::aad_at(&ik, epoch), &w.0);
@@ -646,20 +941,24 @@ impl Index {
                     }
                     // An overwrite without contents drops the old contents; a new item has
                     // no item record to drop.
-                    _ if existing.is_some() => {
-                        batch.delete(fmt::item_key(&self.id, &self.keys.id_locator(&it.id)));
+                    _ if old[i].is_some() => {
+                        batch.delete(fmt::item_key(&self.id, &locators[i]));
                     }
                     _ => {}
                 }
-                locate.push((it.id, (list, bno)));
+                if old[i] != Some((list, bno)) {
+                    let (k, v) = self.seal_position(d.gen, &locators[i], list, bno);
+                    batch.put(k, v);
+                }
             }
+            let gen = d.gen;
             let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
-                .par_iter()
+                .par_iter_mut()
                 .map(|(&(l, b), blk)| {
                     if blk.len() == 0 {
-                        (fmt::block_key(&self.id, d.gen, l, b), None)
+                        (fmt::block_key(&self.id, gen, l, b), None)
                     } else {
-                        let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch);
+                        let (k, v) = self.seal_block(gen, l, b, blk, dim, epoch);
                         (k, Some(v))
                     }
                 })
@@ -676,7 +975,7 @@ impl Index {
             );
             plan = UpsertPlan {
                 touched,
-                locate,
+                added,
                 dimension,
                 epoch,
             };
@@ -685,19 +984,19 @@ impl Index {
         let mut d = self.data.write();
         d.dimension = plan.dimension;
         d.epoch = plan.epoch;
+        d.count += plan.added;
         self.install(&mut d, plan.touched, plan.epoch);
-        for (id, loc) in plan.locate {
-            d.locate.insert(id, loc);
-        }
         Ok(d.count())
     }
 
+    /// Record in the directory (and the cache) the blocks a stored batch rewrote.
     fn install(&self, d: &mut Data, touched: HashMap<(u32, u32), Block>, epoch: u64) {
         let dim = d.dimension as usize;
         let angular = self.config.metric.is_angular();
+        let gen = d.gen;
         for ((l, b), blk) in touched {
             if d.lists.len() <= l as usize {
-                d.lists.resize(l as usize + 1, PostingList::default());
+                d.lists.resize(l as usize + 1, ListDir::default());
             }
             let pl = &mut d.lists[l as usize];
             if blk.len() == 0 {
@@ -709,10 +1008,22 @@ impl Index {
                     Some(q) => code_block(q, &mut blk, dim, angular),
                     None => blk.codes = Vec::new(),
                 }
-                if blk.vecs.capacity() > blk.vecs.len() + blk.vecs.len() / 8 {
-                    blk.shrink();
-                }
-                pl.blocks.insert(b, Arc::new(blk));
+                blk.shrink();
+                pl.blocks.insert(
+                    b,
+                    BlockMeta {
+                        epoch,
+                        rows: blk.len() as u32,
+                    },
+                );
+                let key = BlockKey {
+                    index: self.id,
+                    gen,
+                    list: l,
+                    block: b,
+                    epoch,
+                };
+                self.cache.insert(key, Arc::new(blk));
             }
         }
     }
@@ -722,30 +1033,34 @@ impl Index {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
-        let mut removed = Vec::new();
-        let (touched, epoch) = {
+        let (touched, epoch, removed) = {
             let d = self.data.read();
             let dim = d.dimension as usize;
             let epoch = d.epoch + 1;
-            let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut seen = HashSet::new();
-            for id in ids {
-                if !seen.insert(id.as_str()) {
-                    continue;
-                }
-                let Some(&(l, b)) = d.locate.get(id) else {
-                    continue;
-                };
-                let blk = touched
-                    .entry((l, b))
-                    .or_insert_with(|| d.block(l, b).map(|x| (**x).clone()).unwrap_or_default());
-                if let Some(pos) = blk.position(id) {
-                    blk.swap_remove(pos, dim);
-                }
-                batch.delete(fmt::item_key(&self.id, &self.keys.id_locator(id)));
-                removed.push(id.clone());
+            let ids: Vec<&str> = ids
+                .iter()
+                .map(String::as_str)
+                .filter(|id| seen.insert(*id))
+                .collect();
+            let locators = self.locators(&ids);
+            let at = self.positions(d.gen, &locators)?;
+            let refs: Vec<(u32, u32)> = at.iter().flatten().copied().collect();
+            let have = self.fetch(&d, &refs, true)?;
+            let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
+            let mut removed = 0usize;
+            for ((id, loc), at) in ids.iter().zip(&locators).zip(&at) {
+                let Some((l, b)) = *at else { continue };
+                let blk = touched.entry((l, b)).or_insert_with(|| {
+                    have.get(&(l, b)).map(|x| (**x).clone()).unwrap_or_default()
+                });
+                let pos = blk.position(id).ok_or_else(|| self.misplaced(id))?;
+                blk.swap_remove(pos, dim);
+                batch.delete(fmt::item_key(&self.id, loc));
+                batch.delete(fmt::pos_key(&self.id, d.gen, loc));
+                removed += 1;
             }
-            for (&(l, b), blk) in &touched {
+            for (&(l, b), blk) in touched.iter_mut() {
                 if blk.len() == 0 {
                     batch.delete(fmt::block_key(&self.id, d.gen, l, b));
                 } else {
@@ -757,44 +1072,45 @@ impl Index {
                 &mut batch,
                 &State::after(&d, d.dimension, epoch, &touched, d.meta_digest),
             );
-            (touched, epoch)
+            (touched, epoch, removed)
         };
-        if removed.is_empty() {
+        if removed == 0 {
             return Ok(0);
         }
         self.store.write(batch)?;
         let mut d = self.data.write();
         d.epoch = epoch;
+        d.count -= removed;
         self.install(&mut d, touched, epoch);
-        for id in &removed {
-            d.locate.remove(id);
-        }
-        Ok(removed.len())
+        Ok(removed)
     }
 
-    /// The contents epoch of each id as memory has it now (0 = none or unknown).
-    fn contents_epochs(&self, ids: &[&str]) -> Vec<u64> {
-        let d = self.data.read();
+    /// Rows of `ids` as the view `d` has them: `(block, position)` per id, `None` for ids
+    /// not in the index.
+    fn rows_of(&self, d: &Data, ids: &[&str], keep: bool) -> Result<Vec<Row>, EngineError> {
+        let at = self.positions(d.gen, &self.locators(ids))?;
+        let refs: Vec<(u32, u32)> = at.iter().flatten().copied().collect();
+        let have = self.fetch(d, &refs, keep)?;
         ids.iter()
-            .map(|id| {
-                let Some(&(l, b)) = d.locate.get(*id) else {
-                    return 0;
-                };
-                d.block(l, b)
-                    .and_then(|blk| blk.position(id).map(|p| blk.cepochs[p]))
-                    .unwrap_or(0)
+            .zip(at)
+            .map(|(id, at)| {
+                let Some(lb) = at else { return Ok(None) };
+                let blk = have.get(&lb).ok_or_else(|| self.misplaced(id))?;
+                let pos = blk.position(id).ok_or_else(|| self.misplaced(id))?;
+                Ok(Some((blk.clone(), pos)))
             })
             .collect()
     }
 
-    /// Read the contents of items (empty string when none was stored). Each item record must
-    /// be at the epoch its block row records; a writer may have replaced it since the epochs
-    /// were read, so a mismatch is re-checked once after the writer lets go before it counts
-    /// as an integrity failure.
-    fn contents_of(&self, ids: &[&str]) -> Result<Vec<String>, EngineError> {
-        let keys: Vec<Vec<u8>> = ids
+    /// Read the contents of items (empty string when none was stored) whose rows gave
+    /// `epochs`. Each item record must be at the epoch its row records; a writer may have
+    /// replaced it since the rows were read, so a mismatch is looked at again after the
+    /// writer lets go before it counts as an integrity failure.
+    fn contents_of(&self, ids: &[&str], epochs: &[u64]) -> Result<Vec<String>, EngineError> {
+        let keys: Vec<Vec<u8>> = self
+            .locators(ids)
             .iter()
-            .map(|id| fmt::item_key(&self.id, &self.keys.id_locator(id)))
+            .map(|l| fmt::item_key(&self.id, l))
             .collect();
         let read = |epochs: &[u64], which: &[usize]| -> Result<Vec<Option<String>>, EngineError> {
             let wanted: Vec<Vec<u8>> = which
@@ -824,7 +1140,7 @@ impl Index {
                 .collect()
         };
         let all: Vec<usize> = (0..ids.len()).collect();
-        let first = read(&self.contents_epochs(ids), &all)?;
+        let first = read(epochs, &all)?;
         let retry: Vec<usize> = all
             .iter()
             .copied()
@@ -832,9 +1148,16 @@ impl Index {
             .collect();
         let mut out: Vec<Option<String>> = first;
         if !retry.is_empty() {
-            // Wait for a writer in flight (it stores first, then installs in memory).
-            drop(self.writer.lock());
-            let second = read(&self.contents_epochs(ids), &retry)?;
+            // Wait for a writer in flight (it stores first, then installs in memory), then
+            // read the rows' epochs again.
+            drop(self.writer.try_lock_for(WRITER_WAIT));
+            let again: Vec<&str> = retry.iter().map(|&i| ids[i]).collect();
+            let rows = self.consistent(|d| self.rows_of(d, &again, true))?;
+            let mut now = vec![0u64; ids.len()];
+            for (&i, row) in retry.iter().zip(&rows) {
+                now[i] = row.as_ref().map_or(0, |(b, p)| b.cepochs[*p]);
+            }
+            let second = read(&now, &retry)?;
             for (&i, v) in retry.iter().zip(second) {
                 out[i] = Some(v.ok_or_else(|| EngineError::Integrity {
                     index: self.name.clone(),
@@ -850,33 +1173,33 @@ impl Index {
 
     /// Fetch items by id, in request order; unknown ids are omitted.
     pub fn get(&self, ids: &[String], include: Include) -> Result<Vec<Fetched>, EngineError> {
-        let mut out = Vec::with_capacity(ids.len());
-        {
-            let d = self.data.read();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut out = self.consistent(|d| {
             let dim = d.dimension as usize;
-            for id in ids {
-                let Some(&(l, b)) = d.locate.get(id) else {
-                    continue;
-                };
-                let Some(blk) = d.block(l, b) else { continue };
-                let Some(pos) = blk.position(id) else {
-                    continue;
-                };
-                out.push(Fetched {
-                    id: id.clone(),
-                    metadata: include.metadata.then(|| {
-                        blk.meta[pos]
-                            .clone()
-                            .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
-                    }),
-                    vector: include.vector.then(|| blk.vector(pos, dim).to_vec()),
-                    contents: None,
-                });
-            }
-        }
+            let rows = self.rows_of(d, &ids, true)?;
+            Ok(ids
+                .iter()
+                .zip(rows)
+                .filter_map(|(id, row)| {
+                    let (blk, pos) = row?;
+                    Some(Fetched {
+                        id: (*id).to_owned(),
+                        metadata: include.metadata.then(|| {
+                            blk.meta[pos]
+                                .clone()
+                                .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
+                        }),
+                        vector: include.vector.then(|| blk.vector(pos, dim).to_vec()),
+                        contents: None,
+                        cepoch: blk.cepochs[pos],
+                    })
+                })
+                .collect::<Vec<_>>())
+        })?;
         if include.contents && !out.is_empty() {
             let ids: Vec<&str> = out.iter().map(|f| f.id.as_str()).collect();
-            let contents = self.contents_of(&ids)?;
+            let epochs: Vec<u64> = out.iter().map(|f| f.cepoch).collect();
+            let contents = self.contents_of(&ids, &epochs)?;
             for (f, c) in out.iter_mut().zip(contents) {
                 f.contents = Some(c);
             }
@@ -884,17 +1207,68 @@ impl Index {
         Ok(out)
     }
 
-    /// Every id, and the count.
-    pub fn list_ids(&self) -> Vec<String> {
-        let d = self.data.read();
-        let mut ids = Vec::with_capacity(d.count());
-        for pl in &d.lists {
-            for blk in pl.blocks.values() {
-                ids.extend(blk.ids.iter().cloned());
+    /// Every id. Reads every block (through the cache, without filling it).
+    pub fn list_ids(&self) -> Result<Vec<String>, EngineError> {
+        self.consistent(|d| {
+            let mut ids = Vec::with_capacity(d.count());
+            for li in 0..d.lists.len() {
+                for (_, blk) in self.fetch_list(d, li, false)? {
+                    ids.extend(blk.ids.iter().cloned());
+                }
+            }
+            Ok(ids)
+        })
+    }
+}
+
+/// Plaintext of the quantiser record: per list, a flag, then (when set) the step and the
+/// per-dimension minimum (docs/FORMAT.md "Quantiser record").
+pub(crate) fn encode_quants(lists: &[Option<Quant>], dim: usize) -> Vec<u8> {
+    let mut w = Writer::with_capacity(8 + lists.len() * (5 + dim * 4));
+    w.u8(1).u32(lists.len() as u32);
+    for q in lists {
+        match q {
+            None => {
+                w.u8(0);
+            }
+            Some(q) => {
+                let (min, step) = q.params();
+                w.u8(1).raw(&step.to_le_bytes());
+                for x in min {
+                    w.raw(&x.to_le_bytes());
+                }
             }
         }
-        ids
     }
+    w.0
+}
+
+fn decode_quants(
+    buf: &[u8],
+    n_lists: usize,
+    dim: usize,
+) -> Result<Vec<Option<Quant>>, EngineError> {
+    let bad = || EngineError::Corrupt("bad quantiser record".into());
+    let mut r = Reader::new(buf, "quantiser record");
+    if r.u8()? != 1 || r.u32()? as usize != n_lists {
+        return Err(bad());
+    }
+    let f32_at = |r: &mut Reader<'_>| -> Result<f32, EngineError> {
+        Ok(f32::from_le_bytes(
+            r.take(4)?.try_into().map_err(|_| bad())?,
+        ))
+    };
+    (0..n_lists)
+        .map(|_| match r.u8()? {
+            0 => Ok(None),
+            1 => {
+                let step = f32_at(&mut r)?;
+                let min = (0..dim).map(|_| f32_at(&mut r)).collect::<Result<_, _>>()?;
+                Quant::from_params(min, step).map(Some).ok_or_else(bad)
+            }
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 /// Whether `v` holds a NaN or an infinity (no early exit, so the loop vectorises).
@@ -935,7 +1309,7 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         default_probes: 1,
         epoch: 5,
         meta_digest: [3; 32],
-        manifest: vec![(0, 0, 4), (1, 0, 5)],
+        manifest: vec![(0, 0, 4, 3), (1, 0, 5, 1)],
     };
     vec![
         b.encode(4, Precision::F32),

@@ -10,8 +10,7 @@ impl Index {
         queries: &[Vec<f32>],
         p: &SearchParams,
     ) -> Result<Vec<Vec<Hit>>, EngineError> {
-        let mut results = {
-            let d = self.data.read();
+        let mut results = self.consistent(|d| {
             let dim = d.dimension as usize;
             for q in queries {
                 if dim != 0 && q.len() != dim {
@@ -33,20 +32,21 @@ impl Index {
             }
             if queries.len() == 1 {
                 // No fork/join for one query: rayon's wake-up costs more than a small probe.
-                vec![self.search_one(&d, &queries[0], p)]
+                Ok(vec![self.search_one(d, &queries[0], p)?])
             } else if queries.len() >= BATCH_GEMM_MIN && p.filter.is_none() {
-                self.search_batch(&d, queries, p)
+                self.search_batch(d, queries, p)
             } else {
                 queries
                     .par_iter()
-                    .map(|q| self.search_one(&d, q, p))
-                    .collect::<Vec<_>>()
+                    .map(|q| self.search_one(d, q, p))
+                    .collect::<Result<Vec<_>, _>>()
             }
-        };
+        })?;
         if p.include.contents {
             for hits in &mut results {
                 let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
-                let contents = self.contents_of(&ids)?;
+                let epochs: Vec<u64> = hits.iter().map(|h| h.cepoch).collect();
+                let contents = self.contents_of(&ids, &epochs)?;
                 for (h, c) in hits.iter_mut().zip(contents) {
                     h.contents = Some(c);
                 }
@@ -101,7 +101,7 @@ impl Index {
         }
     }
 
-    fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Vec<Hit> {
+    fn search_one(&self, d: &Data, q: &[f32], p: &SearchParams) -> Result<Vec<Hit>, EngineError> {
         let metric = self.config.metric;
         let dim = d.dimension as usize;
         let mut qn = Vec::new();
@@ -116,43 +116,67 @@ impl Index {
         } else {
             p.top_k
         };
-        let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
-        let scan = |top: &mut TopK, li: usize| {
-            if quant {
-                top.scan_list_quant(metric, q, li, &d.lists[li], dim);
+        let mut blocks: Blocks = HashMap::default();
+        let heap = if p.filter.is_none() {
+            // Every block of the probed lists, in one batched read of the cache's misses.
+            let refs: Vec<(u32, u32)> = probed
+                .iter()
+                .flat_map(|&li| d.lists[li].blocks.keys().map(move |&b| (li as u32, b)))
+                .collect();
+            blocks = self.fetch(d, &refs, true)?;
+            let list_blocks = |li: usize| -> Vec<(u32, &Arc<Block>)> {
+                d.lists[li]
+                    .blocks
+                    .keys()
+                    .filter_map(|&b| blocks.get(&(li as u32, b)).map(|x| (b, x)))
+                    .collect()
+            };
+            let scan = |top: &mut TopK, li: usize| {
+                let bl = list_blocks(li);
+                if quant {
+                    top.scan_list_quant(metric, q, li, d.lists[li].quant.as_deref(), &bl, dim);
+                } else {
+                    top.scan_list(metric, q, li, &bl, None);
+                }
+            };
+            let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
+            if volume >= PARALLEL_SCAN_MIN {
+                // A large scan: split the lists across cores, merge the partial top-k. Two
+                // runs of lists per worker: each run fills its own heap from empty, so more
+                // and smaller pieces would cost heap work without balancing load any better.
+                let run = probed
+                    .len()
+                    .div_ceil(2 * rayon::current_num_threads())
+                    .max(1);
+                probed
+                    .par_chunks(run)
+                    .map(|lists| {
+                        let mut top = TopK::new(k);
+                        for &li in lists {
+                            scan(&mut top, li);
+                        }
+                        top
+                    })
+                    .reduce(|| TopK::new(k), TopK::merge)
             } else {
-                top.scan_list(metric, q, li, &d.lists[li], None);
+                let mut top = TopK::new(k);
+                for &li in probed {
+                    scan(&mut top, li);
+                }
+                top
             }
-        };
-        let heap = if p.filter.is_none() && volume >= PARALLEL_SCAN_MIN {
-            // A large unfiltered scan: split the lists across cores, merge the partial top-k.
-            // Two runs of lists per worker: each run fills its own heap from empty, so more
-            // and smaller pieces would cost heap work without balancing load any better.
-            let run = probed
-                .len()
-                .div_ceil(2 * rayon::current_num_threads())
-                .max(1);
-            probed
-                .par_chunks(run)
-                .map(|lists| {
-                    let mut top = TopK::new(k);
-                    for &li in lists {
-                        scan(&mut top, li);
-                    }
-                    top
-                })
-                .reduce(|| TopK::new(k), TopK::merge)
         } else {
+            // A filtered query keeps probing, a list at a time, until it has k matches.
             let mut top = TopK::new(k);
             for (n, &li) in order.iter().enumerate() {
-                // A filtered query keeps probing until it has k matches.
-                if n >= probes && (p.filter.is_none() || top.heap.len() >= k) {
+                if n >= probes && top.heap.len() >= k {
                     break;
                 }
-                if p.filter.is_none() {
-                    scan(&mut top, li);
-                } else {
-                    top.scan_list(metric, q, li, &d.lists[li], p.filter.as_ref());
+                let bl = self.fetch_list(d, li, true)?;
+                let refs: Vec<(u32, &Arc<Block>)> = bl.iter().map(|(b, x)| (*b, x)).collect();
+                top.scan_list(metric, q, li, &refs, p.filter.as_ref());
+                for (b, x) in bl {
+                    blocks.insert((li as u32, b), x);
                 }
             }
             top
@@ -160,19 +184,25 @@ impl Index {
         .heap;
         let mut cands = heap.into_vec();
         if quant {
-            self.rescore(d, q, &mut cands);
+            self.rescore(&blocks, q, dim, &mut cands);
             cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
             cands.truncate(p.top_k);
         }
-        self.hits(d, cands, p)
+        Ok(self.hits(&blocks, dim, cands, p))
     }
 
     /// Unfiltered batches: each posting list is read once for all the queries that probe it,
     /// and their distances come from one matrix product per block
     /// (`|q-x|^2 = |q|^2 + |x|^2 - 2 q.x`, or `1 - q.x/|x|` for cosine) instead of one scan per
     /// query. The k winners of each query are then rescored with the exact kernel, so the
-    /// distances reported are the same as for a single query.
-    fn search_batch(&self, d: &Data, queries: &[Vec<f32>], p: &SearchParams) -> Vec<Vec<Hit>> {
+    /// distances reported are the same as for a single query. Lists are read one at a time per
+    /// worker, so a batch never holds more than a few lists beyond what the cache keeps.
+    fn search_batch(
+        &self,
+        d: &Data,
+        queries: &[Vec<f32>],
+        p: &SearchParams,
+    ) -> Result<Vec<Vec<Hit>>, EngineError> {
         let metric = self.config.metric;
         let dim = d.dimension as usize;
         let nq = queries.len();
@@ -194,77 +224,78 @@ impl Index {
             .enumerate()
             .filter(|(li, qs)| !qs.is_empty() && d.lists[*li].len() > 0)
             .collect();
+        let fresh = || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>();
         let tops = work
             .par_iter()
-            .fold(
-                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
-                |mut tops, &(li, qs)| {
-                    let mut sub = Vec::with_capacity(qs.len() * dim);
-                    for &qi in qs {
-                        sub.extend_from_slice(&qm[qi as usize * dim..][..dim]);
-                    }
-                    let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
-                        return tops;
+            .try_fold(fresh, |mut tops, &(li, qs)| {
+                let blocks = self.fetch_list(d, li, true)?;
+                let mut sub = Vec::with_capacity(qs.len() * dim);
+                for &qi in qs {
+                    sub.extend_from_slice(&qm[qi as usize * dim..][..dim]);
+                }
+                let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
+                    return Ok(tops);
+                };
+                for (bno, blk) in &blocks {
+                    let n = blk.len();
+                    let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
+                    else {
+                        continue;
                     };
-                    for (&bno, blk) in &d.lists[li].blocks {
-                        let n = blk.len();
-                        let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
-                        else {
-                            continue;
-                        };
-                        let dots = sub.dot(&x.t());
-                        let x_norms: Vec<f32> = if metric.is_angular() {
-                            Vec::new()
-                        } else {
-                            blk.vecs
-                                .chunks_exact(dim)
-                                .map(|r| distance::dot(r, r))
-                                .collect()
-                        };
-                        for (row, &qi) in dots.rows().into_iter().zip(qs) {
-                            let top = &mut tops[qi as usize];
-                            let qn = q_norms[qi as usize];
-                            for (pos, &dt) in row.iter().enumerate() {
-                                let s = if metric.is_angular() {
-                                    1.0 - dt * blk.inv_norms[pos]
-                                } else {
-                                    (qn + x_norms[pos] - 2.0 * dt).max(0.0)
-                                };
-                                if !top.beats_worst(s) {
-                                    continue;
-                                }
-                                top.push(Cand {
-                                    score: s,
-                                    list: li as u32,
-                                    block: bno,
-                                    pos: pos as u32,
-                                });
+                    let dots = sub.dot(&x.t());
+                    let x_norms: Vec<f32> = if metric.is_angular() {
+                        Vec::new()
+                    } else {
+                        blk.vecs
+                            .chunks_exact(dim)
+                            .map(|r| distance::dot(r, r))
+                            .collect()
+                    };
+                    for (row, &qi) in dots.rows().into_iter().zip(qs) {
+                        let top = &mut tops[qi as usize];
+                        let qn = q_norms[qi as usize];
+                        for (pos, &dt) in row.iter().enumerate() {
+                            let s = if metric.is_angular() {
+                                1.0 - dt * blk.inv_norms[pos]
+                            } else {
+                                (qn + x_norms[pos] - 2.0 * dt).max(0.0)
+                            };
+                            if !top.beats_worst(s) {
+                                continue;
                             }
+                            top.push(Cand {
+                                score: s,
+                                list: li as u32,
+                                block: *bno,
+                                pos: pos as u32,
+                            });
                         }
                     }
-                    tops
-                },
-            )
-            .reduce(
-                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
-                |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
-            );
-        tops.into_par_iter()
-            .enumerate()
-            .map(|(qi, top)| {
-                let mut cands = top.heap.into_vec();
-                self.rescore(d, &qm[qi * dim..][..dim], &mut cands);
-                self.hits(d, cands, p)
+                }
+                Ok::<_, EngineError>(tops)
             })
-            .collect()
+            .try_reduce(
+                || (0..nq).map(|_| TopK::new(k)).collect::<Vec<_>>(),
+                |a, b| Ok(a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect()),
+            )?;
+        let cands: Vec<Vec<Cand>> = tops.into_iter().map(|t| t.heap.into_vec()).collect();
+        let refs: Vec<(u32, u32)> = cands.iter().flatten().map(|c| (c.list, c.block)).collect();
+        let blocks = self.fetch(d, &refs, true)?;
+        Ok(cands
+            .into_par_iter()
+            .enumerate()
+            .map(|(qi, mut cands)| {
+                self.rescore(&blocks, &qm[qi * dim..][..dim], dim, &mut cands);
+                self.hits(&blocks, dim, cands, p)
+            })
+            .collect())
     }
 
     /// Replace candidate scores with exact ones (the same kernels as a single scan).
-    fn rescore(&self, d: &Data, q: &[f32], cands: &mut [Cand]) {
-        let dim = d.dimension as usize;
+    fn rescore(&self, blocks: &Blocks, q: &[f32], dim: usize, cands: &mut [Cand]) {
         let angular = self.config.metric.is_angular();
         for c in cands {
-            if let Some(blk) = d.block(c.list, c.block) {
+            if let Some(blk) = blocks.get(&(c.list, c.block)) {
                 let row = blk.vector(c.pos as usize, dim);
                 c.score = if angular {
                     1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
@@ -276,14 +307,19 @@ impl Index {
     }
 
     /// Candidates to hits, nearest first.
-    fn hits(&self, d: &Data, mut cands: Vec<Cand>, p: &SearchParams) -> Vec<Hit> {
+    fn hits(
+        &self,
+        blocks: &Blocks,
+        dim: usize,
+        mut cands: Vec<Cand>,
+        p: &SearchParams,
+    ) -> Vec<Hit> {
         let metric = self.config.metric;
-        let dim = d.dimension as usize;
         cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
         cands
             .into_iter()
             .filter_map(|c| {
-                let blk = d.block(c.list, c.block)?;
+                let blk = blocks.get(&(c.list, c.block))?;
                 let pos = c.pos as usize;
                 Some(Hit {
                     id: blk.ids[pos].clone(),
@@ -295,6 +331,7 @@ impl Index {
                     }),
                     vector: p.include.vector.then(|| blk.vector(pos, dim).to_vec()),
                     contents: None,
+                    cepoch: blk.cepochs[pos],
                 })
             })
             .collect()
@@ -332,11 +369,11 @@ impl TopK {
         metric: Metric,
         q: &[f32],
         li: usize,
-        list: &PostingList,
+        blocks: &[(u32, &Arc<Block>)],
         filter: Option<&Filter>,
     ) {
         let mut scores = std::mem::take(&mut self.scores);
-        for (&bno, blk) in &list.blocks {
+        for &(bno, blk) in blocks {
             distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
             self.offer_block(&scores, li, bno, blk, filter);
         }
@@ -383,17 +420,18 @@ impl TopK {
         metric: Metric,
         q: &[f32],
         li: usize,
-        list: &PostingList,
+        quant: Option<&Quant>,
+        blocks: &[(u32, &Arc<Block>)],
         dim: usize,
     ) {
-        let Some(quant) = &list.quant else {
-            return self.scan_list(metric, q, li, list, None);
+        let Some(quant) = quant else {
+            return self.scan_list(metric, q, li, blocks, None);
         };
         let qc = quant.prepare(q);
         let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
         let mut raw = Vec::new();
         let mut scores = std::mem::take(&mut self.scores);
-        for (&bno, blk) in &list.blocks {
+        for &(bno, blk) in blocks {
             if blk.codes.len() == blk.len() * dim {
                 distance::quant_scan(&qc, &blk.codes, &mut raw);
                 // Compare in code units first: most rows fail one integer comparison.

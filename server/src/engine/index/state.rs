@@ -17,15 +17,15 @@ pub(crate) struct State {
     pub epoch: u64,
     /// [`super::super::meta::meta_digest`] of the index's meta record.
     pub meta_digest: [u8; 32],
-    /// `(list, block, epoch)` of every block of generation `gen`, sorted.
-    pub manifest: Vec<(u32, u32, u64)>,
+    /// `(list, block, epoch, rows)` of every block of generation `gen`, sorted.
+    pub manifest: Vec<(u32, u32, u64, u32)>,
 }
 
 impl State {
     /// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64 + self.manifest.len() * 16);
-        w.u8(3)
+        let mut w = Writer::with_capacity(64 + self.manifest.len() * 20);
+        w.u8(4)
             .u32(self.dimension)
             .u32(self.gen)
             .u8(self.trained as u8)
@@ -34,17 +34,21 @@ impl State {
             .u64(self.epoch)
             .raw(&self.meta_digest)
             .u32(self.manifest.len() as u32);
-        for &(l, b, e) in &self.manifest {
-            w.u32(l).u32(b).u64(e);
+        for &(l, b, e, n) in &self.manifest {
+            w.u32(l).u32(b).u64(e).u32(n);
         }
         w.0
     }
 
     pub(super) fn decode(buf: &[u8]) -> Result<Self, EngineError> {
         let mut r = Reader::new(buf, "state record");
-        if r.u8()? != 3 {
+        // Version 3 (before position records) has no row counts: they read as 0, and
+        // `Index::load_data` upgrades such an index in place.
+        let version = r.u8()?;
+        if version != 3 && version != 4 {
             return Err(EngineError::Corrupt("unknown state record version".into()));
         }
+        let entry = if version == 4 { 20 } else { 16 };
         let mut st = Self {
             dimension: r.u32()?,
             gen: r.u32()?,
@@ -59,14 +63,16 @@ impl State {
             manifest: Vec::new(),
         };
         let n = r.u32()? as usize;
-        if n > r.remaining() / 16 {
+        if n > r.remaining() / entry {
             return Err(EngineError::Corrupt(
                 "state record manifest is truncated".into(),
             ));
         }
         st.manifest.reserve_exact(n);
         for _ in 0..n {
-            st.manifest.push((r.u32()?, r.u32()?, r.u64()?));
+            let (l, b, e) = (r.u32()?, r.u32()?, r.u64()?);
+            let rows = if version == 4 { r.u32()? } else { 0 };
+            st.manifest.push((l, b, e, rows));
         }
         Ok(st)
     }
@@ -97,22 +103,22 @@ impl State {
         touched: &HashMap<(u32, u32), Block>,
         meta_digest: [u8; 32],
     ) -> Self {
-        let mut manifest: Vec<(u32, u32, u64)> = d
+        let mut manifest: Vec<(u32, u32, u64, u32)> = d
             .lists
             .iter()
             .enumerate()
             .flat_map(|(l, pl)| {
                 pl.blocks
                     .iter()
-                    .map(move |(&b, blk)| (l as u32, b, blk.epoch))
+                    .map(move |(&b, m)| (l as u32, b, m.epoch, m.rows))
             })
-            .filter(|(l, b, _)| !touched.contains_key(&(*l, *b)))
+            .filter(|(l, b, _, _)| !touched.contains_key(&(*l, *b)))
             .collect();
         manifest.extend(
             touched
                 .iter()
                 .filter(|(_, blk)| blk.len() > 0)
-                .map(|(&(l, b), _)| (l, b, epoch)),
+                .map(|(&(l, b), blk)| (l, b, epoch, blk.len() as u32)),
         );
         manifest.sort_unstable();
         Self {

@@ -1,6 +1,8 @@
-//! Training: sample, k-means, then install a new generation of posting lists (written to
-//! the store in bounded batches before one batch switches to it, then moved into memory), and
-//! the calibration of the default `n_probes`.
+//! Training: sample, k-means, then one streaming pass over the stored blocks that assigns
+//! every row to its new list and writes the new generation (blocks and position records) in
+//! bounded batches before one batch switches to it; the default `n_probes` is calibrated in
+//! the same pass. Memory stays bounded whatever the index's size: one read chunk of old
+//! blocks, the new lists' unfinished blocks (capped), one write batch.
 
 use super::*;
 
@@ -19,6 +21,16 @@ const SETTLE_FRACTION: f64 = 0.01;
 /// Training writes the new generation in store batches of about this size (each batch is
 /// built, sealed and dropped, next to the old generation).
 const TRAIN_WRITE_CHUNK_BYTES: usize = 4 << 20;
+
+/// Old blocks read (and decrypted) at a time by training's passes.
+const TRAIN_READ_CHUNK_BYTES: usize = 32 << 20;
+
+/// The new lists' unfinished blocks may hold this much before the fullest are written out
+/// as they are (a list then has a block below the usual size).
+const TRAIN_OPEN_BLOCKS_BYTES: usize = 128 << 20;
+
+/// Queries (stored rows) the `n_probes` calibration measures recall with.
+const CALIBRATION_QUERIES: usize = 200;
 
 /// What a running training checks between steps of bounded work.
 struct Stopper<'a> {
@@ -97,8 +109,7 @@ impl Index {
             }
         }
         let _clear = Clear(&self.progress);
-        let (sample, dim, k, seed) = {
-            let d = self.data.read();
+        let (sample, calib, dim, k, seed) = self.consistent(|d| {
             let n = d.count();
             let dim = d.dimension as usize;
             if n == 0 {
@@ -121,35 +132,71 @@ impl Index {
                 None => auto_n_lists(n),
             };
             // Sample at most TRAIN_SAMPLE_PER_LIST points per list, and no more than
-            // max_memory allows.
+            // max_memory allows, evenly spaced over the rows in directory order.
             let mut cap = (k * TRAIN_SAMPLE_PER_LIST).max(k);
             if let Some(mb) = p.max_memory_mb.filter(|&m| m > 0) {
                 cap = cap.min(((mb << 20) / (dim * 4)).max(k));
             }
             let stride = (n as f64 / cap.min(n) as f64).max(1.0);
-            let mut sample = Vec::with_capacity(cap.min(n) * dim);
+            // Which rows of which blocks are picked.
+            let mut picks: Vec<((u32, u32, u64), Vec<u32>)> = Vec::new();
             let mut next = 0f64;
             let mut i = 0usize;
-            for pl in &d.lists {
-                stop.check()?;
-                for blk in pl.blocks.values() {
-                    progress.set(Phase::Sampling, i, n);
-                    for pos in 0..blk.len() {
+            for (l, pl) in d.lists.iter().enumerate() {
+                for (&b, m) in &pl.blocks {
+                    let mut rows = Vec::new();
+                    for pos in 0..m.rows {
                         if i as f64 >= next {
-                            let v = blk.vector(pos, dim);
-                            if self.config.metric.is_angular() {
-                                sample.extend(distance::normalized(v));
-                            } else {
-                                sample.extend_from_slice(v);
-                            }
+                            rows.push(pos);
                             next += stride;
                         }
                         i += 1;
                     }
+                    if !rows.is_empty() {
+                        picks.push(((l as u32, b, m.epoch), rows));
+                    }
                 }
             }
-            (sample, dim, k, n as u64 ^ d.gen as u64)
-        };
+            let total: usize = picks.iter().map(|(_, r)| r.len()).sum();
+            let calib_every = (total / CALIBRATION_QUERIES.min(total / 4).max(1)).max(1);
+            let mut sample = Vec::with_capacity(total * dim);
+            let mut calib: Vec<(String, Vec<f32>)> = Vec::new();
+            let per_read = (TRAIN_READ_CHUNK_BYTES / BLOCK_BYTES).max(1);
+            let mut taken = 0usize;
+            let no_quant = |_l: u32| None;
+            for (ci, chunk) in picks.chunks(per_read).enumerate() {
+                stop.check()?;
+                progress.set(Phase::Sampling, ci * per_read, picks.len());
+                let want: Vec<(u32, u32, u64)> = chunk.iter().map(|(w, _)| *w).collect();
+                let blocks = self.read_blocks(d.gen, &want, &no_quant, false)?;
+                for (blk, (_, rows)) in blocks.iter().zip(chunk) {
+                    for &pos in rows {
+                        let pos = pos as usize;
+                        if pos >= blk.len() {
+                            return Err(EngineError::Integrity {
+                                index: self.name.clone(),
+                                what: "a block holds fewer rows than the manifest says".into(),
+                            });
+                        }
+                        let v = blk.vector(pos, dim);
+                        let row = if self.config.metric.is_angular() {
+                            distance::normalized(v)
+                        } else {
+                            v.to_vec()
+                        };
+                        if taken % calib_every == calib_every / 2
+                            && calib.len() < CALIBRATION_QUERIES
+                            && total >= 50
+                        {
+                            calib.push((blk.ids[pos].clone(), row.clone()));
+                        }
+                        sample.extend_from_slice(&row);
+                        taken += 1;
+                    }
+                }
+            }
+            Ok((sample, calib, dim, k, n as u64 ^ d.gen as u64))
+        })?;
         let params = KMeansParams {
             k,
             max_iters: p.max_iters.filter(|&x| x > 0).unwrap_or(DEFAULT_MAX_ITERS),
@@ -178,15 +225,25 @@ impl Index {
         tracing::debug!(index = %self.name, rows = sample.len() / dim, passes, secs = t_kmeans.elapsed().as_secs_f32(), "k-means done");
         drop(sample);
         let k = centroids.len() / dim;
-        self.install_training(centroids, k, dim, params.batch_size, &progress, &stop)
+        self.install_training(
+            centroids,
+            k,
+            dim,
+            params.batch_size,
+            calib,
+            &progress,
+            &stop,
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn install_training(
         &self,
         centroids: Vec<f32>,
         k: usize,
         dim: usize,
         batch: usize,
+        calib: Vec<(String, Vec<f32>)>,
         progress: &Progress,
         stop: &Stopper<'_>,
     ) -> Result<usize, EngineError> {
@@ -196,125 +253,115 @@ impl Index {
         let stopped = || stop.stopped();
         let cap = Self::block_cap(dim, self.config.precision);
         let angular = self.config.metric.is_angular();
-        // 1. Queries keep running: label every row, calibrate n_probes, plan where rows go.
-        let (blocks, labels, gen, old_gen, probes, count, epoch, meta_digest) = {
+        // Only writers change the directory, and this one holds the writer lock: a copy of
+        // it stays true for the whole pass while queries keep using the index.
+        let (old_dir, old_gen, count, epoch, meta_digest) = {
             let d = self.data.read();
-            // Every existing block is already a contiguous matrix: assign it in place.
-            let blocks: Vec<Arc<Block>> = d
+            let dir: Vec<(u32, u32, u64)> = d
                 .lists
                 .iter()
-                .flat_map(|pl| pl.blocks.values().cloned())
+                .enumerate()
+                .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, m)| (l as u32, b, m.epoch)))
                 .collect();
-            progress.set(Phase::Assigning, 0, blocks.len());
-            let labels: Vec<Vec<u32>> = blocks
+            (dir, d.gen, d.count(), d.epoch + 1, d.meta_digest)
+        };
+        let gen = old_gen + 1;
+        let mut out = NewGeneration {
+            ix: self,
+            gen,
+            epoch,
+            dim,
+            cap,
+            open: (0..k).map(|_| Block::default()).collect(),
+            open_rows: 0,
+            next_bno: vec![0; k],
+            bounds: (0..k).map(|_| distance::QuantBounds::new(dim)).collect(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            manifest: Vec::new(),
+            first: true,
+        };
+        let mut calib = Calibration::new(calib, dim);
+        // 1. One pass over the old generation, a read chunk at a time: assign every row,
+        // measure the calibration queries' true neighbours, append rows to the new lists.
+        let t_write = std::time::Instant::now();
+        let no_quant = |_l: u32| None;
+        let per_read = (TRAIN_READ_CHUNK_BYTES / BLOCK_BYTES).max(1);
+        let mut seen = 0usize;
+        for (ci, chunk) in old_dir.chunks(per_read).enumerate() {
+            stop.check()?;
+            progress.set(Phase::Assigning, ci * per_read, old_dir.len());
+            let blocks = self.read_blocks(old_gen, chunk, &no_quant, false)?;
+            let rows: Vec<(Vec<u32>, Vec<f32>)> = blocks
                 .par_iter()
                 .map(|b| {
-                    progress.step();
-                    let r = if angular {
-                        let normed: Vec<f32> = b
-                            .vecs
+                    let normed: Vec<f32> = if angular {
+                        b.vecs
                             .chunks_exact(dim)
                             .flat_map(distance::normalized)
-                            .collect();
-                        kmeans::assign_stoppable(&normed, dim, &centroids, batch, &stopped)
+                            .collect()
                     } else {
-                        kmeans::assign_stoppable(&b.vecs, dim, &centroids, batch, &stopped)
+                        b.vecs.clone()
                     };
-                    r.map(|(labels, _)| labels)
+                    kmeans::assign_stoppable(&normed, dim, &centroids, batch, &stopped)
+                        .map(|(labels, _)| (labels, normed))
                 })
                 .collect::<Option<_>>()
                 .ok_or_else(|| stop.cancelled())?;
-            let chunks: Vec<&[f32]> = blocks.iter().map(|b| b.vecs.as_slice()).collect();
-            let flat_labels: Vec<u32> = labels.iter().flatten().copied().collect();
-            let t_cal = std::time::Instant::now();
-            let probes = calibrate_probes(&chunks, dim, angular, &flat_labels, &centroids);
-            tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
-            (
-                blocks,
-                labels,
-                d.gen + 1,
-                d.gen,
-                probes,
-                d.count(),
-                d.epoch + 1,
-                d.meta_digest,
-            )
-        };
-        // Each list takes its rows in the order of the old blocks, `cap` rows per block. The
-        // store copy below and the in-memory move in step 3 both follow this one order.
-        let mut rows_of: Vec<Vec<(u32, u32)>> = vec![Vec::new(); k];
-        for (bi, labs) in labels.iter().enumerate() {
-            for (pos, &l) in labs.iter().enumerate() {
-                rows_of[l as usize].push((bi as u32, pos as u32));
+            calib.observe(&blocks, &rows);
+            for (blk, (labels, normed)) in blocks.iter().zip(&rows) {
+                seen += blk.len();
+                for (pos, &l) in labels.iter().enumerate() {
+                    out.push(l as usize, blk, pos, &normed[pos * dim..(pos + 1) * dim]);
+                }
+            }
+            drop(blocks);
+            out.flush_open(TRAIN_OPEN_BLOCKS_BYTES);
+            if out.pending_bytes >= TRAIN_WRITE_CHUNK_BYTES {
+                stop.check()?;
+                out.write()?;
             }
         }
-        let mut locate = HashMap::with_capacity_and_hasher(count, Default::default());
-        for (l, rows) in rows_of.iter().enumerate() {
-            for (i, &(bi, pos)) in rows.iter().enumerate() {
-                let id = blocks[bi as usize].ids[pos as usize].clone();
-                locate.insert(id, (l as u32, (i / cap) as u32));
-            }
+        if seen != count {
+            return Err(EngineError::Integrity {
+                index: self.name.clone(),
+                what: format!("the blocks hold {seen} rows where the manifest says {count}"),
+            });
         }
-        // 2. Write the new generation in bounded chunks, built a few lists at a time and
-        // dropped once sealed, so memory never holds a second full copy. Nothing refers to it
-        // until the state record is switched in the final batch below, so a crash in between
-        // leaves only unreferenced blocks; the first chunk deletes leftovers of any earlier
-        // attempt.
-        let t_write = std::time::Instant::now();
-        let build = |l: usize, b: usize| {
-            let rows = &rows_of[l][b * cap..((b + 1) * cap).min(rows_of[l].len())];
-            let mut blk = Block::with_capacity(rows.len(), dim);
-            for &(bi, pos) in rows {
-                let src = &blocks[bi as usize];
-                let pos = pos as usize;
-                blk.push_row(
-                    src.ids[pos].clone(),
-                    src.vector(pos, dim),
-                    src.inv_norms[pos],
-                    src.meta[pos].clone(),
-                    src.cepochs[pos],
-                );
-            }
-            blk
-        };
-        let jobs: Vec<(usize, usize)> = (0..k)
-            .flat_map(|l| (0..rows_of[l].len().div_ceil(cap)).map(move |b| (l, b)))
-            .collect();
-        let per_chunk = (TRAIN_WRITE_CHUNK_BYTES / BLOCK_BYTES).max(1);
-        let mut first = true;
-        let n_chunks = jobs.len().div_ceil(per_chunk);
-        for (ci, chunk) in jobs.chunks(per_chunk).enumerate() {
-            stop.check()?;
-            progress.set(Phase::Writing, ci, n_chunks);
-            let mut batch = WriteBatch::new();
-            if std::mem::take(&mut first) {
-                batch.delete_prefix(fmt::list_gen_prefix(&self.id, gen));
-            }
-            let sealed: Vec<(Vec<u8>, Vec<u8>)> = chunk
-                .par_iter()
-                .map(|&(l, b)| self.seal_block(gen, l as u32, b as u32, &build(l, b), dim, epoch))
-                .collect();
-            for (k, v) in sealed {
-                batch.put(k, v);
-            }
-            self.store.write(batch)?;
-        }
+        out.flush_open(0);
+        stop.check()?;
+        progress.set(Phase::Writing, 0, 1);
+        out.write()?;
+        let t_cal = std::time::Instant::now();
+        let probes = calib.probes(&centroids, k);
+        tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
+        let quants: Option<Vec<Option<Quant>>> = wants_quant(true, probes as u32, k).then(|| {
+            out.bounds
+                .drain(..)
+                .map(distance::QuantBounds::finish)
+                .collect()
+        });
         // The last moment to stop: after the next write the new generation is the index.
         stop.check()?;
-        let per_list: Vec<usize> = rows_of.iter().map(Vec::len).collect();
-        let manifest: Vec<(u32, u32, u64)> = jobs
-            .iter()
-            .map(|&(l, b)| (l as u32, b as u32, epoch))
-            .collect();
-        drop(rows_of);
-        drop(blocks);
+        let mut manifest = std::mem::take(&mut out.manifest);
+        manifest.sort_unstable();
         let mut batch = WriteBatch::new();
         batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
+        batch.delete_prefix(fmt::pos_gen_prefix(&self.id, old_gen));
         batch.delete(fmt::centroids_key(&self.id, old_gen));
+        batch.delete(fmt::quant_key(&self.id, old_gen));
         let ck = fmt::centroids_key(&self.id, gen);
         let mut raw = Vec::with_capacity(centroids.len() * 4);
         Precision::F32.encode_into(&centroids, &mut raw);
         batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
+        if let Some(q) = &quants {
+            let qk = fmt::quant_key(&self.id, gen);
+            batch.put(
+                qk.clone(),
+                self.keys
+                    .seal(&fmt::aad(&qk), &super::encode_quants(q, dim)),
+            );
+        }
         let st = State {
             dimension: dim as u32,
             gen,
@@ -328,139 +375,285 @@ impl Index {
         self.put_state(&mut batch, &st);
         self.store.write(batch)?;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
-        // 3. The store has switched; now memory does. Rows move from the old blocks into the
-        // new ones in the same order as above, each old block freed once emptied, so the
-        // process never holds both generations. Queries wait for this step (a copy of the
-        // vectors, plus 8-bit codes where used: 40-60 ms per 100k 128-d vectors here).
-        let t_swap = std::time::Instant::now();
+        // 2. The store has switched; now memory does (the directory only: blocks are read
+        // on demand, and the old generation's cached blocks are dropped).
         progress.set(Phase::Swapping, 0, 1);
-        let mut d = self.data.write();
-        let old = std::mem::take(&mut d.lists);
-        let mut lists = vec![PostingList::default(); k];
-        let mut placed = vec![0usize; k];
-        let room = |l: usize, placed: usize| (per_list[l] - placed).min(cap);
-        let mut fill: Vec<Block> = (0..k)
-            .map(|l| Block::with_capacity(room(l, 0), dim))
+        let mut lists: Vec<ListDir> = vec![ListDir::default(); k];
+        for &(l, b, e, rows) in &st.manifest {
+            lists[l as usize]
+                .blocks
+                .insert(b, BlockMeta { epoch: e, rows });
+        }
+        if let Some(q) = quants {
+            for (pl, q) in lists.iter_mut().zip(q) {
+                pl.quant = q.map(Arc::new);
+            }
+        }
+        {
+            let mut d = self.data.write();
+            d.gen = gen;
+            d.epoch = epoch;
+            d.trained = true;
+            d.default_probes = probes as u32;
+            d.centroids = centroids;
+            d.lists = lists;
+            d.count = count;
+        }
+        self.cache.forget(&self.id, Some(old_gen));
+        Ok(k)
+    }
+}
+
+/// The new generation as training builds it: one unfinished block per list, finished blocks
+/// waiting to be written, and what the state record will list.
+struct NewGeneration<'a> {
+    ix: &'a Index,
+    gen: u32,
+    epoch: u64,
+    dim: usize,
+    cap: usize,
+    open: Vec<Block>,
+    open_rows: usize,
+    next_bno: Vec<u32>,
+    /// Per list: the bounds of its rows (as the quantiser sees them), for its quantiser.
+    bounds: Vec<distance::QuantBounds>,
+    pending: Vec<(u32, u32, Block)>,
+    pending_bytes: usize,
+    manifest: Vec<(u32, u32, u64, u32)>,
+    first: bool,
+}
+
+impl NewGeneration<'_> {
+    fn push(&mut self, l: usize, src: &Block, pos: usize, qrow: &[f32]) {
+        if self.open[l].len() == 0 {
+            self.open[l] = Block::with_capacity(self.cap, self.dim);
+        }
+        self.open[l].push_row(
+            src.ids[pos].clone(),
+            src.vector(pos, self.dim),
+            src.inv_norms[pos],
+            src.meta[pos].clone(),
+            src.cepochs[pos],
+        );
+        self.bounds[l].add(qrow);
+        self.open_rows += 1;
+        if self.open[l].len() >= self.cap {
+            self.finish(l);
+        }
+    }
+
+    fn finish(&mut self, l: usize) {
+        let blk = std::mem::take(&mut self.open[l]);
+        if blk.len() == 0 {
+            return;
+        }
+        self.open_rows -= blk.len();
+        let b = self.next_bno[l];
+        self.next_bno[l] += 1;
+        self.pending_bytes += blk.len() * (self.dim * 4 + 64);
+        self.pending.push((l as u32, b, blk));
+    }
+
+    /// Finish the fullest unfinished blocks until they hold at most `limit` bytes.
+    fn flush_open(&mut self, limit: usize) {
+        let row = self.dim * 4 + 64;
+        if self.open_rows * row <= limit {
+            return;
+        }
+        let mut by_size: Vec<(usize, usize)> = self
+            .open
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() > 0)
+            .map(|(l, b)| (b.len(), l))
             .collect();
-        let old_blocks = old.into_iter().flat_map(|pl| pl.blocks.into_values());
-        for (blk, labs) in old_blocks.zip(&labels) {
-            let Block {
-                ids,
-                vecs,
-                inv_norms,
-                meta,
-                cepochs,
-                ..
-            } = Arc::try_unwrap(blk).unwrap_or_else(|shared| (*shared).clone());
-            for (pos, ((id, m), &l)) in ids.into_iter().zip(meta).zip(labs).enumerate() {
-                let l = l as usize;
-                fill[l].push_row(
-                    id,
-                    &vecs[pos * dim..(pos + 1) * dim],
-                    inv_norms[pos],
-                    m,
-                    cepochs[pos],
-                );
-                placed[l] += 1;
-                if fill[l].len() == cap || placed[l] == per_list[l] {
-                    let next = Block::with_capacity(room(l, placed[l]), dim);
-                    let mut full = std::mem::replace(&mut fill[l], next);
-                    full.epoch = epoch;
-                    let bno = lists[l].blocks.len() as u32;
-                    lists[l].blocks.insert(bno, Arc::new(full));
+        by_size.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, l) in by_size {
+            if self.open_rows * row <= limit / 2 {
+                break;
+            }
+            self.finish(l);
+        }
+    }
+
+    /// Seal and store the finished blocks and their rows' position records. Nothing refers
+    /// to them until the final batch switches generations; the first write also drops what
+    /// an earlier, interrupted attempt left of this generation.
+    fn write(&mut self) -> Result<(), EngineError> {
+        let ix = self.ix;
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let mut batch = WriteBatch::new();
+        if std::mem::take(&mut self.first) {
+            batch.delete_prefix(fmt::list_gen_prefix(&ix.id, self.gen));
+            batch.delete_prefix(fmt::pos_gen_prefix(&ix.id, self.gen));
+        }
+        if pending.is_empty() && batch.is_empty() {
+            return Ok(());
+        }
+        let (gen, epoch, dim) = (self.gen, self.epoch, self.dim);
+        let sealed: Vec<Vec<(Vec<u8>, Vec<u8>)>> = pending
+            .into_par_iter()
+            .map(|(l, b, mut blk)| {
+                let mut kv = Vec::with_capacity(blk.len() + 1);
+                kv.push(ix.seal_block(gen, l, b, &mut blk, dim, epoch));
+                for id in &blk.ids {
+                    kv.push(ix.seal_position(gen, &ix.keys.id_locator(id), l, b));
+                }
+                kv
+            })
+            .collect();
+        for kv in sealed {
+            if let Some((k, _)) = kv.first() {
+                if let Some((l, b)) = fmt::parse_block_key(k) {
+                    self.manifest.push((l, b, epoch, (kv.len() - 1) as u32));
+                }
+            }
+            for (k, v) in kv {
+                batch.put(k, v);
+            }
+        }
+        ix.store.write(batch)?;
+        Ok(())
+    }
+}
+
+/// The `n_probes` calibration: stored rows as queries, their ten true nearest neighbours
+/// (found during the assignment pass, excluding the query's own row) and those neighbours'
+/// new lists.
+struct Calibration {
+    ids: HashMap<String, usize>,
+    queries: Vec<f32>,
+    q_norms: Vec<f32>,
+    dim: usize,
+    /// Per query: up to ten `(squared distance, new list)`, nearest first.
+    best: Vec<Vec<(f32, u32)>>,
+}
+
+impl Calibration {
+    fn new(calib: Vec<(String, Vec<f32>)>, dim: usize) -> Self {
+        let mut ids = HashMap::default();
+        let mut queries = Vec::with_capacity(calib.len() * dim);
+        for (i, (id, row)) in calib.into_iter().enumerate() {
+            ids.insert(id, i);
+            queries.extend_from_slice(&row);
+        }
+        let q_norms = queries
+            .chunks_exact(dim.max(1))
+            .map(|q| distance::dot(q, q))
+            .collect();
+        let n = ids.len();
+        Self {
+            ids,
+            queries,
+            q_norms,
+            dim,
+            best: vec![Vec::new(); n],
+        }
+    }
+
+    /// Offer one read chunk: blocks with their rows' new lists and query-space rows.
+    fn observe(&mut self, blocks: &[Arc<Block>], rows: &[(Vec<u32>, Vec<f32>)]) {
+        let nq = self.best.len();
+        if nq == 0 {
+            return;
+        }
+        let dim = self.dim;
+        let Ok(qv) = ndarray::ArrayView2::from_shape((nq, dim), &self.queries[..]) else {
+            return;
+        };
+        let ids = &self.ids;
+        let q_norms = &self.q_norms;
+        let found: Vec<Vec<Vec<(f32, u32)>>> = blocks
+            .par_iter()
+            .zip(rows)
+            .map(|(blk, (labels, normed))| {
+                let m = labels.len();
+                let mut best = vec![Vec::new(); nq];
+                let Ok(x) = ndarray::ArrayView2::from_shape((m, dim), &normed[..m * dim]) else {
+                    return best;
+                };
+                let x_norms: Vec<f32> = normed
+                    .chunks_exact(dim)
+                    .map(|r| distance::dot(r, r))
+                    .collect();
+                let own: Vec<Option<usize>> =
+                    blk.ids.iter().map(|id| ids.get(id).copied()).collect();
+                let dots = qv.dot(&x.t());
+                for (qi, b) in best.iter_mut().enumerate() {
+                    for (j, (&dt, &xn)) in dots.row(qi).iter().zip(&x_norms).enumerate() {
+                        if own[j] != Some(qi) {
+                            keep_best(b, q_norms[qi] + xn - 2.0 * dt, labels[j]);
+                        }
+                    }
+                }
+                best
+            })
+            .collect();
+        for per_block in found {
+            for (b, f) in self.best.iter_mut().zip(per_block) {
+                for (dist, l) in f {
+                    keep_best(b, dist, l);
                 }
             }
         }
-        if wants_quant(true, probes as u32, lists.len()) {
-            lists
-                .par_iter_mut()
-                .for_each(|pl| quantize_list(pl, dim, angular));
+    }
+
+    /// The fewest lists that give recall@10 >= 0.99 on the calibration queries: for each
+    /// query, lists are ranked by centroid distance and each true neighbour's list rank is
+    /// noted; recall at `p` probes is the share of neighbours whose list rank is below `p`.
+    fn probes(&self, centroids: &[f32], k: usize) -> usize {
+        let dim = self.dim;
+        if k <= 1 || self.best.is_empty() {
+            return k.max(1);
         }
-        d.gen = gen;
-        d.epoch = epoch;
-        d.trained = true;
-        d.default_probes = probes as u32;
-        d.centroids = centroids;
-        d.lists = lists;
-        d.locate = locate;
-        tracing::debug!(index = %self.name, secs = t_swap.elapsed().as_secs_f32(), "generation swapped in memory");
-        Ok(k)
+        let hist: Vec<usize> = self
+            .queries
+            .par_chunks(dim)
+            .zip(&self.best)
+            .map(|(q, nbrs)| {
+                let mut cd: Vec<(f32, u32)> = centroids
+                    .chunks_exact(dim)
+                    .enumerate()
+                    .map(|(i, c)| (distance::l2sq(q, c), i as u32))
+                    .collect();
+                cd.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+                let mut rank = vec![0usize; k];
+                for (r, (_, c)) in cd.iter().enumerate() {
+                    rank[*c as usize] = r;
+                }
+                let mut h = vec![0usize; k];
+                for &(_, l) in nbrs {
+                    h[rank[l as usize]] += 1;
+                }
+                h
+            })
+            .reduce(
+                || vec![0usize; k],
+                |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+            );
+        let total: usize = hist.iter().sum();
+        let mut covered = 0usize;
+        for (r, h) in hist.iter().enumerate() {
+            covered += h;
+            if covered as f64 >= CALIBRATION_RECALL * total as f64 {
+                // One extra list of headroom for queries that are not stored points.
+                return (r + 2).min(k);
+            }
+        }
+        k
+    }
+}
+
+/// Keep the ten nearest `(distance, list)` in `best`, nearest first.
+fn keep_best(best: &mut Vec<(f32, u32)>, dist: f32, list: u32) {
+    const K: usize = 10;
+    if best.len() < K || dist < best[best.len() - 1].0 {
+        let pos = best.partition_point(|b| b.0 <= dist);
+        best.insert(pos, (dist, list));
+        best.truncate(K);
     }
 }
 
 /// Recall@10 the default `n_probes` must reach on the calibration sample.
 const CALIBRATION_RECALL: f64 = 0.99;
-
-/// Choose the default `n_probes`: the fewest lists that give recall@10 >= 0.99 when stored
-/// vectors themselves are the queries (their own entry excluded). For each sampled point we
-/// rank lists by centroid distance and note the rank of each true neighbour's list; recall at
-/// `p` probes is the share of neighbours whose list rank is below `p`.
-fn calibrate_probes(
-    chunks: &[&[f32]],
-    dim: usize,
-    angular: bool,
-    labels: &[u32],
-    centroids: &[f32],
-) -> usize {
-    let n = labels.len();
-    let k = centroids.len() / dim;
-    if k <= 1 || n < 50 {
-        return k.max(1);
-    }
-    let nq = 200.min(n / 4);
-    let step = n / nq;
-    let picks: Vec<usize> = (0..nq).map(|i| i * step + step / 2).collect();
-    // Row i of the concatenated chunks.
-    let starts = kmeans::row_starts(chunks, dim);
-    let row = |i: usize| {
-        let c = starts.partition_point(|&s| s <= i) - 1;
-        let off = i - starts[c];
-        &chunks[c][off * dim..(off + 1) * dim]
-    };
-    let queries: Vec<f32> = picks
-        .iter()
-        .flat_map(|&i| {
-            if angular {
-                distance::normalized(row(i))
-            } else {
-                row(i).to_vec()
-            }
-        })
-        .collect();
-    let truth = kmeans::exact_neighbours(chunks, dim, angular, &queries, &picks, 10);
-    // hist[r] = number of true neighbours whose list has rank r for their query.
-    let hist: Vec<usize> = queries
-        .par_chunks(dim)
-        .zip(&truth)
-        .map(|(q, nbrs)| {
-            let mut cd: Vec<(f32, u32)> = centroids
-                .chunks_exact(dim)
-                .enumerate()
-                .map(|(i, c)| (distance::l2sq(q, c), i as u32))
-                .collect();
-            cd.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-            let mut rank = vec![0usize; k];
-            for (r, (_, c)) in cd.iter().enumerate() {
-                rank[*c as usize] = r;
-            }
-            let mut h = vec![0usize; k];
-            for &j in nbrs {
-                h[rank[labels[j] as usize]] += 1;
-            }
-            h
-        })
-        .reduce(
-            || vec![0usize; k],
-            |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
-        );
-    let total: usize = hist.iter().sum();
-    let mut covered = 0usize;
-    for (r, h) in hist.iter().enumerate() {
-        covered += h;
-        if covered as f64 >= CALIBRATION_RECALL * total as f64 {
-            // One extra list of headroom for queries that are not stored points.
-            return (r + 2).min(k);
-        }
-    }
-    k
-}

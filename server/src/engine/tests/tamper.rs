@@ -1,7 +1,9 @@
 //! Tamper tests: a hostile store that flips a byte, swaps two blobs, duplicates one, deletes
 //! one or restores an older version of one is caught with an integrity error, on the redb
 //! store and on the filesystem store. Each attack runs on a fresh store, then a fresh engine
-//! (nothing cached) opens the index.
+//! (nothing cached) opens the index: attacks on the state and meta records fail the open,
+//! attacks on blocks fail the first read of the block, attacks on position and item records
+//! fail the read of that item.
 
 use super::*;
 
@@ -124,6 +126,33 @@ fn run_open_attacks(name: &str, open: OpenStore, attacks: &[Attack]) {
     }
 }
 
+/// Open works (blocks are read on demand); reading every block fails.
+fn reads_fail(s: &Setup, store_name: &str, attack: &str) {
+    let e = engine(s.store.clone());
+    let ix = e.open("t", Some(&s.kek)).unwrap();
+    match ix.list_ids() {
+        Err(EngineError::Integrity { .. }) => {}
+        other => panic!(
+            "{store_name}/{attack}: expected an integrity error, got {other:?}",
+            other = other.map(|v| v.len())
+        ),
+    }
+    let p = SearchParams {
+        top_k: 400,
+        n_probes: Some(4),
+        greedy: false,
+        filter: None,
+        include: Include::default(),
+    };
+    assert!(
+        matches!(
+            ix.search(&[vec![0.5; 4]], &p),
+            Err(EngineError::Integrity { .. })
+        ),
+        "{store_name}/{attack}: a query over every list must fail"
+    );
+}
+
 /// Open works (the attack is on item contents), reading the contents fails.
 fn contents_fail(s: &Setup, store_name: &str, attack: &str, id: &str) {
     let e = engine(s.store.clone());
@@ -179,12 +208,9 @@ fn block_attacks() {
                 put(s, &b[0].0, &b[1].1);
                 put(s, &b[1].0, &b[0].1);
             }),
-            ("duplicate a block under a new key", |s| {
-                let (k, v) = &of_kind(s, format::kind::LIST)[0];
-                let mut k2 = k.clone();
-                let n = k2.len();
-                k2[n - 1] = k2[n - 1].wrapping_add(9);
-                put(s, &k2, v);
+            ("duplicate a block onto another's key", |s| {
+                let b = of_kind(s, format::kind::LIST);
+                put(s, &b[1].0, &b[0].1);
             }),
             ("delete a block", |s| {
                 let (k, _) = &of_kind(s, format::kind::LIST)[0];
@@ -198,7 +224,85 @@ fn block_attacks() {
                 put(s, &rolled.0, &rolled.1);
             }),
         ];
-        run_open_attacks(name, open, &attacks);
+        for (what, attack) in attacks {
+            let s = setup(open);
+            attack(&s);
+            reads_fail(&s, name, what);
+        }
+        // A block under a key the manifest does not name is never read: the index answers
+        // exactly as before.
+        let s = setup(open);
+        let (k, v) = of_kind(&s, format::kind::LIST)[0].clone();
+        let mut k2 = k.clone();
+        let n = k2.len();
+        k2[n - 1] = k2[n - 1].wrapping_add(9);
+        let ids_before = {
+            let e = engine(s.store.clone());
+            let ix = e.open("t", Some(&s.kek)).unwrap();
+            let mut ids = ix.list_ids().unwrap();
+            ids.sort();
+            ids
+        };
+        put(&s, &k2, &v);
+        let e = engine(s.store.clone());
+        let ix = e.open("t", Some(&s.kek)).unwrap();
+        let mut ids = ix.list_ids().unwrap();
+        ids.sort();
+        assert_eq!(
+            ids, ids_before,
+            "{name}: an unreferenced block changed the index"
+        );
+    }
+}
+
+#[test]
+fn position_record_attacks() {
+    for (name, open) in stores() {
+        let pos = |s: &Setup, id: &str| {
+            let e = engine(s.store.clone());
+            let ix = e.open("t", Some(&s.kek)).unwrap();
+            let gen = ix.read().gen;
+            format::pos_key(&s.id, gen, &ix.keys.id_locator(id))
+        };
+        let attacks: [ItemAttack; 3] = [
+            ("flip a byte", |s, pos| {
+                let k = pos(s, "3");
+                let v = s.store.get(&k).unwrap().unwrap();
+                put(s, &k, &flip(&v));
+            }),
+            ("swap two position records", |s, pos| {
+                // Items in different blocks: each record now names the other's block.
+                let (a, b) = (pos(s, "3"), pos(s, "300"));
+                let (va, vb) = (
+                    s.store.get(&a).unwrap().unwrap(),
+                    s.store.get(&b).unwrap().unwrap(),
+                );
+                put(s, &a, &vb);
+                put(s, &b, &va);
+            }),
+            ("restore an older position record", |s, pos| {
+                let k = pos(s, "3");
+                let old = older(s, &k).unwrap();
+                assert_ne!(Some(old.clone()), s.store.get(&k).unwrap());
+                put(s, &k, &old);
+            }),
+        ];
+        for (what, attack) in attacks {
+            let s = setup(open);
+            attack(&s, &pos);
+            let e = engine(s.store.clone());
+            let ix = e.open("t", Some(&s.kek)).unwrap();
+            for res in [
+                ix.get(&["3".into()], Include::default()).map(|v| v.len()),
+                ix.delete_ids(&["3".into()]),
+                ix.upsert(vec![item("3", vec![0.1; 4], json!({}))]),
+            ] {
+                assert!(
+                    matches!(res, Err(EngineError::Integrity { .. })),
+                    "{name}/{what}: expected an integrity error, got {res:?}"
+                );
+            }
+        }
     }
 }
 

@@ -1,0 +1,115 @@
+//! The shared cache of decrypted posting-list blocks (`--index-cache-mb`).
+//!
+//! One cache serves every open index. Entries are keyed by the block's full identity
+//! `(index, generation, list, block, epoch)`, so a rewritten block is a new entry and a stale
+//! one can never be returned: it is simply never asked for again and ages out. The weight
+//! of an entry is the memory its decrypted block holds ([`Block::weight`]), and the cache
+//! never holds more than its budget (eviction by quick_cache's CLOCK-Pro policy, which
+//! resists scans better than plain LRU). A budget of 0 keeps nothing: every read decrypts.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::format::IndexId;
+use super::index::Block;
+
+/// The identity of one decrypted block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct BlockKey {
+    pub index: IndexId,
+    pub gen: u32,
+    pub list: u32,
+    pub block: u32,
+    pub epoch: u64,
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+impl quick_cache::Weighter<BlockKey, Arc<Block>> for ByWeight {
+    fn weight(&self, _key: &BlockKey, val: &Arc<Block>) -> u64 {
+        // Zero-weight entries would never be evicted.
+        val.weight().max(1) as u64
+    }
+}
+
+type Inner = quick_cache::sync::Cache<BlockKey, Arc<Block>, ByWeight, foldhash::fast::RandomState>;
+
+/// The cache and its counters.
+pub struct BlockCache {
+    inner: Option<Inner>,
+    budget: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// What `/metrics` and the debug log report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Bytes of decrypted blocks held now.
+    pub bytes: u64,
+    /// The budget in bytes.
+    pub budget: u64,
+    /// Blocks held now.
+    pub blocks: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// Typical block weight, to size the cache's tables (not a limit).
+const TYPICAL_BLOCK: u64 = 64 * 1024;
+
+impl BlockCache {
+    /// A cache holding at most `budget` bytes of decrypted blocks.
+    pub fn new(budget: u64) -> Self {
+        let inner = (budget > 0).then(|| {
+            let items = (budget / TYPICAL_BLOCK).clamp(64, 1 << 16) as usize;
+            Inner::with(
+                items,
+                budget,
+                ByWeight,
+                foldhash::fast::RandomState::default(),
+                Default::default(),
+            )
+        });
+        Self {
+            inner,
+            budget,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn get(&self, key: &BlockKey) -> Option<Arc<Block>> {
+        let got = self.inner.as_ref().and_then(|c| c.get(key));
+        match got {
+            Some(_) => self.hits.fetch_add(1, Relaxed),
+            None => self.misses.fetch_add(1, Relaxed),
+        };
+        got
+    }
+
+    /// Keep a block (a block heavier than the cache's share for it is not kept).
+    pub(crate) fn insert(&self, key: BlockKey, block: Arc<Block>) {
+        if let Some(c) = &self.inner {
+            c.insert(key, block);
+        }
+    }
+
+    /// Drop every entry of an index (deleted), or of one of its generations (retrained).
+    pub(crate) fn forget(&self, index: &IndexId, gen: Option<u32>) {
+        if let Some(c) = &self.inner {
+            c.retain(|k, _| k.index != *index || gen.is_some_and(|g| k.gen != g));
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            bytes: self.inner.as_ref().map_or(0, |c| c.weight()),
+            budget: self.budget,
+            blocks: self.inner.as_ref().map_or(0, |c| c.len() as u64),
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+        }
+    }
+}
