@@ -64,9 +64,24 @@ impl BlockCache {
     pub fn new(budget: u64) -> Self {
         let inner = (budget > 0).then(|| {
             let items = (budget / TYPICAL_BLOCK).clamp(64, 1 << 16) as usize;
-            Inner::with(
-                items,
-                budget,
+            // The budget is split evenly across shards and a block must fit in its shard's
+            // share: at least 16 typical blocks per shard, at most 64 shards.
+            let shards = (budget / (16 * TYPICAL_BLOCK))
+                .clamp(1, 64)
+                .next_power_of_two();
+            let shards = if shards > budget / (16 * TYPICAL_BLOCK) && shards > 1 {
+                shards / 2
+            } else {
+                shards
+            };
+            let opts = quick_cache::OptionsBuilder::new()
+                .estimated_items_capacity(items)
+                .weight_capacity(budget)
+                .shards(shards as usize)
+                .build()
+                .expect("valid cache options");
+            Inner::with_options(
+                opts,
                 ByWeight,
                 foldhash::fast::RandomState::default(),
                 Default::default(),

@@ -605,6 +605,9 @@ fn trained_generation_in_memory_matches_the_store_through_later_edits() {
 /// Hostile-store attacks on redb and the filesystem store (`tests/tamper.rs`).
 mod tamper;
 
+/// Indexes larger than the block cache (`tests/bounded.rs`).
+mod bounded;
+
 #[test]
 fn state_record_v4_layout_round_trips() {
     // docs/FORMAT.md "State record", byte by byte.
