@@ -23,7 +23,7 @@ fn vector(rng: &mut StdRng, cluster: usize) -> Vec<f32> {
 fn items(rng: &mut StdRng, ids: std::ops::Range<usize>, version: u32) -> Vec<NewItem> {
     ids.map(|i| {
         let mut v = vector(rng, i % 13);
-        v[0] = version as f32 * 10.0 + v[0];
+        v[0] += version as f32 * 10.0;
         let mut it = item(&format!("id{i}"), v, json!({"g": i % 7, "v": version}));
         if i % 3 == 0 {
             it.contents = None;
@@ -56,6 +56,9 @@ fn answers(ix: &Index) -> String {
     out
 }
 
+/// One step of the lockstep test, run on both engines.
+type Phase = Box<dyn Fn(&Engine, &Arc<Index>)>;
+
 fn check_budget(e: &Engine) {
     let st = e.cache_stats();
     assert!(
@@ -82,7 +85,7 @@ fn bounded_cache_answers_exactly_as_unbounded() {
         );
     }
     // The same operations on both, step by step; compare after each phase.
-    let phases: Vec<Box<dyn Fn(&Engine, &Arc<Index>)>> = vec![
+    let phases: Vec<Phase> = vec![
         Box::new(|_, ix| {
             ix.upsert(items(&mut StdRng::seed_from_u64(1), 0..4000, 1))
                 .unwrap();
