@@ -7,7 +7,12 @@
                                                 "ours vs original (ratio; earlier runs' ratios)"
 """
 import json
+import os
 import sys
+
+# The two servers compared: compare.sh labels them sealdb / original; ab.sh sets new / old.
+A = os.environ.get("REPORT_A", "sealdb")
+B = os.environ.get("REPORT_B", "original")
 
 # metric, label, higher is better
 ROWS = [
@@ -36,9 +41,9 @@ def main(path):
     for r in rows:
         by.setdefault(r["scenario"], {})[r["server"]] = r
     for scen, servers in by.items():
-        ours, orig = servers.get("sealdb"), servers.get("original")
+        ours, orig = servers.get(A), servers.get(B)
         print(f"\n### {scen}\n")
-        print("| metric | SealDB | original | ratio (better = >1) |")
+        print(f"| metric | {A} | {B} | ratio (better = >1) |")
         print("|---|---|---|---|")
         for key, label, higher in ROWS:
             a = ours.get(key) if ours else None
@@ -49,7 +54,7 @@ def main(path):
             print(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio} |")
         if ours and orig and ours.get("probe_sweep") and orig.get("probe_sweep"):
             print("\nn_probes sweep (recall@10 / p50 ms):\n")
-            print("| n_probes | SealDB | original |")
+            print(f"| n_probes | {A} | {B} |")
             print("|---|---|---|")
             for a, b in zip(ours["probe_sweep"], orig["probe_sweep"]):
                 print(f"| {a['n_probes']} | {a['recall_at_10']:.3f} / {a['p50_ms']:.2f} | "
@@ -58,8 +63,8 @@ def main(path):
                 fa = next((s for s in ours["probe_sweep"] if s["recall_at_10"] >= target), None)
                 fb = next((s for s in orig["probe_sweep"] if s["recall_at_10"] >= target), None)
                 if fa and fb:
-                    print(f"\nat recall >= {target}: SealDB {fa['p50_ms']:.2f} ms (n_probes {fa['n_probes']}), "
-                          f"original {fb['p50_ms']:.2f} ms (n_probes {fb['n_probes']}): "
+                    print(f"\nat recall >= {target}: {A} {fa['p50_ms']:.2f} ms (n_probes {fa['n_probes']}), "
+                          f"{B} {fb['p50_ms']:.2f} ms (n_probes {fb['n_probes']}): "
                           f"{fb['p50_ms'] / fa['p50_ms']:.1f}x")
 
 
@@ -74,7 +79,7 @@ def load(path):
 
 def ratio(run, scen, key, higher):
     s = run.get(scen, {})
-    a, b = s.get("sealdb", {}).get(key), s.get("original", {}).get(key)
+    a, b = s.get(A, {}).get(key), s.get(B, {}).get(key)
     if not a or not b:
         return None
     return a / b if higher else b / a
@@ -90,7 +95,7 @@ def combined(paths):
         cells = []
         for scen in scens:
             s = main_run[scen]
-            a, b = s.get("sealdb", {}).get(key), s.get("original", {}).get(key)
+            a, b = s.get(A, {}).get(key), s.get(B, {}).get(key)
             if key == "recall_at_10":
                 cells.append(f"{fmt(a)} vs {fmt(b)}")
                 continue

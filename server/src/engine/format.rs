@@ -33,6 +33,8 @@ pub mod kind {
     pub const POS: u8 = b'P';
     /// `Q || index id || gen` -> sealed 8-bit quantisers of the lists of generation `gen`.
     pub const QUANT: u8 = b'Q';
+    /// `D || index id || gen || list group || block group` -> sealed manifest page.
+    pub const PAGE: u8 = b'D';
     /// `U || index id || user id` -> sealed user record (RBAC).
     pub const USER: u8 = b'U';
 }
@@ -86,6 +88,19 @@ pub fn parse_block_key(key: &[u8]) -> Option<(u32, u32)> {
         u32::from_be_bytes(tail[..4].try_into().ok()?),
         u32::from_be_bytes(tail[4..].try_into().ok()?),
     ))
+}
+
+pub fn page_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::PAGE, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn page_key(id: &IndexId, gen: u32, list_group: u32, block_group: u32) -> Vec<u8> {
+    let mut k = page_gen_prefix(id, gen);
+    k.extend_from_slice(&list_group.to_be_bytes());
+    k.extend_from_slice(&block_group.to_be_bytes());
+    k
 }
 
 pub fn quant_key(id: &IndexId, gen: u32) -> Vec<u8> {

@@ -698,6 +698,7 @@ impl Engine {
             format::kind::LIST,
             format::kind::POS,
             format::kind::QUANT,
+            format::kind::PAGE,
             format::kind::ITEM,
             format::kind::USER,
         ] {

@@ -610,7 +610,7 @@ mod bounded;
 
 #[test]
 fn state_record_v4_layout_round_trips() {
-    // docs/FORMAT.md "State record", byte by byte.
+    // docs/FORMAT.md "State record" and "Manifest page", byte by byte.
     let st = index::State {
         dimension: 128,
         gen: 3,
@@ -619,7 +619,7 @@ fn state_record_v4_layout_round_trips() {
         default_probes: 1,
         epoch: 9,
         meta_digest: [5; 32],
-        manifest: vec![(0, 0, 7, 2), (1, 0, 9, 5)],
+        pages: vec![(0, 0, 7), (0, 1, 9)],
     };
     let raw = st.encode();
     let mut want = vec![4u8];
@@ -631,11 +631,10 @@ fn state_record_v4_layout_round_trips() {
     want.extend_from_slice(&9u64.to_le_bytes());
     want.extend_from_slice(&[5; 32]);
     want.extend_from_slice(&2u32.to_le_bytes());
-    for (l, b, e, n) in [(0u32, 0u32, 7u64, 2u32), (1, 0, 9, 5)] {
-        want.extend_from_slice(&l.to_le_bytes());
-        want.extend_from_slice(&b.to_le_bytes());
+    for (lg, bg, e) in [(0u32, 0u32, 7u64), (0, 1, 9)] {
+        want.extend_from_slice(&lg.to_le_bytes());
+        want.extend_from_slice(&bg.to_le_bytes());
         want.extend_from_slice(&e.to_le_bytes());
-        want.extend_from_slice(&n.to_le_bytes());
     }
     assert_eq!(raw, want);
     assert_eq!(index::State::decode_for_test(&raw).unwrap(), st);
@@ -645,11 +644,23 @@ fn state_record_v4_layout_round_trips() {
             "cut at {cut}"
         );
     }
-    // A manifest count larger than the record can hold is refused before allocating.
-    let mut huge = raw[..raw.len() - 40].to_vec();
+    // A page count larger than the record can hold is refused before allocating.
+    let mut huge = raw[..raw.len() - 32].to_vec();
     let at = huge.len() - 4;
     huge[at..].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(index::State::decode_for_test(&huge).is_err());
+    // A manifest page: version, count, then (list, block, epoch, rows).
+    let entries = [(1u32, 2u32, 7u64, 30u32), (63, 1023, 9, 1)];
+    let page = index::state_page_for_test(&entries);
+    let mut want = vec![1u8];
+    want.extend_from_slice(&2u32.to_le_bytes());
+    for (l, b, e, n) in entries {
+        want.extend_from_slice(&l.to_le_bytes());
+        want.extend_from_slice(&b.to_le_bytes());
+        want.extend_from_slice(&e.to_le_bytes());
+        want.extend_from_slice(&n.to_le_bytes());
+    }
+    assert_eq!(page, want);
 }
 
 /// Stores written by format 2 (committed bytes) keep opening: key, config, trained lists,

@@ -37,6 +37,7 @@ mod train;
 
 pub use block::Block;
 use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};
+use state::{apply_pages, PageChanges, PageId};
 pub(crate) use state::State;
 
 /// Everything about the index that changes and stays resident: the state record's facts,
@@ -55,6 +56,8 @@ pub(crate) struct Data {
     centroids: Vec<f32>,
     lists: Vec<ListDir>,
     count: usize,
+    /// Epoch of every manifest page of generation `gen`.
+    pages: BTreeMap<PageId, u64>,
 }
 
 impl Data {
@@ -243,6 +246,7 @@ impl std::fmt::Debug for Index {
 
 struct UpsertPlan {
     touched: HashMap<(u32, u32), Block>,
+    pages: PageChanges,
     added: usize,
     dimension: u32,
     epoch: u64,
@@ -303,11 +307,12 @@ impl Index {
         let sealed = store
             .get(&sk)?
             .ok_or_else(|| integrity("the state record is missing".into()))?;
-        let mut st = State::decode(
+        let decoded = State::decode(
             &keys
                 .open(&fmt::aad(&sk), &sealed)
                 .map_err(|_| integrity("the state record failed authentication".into()))?,
         )?;
+        let mut st = decoded.state;
         if !bool::from(subtle::ConstantTimeEq::ct_eq(
             &st.meta_digest[..],
             &meta_digest[..],
@@ -316,9 +321,33 @@ impl Index {
                 "the meta record is not the one the state record vouches for (replaced or rolled back)".into(),
             ));
         }
-        if st.manifest.iter().any(|e| e.3 == 0) {
-            st = Self::upgrade_v3(store, name, id, keys, angular, st)?;
-        }
+        let manifest: Vec<state::Entry> = match decoded.legacy_manifest {
+            Some(legacy) => {
+                let (upgraded, manifest) =
+                    Self::upgrade_v3(store, name, id, keys, angular, st, &legacy)?;
+                st = upgraded;
+                manifest
+            }
+            None => {
+                let pkeys: Vec<Vec<u8>> = st
+                    .pages
+                    .iter()
+                    .map(|&(lg, bg, _)| fmt::page_key(id, st.gen, lg, bg))
+                    .collect();
+                let values = store.get_many(&pkeys)?;
+                let mut all = Vec::new();
+                for ((&(lg, bg, e), k), v) in st.pages.iter().zip(&pkeys).zip(values) {
+                    let v = v.ok_or_else(|| integrity(format!("manifest page {lg}/{bg} is missing")))?;
+                    let plain = keys.open(&fmt::aad_at(k, e), &v).map_err(|_| {
+                        integrity(format!(
+                            "manifest page {lg}/{bg} failed authentication at epoch {e} (altered, swapped or rolled back)"
+                        ))
+                    })?;
+                    all.extend(state::decode_page(&plain, (lg, bg))?);
+                }
+                all
+            }
+        };
         let n_lists = st.n_lists.max(1) as usize;
         let mut data = Data {
             dimension: st.dimension,
@@ -353,7 +382,8 @@ impl Index {
                 }
             }
         }
-        for &(l, b, epoch, rows) in &st.manifest {
+        data.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
+        for &(l, b, epoch, rows) in &manifest {
             let pl = data.lists.get_mut(l as usize).ok_or_else(|| {
                 EngineError::Corrupt("manifest names a list that does not exist".into())
             })?;
@@ -369,7 +399,7 @@ impl Index {
 
     /// Upgrade an index written before position records (state record v3): read every
     /// block once (each checked at its manifest epoch), write the position records of its
-    /// items in bounded batches, then the state record v4 with the row counts. A crash in
+    /// items in bounded batches, then the manifest pages and the state record v4. A crash in
     /// between leaves the v3 state in charge, and the next open starts over.
     fn upgrade_v3(
         store: &dyn IndexStore,
@@ -378,25 +408,26 @@ impl Index {
         keys: &IndexKeys,
         angular: bool,
         mut st: State,
-    ) -> Result<State, EngineError> {
+        legacy: &[(u32, u32, u64)],
+    ) -> Result<(State, Vec<state::Entry>), EngineError> {
         let n_lists = st.n_lists.max(1) as usize;
         let dim = st.dimension as usize;
         let quant = wants_quant(st.trained, st.default_probes, n_lists);
         let mut bounds = vec![distance::QuantBounds::new(dim); if quant { n_lists } else { 0 }];
-        tracing::info!(index = %name, blocks = st.manifest.len(), "upgrading the index to position records");
+        tracing::info!(index = %name, blocks = legacy.len(), "upgrading the index to position records and manifest pages");
         let per_read = (64usize << 20) / BLOCK_BYTES;
-        let mut manifest = Vec::with_capacity(st.manifest.len());
-        for chunk in st.manifest.chunks(per_read) {
+        let mut manifest = Vec::with_capacity(legacy.len());
+        for chunk in legacy.chunks(per_read) {
             let bkeys: Vec<Vec<u8>> = chunk
                 .iter()
-                .map(|&(l, b, _, _)| fmt::block_key(id, st.gen, l, b))
+                .map(|&(l, b, _)| fmt::block_key(id, st.gen, l, b))
                 .collect();
             let values = store.get_many(&bkeys)?;
             type Done = ((u32, u32, u64, u32), Vec<(Vec<u8>, Vec<u8>)>, Block);
             let done: Vec<Done> = chunk
                 .par_iter()
                 .zip(bkeys.par_iter().zip(values.into_par_iter()))
-                .map(|(&(l, b, e, _), (k, v))| {
+                .map(|(&(l, b, e), (k, v))| {
                     let fail = |what: &str| EngineError::Integrity {
                         index: name.to_owned(),
                         what: format!("block {l}/{b} {what}"),
@@ -436,9 +467,9 @@ impl Index {
             }
             store.write(batch)?;
         }
-        st.manifest = manifest;
         let sk = fmt::state_key(id);
         let mut batch = WriteBatch::new();
+        st.pages = state::put_all_pages(id, keys, st.gen, st.epoch, &manifest, &mut batch);
         if quant {
             let qs: Vec<Option<Quant>> = bounds
                 .into_iter()
@@ -452,7 +483,7 @@ impl Index {
         }
         batch.put(sk.clone(), keys.seal(&fmt::aad(&sk), &st.encode()));
         store.write(batch)?;
-        Ok(st)
+        Ok((st, manifest))
     }
 
     /// `(lists with a quantiser, lists, default probes)`.
@@ -749,7 +780,16 @@ impl Index {
     pub(crate) fn state_for_meta(&self, meta_digest: [u8; 32]) -> (u64, Vec<u8>, Vec<u8>) {
         let d = self.data.read();
         let epoch = d.epoch + 1;
-        let st = State::after(&d, d.dimension, epoch, &HashMap::default(), meta_digest);
+        let st = State {
+            dimension: d.dimension,
+            gen: d.gen,
+            trained: d.trained,
+            n_lists: d.n_lists() as u32,
+            default_probes: d.default_probes,
+            epoch,
+            meta_digest,
+            pages: d.pages.iter().map(|(&(lg, bg), &e)| (lg, bg, e)).collect(),
+        };
         let sk = fmt::state_key(&self.id);
         let v = self.keys.seal(&fmt::aad(&sk), &st.encode());
         (epoch, sk, v)
@@ -969,12 +1009,11 @@ impl Index {
                     None => batch.delete(k),
                 };
             }
-            self.put_state(
-                &mut batch,
-                &State::after(&d, dimension, epoch, &touched, d.meta_digest),
-            );
+            let pages =
+                self.put_state_after(&mut batch, &d, dimension, epoch, &touched, d.meta_digest);
             plan = UpsertPlan {
                 touched,
+                pages,
                 added,
                 dimension,
                 epoch,
@@ -985,6 +1024,7 @@ impl Index {
         d.dimension = plan.dimension;
         d.epoch = plan.epoch;
         d.count += plan.added;
+        apply_pages(&mut d.pages, &plan.pages);
         self.install(&mut d, plan.touched, plan.epoch);
         Ok(d.count())
     }
@@ -1033,7 +1073,7 @@ impl Index {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
-        let (touched, epoch, removed) = {
+        let (touched, pages, epoch, removed) = {
             let d = self.data.read();
             let dim = d.dimension as usize;
             let epoch = d.epoch + 1;
@@ -1068,11 +1108,9 @@ impl Index {
                     batch.put(k, v);
                 }
             }
-            self.put_state(
-                &mut batch,
-                &State::after(&d, d.dimension, epoch, &touched, d.meta_digest),
-            );
-            (touched, epoch, removed)
+            let pages =
+                self.put_state_after(&mut batch, &d, d.dimension, epoch, &touched, d.meta_digest);
+            (touched, pages, epoch, removed)
         };
         if removed == 0 {
             return Ok(0);
@@ -1081,6 +1119,7 @@ impl Index {
         let mut d = self.data.write();
         d.epoch = epoch;
         d.count -= removed;
+        apply_pages(&mut d.pages, &pages);
         self.install(&mut d, touched, epoch);
         Ok(removed)
     }
@@ -1287,6 +1326,13 @@ pub(crate) fn fuzz_decoders(buf: &[u8]) {
         assert_eq!(b.inv_norms.len(), b.len());
     }
     let _ = State::decode(buf);
+    let _ = state::decode_page(buf, (0, 0));
+}
+
+/// [`state::encode_page`], for the layout test.
+#[cfg(test)]
+pub(crate) fn state_page_for_test(entries: &[(u32, u32, u64, u32)]) -> Vec<u8> {
+    state::encode_page(entries)
 }
 
 /// Valid encodings to start mutating from.
@@ -1309,12 +1355,13 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         default_probes: 1,
         epoch: 5,
         meta_digest: [3; 32],
-        manifest: vec![(0, 0, 4, 3), (1, 0, 5, 1)],
+        pages: vec![(0, 0, 4), (0, 1, 5)],
     };
     vec![
         b.encode(4, Precision::F32),
         b.encode(4, Precision::F16),
         st.encode(),
+        state::encode_page(&[(0, 0, 4, 3), (1, 2, 5, 1)]),
     ]
 }
 

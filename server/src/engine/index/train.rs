@@ -348,6 +348,8 @@ impl Index {
         let mut batch = WriteBatch::new();
         batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
         batch.delete_prefix(fmt::pos_gen_prefix(&self.id, old_gen));
+        batch.delete_prefix(fmt::page_gen_prefix(&self.id, old_gen));
+        let pages = state::put_all_pages(&self.id, &self.keys, gen, epoch, &manifest, &mut batch);
         batch.delete(fmt::centroids_key(&self.id, old_gen));
         batch.delete(fmt::quant_key(&self.id, old_gen));
         let ck = fmt::centroids_key(&self.id, gen);
@@ -370,7 +372,7 @@ impl Index {
             default_probes: probes as u32,
             epoch,
             meta_digest,
-            manifest,
+            pages,
         };
         self.put_state(&mut batch, &st);
         self.store.write(batch)?;
@@ -379,7 +381,7 @@ impl Index {
         // on demand, and the old generation's cached blocks are dropped).
         progress.set(Phase::Swapping, 0, 1);
         let mut lists: Vec<ListDir> = vec![ListDir::default(); k];
-        for &(l, b, e, rows) in &st.manifest {
+        for &(l, b, e, rows) in &manifest {
             lists[l as usize]
                 .blocks
                 .insert(b, BlockMeta { epoch: e, rows });
@@ -398,6 +400,7 @@ impl Index {
             d.centroids = centroids;
             d.lists = lists;
             d.count = count;
+            d.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
         }
         self.cache.forget(&self.id, Some(old_gen));
         Ok(k)
@@ -487,6 +490,7 @@ impl NewGeneration<'_> {
         if std::mem::take(&mut self.first) {
             batch.delete_prefix(fmt::list_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::pos_gen_prefix(&ix.id, self.gen));
+            batch.delete_prefix(fmt::page_gen_prefix(&ix.id, self.gen));
         }
         if pending.is_empty() && batch.is_empty() {
             return Ok(());

@@ -306,10 +306,27 @@ fn position_record_attacks() {
     }
 }
 
+/// The state record, the manifest pages and the meta record are checked when the index
+/// opens.
 #[test]
 fn state_and_meta_attacks() {
     for (name, open) in stores() {
-        let attacks: [Attack; 4] = [
+        let attacks: [Attack; 7] = [
+            ("flip a byte of a manifest page", |s| {
+                let (k, v) = &of_kind(s, format::kind::PAGE)[0];
+                put(s, k, &flip(v));
+            }),
+            ("delete a manifest page", |s| {
+                let (k, _) = &of_kind(s, format::kind::PAGE)[0];
+                del(s, k);
+            }),
+            ("restore an older manifest page", |s| {
+                let rolled = of_kind(s, format::kind::PAGE)
+                    .into_iter()
+                    .find_map(|(k, v)| older(s, &k).filter(|o| *o != v).map(|o| (k, o)))
+                    .expect("the last upsert changed a manifest page");
+                put(s, &rolled.0, &rolled.1);
+            }),
             ("flip a byte of the state", |s| {
                 let k = format::state_key(&s.id);
                 let v = s.store.get(&k).unwrap().unwrap();
