@@ -119,6 +119,10 @@ impl IndexStore for RedbStore {
         self.wal.get(key)
     }
 
+    fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.wal.get_many(keys)
+    }
+
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         Ok(self
             .wal

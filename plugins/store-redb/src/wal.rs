@@ -215,6 +215,44 @@ impl Wal {
         }
     }
 
+    /// Newest values of `keys`: one look at the overlay and one redb read transaction for all
+    /// of them (a transaction per key costs more than the lookup itself).
+    pub(crate) fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        type Hit = Option<(Arc<File>, Slot)>;
+        let (hits, tx) = {
+            let v = self.view.read().map_err(poisoned)?;
+            let hits: Vec<Hit> = keys
+                .iter()
+                .map(|key| {
+                    std::iter::once(&v.active)
+                        .chain(v.frozen.iter().rev().map(|s| s.as_ref()))
+                        .find_map(|s| s.map.get(key).map(|slot| (s.file.clone(), *slot)))
+                })
+                .collect();
+            let tx = if hits.iter().any(Option::is_none) {
+                Some(self.db.begin_read().map_err(io)?)
+            } else {
+                None
+            };
+            (hits, tx)
+        };
+        let table = match &tx {
+            Some(tx) => Some(tx.open_table(RECORDS).map_err(io)?),
+            None => None,
+        };
+        keys.iter()
+            .zip(hits)
+            .map(|(key, hit)| match (hit, &table) {
+                (Some((file, slot)), _) => read_slot(&file, slot),
+                (None, Some(t)) => Ok(t
+                    .get(key.as_slice())
+                    .map_err(io)?
+                    .map(|v| v.value().to_vec())),
+                (None, None) => Ok(None),
+            })
+            .collect()
+    }
+
     /// Every live key under `prefix` with its value (when `values`), ascending.
     pub(crate) fn scan(&self, prefix: &[u8], values: bool) -> Result<Vec<ScanEntry>, StoreError> {
         let upper = prefix_upper_bound(prefix);

@@ -95,13 +95,19 @@ impl BlockCache {
         }
     }
 
+    /// A cached block (callers report hits and misses with [`Self::count`], once per
+    /// request rather than once per block).
     pub(crate) fn get(&self, key: &BlockKey) -> Option<Arc<Block>> {
-        let got = self.inner.as_ref().and_then(|c| c.get(key));
-        match got {
-            Some(_) => self.hits.fetch_add(1, Relaxed),
-            None => self.misses.fetch_add(1, Relaxed),
-        };
-        got
+        self.inner.as_ref().and_then(|c| c.get(key))
+    }
+
+    pub(crate) fn count(&self, hits: usize, misses: usize) {
+        if hits > 0 {
+            self.hits.fetch_add(hits as u64, Relaxed);
+        }
+        if misses > 0 {
+            self.misses.fetch_add(misses as u64, Relaxed);
+        }
     }
 
     /// Keep a block (a block heavier than the cache's share for it is not kept).

@@ -37,8 +37,8 @@ mod train;
 
 pub use block::Block;
 use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};
-use state::{apply_pages, PageChanges, PageId};
 pub(crate) use state::State;
+use state::{apply_pages, PageChanges, PageId};
 
 /// Everything about the index that changes and stays resident: the state record's facts,
 /// the centroids and the directory of blocks (no vectors, ids or metadata).
@@ -77,6 +77,30 @@ type Row = Option<(Arc<Block>, usize)>;
 
 /// Blocks fetched for one request, by `(list, block)`.
 type Blocks = HashMap<(u32, u32), Arc<Block>>;
+
+/// One list's blocks as read, in block order.
+type ListRead = Vec<(u32, Arc<Block>)>;
+
+/// The blocks of some lists, each list in block order (what a query probed).
+#[derive(Default)]
+pub(crate) struct ListBlocks {
+    lists: HashMap<u32, Vec<(u32, Arc<Block>)>>,
+}
+
+impl ListBlocks {
+    pub(crate) fn get(&self, list: u32, block: u32) -> Option<&Arc<Block>> {
+        let v = self.lists.get(&list)?;
+        v.binary_search_by_key(&block, |x| x.0)
+            .ok()
+            .map(|i| &v[i].1)
+    }
+    pub(crate) fn list(&self, list: u32) -> &[(u32, Arc<Block>)] {
+        self.lists.get(&list).map_or(&[], Vec::as_slice)
+    }
+    pub(crate) fn insert(&mut self, list: u32, blocks: Vec<(u32, Arc<Block>)>) {
+        self.lists.insert(list, blocks);
+    }
+}
 
 /// How a presented KEK is verified: by unwrapping the stored wrapped DEK with it (one
 /// AES-GCM operation on 32 bytes) and comparing the result with the index's DEK.
@@ -337,7 +361,8 @@ impl Index {
                 let values = store.get_many(&pkeys)?;
                 let mut all = Vec::new();
                 for ((&(lg, bg, e), k), v) in st.pages.iter().zip(&pkeys).zip(values) {
-                    let v = v.ok_or_else(|| integrity(format!("manifest page {lg}/{bg} is missing")))?;
+                    let v =
+                        v.ok_or_else(|| integrity(format!("manifest page {lg}/{bg} is missing")))?;
                     let plain = keys.open(&fmt::aad_at(k, e), &v).map_err(|_| {
                         integrity(format!(
                             "manifest page {lg}/{bg} failed authentication at epoch {e} (altered, swapped or rolled back)"
@@ -441,11 +466,11 @@ impl Index {
                         .ids
                         .iter()
                         .map(|item| {
-                            let pk = fmt::pos_key(id, st.gen, &keys.id_locator(item));
-                            let mut w = Writer::with_capacity(8);
-                            w.u32(l).u32(b);
-                            let sealed = keys.seal(&fmt::aad(&pk), &w.0);
-                            (pk, sealed)
+                            let loc = keys.id_locator(item);
+                            (
+                                fmt::pos_key(id, st.gen, &loc),
+                                keys.seal_position(&loc, st.gen, l, b).to_vec(),
+                            )
                         })
                         .collect();
                     Ok(((l, b, e, blk.len() as u32), pos, blk))
@@ -514,6 +539,7 @@ impl Index {
         let mut out: Vec<Option<Arc<Block>>> =
             want.iter().map(|w| self.cache.get(&key_of(w))).collect();
         let missing: Vec<usize> = (0..want.len()).filter(|&i| out[i].is_none()).collect();
+        self.cache.count(want.len() - missing.len(), missing.len());
         if missing.is_empty() {
             return Ok(out.into_iter().flatten().collect());
         }
@@ -586,17 +612,65 @@ impl Index {
         li: usize,
         keep: bool,
     ) -> Result<Vec<(u32, Arc<Block>)>, EngineError> {
-        let Some(pl) = d.lists.get(li) else {
-            return Ok(Vec::new());
-        };
-        let want: Vec<(u32, u32, u64)> = pl
-            .blocks
-            .iter()
-            .map(|(&b, m)| (li as u32, b, m.epoch))
-            .collect();
-        let quant = |_l: u32| pl.quant.clone();
-        let blocks = self.read_blocks(d.gen, &want, &quant, keep)?;
-        Ok(want.iter().map(|w| w.1).zip(blocks).collect())
+        Ok(self.fetch_lists(d, &[li], keep)?.pop().unwrap_or_default())
+    }
+
+    /// Every block of each list in `lists`, each in block order: one cache lookup per block,
+    /// one batched store read for all the misses.
+    fn fetch_lists(
+        &self,
+        d: &Data,
+        lists: &[usize],
+        keep: bool,
+    ) -> Result<Vec<ListRead>, EngineError> {
+        let mut out: Vec<Vec<(u32, Option<Arc<Block>>)>> = Vec::with_capacity(lists.len());
+        let mut missing: Vec<(usize, usize)> = Vec::new();
+        let mut want: Vec<(u32, u32, u64)> = Vec::new();
+        let mut hits = 0usize;
+        for (i, &li) in lists.iter().enumerate() {
+            let Some(pl) = d.lists.get(li) else {
+                out.push(Vec::new());
+                continue;
+            };
+            let mut v = Vec::with_capacity(pl.blocks.len());
+            for (&b, m) in &pl.blocks {
+                let key = BlockKey {
+                    index: self.id,
+                    gen: d.gen,
+                    list: li as u32,
+                    block: b,
+                    epoch: m.epoch,
+                };
+                let got = self.cache.get(&key);
+                if got.is_none() {
+                    missing.push((i, v.len()));
+                    want.push((li as u32, b, m.epoch));
+                } else {
+                    hits += 1;
+                }
+                v.push((b, got));
+            }
+            out.push(v);
+        }
+        if !want.is_empty() {
+            self.cache.count(hits, 0);
+            let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
+            // read_blocks counts the misses (it finds them missing again).
+            let read = self.read_blocks(d.gen, &want, &quant, keep)?;
+            for ((i, j), blk) in missing.into_iter().zip(read) {
+                out[i][j].1 = Some(blk);
+            }
+        } else {
+            self.cache.count(hits, 0);
+        }
+        Ok(out
+            .into_iter()
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|(b, x)| x.map(|x| (b, x)))
+                    .collect()
+            })
+            .collect())
     }
 
     /// Run a reader on a consistent view. A writer stores its batch before it installs it in
@@ -625,25 +699,23 @@ impl Index {
             .map(|l| fmt::pos_key(&self.id, gen, l))
             .collect();
         let values = self.store.get_many(&keys)?;
-        keys.par_iter()
-            .zip(values.into_par_iter())
-            .with_min_len(256)
-            .map(|(k, v)| {
+        locators
+            .iter()
+            .zip(values)
+            .map(|(loc, v)| {
                 let Some(v) = v else { return Ok(None) };
-                let plain =
-                    self.keys
-                        .open(&fmt::aad(k), &v)
-                        .map_err(|_| EngineError::Integrity {
-                            index: self.name.clone(),
-                            what: "a position record failed authentication".into(),
-                        })?;
-                let mut r = Reader::new(&plain, "position record");
-                Ok(Some((r.u32()?, r.u32()?)))
+                self.keys
+                    .open_position(loc, gen, &v)
+                    .map(Some)
+                    .map_err(|_| EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: "a position record failed authentication".into(),
+                    })
             })
             .collect()
     }
 
-    /// The sealed position record of an item at `(list, block)` in generation `gen`.
+    /// The position record of an item at `(list, block)` in generation `gen`.
     fn seal_position(
         &self,
         gen: u32,
@@ -651,11 +723,10 @@ impl Index {
         list: u32,
         block: u32,
     ) -> (Vec<u8>, Vec<u8>) {
-        let k = fmt::pos_key(&self.id, gen, locator);
-        let mut w = Writer::with_capacity(8);
-        w.u32(list).u32(block);
-        let v = self.keys.seal(&fmt::aad(&k), &w.0);
-        (k, v)
+        (
+            fmt::pos_key(&self.id, gen, locator),
+            self.keys.seal_position(locator, gen, list, block).to_vec(),
+        )
     }
 
     fn locators(&self, ids: &[&str]) -> Vec<[u8; 16]> {
@@ -934,6 +1005,8 @@ impl Index {
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut tails: HashMap<u32, u32> = HashMap::default();
             let mut added = 0usize;
+            // Item records are sealed across cores after the placement loop.
+            let mut contents: Vec<Option<(String, String)>> = Vec::new();
             for (i, it) in items.into_iter().enumerate() {
                 if let Some((l, b)) = old[i] {
                     let blk = touched
@@ -971,13 +1044,10 @@ impl Index {
                         meta,
                         if has_contents { epoch } else { 0 },
                     );
-                match &it.contents {
+                match it.contents {
                     Some(c) if !c.is_empty() => {
-                        let ik = fmt::item_key(&self.id, &locators[i]);
-                        let mut w = Writer::with_capacity(8 + it.id.len() + c.len());
-                        w.u8(1).bytes(it.id.as_bytes()).bytes(c.as_bytes());
-                        let sealed = self.keys.seal(&fmt::aad_at(&ik, epoch), &w.0);
-                        batch.put(ik, sealed);
+                        contents.resize(i, None);
+                        contents.push(Some((it.id, c)));
                     }
                     // An overwrite without contents drops the old contents; a new item has
                     // no item record to drop.
@@ -990,6 +1060,23 @@ impl Index {
                     let (k, v) = self.seal_position(d.gen, &locators[i], list, bno);
                     batch.put(k, v);
                 }
+            }
+            let records: Vec<(Vec<u8>, Vec<u8>)> = contents
+                .par_iter()
+                .enumerate()
+                .with_min_len(64)
+                .filter_map(|(i, c)| {
+                    let (id, c) = c.as_ref()?;
+                    let ik = fmt::item_key(&self.id, &locators[i]);
+                    let mut w = Writer::with_capacity(8 + id.len() + c.len());
+                    w.u8(1).bytes(id.as_bytes()).bytes(c.as_bytes());
+                    let sealed = self.keys.seal(&fmt::aad_at(&ik, epoch), &w.0);
+                    Some((ik, sealed))
+                })
+                .collect();
+            drop(contents);
+            for (k, v) in records {
+                batch.put(k, v);
             }
             let gen = d.gen;
             let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched

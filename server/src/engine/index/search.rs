@@ -116,27 +116,18 @@ impl Index {
         } else {
             p.top_k
         };
-        let mut blocks: Blocks = HashMap::default();
+        let mut blocks = ListBlocks::default();
         let heap = if p.filter.is_none() {
             // Every block of the probed lists, in one batched read of the cache's misses.
-            let refs: Vec<(u32, u32)> = probed
-                .iter()
-                .flat_map(|&li| d.lists[li].blocks.keys().map(move |&b| (li as u32, b)))
-                .collect();
-            blocks = self.fetch(d, &refs, true)?;
-            let list_blocks = |li: usize| -> Vec<(u32, &Arc<Block>)> {
-                d.lists[li]
-                    .blocks
-                    .keys()
-                    .filter_map(|&b| blocks.get(&(li as u32, b)).map(|x| (b, x)))
-                    .collect()
-            };
+            for (&li, bl) in probed.iter().zip(self.fetch_lists(d, probed, true)?) {
+                blocks.insert(li as u32, bl);
+            }
             let scan = |top: &mut TopK, li: usize| {
-                let bl = list_blocks(li);
+                let bl = blocks.list(li as u32);
                 if quant {
-                    top.scan_list_quant(metric, q, li, d.lists[li].quant.as_deref(), &bl, dim);
+                    top.scan_list_quant(metric, q, li, d.lists[li].quant.as_deref(), bl, dim);
                 } else {
-                    top.scan_list(metric, q, li, &bl, None);
+                    top.scan_list(metric, q, li, bl, None);
                 }
             };
             let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
@@ -173,11 +164,8 @@ impl Index {
                     break;
                 }
                 let bl = self.fetch_list(d, li, true)?;
-                let refs: Vec<(u32, &Arc<Block>)> = bl.iter().map(|(b, x)| (*b, x)).collect();
-                top.scan_list(metric, q, li, &refs, p.filter.as_ref());
-                for (b, x) in bl {
-                    blocks.insert((li as u32, b), x);
-                }
+                top.scan_list(metric, q, li, &bl, p.filter.as_ref());
+                blocks.insert(li as u32, bl);
             }
             top
         }
@@ -280,7 +268,16 @@ impl Index {
             )?;
         let cands: Vec<Vec<Cand>> = tops.into_iter().map(|t| t.heap.into_vec()).collect();
         let refs: Vec<(u32, u32)> = cands.iter().flatten().map(|c| (c.list, c.block)).collect();
-        let blocks = self.fetch(d, &refs, true)?;
+        let fetched = self.fetch(d, &refs, true)?;
+        let mut blocks = ListBlocks::default();
+        let mut by_list: HashMap<u32, Vec<(u32, Arc<Block>)>> = HashMap::default();
+        for ((l, b), blk) in fetched {
+            by_list.entry(l).or_default().push((b, blk));
+        }
+        for (l, mut v) in by_list {
+            v.sort_unstable_by_key(|x| x.0);
+            blocks.insert(l, v);
+        }
         Ok(cands
             .into_par_iter()
             .enumerate()
@@ -292,10 +289,10 @@ impl Index {
     }
 
     /// Replace candidate scores with exact ones (the same kernels as a single scan).
-    fn rescore(&self, blocks: &Blocks, q: &[f32], dim: usize, cands: &mut [Cand]) {
+    fn rescore(&self, blocks: &ListBlocks, q: &[f32], dim: usize, cands: &mut [Cand]) {
         let angular = self.config.metric.is_angular();
         for c in cands {
-            if let Some(blk) = blocks.get(&(c.list, c.block)) {
+            if let Some(blk) = blocks.get(c.list, c.block) {
                 let row = blk.vector(c.pos as usize, dim);
                 c.score = if angular {
                     1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
@@ -309,7 +306,7 @@ impl Index {
     /// Candidates to hits, nearest first.
     fn hits(
         &self,
-        blocks: &Blocks,
+        blocks: &ListBlocks,
         dim: usize,
         mut cands: Vec<Cand>,
         p: &SearchParams,
@@ -319,7 +316,7 @@ impl Index {
         cands
             .into_iter()
             .filter_map(|c| {
-                let blk = blocks.get(&(c.list, c.block))?;
+                let blk = blocks.get(c.list, c.block)?;
                 let pos = c.pos as usize;
                 Some(Hit {
                     id: blk.ids[pos].clone(),
@@ -369,11 +366,12 @@ impl TopK {
         metric: Metric,
         q: &[f32],
         li: usize,
-        blocks: &[(u32, &Arc<Block>)],
+        blocks: &[(u32, Arc<Block>)],
         filter: Option<&Filter>,
     ) {
         let mut scores = std::mem::take(&mut self.scores);
-        for &(bno, blk) in blocks {
+        for (bno, blk) in blocks {
+            let bno = *bno;
             distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
             self.offer_block(&scores, li, bno, blk, filter);
         }
@@ -421,7 +419,7 @@ impl TopK {
         q: &[f32],
         li: usize,
         quant: Option<&Quant>,
-        blocks: &[(u32, &Arc<Block>)],
+        blocks: &[(u32, Arc<Block>)],
         dim: usize,
     ) {
         let Some(quant) = quant else {
@@ -431,7 +429,8 @@ impl TopK {
         let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
         let mut raw = Vec::new();
         let mut scores = std::mem::take(&mut self.scores);
-        for &(bno, blk) in blocks {
+        for (bno, blk) in blocks {
+            let bno = *bno;
             if blk.codes.len() == blk.len() * dim {
                 distance::quant_scan(&qc, &blk.codes, &mut raw);
                 // Compare in code units first: most rows fail one integer comparison.

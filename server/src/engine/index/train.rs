@@ -266,6 +266,18 @@ impl Index {
             (dir, d.gen, d.count(), d.epoch + 1, d.meta_digest)
         };
         let gen = old_gen + 1;
+        // Blocks of `gen` enter the cache as they are written; if this training does not
+        // switch to them, a later attempt may write other blocks under the same keys, so
+        // they must leave the cache again.
+        struct Unswitched<'a>(&'a Index, u32, bool);
+        impl Drop for Unswitched<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0.cache.forget(&self.0.id, Some(self.1));
+                }
+            }
+        }
+        let mut unswitched = Unswitched(self, gen, false);
         let mut out = NewGeneration {
             ix: self,
             gen,
@@ -292,18 +304,19 @@ impl Index {
             stop.check()?;
             progress.set(Phase::Assigning, ci * per_read, old_dir.len());
             let blocks = self.read_blocks(old_gen, chunk, &no_quant, false)?;
-            let rows: Vec<(Vec<u32>, Vec<f32>)> = blocks
+            // Per block: the rows' new lists, and the rows as k-means sees them (unit length
+            // for angular metrics; the block's own vectors otherwise).
+            let rows: Vec<(Vec<u32>, Option<Vec<f32>>)> = blocks
                 .par_iter()
                 .map(|b| {
-                    let normed: Vec<f32> = if angular {
+                    let normed: Option<Vec<f32>> = angular.then(|| {
                         b.vecs
                             .chunks_exact(dim)
                             .flat_map(distance::normalized)
                             .collect()
-                    } else {
-                        b.vecs.clone()
-                    };
-                    kmeans::assign_stoppable(&normed, dim, &centroids, batch, &stopped)
+                    });
+                    let view = normed.as_deref().unwrap_or(&b.vecs);
+                    kmeans::assign_stoppable(view, dim, &centroids, batch, &stopped)
                         .map(|(labels, _)| (labels, normed))
                 })
                 .collect::<Option<_>>()
@@ -311,8 +324,9 @@ impl Index {
             calib.observe(&blocks, &rows);
             for (blk, (labels, normed)) in blocks.iter().zip(&rows) {
                 seen += blk.len();
+                let view = normed.as_deref().unwrap_or(&blk.vecs);
                 for (pos, &l) in labels.iter().enumerate() {
-                    out.push(l as usize, blk, pos, &normed[pos * dim..(pos + 1) * dim]);
+                    out.push(l as usize, blk, pos, &view[pos * dim..(pos + 1) * dim]);
                 }
             }
             drop(blocks);
@@ -376,6 +390,7 @@ impl Index {
         };
         self.put_state(&mut batch, &st);
         self.store.write(batch)?;
+        unswitched.2 = true;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
         // 2. The store has switched; now memory does (the directory only: blocks are read
         // on demand, and the old generation's cached blocks are dropped).
@@ -403,7 +418,36 @@ impl Index {
             d.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
         }
         self.cache.forget(&self.id, Some(old_gen));
+        self.code_cached();
         Ok(k)
+    }
+
+    /// Give the cached blocks of lists with a quantiser their 8-bit codes (blocks that
+    /// training put into the cache before the quantisers were known).
+    fn code_cached(&self) {
+        let d = self.data.read();
+        let dim = d.dimension as usize;
+        let angular = self.config.metric.is_angular();
+        d.lists.par_iter().enumerate().for_each(|(l, pl)| {
+            let Some(q) = &pl.quant else { return };
+            for (&b, m) in &pl.blocks {
+                let key = BlockKey {
+                    index: self.id,
+                    gen: d.gen,
+                    list: l as u32,
+                    block: b,
+                    epoch: m.epoch,
+                };
+                if let Some(blk) = self.cache.get(&key) {
+                    if blk.codes.len() != blk.len() * dim {
+                        let mut coded = (*blk).clone();
+                        drop(blk);
+                        code_block(q, &mut coded, dim, angular);
+                        self.cache.insert(key, Arc::new(coded));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -504,6 +548,20 @@ impl NewGeneration<'_> {
                 for id in &blk.ids {
                     kv.push(ix.seal_position(gen, &ix.keys.id_locator(id), l, b));
                 }
+                // Warm the cache with the new generation (its quantisers, if any, are known
+                // only at the end: see `Index::code_cached`).
+                blk.epoch = epoch;
+                blk.shrink();
+                ix.cache.insert(
+                    BlockKey {
+                        index: ix.id,
+                        gen,
+                        list: l,
+                        block: b,
+                        epoch,
+                    },
+                    Arc::new(blk),
+                );
                 kv
             })
             .collect();
@@ -557,7 +615,7 @@ impl Calibration {
     }
 
     /// Offer one read chunk: blocks with their rows' new lists and query-space rows.
-    fn observe(&mut self, blocks: &[Arc<Block>], rows: &[(Vec<u32>, Vec<f32>)]) {
+    fn observe(&mut self, blocks: &[Arc<Block>], rows: &[(Vec<u32>, Option<Vec<f32>>)]) {
         let nq = self.best.len();
         if nq == 0 {
             return;
@@ -572,6 +630,7 @@ impl Calibration {
             .par_iter()
             .zip(rows)
             .map(|(blk, (labels, normed))| {
+                let normed = normed.as_deref().unwrap_or(&blk.vecs);
                 let m = labels.len();
                 let mut best = vec![Vec::new(); nq];
                 let Ok(x) = ndarray::ArrayView2::from_shape((m, dim), &normed[..m * dim]) else {

@@ -254,3 +254,67 @@ fn concurrent_queries_and_writes_on_a_bounded_cache() {
     let other = fresh.open("c", Some(&kek)).unwrap();
     assert_eq!(answers(&ix), answers(&other));
 }
+
+/// A training whose switching batch fails leaves no block of its unswitched generation in
+/// the cache (it warms the cache as it writes): the next training, which writes other
+/// blocks under the same keys, must not be answered from them.
+#[test]
+fn a_failed_training_leaves_nothing_of_its_generation_cached() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct FailSwitch(MemoryStore, AtomicBool);
+    impl IndexStore for FailSwitch {
+        fn backend(&self) -> &str {
+            "fail-switch"
+        }
+        fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(k)
+        }
+        fn scan_prefix(&self, p: &[u8]) -> Result<Vec<sealdb_plugin_api::KeyValue>, StoreError> {
+            self.0.scan_prefix(p)
+        }
+        fn write(&self, b: WriteBatch) -> Result<(), StoreError> {
+            // The switching batch is the one that writes the centroids.
+            let switch = b.ops().iter().any(|op| match op {
+                sealdb_plugin_api::WriteOp::Put { key, .. } => {
+                    key.first() == Some(&format::kind::CENTROIDS)
+                }
+                _ => false,
+            });
+            if switch && self.1.load(Ordering::SeqCst) {
+                return Err(StoreError::Io("switch refused by the test".into()));
+            }
+            self.0.write(b)
+        }
+    }
+    let store = Arc::new(FailSwitch(MemoryStore::new(), AtomicBool::new(true)));
+    let kek = Kek::random();
+    let e = engine_with_cache(store.clone(), Some(64 << 20));
+    create(
+        &e,
+        "f",
+        &kek,
+        cfg(Metric::Euclidean, Precision::F32, DIM as u32),
+    );
+    let ix = e.open("f", Some(&kek)).unwrap();
+    ix.upsert(items(&mut StdRng::seed_from_u64(1), 0..3000, 1))
+        .unwrap();
+    let before = e.cache_stats().blocks;
+    let p = |n| TrainParams {
+        n_lists: Some(n),
+        ..Default::default()
+    };
+    assert!(matches!(
+        e.train_now(&ix, &p(16)),
+        Err(EngineError::Store(_))
+    ));
+    assert_eq!(
+        e.cache_stats().blocks,
+        before,
+        "blocks of the failed generation stayed cached"
+    );
+    store.1.store(false, Ordering::SeqCst);
+    e.train_now(&ix, &p(24)).unwrap();
+    let fresh = engine_with_cache(store, None);
+    let other = fresh.open("f", Some(&kek)).unwrap();
+    assert_eq!(answers(&ix), answers(&other));
+}
