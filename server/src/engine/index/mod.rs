@@ -8,7 +8,7 @@
 //! then takes the write lock for the moment it needs to install the change in memory. So a
 //! failed store write leaves memory untouched, and memory never shows what the store lacks.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -29,8 +29,10 @@ use crate::keys::{self, Dek, IndexKeys, Kek};
 /// Hash maps keyed by ids and block coordinates: foldhash is several times faster than SipHash
 /// on short keys and still seeded per process, so clients cannot precompute collisions.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 mod block;
+mod idfilter;
 mod search;
 mod state;
 mod train;
@@ -78,8 +80,11 @@ type Row = Option<(Arc<Block>, usize)>;
 /// Blocks fetched for one request, by `(list, block)`.
 type Blocks = HashMap<(u32, u32), Arc<Block>>;
 
+/// A block with its number in its list.
+type BlockAt = (u32, Arc<Block>);
+
 /// One list's blocks as read, in block order.
-type ListRead = Vec<(u32, Arc<Block>)>;
+type ListRead = Vec<BlockAt>;
 
 /// The blocks of some lists, each list in block order (what a query probed).
 #[derive(Default)]
@@ -94,11 +99,24 @@ impl ListBlocks {
             .ok()
             .map(|i| &v[i].1)
     }
-    pub(crate) fn list(&self, list: u32) -> &[(u32, Arc<Block>)] {
-        self.lists.get(&list).map_or(&[], Vec::as_slice)
-    }
     pub(crate) fn insert(&mut self, list: u32, blocks: Vec<(u32, Arc<Block>)>) {
         self.lists.insert(list, blocks);
+    }
+    /// Keep only the blocks `top`'s candidates point into, taking them from `runs` (blocks
+    /// read after those already held, in list and block order).
+    fn keep_referenced(&mut self, top: &search::TopK, runs: Vec<(usize, ListRead)>) {
+        let wanted: HashSet<(u32, u32)> = top.referenced().collect();
+        self.lists.retain(|&l, v| {
+            v.retain(|(b, _)| wanted.contains(&(l, *b)));
+            !v.is_empty()
+        });
+        for (li, run) in runs {
+            for (b, blk) in run {
+                if wanted.contains(&(li as u32, b)) {
+                    self.lists.entry(li as u32).or_default().push((b, blk));
+                }
+            }
+        }
     }
 }
 
@@ -255,6 +273,10 @@ pub struct Index {
     /// The engine's shutdown flag: set, every training stops at its next check.
     shutdown: Arc<AtomicBool>,
     data: RwLock<Data>,
+    /// Odd while a write is between its store write and its install (see `consistent`).
+    write_seq: AtomicU64,
+    /// Which ids may exist (writers only; built on the first upsert, dropped by training).
+    id_filter: Mutex<Option<idfilter::IdFilter>>,
     deleted: AtomicBool,
     /// The running training's progress, if one runs.
     pub(crate) progress: Mutex<Option<Arc<super::progress::Progress>>>,
@@ -271,9 +293,27 @@ impl std::fmt::Debug for Index {
 struct UpsertPlan {
     touched: HashMap<(u32, u32), Block>,
     pages: PageChanges,
-    added: usize,
+    /// Locators of the items the batch adds.
+    added: Vec<[u8; 16]>,
     dimension: u32,
     epoch: u64,
+}
+
+/// Blocks one scan reads (and holds) at a time: about 28 MiB of 56 KiB blocks. Unit tests
+/// use 3, so that every scan in them spans several chunks.
+const READ_CHUNK_BLOCKS: usize = if cfg!(test) { 3 } else { 512 };
+
+/// How often a reader that keeps meeting writes in flight reads again before it reports the
+/// mismatch.
+const RACE_RETRIES: usize = 64;
+
+/// Makes `write_seq` even again when a write's store-and-install window closes.
+pub(crate) struct WriteWindow<'a>(&'a AtomicU64);
+
+impl Drop for WriteWindow<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// How long a reader that met a batch stored but not yet installed waits for its writer
@@ -307,6 +347,8 @@ impl Index {
             train_epoch: AtomicU64::new(0),
             shutdown,
             data: RwLock::new(data),
+            write_seq: AtomicU64::new(0),
+            id_filter: Mutex::new(None),
             deleted: AtomicBool::new(false),
             progress: Mutex::new(None),
         }
@@ -605,86 +647,130 @@ impl Index {
             .collect())
     }
 
-    /// Every block of list `li` in block order.
-    fn fetch_list(
+    /// The blocks `refs` (`(list, block)`, any order; each must be in the directory) in
+    /// that order: one cache lookup per block, one batched store read for all the misses.
+    fn fetch_refs(
         &self,
         d: &Data,
-        li: usize,
+        refs: &[(usize, u32)],
         keep: bool,
-    ) -> Result<Vec<(u32, Arc<Block>)>, EngineError> {
-        Ok(self.fetch_lists(d, &[li], keep)?.pop().unwrap_or_default())
-    }
-
-    /// Every block of each list in `lists`, each in block order: one cache lookup per block,
-    /// one batched store read for all the misses.
-    fn fetch_lists(
-        &self,
-        d: &Data,
-        lists: &[usize],
-        keep: bool,
-    ) -> Result<Vec<ListRead>, EngineError> {
-        let mut out: Vec<Vec<(u32, Option<Arc<Block>>)>> = Vec::with_capacity(lists.len());
-        let mut missing: Vec<(usize, usize)> = Vec::new();
+    ) -> Result<Vec<Arc<Block>>, EngineError> {
+        let mut out: Vec<Option<Arc<Block>>> = Vec::with_capacity(refs.len());
+        let mut missing: Vec<usize> = Vec::new();
         let mut want: Vec<(u32, u32, u64)> = Vec::new();
-        let mut hits = 0usize;
-        for (i, &li) in lists.iter().enumerate() {
-            let Some(pl) = d.lists.get(li) else {
-                out.push(Vec::new());
-                continue;
+        for (i, &(li, b)) in refs.iter().enumerate() {
+            let m = d
+                .lists
+                .get(li)
+                .and_then(|pl| pl.blocks.get(&b))
+                .ok_or_else(|| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {li}/{b} is not in the manifest"),
+                })?;
+            let key = BlockKey {
+                index: self.id,
+                gen: d.gen,
+                list: li as u32,
+                block: b,
+                epoch: m.epoch,
             };
-            let mut v = Vec::with_capacity(pl.blocks.len());
-            for (&b, m) in &pl.blocks {
-                let key = BlockKey {
-                    index: self.id,
-                    gen: d.gen,
-                    list: li as u32,
-                    block: b,
-                    epoch: m.epoch,
-                };
-                let got = self.cache.get(&key);
-                if got.is_none() {
-                    missing.push((i, v.len()));
-                    want.push((li as u32, b, m.epoch));
-                } else {
-                    hits += 1;
-                }
-                v.push((b, got));
+            let got = self.cache.get(&key);
+            if got.is_none() {
+                missing.push(i);
+                want.push((li as u32, b, m.epoch));
             }
-            out.push(v);
+            out.push(got);
         }
+        self.cache.count(refs.len() - missing.len(), 0);
         if !want.is_empty() {
-            self.cache.count(hits, 0);
             let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
             // read_blocks counts the misses (it finds them missing again).
             let read = self.read_blocks(d.gen, &want, &quant, keep)?;
-            for ((i, j), blk) in missing.into_iter().zip(read) {
-                out[i][j].1 = Some(blk);
+            for (i, blk) in missing.into_iter().zip(read) {
+                out[i] = Some(blk);
             }
-        } else {
-            self.cache.count(hits, 0);
         }
-        Ok(out
-            .into_iter()
-            .map(|v| {
-                v.into_iter()
-                    .filter_map(|(b, x)| x.map(|x| (b, x)))
-                    .collect()
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// `(list, block)` of every block of `lists`, list by list in block order.
+    fn list_refs(d: &Data, lists: &[usize]) -> Vec<(usize, u32)> {
+        lists
+            .iter()
+            .flat_map(|&li| {
+                d.lists
+                    .get(li)
+                    .into_iter()
+                    .flat_map(move |pl| pl.blocks.keys().map(move |&b| (li, b)))
             })
-            .collect())
+            .collect()
+    }
+
+    /// Read `refs` a chunk of at most [`READ_CHUNK_BLOCKS`] at a time, handing each chunk to
+    /// `f` as runs of consecutive blocks of one list; a chunk's blocks are dropped (unless
+    /// the cache keeps them) before the next is read, so a scan of any size holds one chunk.
+    fn for_chunks(
+        &self,
+        d: &Data,
+        refs: &[(usize, u32)],
+        keep: bool,
+        mut f: impl FnMut(Vec<(usize, ListRead)>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        for chunk in refs.chunks(READ_CHUNK_BLOCKS) {
+            let blocks = self.fetch_refs(d, chunk, keep)?;
+            let mut runs: Vec<(usize, ListRead)> = Vec::new();
+            for (&(li, b), blk) in chunk.iter().zip(blocks) {
+                match runs.last_mut() {
+                    Some((l, run)) if *l == li => run.push((b, blk)),
+                    _ => runs.push((li, vec![(b, blk)])),
+                }
+            }
+            f(runs)?;
+        }
+        Ok(())
     }
 
     /// Run a reader on a consistent view. A writer stores its batch before it installs it in
     /// memory, so a reader can meet a record newer than the directory it holds; such a
     /// mismatch is an integrity error only if it persists after the writer finished.
+    ///
+    /// `write_seq` tells the two apart: a writer makes it odd before its store write and even
+    /// again after it installed the batch, so a reader whose view could have met a newer
+    /// record saw it odd, or saw it change, while it read. Such a reader waits for the
+    /// writer and reads again (every retry means another write landed meanwhile); a mismatch
+    /// with no write in flight is reported at once.
     fn consistent<T>(&self, f: impl Fn(&Data) -> Result<T, EngineError>) -> Result<T, EngineError> {
-        let first = f(&self.data.read());
-        match first {
-            Err(EngineError::Integrity { .. }) => {
-                drop(self.writer.try_lock_for(WRITER_WAIT));
-                f(&self.data.read())
+        let mut tries = 0;
+        loop {
+            let s0 = self.write_seq.load(Ordering::SeqCst);
+            let r = f(&self.data.read());
+            match r {
+                Err(EngineError::Integrity { .. }) if tries < RACE_RETRIES && self.raced(s0) => {
+                    tries += 1;
+                    self.wait_for_writer();
+                }
+                r => return r,
             }
-            r => r,
         }
+    }
+
+    /// Whether a write was in flight at some point since `write_seq` read `s0`.
+    fn raced(&self, s0: u64) -> bool {
+        s0 % 2 == 1 || self.write_seq.load(Ordering::SeqCst) != s0
+    }
+
+    /// Wait (briefly) until no write is between its store write and its install.
+    fn wait_for_writer(&self) {
+        let until = std::time::Instant::now() + WRITER_WAIT;
+        while self.write_seq.load(Ordering::SeqCst) % 2 == 1 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+
+    /// Mark a write in flight from now until the returned guard drops (after the install).
+    pub(crate) fn write_window(&self) -> WriteWindow<'_> {
+        self.write_seq.fetch_add(1, Ordering::SeqCst);
+        WriteWindow(&self.write_seq)
     }
 
     /// Where each item sits in generation `gen` (`None` = not in the index), from the
@@ -751,7 +837,13 @@ impl Index {
         let d = self.data.read();
         let blocks: usize = d.lists.iter().map(|pl| pl.blocks.len()).sum();
         let quants = d.lists.iter().filter(|pl| pl.quant.is_some()).count();
-        d.centroids.len() * 4
+        let filter = self
+            .id_filter
+            .try_lock()
+            .and_then(|f| f.as_ref().map(|f| f.bytes()))
+            .unwrap_or(0);
+        filter
+            + d.centroids.len() * 4
             + blocks * 48
             + d.lists.len() * 64
             + quants * (d.dimension as usize * 4 + 32)
@@ -971,7 +1063,24 @@ impl Index {
             let epoch = d.epoch + 1;
             let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
             let locators = self.locators(&ids);
-            let old = self.positions(d.gen, &locators)?;
+            // Position records are read only for ids the filter cannot rule out.
+            let old = {
+                let mut filter = self.id_filter.lock();
+                if !filter.as_ref().is_some_and(|f| f.has_room(items.len())) {
+                    *filter = Some(self.build_filter(d.gen, d.count() + items.len())?);
+                }
+                let f = filter.as_ref().expect("built above");
+                let maybe: Vec<usize> = (0..locators.len())
+                    .filter(|&i| f.may_contain(&locators[i]))
+                    .collect();
+                let probe: Vec<[u8; 16]> = maybe.iter().map(|&i| locators[i]).collect();
+                let found = self.positions(d.gen, &probe)?;
+                let mut old = vec![None; locators.len()];
+                for (i, at) in maybe.into_iter().zip(found) {
+                    old[i] = at;
+                }
+                old
+            };
             let lists: Vec<u32> = if dimension == d.dimension {
                 items
                     .par_iter()
@@ -989,7 +1098,7 @@ impl Index {
                     .and_then(|pl| pl.blocks.keys().next_back().copied())
             };
             let mut needed: Vec<(u32, u32)> = old.iter().flatten().copied().collect();
-            let mut seen_lists: HashSet<u32> = HashSet::new();
+            let mut seen_lists: HashSet<u32> = HashSet::default();
             for &l in &lists {
                 if seen_lists.insert(l) {
                     if let Some(b) = last_block(l) {
@@ -1004,7 +1113,6 @@ impl Index {
             };
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut tails: HashMap<u32, u32> = HashMap::default();
-            let mut added = 0usize;
             // Item records are sealed across cores after the placement loop.
             let mut contents: Vec<Option<(String, String)>> = Vec::new();
             for (i, it) in items.into_iter().enumerate() {
@@ -1014,8 +1122,6 @@ impl Index {
                         .or_insert_with(|| copy(l, b).unwrap_or_default());
                     let pos = blk.position(&it.id).ok_or_else(|| self.misplaced(&it.id))?;
                     blk.swap_remove(pos, dim);
-                } else {
-                    added += 1;
                 }
                 let list = lists[i];
                 let tail = *tails
@@ -1101,16 +1207,27 @@ impl Index {
             plan = UpsertPlan {
                 touched,
                 pages,
-                added,
+                added: locators
+                    .iter()
+                    .zip(&old)
+                    .filter(|(_, o)| o.is_none())
+                    .map(|(l, _)| *l)
+                    .collect(),
                 dimension,
                 epoch,
             };
         }
+        let _window = self.write_window();
         self.store.write(batch)?;
         let mut d = self.data.write();
         d.dimension = plan.dimension;
         d.epoch = plan.epoch;
-        d.count += plan.added;
+        d.count += plan.added.len();
+        if let Some(f) = self.id_filter.lock().as_mut() {
+            for l in &plan.added {
+                f.insert(l);
+            }
+        }
         apply_pages(&mut d.pages, &plan.pages);
         self.install(&mut d, plan.touched, plan.epoch);
         Ok(d.count())
@@ -1164,7 +1281,7 @@ impl Index {
             let d = self.data.read();
             let dim = d.dimension as usize;
             let epoch = d.epoch + 1;
-            let mut seen = HashSet::new();
+            let mut seen = HashSet::default();
             let ids: Vec<&str> = ids
                 .iter()
                 .map(String::as_str)
@@ -1202,6 +1319,7 @@ impl Index {
         if removed == 0 {
             return Ok(0);
         }
+        let _window = self.write_window();
         self.store.write(batch)?;
         let mut d = self.data.write();
         d.epoch = epoch;
@@ -1267,16 +1385,18 @@ impl Index {
         };
         let all: Vec<usize> = (0..ids.len()).collect();
         let first = read(epochs, &all)?;
-        let retry: Vec<usize> = all
+        let mut retry: Vec<usize> = all
             .iter()
             .copied()
             .filter(|&i| first[i].is_none())
             .collect();
         let mut out: Vec<Option<String>> = first;
-        if !retry.is_empty() {
-            // Wait for a writer in flight (it stores first, then installs in memory), then
-            // read the rows' epochs again.
-            drop(self.writer.try_lock_for(WRITER_WAIT));
+        // The rows' epochs were read before this call: a mismatch may be a write that landed
+        // since. Read those items' rows again, then their records; from then on a mismatch
+        // counts only if no write was in flight meanwhile.
+        let mut tries = 0;
+        while !retry.is_empty() {
+            let s0 = self.write_seq.load(Ordering::SeqCst);
             let again: Vec<&str> = retry.iter().map(|&i| ids[i]).collect();
             let rows = self.consistent(|d| self.rows_of(d, &again, true))?;
             let mut now = vec![0u64; ids.len()];
@@ -1284,15 +1404,27 @@ impl Index {
                 now[i] = row.as_ref().map_or(0, |(b, p)| b.cepochs[*p]);
             }
             let second = read(&now, &retry)?;
+            let mut still = Vec::new();
             for (&i, v) in retry.iter().zip(second) {
-                out[i] = Some(v.ok_or_else(|| EngineError::Integrity {
-                    index: self.name.clone(),
-                    what: format!(
-                        "the contents record of item '{}' is missing or not at its epoch (deleted, altered or rolled back)",
-                        ids[i]
-                    ),
-                })?);
+                match v {
+                    Some(v) => out[i] = Some(v),
+                    None => still.push(i),
+                }
             }
+            if let Some(&i) = still.first() {
+                if tries >= RACE_RETRIES || !self.raced(s0) {
+                    return Err(EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: format!(
+                            "the contents record of item '{}' is missing or not at its epoch (deleted, altered or rolled back)",
+                            ids[i]
+                        ),
+                    });
+                }
+                tries += 1;
+                self.wait_for_writer();
+            }
+            retry = still;
         }
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
@@ -1300,13 +1432,13 @@ impl Index {
     /// Fetch items by id, in request order; unknown ids are omitted.
     pub fn get(&self, ids: &[String], include: Include) -> Result<Vec<Fetched>, EngineError> {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        // A chunk of ids at a time, so a large get holds a bounded number of blocks.
         let mut out = self.consistent(|d| {
             let dim = d.dimension as usize;
-            let rows = self.rows_of(d, &ids, true)?;
-            Ok(ids
-                .iter()
-                .zip(rows)
-                .filter_map(|(id, row)| {
+            let mut out = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(READ_CHUNK_BLOCKS) {
+                let rows = self.rows_of(d, chunk, true)?;
+                out.extend(chunk.iter().zip(rows).filter_map(|(id, row)| {
                     let (blk, pos) = row?;
                     Some(Fetched {
                         id: (*id).to_owned(),
@@ -1319,8 +1451,9 @@ impl Index {
                         contents: None,
                         cepoch: blk.cepochs[pos],
                     })
-                })
-                .collect::<Vec<_>>())
+                }));
+            }
+            Ok(out)
         })?;
         if include.contents && !out.is_empty() {
             let ids: Vec<&str> = out.iter().map(|f| f.id.as_str()).collect();
@@ -1337,11 +1470,15 @@ impl Index {
     pub fn list_ids(&self) -> Result<Vec<String>, EngineError> {
         self.consistent(|d| {
             let mut ids = Vec::with_capacity(d.count());
-            for li in 0..d.lists.len() {
-                for (_, blk) in self.fetch_list(d, li, false)? {
-                    ids.extend(blk.ids.iter().cloned());
+            let all: Vec<usize> = (0..d.lists.len()).collect();
+            self.for_chunks(d, &Self::list_refs(d, &all), false, |runs| {
+                for (_, run) in runs {
+                    for (_, blk) in run {
+                        ids.extend(blk.ids.iter().cloned());
+                    }
                 }
-            }
+                Ok(())
+            })?;
             Ok(ids)
         })
     }

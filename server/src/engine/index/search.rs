@@ -116,60 +116,74 @@ impl Index {
         } else {
             p.top_k
         };
-        let mut blocks = ListBlocks::default();
-        let heap = if p.filter.is_none() {
-            // Every block of the probed lists, in one batched read of the cache's misses.
-            for (&li, bl) in probed.iter().zip(self.fetch_lists(d, probed, true)?) {
-                blocks.insert(li as u32, bl);
-            }
-            let scan = |top: &mut TopK, li: usize| {
-                let bl = blocks.list(li as u32);
-                if quant {
-                    top.scan_list_quant(metric, q, li, d.lists[li].quant.as_deref(), bl, dim);
-                } else {
-                    top.scan_list(metric, q, li, bl, None);
-                }
-            };
-            let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
-            if volume >= PARALLEL_SCAN_MIN {
-                // A large scan: split the lists across cores, merge the partial top-k. Two
-                // runs of lists per worker: each run fills its own heap from empty, so more
-                // and smaller pieces would cost heap work without balancing load any better.
-                let run = probed
-                    .len()
-                    .div_ceil(2 * rayon::current_num_threads())
-                    .max(1);
-                probed
-                    .par_chunks(run)
-                    .map(|lists| {
-                        let mut top = TopK::new(k);
-                        for &li in lists {
-                            scan(&mut top, li);
-                        }
-                        top
-                    })
-                    .reduce(|| TopK::new(k), TopK::merge)
+        let scan = |top: &mut TopK, li: usize, bl: &[(u32, Arc<Block>)]| {
+            if quant {
+                top.scan_list_quant(metric, q, li, d.lists[li].quant.as_deref(), bl, dim);
             } else {
-                let mut top = TopK::new(k);
-                for &li in probed {
-                    scan(&mut top, li);
-                }
-                top
+                top.scan_list(metric, q, li, bl, None);
             }
+        };
+        // Blocks the heap's candidates point into, for rescoring and the hits.
+        let mut blocks = ListBlocks::default();
+        let mut top = TopK::new(k);
+        if p.filter.is_none() {
+            let refs = Self::list_refs(d, probed);
+            let one_chunk = refs.len() <= READ_CHUNK_BLOCKS;
+            let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
+            let workers = 2 * rayon::current_num_threads();
+            self.for_chunks(d, &refs, true, |runs| {
+                if volume >= PARALLEL_SCAN_MIN {
+                    // A large scan: split the chunk across cores, merge the partial top-k.
+                    // Two pieces per worker: each fills its own heap from empty, so more and
+                    // smaller pieces would cost heap work without balancing load better.
+                    let blocks_in: usize = runs.iter().map(|(_, r)| r.len()).sum();
+                    let per = blocks_in.div_ceil(workers).max(1);
+                    let pieces: Vec<(usize, &[BlockAt])> = runs
+                        .iter()
+                        .flat_map(|(li, r)| r.chunks(per).map(move |c| (*li, c)))
+                        .collect();
+                    let part = pieces
+                        .par_chunks(pieces.len().div_ceil(workers).max(1))
+                        .map(|ps| {
+                            let mut t = TopK::new(k);
+                            for (li, bl) in ps {
+                                scan(&mut t, *li, bl);
+                            }
+                            t
+                        })
+                        .reduce(|| TopK::new(k), TopK::merge);
+                    top = std::mem::replace(&mut top, TopK::new(0)).merge(part);
+                } else {
+                    for (li, bl) in &runs {
+                        scan(&mut top, *li, bl);
+                    }
+                }
+                if one_chunk {
+                    for (li, bl) in runs {
+                        blocks.insert(li as u32, bl);
+                    }
+                } else {
+                    blocks.keep_referenced(&top, runs);
+                }
+                Ok(())
+            })?;
         } else {
             // A filtered query keeps probing, a list at a time, until it has k matches.
-            let mut top = TopK::new(k);
             for (n, &li) in order.iter().enumerate() {
                 if n >= probes && top.heap.len() >= k {
                     break;
                 }
-                let bl = self.fetch_list(d, li, true)?;
-                top.scan_list(metric, q, li, &bl, p.filter.as_ref());
-                blocks.insert(li as u32, bl);
+                let refs = Self::list_refs(d, &[li]);
+                self.for_chunks(d, &refs, true, |runs| {
+                    for (li, bl) in &runs {
+                        top.scan_list(metric, q, *li, bl, p.filter.as_ref());
+                    }
+                    blocks.keep_referenced(&top, runs);
+                    Ok(())
+                })?;
             }
-            top
         }
-        .heap;
+        let heap = top.heap;
         let mut cands = heap.into_vec();
         if quant {
             self.rescore(&blocks, q, dim, &mut cands);
@@ -216,7 +230,6 @@ impl Index {
         let tops = work
             .par_iter()
             .try_fold(fresh, |mut tops, &(li, qs)| {
-                let blocks = self.fetch_list(d, li, true)?;
                 let mut sub = Vec::with_capacity(qs.len() * dim);
                 for &qi in qs {
                     sub.extend_from_slice(&qm[qi as usize * dim..][..dim]);
@@ -224,42 +237,46 @@ impl Index {
                 let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
                     return Ok(tops);
                 };
-                for (bno, blk) in &blocks {
-                    let n = blk.len();
-                    let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
-                    else {
-                        continue;
-                    };
-                    let dots = sub.dot(&x.t());
-                    let x_norms: Vec<f32> = if metric.is_angular() {
-                        Vec::new()
-                    } else {
-                        blk.vecs
-                            .chunks_exact(dim)
-                            .map(|r| distance::dot(r, r))
-                            .collect()
-                    };
-                    for (row, &qi) in dots.rows().into_iter().zip(qs) {
-                        let top = &mut tops[qi as usize];
-                        let qn = q_norms[qi as usize];
-                        for (pos, &dt) in row.iter().enumerate() {
-                            let s = if metric.is_angular() {
-                                1.0 - dt * blk.inv_norms[pos]
-                            } else {
-                                (qn + x_norms[pos] - 2.0 * dt).max(0.0)
-                            };
-                            if !top.beats_worst(s) {
-                                continue;
+                let refs = Self::list_refs(d, &[li]);
+                self.for_chunks(d, &refs, true, |runs| {
+                    for (bno, blk) in runs.iter().flat_map(|(_, r)| r.iter()) {
+                        let n = blk.len();
+                        let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
+                        else {
+                            continue;
+                        };
+                        let dots = sub.dot(&x.t());
+                        let x_norms: Vec<f32> = if metric.is_angular() {
+                            Vec::new()
+                        } else {
+                            blk.vecs
+                                .chunks_exact(dim)
+                                .map(|r| distance::dot(r, r))
+                                .collect()
+                        };
+                        for (row, &qi) in dots.rows().into_iter().zip(qs) {
+                            let top = &mut tops[qi as usize];
+                            let qn = q_norms[qi as usize];
+                            for (pos, &dt) in row.iter().enumerate() {
+                                let s = if metric.is_angular() {
+                                    1.0 - dt * blk.inv_norms[pos]
+                                } else {
+                                    (qn + x_norms[pos] - 2.0 * dt).max(0.0)
+                                };
+                                if !top.beats_worst(s) {
+                                    continue;
+                                }
+                                top.push(Cand {
+                                    score: s,
+                                    list: li as u32,
+                                    block: *bno,
+                                    pos: pos as u32,
+                                });
                             }
-                            top.push(Cand {
-                                score: s,
-                                list: li as u32,
-                                block: *bno,
-                                pos: pos as u32,
-                            });
                         }
                     }
-                }
+                    Ok(())
+                })?;
                 Ok::<_, EngineError>(tops)
             })
             .try_reduce(
@@ -346,7 +363,7 @@ const RERANK: usize = 4;
 const BATCH_GEMM_MIN: usize = 8;
 
 /// A bounded max-heap of the best `k` candidates seen so far.
-struct TopK {
+pub(crate) struct TopK {
     k: usize,
     heap: std::collections::BinaryHeap<Cand>,
     scores: Vec<f32>,
@@ -477,6 +494,11 @@ impl TopK {
         if self.heap.len() > self.k {
             self.heap.pop();
         }
+    }
+
+    /// `(list, block)` of every candidate held.
+    pub(crate) fn referenced(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.heap.iter().map(|c| (c.list, c.block))
     }
 
     fn merge(mut self, other: TopK) -> TopK {

@@ -389,6 +389,7 @@ impl Index {
             pages,
         };
         self.put_state(&mut batch, &st);
+        let window = self.write_window();
         self.store.write(batch)?;
         unswitched.2 = true;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
@@ -417,6 +418,9 @@ impl Index {
             d.count = count;
             d.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
         }
+        drop(window);
+        // The filter covers the old generation's position records: rebuild on next use.
+        *self.id_filter.lock() = None;
         self.cache.forget(&self.id, Some(old_gen));
         self.code_cached();
         Ok(k)

@@ -1,0 +1,111 @@
+//! A resident Bloom filter of the locators of an index's items, so that an upsert looks up
+//! position records only for ids that may already exist: new ids (the common case of a
+//! growing index) skip the store read. Built on the first upsert after open (and again as
+//! the index outgrows it) from the keys of the position records, 1/256 of the key space per
+//! scan; 16 bits per item (about 0.05% false positives with 6 probes), 20 MB at 10M items.
+//! Deleted ids leave their bits set until the next rebuild; a false positive only costs the
+//! lookup it would have cost anyway.
+
+use super::*;
+
+const BITS_PER_ITEM: usize = 16;
+const PROBES: u64 = 6;
+
+pub(crate) struct IdFilter {
+    bits: Vec<u64>,
+    mask: u64,
+    items: usize,
+}
+
+impl IdFilter {
+    /// An empty filter sized for `items`.
+    pub(crate) fn with_capacity(items: usize) -> Self {
+        let nbits = (items.max(8192) * BITS_PER_ITEM).next_power_of_two();
+        Self {
+            bits: vec![0; nbits / 64],
+            mask: nbits as u64 - 1,
+            items: 0,
+        }
+    }
+
+    /// Locators are HMAC outputs: their two halves are independent uniform hashes.
+    fn probes(loc: &[u8; 16]) -> impl Iterator<Item = u64> {
+        let h1 = u64::from_le_bytes(loc[..8].try_into().unwrap_or_default());
+        let h2 = u64::from_le_bytes(loc[8..].try_into().unwrap_or_default()) | 1;
+        (0..PROBES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)))
+    }
+
+    pub(crate) fn insert(&mut self, loc: &[u8; 16]) {
+        for h in Self::probes(loc) {
+            let b = h & self.mask;
+            self.bits[(b >> 6) as usize] |= 1 << (b & 63);
+        }
+        self.items += 1;
+    }
+
+    pub(crate) fn may_contain(&self, loc: &[u8; 16]) -> bool {
+        Self::probes(loc).all(|h| {
+            let b = h & self.mask;
+            self.bits[(b >> 6) as usize] & (1 << (b & 63)) != 0
+        })
+    }
+
+    /// Whether `more` further items still fit at the designed false-positive rate.
+    pub(crate) fn has_room(&self, more: usize) -> bool {
+        (self.items + more) * BITS_PER_ITEM <= self.bits.len() * 64
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bits.len() * 8
+    }
+}
+
+impl Index {
+    /// A filter of every item of generation `gen`, from the keys of its position records,
+    /// sized for twice `count` (so that it is rebuilt only as the index doubles).
+    pub(super) fn build_filter(&self, gen: u32, count: usize) -> Result<IdFilter, EngineError> {
+        let mut f = IdFilter::with_capacity(count.saturating_mul(2));
+        let prefix = fmt::pos_gen_prefix(&self.id, gen);
+        for byte in 0..=255u8 {
+            let mut p = prefix.clone();
+            p.push(byte);
+            for k in self.store.scan_keys(&p)? {
+                if let Some(loc) = k
+                    .get(prefix.len()..)
+                    .and_then(|l| <[u8; 16]>::try_from(l).ok())
+                {
+                    f.insert(&loc);
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_false_negatives_and_few_false_positives() {
+        let mut f = IdFilter::with_capacity(10_000);
+        let loc = |i: u32| {
+            let mut l = [0u8; 16];
+            l[..4].copy_from_slice(&i.to_le_bytes());
+            // Spread like HMAC output.
+            let h = sha2::Sha256::digest(l);
+            l.copy_from_slice(&h[..16]);
+            l
+        };
+        use sha2::Digest;
+        for i in 0..10_000 {
+            f.insert(&loc(i));
+        }
+        assert!((0..10_000).all(|i| f.may_contain(&loc(i))));
+        let fp = (10_000..110_000)
+            .filter(|&i| f.may_contain(&loc(i)))
+            .count();
+        assert!(fp < 200, "{fp} false positives in 100k");
+        assert!(f.has_room(0) && !f.has_room(usize::MAX / 64));
+    }
+}
