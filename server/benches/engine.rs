@@ -291,8 +291,9 @@ fn main() {
     let dim = 128;
     let base = clustered(100_000, dim, 2);
     let queries = clustered(200, dim, 3);
-    let (_e, ix) = build(&base, dim, n_lists);
+    let (e, ix) = build(&base, dim, n_lists);
     // One probe of one posting list (~n/n_lists vectors) is the n_probes=1 row.
     search_times(&ix, &queries, dim, &probes, "ivf_search_100k_128");
+    eprintln!("block cache after the searches: {:?}", e.cache_stats());
     sealing(&ix);
 }

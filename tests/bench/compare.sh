@@ -3,6 +3,7 @@
 # and SealDB (release build), same data, same client, same auth setting, one run, on loopback.
 # Usage: tests/bench/compare.sh [scenario ...]   (default: 100k-128 20k-384 20k-384-cos-f16 hard-100k-128)
 # Output: JSON lines in $OUT (default target/bench/results.jsonl) and a ratio table on stdout.
+# SEALDB_FLAGS adds flags to our server only (e.g. SEALDB_FLAGS="--index-cache-mb 256").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -43,7 +44,8 @@ run_one() { # label port scenario cmd...   (a fresh server and data dir per scen
 }
 
 for s in "${SCENARIOS[@]}"; do
-  run_one sealdb 18801 "$s" "$ROOT/target/release/sealdb"
+  # shellcheck disable=SC2086
+  run_one sealdb 18801 "$s" "$ROOT/target/release/sealdb" ${SEALDB_FLAGS:-}
   run_one original 18802 "$s" "$VENV/bin/python" "$ROOT/tests/bench/launch_original.py"
 done
 "$VENV/bin/python" tests/bench/report.py "$OUT"

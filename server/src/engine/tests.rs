@@ -426,6 +426,10 @@ fn quantised_first_pass_matches_exact_scan() {
             quantised, lists,
             "{metric:?}: {probes} probes of {lists} lists should turn quantisation on"
         );
+        // Training warmed the cache with the new blocks; every one carries its codes.
+        let (cached, uncoded) = ix.cached_codes();
+        assert!(cached > 0, "{metric:?}: training left the cache cold");
+        assert_eq!(uncoded, 0, "{metric:?}: cached blocks without 8-bit codes");
         let queries: Vec<Vec<f32>> = (0..60)
             .map(|_| (0..32).map(|_| rng.random_range(-1.0..1.0f32)).collect())
             .collect();

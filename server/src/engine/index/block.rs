@@ -206,11 +206,50 @@ impl Block {
     }
 }
 
-/// Where a block stands in its list's directory: the epoch it was sealed at and its rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a block stands in its list's directory: the epoch it was sealed at, its rows, and a
+/// weak pointer to the block while the cache holds it. A lookup through the pointer touches
+/// memory the scan needs anyway, where a cache lookup costs a few cache misses of its own:
+/// on lists of ~4 blocks that was a quarter of a query's time. Queries still touch the cache
+/// entry of one hit in [`TOUCH_EVERY`], so that eviction sees which blocks are hot.
+#[derive(Debug)]
 pub(crate) struct BlockMeta {
     pub(crate) epoch: u64,
     pub(crate) rows: u32,
+    hot: parking_lot::Mutex<std::sync::Weak<Block>>,
+}
+
+/// One in this many hits through [`BlockMeta`]'s pointer also touches the cache entry.
+pub(crate) const TOUCH_EVERY: u32 = 8;
+
+impl BlockMeta {
+    pub(crate) fn new(epoch: u64, rows: u32) -> Self {
+        Self {
+            epoch,
+            rows,
+            hot: parking_lot::Mutex::new(std::sync::Weak::new()),
+        }
+    }
+
+    /// The block, if the cache (or a request) still holds it.
+    pub(crate) fn hot(&self) -> Option<Arc<Block>> {
+        self.hot.lock().upgrade()
+    }
+
+    pub(crate) fn set_hot(&self, blk: &Arc<Block>) {
+        *self.hot.lock() = Arc::downgrade(blk);
+    }
+}
+
+impl Clone for BlockMeta {
+    fn clone(&self) -> Self {
+        Self::new(self.epoch, self.rows)
+    }
+}
+
+impl PartialEq for BlockMeta {
+    fn eq(&self, o: &Self) -> bool {
+        (self.epoch, self.rows) == (o.epoch, o.rows)
+    }
 }
 
 /// The resident part of a posting list: its blocks' epochs and sizes (the blocks themselves

@@ -69,8 +69,8 @@ impl Data {
     pub fn count(&self) -> usize {
         self.count
     }
-    fn meta_of(&self, list: u32, block: u32) -> Option<BlockMeta> {
-        self.lists.get(list as usize)?.blocks.get(&block).copied()
+    fn meta_of(&self, list: u32, block: u32) -> Option<&BlockMeta> {
+        self.lists.get(list as usize)?.blocks.get(&block)
     }
 }
 
@@ -299,9 +299,14 @@ struct UpsertPlan {
     epoch: u64,
 }
 
-/// Blocks one scan reads (and holds) at a time: about 28 MiB of 56 KiB blocks. Unit tests
+/// Blocks one scan reads (and holds) at a time: about 56 MiB of 56 KiB blocks. Unit tests
 /// use 3, so that every scan in them spans several chunks.
-const READ_CHUNK_BLOCKS: usize = if cfg!(test) { 3 } else { 512 };
+const READ_CHUNK_BLOCKS: usize = if cfg!(test) { 3 } else { 1024 };
+
+thread_local! {
+    /// Hits through directory pointers on this thread (see [`block::TOUCH_EVERY`]).
+    static TOUCHES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// How often a reader that keeps meeting writes in flight reads again before it reports the
 /// mismatch.
@@ -454,7 +459,7 @@ impl Index {
             let pl = data.lists.get_mut(l as usize).ok_or_else(|| {
                 EngineError::Corrupt("manifest names a list that does not exist".into())
             })?;
-            if rows == 0 || pl.blocks.insert(b, BlockMeta { epoch, rows }).is_some() {
+            if rows == 0 || pl.blocks.insert(b, BlockMeta::new(epoch, rows)).is_some() {
                 return Err(EngineError::Corrupt(format!(
                     "manifest entry {l}/{b} is empty or repeated"
                 )));
@@ -551,6 +556,35 @@ impl Index {
         batch.put(sk.clone(), keys.seal(&fmt::aad(&sk), &st.encode()));
         store.write(batch)?;
         Ok((st, manifest))
+    }
+
+    /// `(cached blocks of quantised lists, those of them without codes)`.
+    #[cfg(test)]
+    pub(crate) fn cached_codes(&self) -> (usize, usize) {
+        let d = self.data.read();
+        let dim = d.dimension as usize;
+        let (mut n, mut bad) = (0, 0);
+        for (l, pl) in d.lists.iter().enumerate() {
+            if pl.quant.is_none() {
+                continue;
+            }
+            for (&b, m) in &pl.blocks {
+                let key = BlockKey {
+                    index: self.id,
+                    gen: d.gen,
+                    list: l as u32,
+                    block: b,
+                    epoch: m.epoch,
+                };
+                if let Some(blk) = self.cache.get(&key) {
+                    n += 1;
+                    if blk.codes.len() != blk.len() * dim {
+                        bad += 1;
+                    }
+                }
+            }
+        }
+        (n, bad)
     }
 
     /// `(lists with a quantiser, lists, default probes)`.
@@ -656,7 +690,7 @@ impl Index {
         keep: bool,
     ) -> Result<Vec<Arc<Block>>, EngineError> {
         let mut out: Vec<Option<Arc<Block>>> = Vec::with_capacity(refs.len());
-        let mut missing: Vec<usize> = Vec::new();
+        let mut missing: Vec<(usize, &BlockMeta)> = Vec::new();
         let mut want: Vec<(u32, u32, u64)> = Vec::new();
         for (i, &(li, b)) in refs.iter().enumerate() {
             let m = d
@@ -674,9 +708,27 @@ impl Index {
                 block: b,
                 epoch: m.epoch,
             };
-            let got = self.cache.get(&key);
+            let got = match m.hot() {
+                Some(blk) => {
+                    if TOUCHES.with(|t| {
+                        let n = t.get().wrapping_add(1);
+                        t.set(n);
+                        n % block::TOUCH_EVERY == 0
+                    }) {
+                        self.cache.get(&key);
+                    }
+                    Some(blk)
+                }
+                None => {
+                    let got = self.cache.get(&key);
+                    if let Some(blk) = &got {
+                        m.set_hot(blk);
+                    }
+                    got
+                }
+            };
             if got.is_none() {
-                missing.push(i);
+                missing.push((i, m));
                 want.push((li as u32, b, m.epoch));
             }
             out.push(got);
@@ -686,7 +738,10 @@ impl Index {
             let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
             // read_blocks counts the misses (it finds them missing again).
             let read = self.read_blocks(d.gen, &want, &quant, keep)?;
-            for (i, blk) in missing.into_iter().zip(read) {
+            for ((i, m), blk) in missing.into_iter().zip(read) {
+                if keep {
+                    m.set_hot(&blk);
+                }
                 out[i] = Some(blk);
             }
         }
@@ -1253,13 +1308,7 @@ impl Index {
                     None => blk.codes = Vec::new(),
                 }
                 blk.shrink();
-                pl.blocks.insert(
-                    b,
-                    BlockMeta {
-                        epoch,
-                        rows: blk.len() as u32,
-                    },
-                );
+                let meta = BlockMeta::new(epoch, blk.len() as u32);
                 let key = BlockKey {
                     index: self.id,
                     gen,
@@ -1267,7 +1316,10 @@ impl Index {
                     block: b,
                     epoch,
                 };
-                self.cache.insert(key, Arc::new(blk));
+                let blk = Arc::new(blk);
+                meta.set_hot(&blk);
+                pl.blocks.insert(b, meta);
+                self.cache.insert(key, blk);
             }
         }
     }

@@ -398,9 +398,7 @@ impl Index {
         progress.set(Phase::Swapping, 0, 1);
         let mut lists: Vec<ListDir> = vec![ListDir::default(); k];
         for &(l, b, e, rows) in &manifest {
-            lists[l as usize]
-                .blocks
-                .insert(b, BlockMeta { epoch: e, rows });
+            lists[l as usize].blocks.insert(b, BlockMeta::new(e, rows));
         }
         if let Some(q) = quants {
             for (pl, q) in lists.iter_mut().zip(q) {
