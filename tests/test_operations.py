@@ -154,6 +154,12 @@ def test_metrics_after_a_known_workload(make_server, tmp_path):
         assert f["sealdb_index_cache_hits"].samples[0].value >= 3
         assert f["sealdb_index_cache_misses"].samples[0].value >= 0
         assert f["sealdb_index_cache_bytes"].samples[0].value > 0
+        # The block cache: the queries and the training read and wrote blocks, within budget.
+        cached = f["sealdb_block_cache_bytes"].samples[0].value
+        assert 0 < cached <= f["sealdb_block_cache_budget_bytes"].samples[0].value
+        assert f["sealdb_block_cache_blocks"].samples[0].value >= 1
+        assert f["sealdb_block_cache_hits"].samples[0].value >= 1
+        assert f["sealdb_block_cache_misses"].type == "counter"
         assert samples(f["sealdb_training_runs"], kind="explicit", result="ok")[0].value == 1
         assert f["sealdb_training_duration_seconds"].type == "histogram"
         assert samples(f["sealdb_store_batch_duration_seconds"], result="ok")
