@@ -23,8 +23,13 @@ use sealdb_server::keys::Kek;
 
 fn clustered(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
+    // SEALDB_BENCH_CENTRE_SCALE=0.5 gives overlapping clusters (as bench.py's hard set).
+    let scale: f32 = std::env::var("SEALDB_BENCH_CENTRE_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3.0);
     let centres: Vec<f32> = (0..256 * dim)
-        .map(|_| rng.random_range(-3.0..3.0))
+        .map(|_| rng.random_range(-scale..scale))
         .collect();
     let mut out = Vec::with_capacity(n * dim);
     for _ in 0..n {
@@ -294,6 +299,10 @@ fn main() {
     let (e, ix) = build(&base, dim, n_lists);
     // One probe of one posting list (~n/n_lists vectors) is the n_probes=1 row.
     search_times(&ix, &queries, dim, &probes, "ivf_search_100k_128");
-    eprintln!("block cache after the searches: {:?}", e.cache_stats());
+    eprintln!(
+        "block cache after the searches: {:?}; (quantised cached blocks, without codes) = {:?}",
+        e.cache_stats(),
+        ix.cached_codes()
+    );
     sealing(&ix);
 }

@@ -559,8 +559,8 @@ impl Index {
     }
 
     /// `(cached blocks of quantised lists, those of them without codes)`.
-    #[cfg(test)]
-    pub(crate) fn cached_codes(&self) -> (usize, usize) {
+    #[doc(hidden)]
+    pub fn cached_codes(&self) -> (usize, usize) {
         let d = self.data.read();
         let dim = d.dimension as usize;
         let (mut n, mut bad) = (0, 0);
