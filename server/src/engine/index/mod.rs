@@ -569,14 +569,7 @@ impl Index {
                 continue;
             }
             for (&b, m) in &pl.blocks {
-                let key = BlockKey {
-                    index: self.id,
-                    gen: d.gen,
-                    list: l as u32,
-                    block: b,
-                    epoch: m.epoch,
-                };
-                if let Some(blk) = self.cache.get(&key) {
+                if let Some(blk) = self.cache.get(&self.key_at(d.gen, l, b, m.epoch)) {
                     n += 1;
                     if blk.codes.len() != blk.len() * dim {
                         bad += 1;
@@ -593,6 +586,17 @@ impl Index {
         let d = self.data.read();
         let q = d.lists.iter().filter(|pl| pl.quant.is_some()).count();
         (q, d.lists.len(), d.default_probes)
+    }
+
+    /// The cache key of block `list/block` of generation `gen` at `epoch`.
+    fn key_at(&self, gen: u32, list: usize, block: u32, epoch: u64) -> BlockKey {
+        BlockKey {
+            index: self.id,
+            gen,
+            list: list as u32,
+            block,
+            epoch,
+        }
     }
 
     /// Read blocks at the epochs `want` gives, from the cache or else the store (one batched
@@ -998,16 +1002,7 @@ impl Index {
     pub(crate) fn state_for_meta(&self, meta_digest: [u8; 32]) -> (u64, Vec<u8>, Vec<u8>) {
         let d = self.data.read();
         let epoch = d.epoch + 1;
-        let st = State {
-            dimension: d.dimension,
-            gen: d.gen,
-            trained: d.trained,
-            n_lists: d.n_lists() as u32,
-            default_probes: d.default_probes,
-            epoch,
-            meta_digest,
-            pages: d.pages.iter().map(|(&(lg, bg), &e)| (lg, bg, e)).collect(),
-        };
+        let st = State::of(&d, d.dimension, epoch, meta_digest, &d.pages);
         let sk = fmt::state_key(&self.id);
         let v = self.keys.seal(&fmt::aad(&sk), &st.encode());
         (epoch, sk, v)

@@ -218,7 +218,22 @@ impl Index {
         }
         let mut pages = d.pages.clone();
         apply_pages(&mut pages, &changes);
-        let st = State {
+        self.put_state(batch, &State::of(d, dimension, epoch, meta_digest, &pages));
+        changes
+    }
+}
+
+impl State {
+    /// The state record of the view `d` at `epoch`, with `dimension`, `meta_digest` and the
+    /// page table `pages`.
+    pub(super) fn of(
+        d: &Data,
+        dimension: u32,
+        epoch: u64,
+        meta_digest: [u8; 32],
+        pages: &BTreeMap<PageId, u64>,
+    ) -> Self {
+        Self {
             dimension,
             gen: d.gen,
             trained: d.trained,
@@ -227,9 +242,7 @@ impl Index {
             epoch,
             meta_digest,
             pages: pages.iter().map(|(&(lg, bg), &e)| (lg, bg, e)).collect(),
-        };
-        self.put_state(batch, &st);
-        changes
+        }
     }
 }
 

@@ -433,13 +433,7 @@ impl Index {
         d.lists.par_iter().enumerate().for_each(|(l, pl)| {
             let Some(q) = &pl.quant else { return };
             for (&b, m) in &pl.blocks {
-                let key = BlockKey {
-                    index: self.id,
-                    gen: d.gen,
-                    list: l as u32,
-                    block: b,
-                    epoch: m.epoch,
-                };
+                let key = self.key_at(d.gen, l, b, m.epoch);
                 if let Some(blk) = self.cache.get(&key) {
                     if blk.codes.len() != blk.len() * dim {
                         let mut coded = (*blk).clone();
