@@ -375,7 +375,7 @@ impl Index {
             batch.put(
                 qk.clone(),
                 self.keys
-                    .seal(&fmt::aad(&qk), &super::encode_quants(q, dim)),
+                    .seal(&fmt::aad(&qk), &super::load::encode_quants(q, dim)),
             );
         }
         let st = State {

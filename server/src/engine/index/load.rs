@@ -1,0 +1,255 @@
+//! Opening an index: the state record, the manifest pages, centroids and quantisers
+//! (no block is read), and the in-place upgrade of indexes written before position records.
+
+use super::*;
+
+impl Index {
+    /// Load the resident part of an index (state record, centroids, quantisers): no block
+    /// is read. The meta record must be the one the state record vouches for; every block is
+    /// checked against the manifest's epoch when it is read.
+    pub(crate) fn load_data(
+        store: &dyn IndexStore,
+        name: &str,
+        id: &IndexId,
+        keys: &IndexKeys,
+        angular: bool,
+        meta_digest: [u8; 32],
+    ) -> Result<Data, EngineError> {
+        let integrity = |what: String| EngineError::Integrity {
+            index: name.to_owned(),
+            what,
+        };
+        let sk = fmt::state_key(id);
+        let sealed = store
+            .get(&sk)?
+            .ok_or_else(|| integrity("the state record is missing".into()))?;
+        let decoded = State::decode(
+            &keys
+                .open(&fmt::aad(&sk), &sealed)
+                .map_err(|_| integrity("the state record failed authentication".into()))?,
+        )?;
+        let mut st = decoded.state;
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            &st.meta_digest[..],
+            &meta_digest[..],
+        )) {
+            return Err(integrity(
+                "the meta record is not the one the state record vouches for (replaced or rolled back)".into(),
+            ));
+        }
+        let manifest: Vec<state::Entry> = match decoded.legacy_manifest {
+            Some(legacy) => {
+                let (upgraded, manifest) =
+                    Self::upgrade_v3(store, name, id, keys, angular, st, &legacy)?;
+                st = upgraded;
+                manifest
+            }
+            None => {
+                let pkeys: Vec<Vec<u8>> = st
+                    .pages
+                    .iter()
+                    .map(|&(lg, bg, _)| fmt::page_key(id, st.gen, lg, bg))
+                    .collect();
+                let values = store.get_many(&pkeys)?;
+                let mut all = Vec::new();
+                for ((&(lg, bg, e), k), v) in st.pages.iter().zip(&pkeys).zip(values) {
+                    let v =
+                        v.ok_or_else(|| integrity(format!("manifest page {lg}/{bg} is missing")))?;
+                    let plain = keys.open(&fmt::aad_at(k, e), &v).map_err(|_| {
+                        integrity(format!(
+                            "manifest page {lg}/{bg} failed authentication at epoch {e} (altered, swapped or rolled back)"
+                        ))
+                    })?;
+                    all.extend(state::decode_page(&plain, (lg, bg))?);
+                }
+                all
+            }
+        };
+        let n_lists = st.n_lists.max(1) as usize;
+        let mut data = Data {
+            dimension: st.dimension,
+            gen: st.gen,
+            trained: st.trained,
+            default_probes: st.default_probes,
+            epoch: st.epoch,
+            meta_digest,
+            lists: vec![ListDir::default(); n_lists],
+            ..Data::default()
+        };
+        let dim = st.dimension as usize;
+        if st.trained {
+            let ck = fmt::centroids_key(id, st.gen);
+            let sealed = store
+                .get(&ck)?
+                .ok_or_else(|| integrity("the centroids record is missing".into()))?;
+            let raw = keys
+                .open(&fmt::aad(&ck), &sealed)
+                .map_err(|_| integrity("the centroids record failed authentication".into()))?;
+            data.centroids = Precision::F32.decode(&raw, n_lists * dim)?;
+            if wants_quant(true, st.default_probes, n_lists) {
+                let qk = fmt::quant_key(id, st.gen);
+                let sealed = store
+                    .get(&qk)?
+                    .ok_or_else(|| integrity("the quantiser record is missing".into()))?;
+                let raw = keys
+                    .open(&fmt::aad(&qk), &sealed)
+                    .map_err(|_| integrity("the quantiser record failed authentication".into()))?;
+                for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
+                    data.lists[l].quant = q.map(Arc::new);
+                }
+            }
+        }
+        data.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
+        for &(l, b, epoch, rows) in &manifest {
+            let pl = data.lists.get_mut(l as usize).ok_or_else(|| {
+                EngineError::Corrupt("manifest names a list that does not exist".into())
+            })?;
+            if rows == 0 || pl.blocks.insert(b, BlockMeta::new(epoch, rows)).is_some() {
+                return Err(EngineError::Corrupt(format!(
+                    "manifest entry {l}/{b} is empty or repeated"
+                )));
+            }
+            data.count += rows as usize;
+        }
+        Ok(data)
+    }
+
+    /// Upgrade an index written before position records (state record v3): read every
+    /// block once (each checked at its manifest epoch), write the position records of its
+    /// items in bounded batches, then the manifest pages and the state record v4. A crash in
+    /// between leaves the v3 state in charge, and the next open starts over.
+    pub(super) fn upgrade_v3(
+        store: &dyn IndexStore,
+        name: &str,
+        id: &IndexId,
+        keys: &IndexKeys,
+        angular: bool,
+        mut st: State,
+        legacy: &[(u32, u32, u64)],
+    ) -> Result<(State, Vec<state::Entry>), EngineError> {
+        let n_lists = st.n_lists.max(1) as usize;
+        let dim = st.dimension as usize;
+        let quant = wants_quant(st.trained, st.default_probes, n_lists);
+        let mut bounds = vec![distance::QuantBounds::new(dim); if quant { n_lists } else { 0 }];
+        tracing::info!(index = %name, blocks = legacy.len(), "upgrading the index to position records and manifest pages");
+        let per_read = (64usize << 20) / BLOCK_BYTES;
+        let mut manifest = Vec::with_capacity(legacy.len());
+        for chunk in legacy.chunks(per_read) {
+            let bkeys: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|&(l, b, _)| fmt::block_key(id, st.gen, l, b))
+                .collect();
+            let values = store.get_many(&bkeys)?;
+            type Done = ((u32, u32, u64, u32), Vec<(Vec<u8>, Vec<u8>)>, Block);
+            let done: Vec<Done> = chunk
+                .par_iter()
+                .zip(bkeys.par_iter().zip(values.into_par_iter()))
+                .map(|(&(l, b, e), (k, v))| {
+                    let fail = |what: &str| EngineError::Integrity {
+                        index: name.to_owned(),
+                        what: format!("block {l}/{b} {what}"),
+                    };
+                    let v = v.ok_or_else(|| fail("is missing"))?;
+                    let plain = keys
+                        .open(&fmt::aad_at(k, e), &v)
+                        .map_err(|_| fail("failed authentication"))?;
+                    let (blk, _) = Block::decode(&plain)?;
+                    let pos = blk
+                        .ids
+                        .iter()
+                        .map(|item| {
+                            let loc = keys.id_locator(item);
+                            (
+                                fmt::pos_key(id, st.gen, &loc),
+                                keys.seal_position(&loc, st.gen, l, b).to_vec(),
+                            )
+                        })
+                        .collect();
+                    Ok(((l, b, e, blk.len() as u32), pos, blk))
+                })
+                .collect::<Result<_, EngineError>>()?;
+            let mut batch = WriteBatch::new();
+            for (entry, pos, blk) in done {
+                if let Some(qb) = bounds.get_mut(entry.0 as usize) {
+                    for row in block::quant_rows(&blk, dim, angular).chunks_exact(dim.max(1)) {
+                        qb.add(row);
+                    }
+                }
+                if entry.3 > 0 {
+                    manifest.push(entry);
+                }
+                for (k, v) in pos {
+                    batch.put(k, v);
+                }
+            }
+            store.write(batch)?;
+        }
+        let sk = fmt::state_key(id);
+        let mut batch = WriteBatch::new();
+        st.pages = state::put_all_pages(id, keys, st.gen, st.epoch, &manifest, &mut batch);
+        if quant {
+            let qs: Vec<Option<Quant>> = bounds
+                .into_iter()
+                .map(distance::QuantBounds::finish)
+                .collect();
+            let qk = fmt::quant_key(id, st.gen);
+            batch.put(
+                qk.clone(),
+                keys.seal(&fmt::aad(&qk), &encode_quants(&qs, dim)),
+            );
+        }
+        batch.put(sk.clone(), keys.seal(&fmt::aad(&sk), &st.encode()));
+        store.write(batch)?;
+        Ok((st, manifest))
+    }
+}
+
+/// Plaintext of the quantiser record: per list, a flag, then (when set) the step and the
+/// per-dimension minimum (docs/FORMAT.md "Quantiser record").
+pub(crate) fn encode_quants(lists: &[Option<Quant>], dim: usize) -> Vec<u8> {
+    let mut w = Writer::with_capacity(8 + lists.len() * (5 + dim * 4));
+    w.u8(1).u32(lists.len() as u32);
+    for q in lists {
+        match q {
+            None => {
+                w.u8(0);
+            }
+            Some(q) => {
+                let (min, step) = q.params();
+                w.u8(1).raw(&step.to_le_bytes());
+                for x in min {
+                    w.raw(&x.to_le_bytes());
+                }
+            }
+        }
+    }
+    w.0
+}
+
+pub(super) fn decode_quants(
+    buf: &[u8],
+    n_lists: usize,
+    dim: usize,
+) -> Result<Vec<Option<Quant>>, EngineError> {
+    let bad = || EngineError::Corrupt("bad quantiser record".into());
+    let mut r = Reader::new(buf, "quantiser record");
+    if r.u8()? != 1 || r.u32()? as usize != n_lists {
+        return Err(bad());
+    }
+    let f32_at = |r: &mut Reader<'_>| -> Result<f32, EngineError> {
+        Ok(f32::from_le_bytes(
+            r.take(4)?.try_into().map_err(|_| bad())?,
+        ))
+    };
+    (0..n_lists)
+        .map(|_| match r.u8()? {
+            0 => Ok(None),
+            1 => {
+                let step = f32_at(&mut r)?;
+                let min = (0..dim).map(|_| f32_at(&mut r)).collect::<Result<_, _>>()?;
+                Quant::from_params(min, step).map(Some).ok_or_else(bad)
+            }
+            _ => Err(bad()),
+        })
+        .collect()
+}

@@ -1,0 +1,316 @@
+//! Reading blocks: the cache first, one batched store read for the misses, bounded read
+//! chunks; position records; the reader's consistency protocol with writers (`write_seq`).
+
+use super::*;
+
+impl Index {
+    /// The cache key of block `list/block` of generation `gen` at `epoch`.
+    pub(super) fn key_at(&self, gen: u32, list: usize, block: u32, epoch: u64) -> BlockKey {
+        BlockKey {
+            index: self.id,
+            gen,
+            list: list as u32,
+            block,
+            epoch,
+        }
+    }
+
+    /// Read blocks at the epochs `want` gives, from the cache or else the store (one batched
+    /// read for all misses, decrypted across cores). With `keep`, blocks read from the store
+    /// enter the cache (bulk readers such as training and `list_ids` pass `false`).
+    pub(super) fn read_blocks(
+        &self,
+        gen: u32,
+        want: &[(u32, u32, u64)],
+        quant: &(dyn Fn(u32) -> Option<Arc<Quant>> + Sync),
+        keep: bool,
+    ) -> Result<Vec<Arc<Block>>, EngineError> {
+        let key_of = |&(list, block, epoch): &(u32, u32, u64)| BlockKey {
+            index: self.id,
+            gen,
+            list,
+            block,
+            epoch,
+        };
+        let mut out: Vec<Option<Arc<Block>>> =
+            want.iter().map(|w| self.cache.get(&key_of(w))).collect();
+        let missing: Vec<usize> = (0..want.len()).filter(|&i| out[i].is_none()).collect();
+        self.cache.count(want.len() - missing.len(), missing.len());
+        if missing.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        let keys: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|&i| fmt::block_key(&self.id, gen, want[i].0, want[i].1))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        let angular = self.config.metric.is_angular();
+        let read: Vec<Arc<Block>> = missing
+            .par_iter()
+            .zip(keys.par_iter().zip(values.into_par_iter()))
+            .map(|(&i, (k, v))| {
+                let (l, b, epoch) = want[i];
+                let v = v.ok_or_else(|| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {l}/{b} is missing"),
+                })?;
+                let plain = self.keys.open(&fmt::aad_at(k, epoch), &v).map_err(|_| {
+                    EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: format!(
+                            "block {l}/{b} failed authentication at epoch {epoch} (altered, swapped or rolled back)"
+                        ),
+                    }
+                })?;
+                let (mut blk, dim) = Block::decode(&plain)?;
+                blk.epoch = epoch;
+                if let Some(q) = quant(l) {
+                    code_block(&q, &mut blk, dim, angular);
+                }
+                let blk = Arc::new(blk);
+                if keep {
+                    self.cache.insert(key_of(&want[i]), blk.clone());
+                }
+                Ok(blk)
+            })
+            .collect::<Result<_, EngineError>>()?;
+        for (&i, blk) in missing.iter().zip(read) {
+            out[i] = Some(blk);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Read the blocks `(list, block)` at the epochs the directory `d` holds.
+    pub(super) fn fetch(
+        &self,
+        d: &Data,
+        refs: &[(u32, u32)],
+        keep: bool,
+    ) -> Result<Blocks, EngineError> {
+        let mut want = Vec::with_capacity(refs.len());
+        for &(l, b) in refs {
+            let m = d.meta_of(l, b).ok_or_else(|| EngineError::Integrity {
+                index: self.name.clone(),
+                what: format!("block {l}/{b} is not in the manifest"),
+            })?;
+            want.push((l, b, m.epoch));
+        }
+        want.sort_unstable();
+        want.dedup();
+        let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
+        let blocks = self.read_blocks(d.gen, &want, &quant, keep)?;
+        Ok(want
+            .into_iter()
+            .map(|(l, b, _)| (l, b))
+            .zip(blocks)
+            .collect())
+    }
+
+    /// The blocks `refs` (`(list, block)`, any order; each must be in the directory) in
+    /// that order: one cache lookup per block, one batched store read for all the misses.
+    pub(super) fn fetch_refs(
+        &self,
+        d: &Data,
+        refs: &[(usize, u32)],
+        keep: bool,
+    ) -> Result<Vec<Arc<Block>>, EngineError> {
+        let mut out: Vec<Option<Arc<Block>>> = Vec::with_capacity(refs.len());
+        let mut missing: Vec<(usize, &BlockMeta)> = Vec::new();
+        let mut want: Vec<(u32, u32, u64)> = Vec::new();
+        for (i, &(li, b)) in refs.iter().enumerate() {
+            let m = d
+                .lists
+                .get(li)
+                .and_then(|pl| pl.blocks.get(&b))
+                .ok_or_else(|| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {li}/{b} is not in the manifest"),
+                })?;
+            let key = BlockKey {
+                index: self.id,
+                gen: d.gen,
+                list: li as u32,
+                block: b,
+                epoch: m.epoch,
+            };
+            let got = match m.hot() {
+                Some(blk) => {
+                    if TOUCHES.with(|t| {
+                        let n = t.get().wrapping_add(1);
+                        t.set(n);
+                        n % block::TOUCH_EVERY == 0
+                    }) {
+                        self.cache.get(&key);
+                    }
+                    Some(blk)
+                }
+                None => {
+                    let got = self.cache.get(&key);
+                    if let Some(blk) = &got {
+                        m.set_hot(blk);
+                    }
+                    got
+                }
+            };
+            if got.is_none() {
+                missing.push((i, m));
+                want.push((li as u32, b, m.epoch));
+            }
+            out.push(got);
+        }
+        self.cache.count(refs.len() - missing.len(), 0);
+        if !want.is_empty() {
+            let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
+            // read_blocks counts the misses (it finds them missing again).
+            let read = self.read_blocks(d.gen, &want, &quant, keep)?;
+            for ((i, m), blk) in missing.into_iter().zip(read) {
+                if keep {
+                    m.set_hot(&blk);
+                }
+                out[i] = Some(blk);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// `(list, block)` of every block of `lists`, list by list in block order.
+    pub(super) fn list_refs(d: &Data, lists: &[usize]) -> Vec<(usize, u32)> {
+        lists
+            .iter()
+            .flat_map(|&li| {
+                d.lists
+                    .get(li)
+                    .into_iter()
+                    .flat_map(move |pl| pl.blocks.keys().map(move |&b| (li, b)))
+            })
+            .collect()
+    }
+
+    /// Read `refs` a chunk of at most [`READ_CHUNK_BLOCKS`] at a time, handing each chunk to
+    /// `f` as runs of consecutive blocks of one list; a chunk's blocks are dropped (unless
+    /// the cache keeps them) before the next is read, so a scan of any size holds one chunk.
+    pub(super) fn for_chunks(
+        &self,
+        d: &Data,
+        refs: &[(usize, u32)],
+        keep: bool,
+        mut f: impl FnMut(Vec<(usize, ListRead)>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        for chunk in refs.chunks(READ_CHUNK_BLOCKS) {
+            let blocks = self.fetch_refs(d, chunk, keep)?;
+            let mut runs: Vec<(usize, ListRead)> = Vec::new();
+            for (&(li, b), blk) in chunk.iter().zip(blocks) {
+                match runs.last_mut() {
+                    Some((l, run)) if *l == li => run.push((b, blk)),
+                    _ => runs.push((li, vec![(b, blk)])),
+                }
+            }
+            f(runs)?;
+        }
+        Ok(())
+    }
+
+    /// Run a reader on a consistent view. A writer stores its batch before it installs it in
+    /// memory, so a reader can meet a record newer than the directory it holds; such a
+    /// mismatch is an integrity error only if it persists after the writer finished.
+    ///
+    /// `write_seq` tells the two apart: a writer makes it odd before its store write and even
+    /// again after it installed the batch, so a reader whose view could have met a newer
+    /// record saw it odd, or saw it change, while it read. Such a reader waits for the
+    /// writer and reads again (every retry means another write landed meanwhile); a mismatch
+    /// with no write in flight is reported at once.
+    pub(super) fn consistent<T>(
+        &self,
+        f: impl Fn(&Data) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let mut tries = 0;
+        loop {
+            let s0 = self.write_seq.load(Ordering::SeqCst);
+            let r = f(&self.data.read());
+            match r {
+                Err(EngineError::Integrity { .. }) if tries < RACE_RETRIES && self.raced(s0) => {
+                    tries += 1;
+                    self.wait_for_writer();
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Whether a write was in flight at some point since `write_seq` read `s0`.
+    pub(super) fn raced(&self, s0: u64) -> bool {
+        s0 % 2 == 1 || self.write_seq.load(Ordering::SeqCst) != s0
+    }
+
+    /// Wait (briefly) until no write is between its store write and its install.
+    pub(super) fn wait_for_writer(&self) {
+        let until = std::time::Instant::now() + WRITER_WAIT;
+        while self.write_seq.load(Ordering::SeqCst) % 2 == 1 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+
+    /// Mark a write in flight from now until the returned guard drops (after the install).
+    pub(crate) fn write_window(&self) -> WriteWindow<'_> {
+        self.write_seq.fetch_add(1, Ordering::SeqCst);
+        WriteWindow(&self.write_seq)
+    }
+
+    /// Where each item sits in generation `gen` (`None` = not in the index), from the
+    /// position records.
+    pub(super) fn positions(
+        &self,
+        gen: u32,
+        locators: &[[u8; 16]],
+    ) -> Result<Vec<Option<(u32, u32)>>, EngineError> {
+        let keys: Vec<Vec<u8>> = locators
+            .iter()
+            .map(|l| fmt::pos_key(&self.id, gen, l))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        locators
+            .iter()
+            .zip(values)
+            .map(|(loc, v)| {
+                let Some(v) = v else { return Ok(None) };
+                self.keys
+                    .open_position(loc, gen, &v)
+                    .map(Some)
+                    .map_err(|_| EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: "a position record failed authentication".into(),
+                    })
+            })
+            .collect()
+    }
+
+    /// The position record of an item at `(list, block)` in generation `gen`.
+    pub(super) fn seal_position(
+        &self,
+        gen: u32,
+        locator: &[u8; 16],
+        list: u32,
+        block: u32,
+    ) -> (Vec<u8>, Vec<u8>) {
+        (
+            fmt::pos_key(&self.id, gen, locator),
+            self.keys.seal_position(locator, gen, list, block).to_vec(),
+        )
+    }
+
+    pub(super) fn locators(&self, ids: &[&str]) -> Vec<[u8; 16]> {
+        ids.par_iter()
+            .with_min_len(256)
+            .map(|id| self.keys.id_locator(id))
+            .collect()
+    }
+
+    /// An item that a position record puts in a block without it: the record or the block
+    /// was tampered with.
+    pub(super) fn misplaced(&self, id: &str) -> EngineError {
+        EngineError::Integrity {
+            index: self.name.clone(),
+            what: format!("item '{id}' is not in the block its position record names"),
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Writes: upsert and delete, each one atomic store batch, then installed in the
+//! directory and the cache.
+
+use super::*;
+
+impl Index {
+    /// Insert or overwrite items. All items are validated first; on any error nothing is
+    /// written. Returns the number of vectors the index now holds.
+    pub fn upsert(&self, mut items: Vec<NewItem>) -> Result<usize, EngineError> {
+        let _w = self.writer.lock();
+        self.ensure_live()?;
+        if let Some(it) = items.iter().find(|it| has_non_finite(&it.vector)) {
+            return Err(EngineError::Invalid(format!(
+                "item '{}' has a NaN or infinite component",
+                it.id
+            )));
+        }
+        // Stored precision next (in place, across cores): from here on every vector is
+        // exactly what a later read will return.
+        let precision = self.config.precision;
+        if precision != Precision::F32 {
+            if let Some(it) = items
+                .par_iter_mut()
+                .with_min_len(64)
+                .map(|it| {
+                    precision.round_in_place(&mut it.vector);
+                    it
+                })
+                .find_first(|it| has_non_finite(&it.vector))
+            {
+                return Err(EngineError::Invalid(format!(
+                    "item '{}' has a component beyond float16's range (+-65504)",
+                    it.id
+                )));
+            }
+        }
+        // Later duplicates of an id win, as if the items were upserted one by one.
+        let items: Vec<NewItem> = {
+            let mut last: HashMap<&str, usize> =
+                HashMap::with_capacity_and_hasher(items.len(), Default::default());
+            for (i, it) in items.iter().enumerate() {
+                last.insert(it.id.as_str(), i);
+            }
+            let keep: Vec<bool> = items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| last[it.id.as_str()] == i)
+                .collect();
+            items
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(it, k)| k.then_some(it))
+                .collect()
+        };
+        let plan;
+        let mut batch = WriteBatch::new();
+        {
+            let d = self.data.read();
+            let mut dimension = d.dimension;
+            for it in &items {
+                if it.id.is_empty() {
+                    return Err(EngineError::Invalid("item ids must not be empty".into()));
+                }
+                if dimension == 0 {
+                    dimension = it.vector.len() as u32;
+                    if dimension == 0 {
+                        return Err(EngineError::Invalid(format!(
+                            "item '{}' has an empty vector",
+                            it.id
+                        )));
+                    }
+                }
+                if it.vector.len() != dimension as usize {
+                    return Err(EngineError::Invalid(format!(
+                        "item '{}' has {} dimensions but index '{}' has {}; nothing was written",
+                        it.id,
+                        it.vector.len(),
+                        self.name,
+                        dimension
+                    )));
+                }
+            }
+            let dim = dimension as usize;
+            let cap = Self::block_cap(dim, self.config.precision);
+            let epoch = d.epoch + 1;
+            let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            let locators = self.locators(&ids);
+            // Position records are read only for ids the filter cannot rule out.
+            let old = {
+                let mut filter = self.id_filter.lock();
+                if !filter.as_ref().is_some_and(|f| f.has_room(items.len())) {
+                    *filter = Some(self.build_filter(d.gen, d.count() + items.len())?);
+                }
+                let f = filter.as_ref().expect("built above");
+                let maybe: Vec<usize> = (0..locators.len())
+                    .filter(|&i| f.may_contain(&locators[i]))
+                    .collect();
+                let probe: Vec<[u8; 16]> = maybe.iter().map(|&i| locators[i]).collect();
+                let found = self.positions(d.gen, &probe)?;
+                let mut old = vec![None; locators.len()];
+                for (i, at) in maybe.into_iter().zip(found) {
+                    old[i] = at;
+                }
+                old
+            };
+            let lists: Vec<u32> = if dimension == d.dimension {
+                items
+                    .par_iter()
+                    .with_min_len(64)
+                    .map(|it| self.assign_list(&d, &it.vector))
+                    .collect()
+            } else {
+                vec![0; items.len()]
+            };
+            // The blocks this batch changes: the old homes of overwritten items, and the last
+            // block of every list that receives items.
+            let last_block = |l: u32| {
+                d.lists
+                    .get(l as usize)
+                    .and_then(|pl| pl.blocks.keys().next_back().copied())
+            };
+            let mut needed: Vec<(u32, u32)> = old.iter().flatten().copied().collect();
+            let mut seen_lists: HashSet<u32> = HashSet::default();
+            for &l in &lists {
+                if seen_lists.insert(l) {
+                    if let Some(b) = last_block(l) {
+                        needed.push((l, b));
+                    }
+                }
+            }
+            let have = self.fetch(&d, &needed, true)?;
+            let copy = |l: u32, b: u32| {
+                have.get(&(l, b))
+                    .map(|x| x.clone_with_room(cap.saturating_sub(x.len()), dim))
+            };
+            let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
+            let mut tails: HashMap<u32, u32> = HashMap::default();
+            // Item records are sealed across cores after the placement loop.
+            let mut contents: Vec<Option<(String, String)>> = Vec::new();
+            for (i, it) in items.into_iter().enumerate() {
+                if let Some((l, b)) = old[i] {
+                    let blk = touched
+                        .entry((l, b))
+                        .or_insert_with(|| copy(l, b).unwrap_or_default());
+                    let pos = blk.position(&it.id).ok_or_else(|| self.misplaced(&it.id))?;
+                    blk.swap_remove(pos, dim);
+                }
+                let list = lists[i];
+                let tail = *tails
+                    .entry(list)
+                    .or_insert_with(|| last_block(list).unwrap_or(0));
+                let mut bno = tail;
+                let full = touched
+                    .entry((list, bno))
+                    .or_insert_with(|| {
+                        copy(list, bno).unwrap_or_else(|| Block::with_capacity(cap, dim))
+                    })
+                    .len()
+                    >= cap;
+                if full {
+                    bno = tail + 1;
+                    tails.insert(list, bno);
+                }
+                let meta = it.metadata.map(|m| Arc::new(Value::Object(m)));
+                let has_contents = it.contents.as_deref().is_some_and(|c| !c.is_empty());
+                touched
+                    .entry((list, bno))
+                    .or_insert_with(|| Block::with_capacity(cap, dim))
+                    .push(
+                        it.id.clone(),
+                        &it.vector,
+                        meta,
+                        if has_contents { epoch } else { 0 },
+                    );
+                match it.contents {
+                    Some(c) if !c.is_empty() => {
+                        contents.resize(i, None);
+                        contents.push(Some((it.id, c)));
+                    }
+                    // An overwrite without contents drops the old contents; a new item has
+                    // no item record to drop.
+                    _ if old[i].is_some() => {
+                        batch.delete(fmt::item_key(&self.id, &locators[i]));
+                    }
+                    _ => {}
+                }
+                if old[i] != Some((list, bno)) {
+                    let (k, v) = self.seal_position(d.gen, &locators[i], list, bno);
+                    batch.put(k, v);
+                }
+            }
+            let records: Vec<(Vec<u8>, Vec<u8>)> = contents
+                .par_iter()
+                .enumerate()
+                .with_min_len(64)
+                .filter_map(|(i, c)| {
+                    let (id, c) = c.as_ref()?;
+                    let ik = fmt::item_key(&self.id, &locators[i]);
+                    let mut w = Writer::with_capacity(8 + id.len() + c.len());
+                    w.u8(1).bytes(id.as_bytes()).bytes(c.as_bytes());
+                    let sealed = self.keys.seal(&fmt::aad_at(&ik, epoch), &w.0);
+                    Some((ik, sealed))
+                })
+                .collect();
+            drop(contents);
+            for (k, v) in records {
+                batch.put(k, v);
+            }
+            let gen = d.gen;
+            let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
+                .par_iter_mut()
+                .map(|(&(l, b), blk)| {
+                    if blk.len() == 0 {
+                        (fmt::block_key(&self.id, gen, l, b), None)
+                    } else {
+                        let (k, v) = self.seal_block(gen, l, b, blk, dim, epoch);
+                        (k, Some(v))
+                    }
+                })
+                .collect();
+            for (k, v) in sealed {
+                match v {
+                    Some(v) => batch.put(k, v),
+                    None => batch.delete(k),
+                };
+            }
+            let pages =
+                self.put_state_after(&mut batch, &d, dimension, epoch, &touched, d.meta_digest);
+            plan = UpsertPlan {
+                touched,
+                pages,
+                added: locators
+                    .iter()
+                    .zip(&old)
+                    .filter(|(_, o)| o.is_none())
+                    .map(|(l, _)| *l)
+                    .collect(),
+                dimension,
+                epoch,
+            };
+        }
+        let _window = self.write_window();
+        self.store.write(batch)?;
+        let mut d = self.data.write();
+        d.dimension = plan.dimension;
+        d.epoch = plan.epoch;
+        d.count += plan.added.len();
+        if let Some(f) = self.id_filter.lock().as_mut() {
+            for l in &plan.added {
+                f.insert(l);
+            }
+        }
+        apply_pages(&mut d.pages, &plan.pages);
+        self.install(&mut d, plan.touched, plan.epoch);
+        Ok(d.count())
+    }
+
+    /// Record in the directory (and the cache) the blocks a stored batch rewrote.
+    pub(super) fn install(&self, d: &mut Data, touched: HashMap<(u32, u32), Block>, epoch: u64) {
+        let dim = d.dimension as usize;
+        let angular = self.config.metric.is_angular();
+        let gen = d.gen;
+        for ((l, b), blk) in touched {
+            if d.lists.len() <= l as usize {
+                d.lists.resize(l as usize + 1, ListDir::default());
+            }
+            let pl = &mut d.lists[l as usize];
+            if blk.len() == 0 {
+                pl.blocks.remove(&b);
+            } else {
+                let mut blk = blk;
+                blk.epoch = epoch;
+                match &pl.quant {
+                    Some(q) => code_block(q, &mut blk, dim, angular),
+                    None => blk.codes = Vec::new(),
+                }
+                blk.shrink();
+                let meta = BlockMeta::new(epoch, blk.len() as u32);
+                let key = BlockKey {
+                    index: self.id,
+                    gen,
+                    list: l,
+                    block: b,
+                    epoch,
+                };
+                let blk = Arc::new(blk);
+                meta.set_hot(&blk);
+                pl.blocks.insert(b, meta);
+                self.cache.insert(key, blk);
+            }
+        }
+    }
+
+    /// Delete items by id; unknown ids are skipped. Returns how many were deleted.
+    pub fn delete_ids(&self, ids: &[String]) -> Result<usize, EngineError> {
+        let _w = self.writer.lock();
+        self.ensure_live()?;
+        let mut batch = WriteBatch::new();
+        let (touched, pages, epoch, removed) = {
+            let d = self.data.read();
+            let dim = d.dimension as usize;
+            let epoch = d.epoch + 1;
+            let mut seen = HashSet::default();
+            let ids: Vec<&str> = ids
+                .iter()
+                .map(String::as_str)
+                .filter(|id| seen.insert(*id))
+                .collect();
+            let locators = self.locators(&ids);
+            let at = self.positions(d.gen, &locators)?;
+            let refs: Vec<(u32, u32)> = at.iter().flatten().copied().collect();
+            let have = self.fetch(&d, &refs, true)?;
+            let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
+            let mut removed = 0usize;
+            for ((id, loc), at) in ids.iter().zip(&locators).zip(&at) {
+                let Some((l, b)) = *at else { continue };
+                let blk = touched.entry((l, b)).or_insert_with(|| {
+                    have.get(&(l, b)).map(|x| (**x).clone()).unwrap_or_default()
+                });
+                let pos = blk.position(id).ok_or_else(|| self.misplaced(id))?;
+                blk.swap_remove(pos, dim);
+                batch.delete(fmt::item_key(&self.id, loc));
+                batch.delete(fmt::pos_key(&self.id, d.gen, loc));
+                removed += 1;
+            }
+            for (&(l, b), blk) in touched.iter_mut() {
+                if blk.len() == 0 {
+                    batch.delete(fmt::block_key(&self.id, d.gen, l, b));
+                } else {
+                    let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch);
+                    batch.put(k, v);
+                }
+            }
+            let pages =
+                self.put_state_after(&mut batch, &d, d.dimension, epoch, &touched, d.meta_digest);
+            (touched, pages, epoch, removed)
+        };
+        if removed == 0 {
+            return Ok(0);
+        }
+        let _window = self.write_window();
+        self.store.write(batch)?;
+        let mut d = self.data.write();
+        d.epoch = epoch;
+        d.count -= removed;
+        apply_pages(&mut d.pages, &pages);
+        self.install(&mut d, touched, epoch);
+        Ok(removed)
+    }
+}
+
+/// Whether `v` holds a NaN or an infinity (no early exit, so the loop vectorises).
+pub(super) fn has_non_finite(v: &[f32]) -> bool {
+    v.iter().fold(false, |bad, x| bad | !x.is_finite())
+}
+
+pub(super) struct UpsertPlan {
+    touched: HashMap<(u32, u32), Block>,
+    pages: PageChanges,
+    /// Locators of the items the batch adds.
+    added: Vec<[u8; 16]>,
+    dimension: u32,
+    epoch: u64,
+}
