@@ -73,9 +73,6 @@ impl Data {
     pub fn count(&self) -> usize {
         self.count
     }
-    fn meta_of(&self, list: u32, block: u32) -> Option<&BlockMeta> {
-        self.lists.get(list as usize)?.blocks.get(&block)
-    }
 }
 
 /// An item's row: its block and position (`None` = not in the index).

@@ -87,21 +87,14 @@ impl Index {
         refs: &[(u32, u32)],
         keep: bool,
     ) -> Result<Blocks, EngineError> {
-        let mut want = Vec::with_capacity(refs.len());
-        for &(l, b) in refs {
-            let m = d.meta_of(l, b).ok_or_else(|| EngineError::Integrity {
-                index: self.name.clone(),
-                what: format!("block {l}/{b} is not in the manifest"),
-            })?;
-            want.push((l, b, m.epoch));
-        }
-        want.sort_unstable();
-        want.dedup();
-        let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
-        let blocks = self.read_blocks(d.gen, &want, &quant, keep)?;
-        Ok(want
+        // The same path as scans (directory pointers, then the cache, then one batched read).
+        let mut refs: Vec<(usize, u32)> = refs.iter().map(|&(l, b)| (l as usize, b)).collect();
+        refs.sort_unstable();
+        refs.dedup();
+        let blocks = self.fetch_refs(d, &refs, keep)?;
+        Ok(refs
             .into_iter()
-            .map(|(l, b, _)| (l, b))
+            .map(|(l, b)| (l as u32, b))
             .zip(blocks)
             .collect())
     }
