@@ -87,6 +87,12 @@ impl WriteBatch {
     pub fn into_ops(self) -> Vec<WriteOp> {
         self.ops
     }
+
+    /// Queue every operation of `other` after those already queued.
+    pub fn extend(&mut self, other: WriteBatch) -> &mut Self {
+        self.ops.extend(other.ops);
+        self
+    }
 }
 
 /// An ordered key/value store holding one server's indexes.

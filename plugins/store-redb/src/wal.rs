@@ -40,7 +40,7 @@ const MAGIC: &[u8; 8] = b"SDBWAL1\n";
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
 /// Bytes per redb transaction while checkpointing (bounds redb's in-memory dirty pages).
-const CHECKPOINT_TX_BYTES: usize = 4 << 20;
+const CHECKPOINT_TX_BYTES: usize = 32 << 20;
 /// Frozen segments waiting for the checkpointer before writers wait for it.
 const MAX_FROZEN: usize = 2;
 

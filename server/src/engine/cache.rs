@@ -1,4 +1,5 @@
-//! The shared cache of decrypted posting-list blocks (`--index-cache-mb`).
+//! The shared cache of decrypted posting-list blocks and position-run pages
+//! (`--index-cache-mb`).
 //!
 //! One cache serves every open index. Entries are keyed by the block's full identity
 //! `(index, generation, list, block, epoch)`, so a rewritten block is a new entry and a stale
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::format::IndexId;
-use super::index::Block;
+use super::index::{Block, RunPage};
 
 /// The identity of one decrypted block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,17 +24,50 @@ pub(crate) struct BlockKey {
     pub epoch: u64,
 }
 
-#[derive(Clone)]
-struct ByWeight;
+/// The identity of one decrypted page of a position run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RunKey {
+    pub index: IndexId,
+    pub gen: u32,
+    pub run: u64,
+    pub page: u32,
+}
 
-impl quick_cache::Weighter<BlockKey, Arc<Block>> for ByWeight {
-    fn weight(&self, _key: &BlockKey, val: &Arc<Block>) -> u64 {
-        // Zero-weight entries would never be evicted.
-        val.weight().max(1) as u64
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Block(BlockKey),
+    Run(RunKey),
+}
+
+impl Key {
+    fn of(&self) -> (&IndexId, u32) {
+        match self {
+            Key::Block(k) => (&k.index, k.gen),
+            Key::Run(k) => (&k.index, k.gen),
+        }
     }
 }
 
-type Inner = quick_cache::sync::Cache<BlockKey, Arc<Block>, ByWeight, foldhash::fast::RandomState>;
+#[derive(Clone)]
+enum Val {
+    Block(Arc<Block>),
+    Run(Arc<RunPage>),
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+impl quick_cache::Weighter<Key, Val> for ByWeight {
+    fn weight(&self, _key: &Key, val: &Val) -> u64 {
+        // Zero-weight entries would never be evicted.
+        match val {
+            Val::Block(b) => b.weight().max(1) as u64,
+            Val::Run(p) => p.weight().max(1) as u64,
+        }
+    }
+}
+
+type Inner = quick_cache::sync::Cache<Key, Val, ByWeight, foldhash::fast::RandomState>;
 
 /// The cache and its counters.
 pub struct BlockCache {
@@ -98,7 +132,25 @@ impl BlockCache {
     /// A cached block (callers report hits and misses with [`Self::count`], once per
     /// request rather than once per block).
     pub(crate) fn get(&self, key: &BlockKey) -> Option<Arc<Block>> {
-        self.inner.as_ref().and_then(|c| c.get(key))
+        match self.inner.as_ref()?.get(&Key::Block(*key))? {
+            Val::Block(b) => Some(b),
+            Val::Run(_) => None,
+        }
+    }
+
+    /// A cached page of a position run.
+    pub(crate) fn get_run(&self, key: &RunKey) -> Option<Arc<RunPage>> {
+        match self.inner.as_ref()?.get(&Key::Run(*key))? {
+            Val::Run(p) => Some(p),
+            Val::Block(_) => None,
+        }
+    }
+
+    /// Keep a page of a position run.
+    pub(crate) fn insert_run(&self, key: RunKey, page: Arc<RunPage>) {
+        if let Some(c) = &self.inner {
+            c.insert(Key::Run(key), Val::Run(page));
+        }
     }
 
     pub(crate) fn count(&self, hits: usize, misses: usize) {
@@ -113,14 +165,17 @@ impl BlockCache {
     /// Keep a block (a block heavier than the cache's share for it is not kept).
     pub(crate) fn insert(&self, key: BlockKey, block: Arc<Block>) {
         if let Some(c) = &self.inner {
-            c.insert(key, block);
+            c.insert(Key::Block(key), Val::Block(block));
         }
     }
 
     /// Drop every entry of an index (deleted), or of one of its generations (retrained).
     pub(crate) fn forget(&self, index: &IndexId, gen: Option<u32>) {
         if let Some(c) = &self.inner {
-            c.retain(|k, _| k.index != *index || gen.is_some_and(|g| k.gen != g));
+            c.retain(|k, _| {
+                let (i, g) = k.of();
+                i != index || gen.is_some_and(|want| g != want)
+            });
         }
     }
 

@@ -35,6 +35,9 @@ pub mod kind {
     pub const QUANT: u8 = b'Q';
     /// `D || index id || gen || list group || block group` -> sealed manifest page.
     pub const PAGE: u8 = b'D';
+    /// `R || index id || gen || run || page` -> sealed page of a position run (page
+    /// `0xFFFFFFFF` is the run's header).
+    pub const RUN: u8 = b'R';
     /// `U || index id || user id` -> sealed user record (RBAC).
     pub const USER: u8 = b'U';
 }
@@ -118,6 +121,24 @@ pub fn pos_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
 pub fn pos_key(id: &IndexId, gen: u32, locator: &[u8; 16]) -> Vec<u8> {
     let mut k = pos_gen_prefix(id, gen);
     k.extend_from_slice(locator);
+    k
+}
+
+pub fn run_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::RUN, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn run_prefix(id: &IndexId, gen: u32, run: u64) -> Vec<u8> {
+    let mut k = run_gen_prefix(id, gen);
+    k.extend_from_slice(&run.to_be_bytes());
+    k
+}
+
+pub fn run_page_key(id: &IndexId, gen: u32, run: u64, page: u32) -> Vec<u8> {
+    let mut k = run_prefix(id, gen, run);
+    k.extend_from_slice(&page.to_be_bytes());
     k
 }
 

@@ -697,6 +697,7 @@ impl Engine {
             format::kind::CENTROIDS,
             format::kind::LIST,
             format::kind::POS,
+            format::kind::RUN,
             format::kind::QUANT,
             format::kind::PAGE,
             format::kind::ITEM,

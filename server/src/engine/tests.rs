@@ -606,6 +606,93 @@ fn trained_generation_in_memory_matches_the_store_through_later_edits() {
     }
 }
 
+/// Position runs merge as batches accumulate (level by level, newest entry winning,
+/// tombstones dropped at the bottom), and every id lookup (get, overwrite, delete) answers
+/// as a plain map of the writes would, before and after a reopen, on redb.
+#[test]
+fn position_runs_merge_and_answer_as_a_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn IndexStore> =
+        Arc::new(sealdb_store_redb::RedbStore::open_dir(dir.path()).unwrap());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    create(&e, "r", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
+    let ix = e.open("r", Some(&kek)).unwrap();
+    let mut model: std::collections::BTreeMap<String, f32> = Default::default();
+    let mut rng = StdRng::seed_from_u64(11);
+    for round in 0..150u32 {
+        if round % 7 == 6 {
+            let ids: Vec<String> = (0..5)
+                .map(|_| rng.random_range(0..400u32).to_string())
+                .collect();
+            let want = ids
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .iter()
+                .filter(|id| model.remove(id.as_str()).is_some())
+                .count();
+            assert_eq!(ix.delete_ids(&ids).unwrap(), want, "round {round}");
+        } else {
+            let items: Vec<NewItem> = (0..6)
+                .map(|j| {
+                    let id = rng.random_range(0..400u32).to_string();
+                    let x = (round * 10 + j) as f32;
+                    model.insert(id.clone(), x);
+                    item(&id, vec![x, 1.0], json!({}))
+                })
+                .collect();
+            ix.upsert(items).unwrap();
+        }
+        if round == 75 {
+            e.train_now(
+                &ix,
+                &TrainParams {
+                    n_lists: Some(4),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+    }
+    let levels = ix.run_levels();
+    assert!(levels.windows(2).all(|w| w[0] <= w[1]), "{levels:?}");
+    assert!(levels.iter().any(|&l| l > 0), "merges happened: {levels:?}");
+    for level in 0..=*levels.iter().max().unwrap() {
+        // Eight runs of a level are merged (runs::FANOUT).
+        assert!(levels.iter().filter(|&&l| l == level).count() < 8);
+    }
+    type Model = std::collections::BTreeMap<String, f32>;
+    let check = |ix: &Index, model: &Model| {
+        let ids: Vec<String> = (0..400u32).map(|i| i.to_string()).collect();
+        let got = ix.get(&ids, Include::STORED).unwrap();
+        let have: std::collections::BTreeMap<String, f32> = got
+            .iter()
+            .map(|f| (f.id.clone(), f.vector.as_ref().unwrap()[0]))
+            .collect();
+        assert_eq!(&have, model);
+        let mut listed = ix.list_ids().unwrap();
+        listed.sort();
+        assert_eq!(listed, model.keys().cloned().collect::<Vec<_>>());
+    };
+    check(&ix, &model);
+    drop(ix);
+    let e2 = engine(store.clone());
+    let ix2 = e2.open("r", Some(&kek)).unwrap();
+    check(&ix2, &model);
+    // Overwrites after the reopen find the old rows through the runs (no second row).
+    let some: Vec<String> = model.keys().take(3).cloned().collect();
+    ix2.upsert(
+        some.iter()
+            .map(|id| item(id, vec![-1.0, 1.0], json!({})))
+            .collect(),
+    )
+    .unwrap();
+    for id in &some {
+        model.insert(id.clone(), -1.0);
+    }
+    check(&ix2, &model);
+}
+
 /// Hostile-store attacks on redb and the filesystem store (`tests/tamper.rs`).
 mod tamper;
 
@@ -613,7 +700,7 @@ mod tamper;
 mod bounded;
 
 #[test]
-fn state_record_v4_layout_round_trips() {
+fn state_record_v5_layout_round_trips() {
     // docs/FORMAT.md "State record" and "Manifest page", byte by byte.
     let st = index::State {
         dimension: 128,
@@ -624,9 +711,10 @@ fn state_record_v4_layout_round_trips() {
         epoch: 9,
         meta_digest: [5; 32],
         pages: vec![(0, 0, 7), (0, 1, 9)],
+        runs: vec![(0x0102_0304_0506_0708, 2, 70_000, 35)],
     };
     let raw = st.encode();
-    let mut want = vec![4u8];
+    let mut want = vec![5u8];
     want.extend_from_slice(&128u32.to_le_bytes());
     want.extend_from_slice(&3u32.to_le_bytes());
     want.push(1);
@@ -640,6 +728,11 @@ fn state_record_v4_layout_round_trips() {
         want.extend_from_slice(&bg.to_le_bytes());
         want.extend_from_slice(&e.to_le_bytes());
     }
+    want.extend_from_slice(&1u32.to_le_bytes());
+    want.extend_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+    want.push(2);
+    want.extend_from_slice(&70_000u64.to_le_bytes());
+    want.extend_from_slice(&35u32.to_le_bytes());
     assert_eq!(raw, want);
     assert_eq!(index::State::decode_for_test(&raw).unwrap(), st);
     for cut in 0..raw.len() {
@@ -648,11 +741,15 @@ fn state_record_v4_layout_round_trips() {
             "cut at {cut}"
         );
     }
-    // A page count larger than the record can hold is refused before allocating.
-    let mut huge = raw[..raw.len() - 32].to_vec();
-    let at = huge.len() - 4;
-    huge[at..].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(index::State::decode_for_test(&huge).is_err());
+    // A page or run count larger than the record can hold is refused before allocating.
+    for at in [58, 58 + 4 + 2 * 16] {
+        let mut huge = raw.clone();
+        huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(
+            index::State::decode_for_test(&huge).is_err(),
+            "count at {at}"
+        );
+    }
     // A manifest page: version, count, then (list, block, epoch, rows).
     let entries = [(1u32, 2u32, 7u64, 30u32), (63, 1023, 9, 1)];
     let page = index::state_page_for_test(&entries);
@@ -669,12 +766,17 @@ fn state_record_v4_layout_round_trips() {
 
 /// Stores written by format 2 (committed bytes) keep opening: key, config, trained lists,
 /// metadata, contents. `format-v2.hex` has a v3 state record (before position records) and is
-/// upgraded in place on open; `format-v2-state4.hex` is the current layout. Regenerate the
+/// upgraded in place on open; `format-v2-state4.hex` has position records (upgraded to runs on
+/// open); `format-v2-state5.hex` is the current layout. Regenerate the
 /// current one only on a deliberate format change, with
 /// `SEALDB_WRITE_FIXTURE=1 cargo test -p sealdb-server format_v2_fixture`.
 #[test]
 fn format_v2_fixture_still_opens() {
-    for file in ["format-v2.hex", "format-v2-state4.hex"] {
+    for file in [
+        "format-v2.hex",
+        "format-v2-state4.hex",
+        "format-v2-state5.hex",
+    ] {
         fixture_opens(file);
     }
 }
@@ -685,7 +787,7 @@ fn fixture_opens(file: &str) {
         .join("tests/fixtures")
         .join(file);
     let kek = Kek::from_bytes(KEK);
-    if std::env::var_os("SEALDB_WRITE_FIXTURE").is_some() && file == "format-v2-state4.hex" {
+    if std::env::var_os("SEALDB_WRITE_FIXTURE").is_some() && file == "format-v2-state5.hex" {
         let store = Arc::new(MemoryStore::new());
         let e = engine(store.clone());
         create(&e, "fixture", &kek, cfg(Metric::Cosine, Precision::F16, 3));

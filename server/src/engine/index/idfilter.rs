@@ -1,12 +1,10 @@
-//! A resident Bloom filter of the locators of an index's items, so that an upsert looks up
-//! position records only for ids that may already exist: new ids (the common case of a
-//! growing index) skip the store read. Built on the first upsert after open (and again as
-//! the index outgrows it) from the keys of the position records, 1/256 of the key space per
-//! scan; 16 bits per item (about 0.05% false positives with 6 probes), 20 MB at 10M items.
-//! Deleted ids leave their bits set until the next rebuild; a false positive only costs the
-//! lookup it would have cost anyway.
-
-use super::*;
+//! Bloom filters of locators: one per position run (which runs a lookup must read), and one
+//! over all runs so that an upsert looks up positions only for ids that may already exist:
+//! new ids (the common case of a growing index) skip every run. The index-wide filter is
+//! built on the first upsert after open (and again as the index outgrows it) by reading the
+//! runs once (`Index::build_filters`); 16 bits per item (about 0.05% false positives with 6
+//! probes), 20 MB at 10M items. Deleted ids leave their bits set until the next rebuild; a
+//! false positive only costs the lookup it would have cost anyway.
 
 const BITS_PER_ITEM: usize = 16;
 const PROBES: u64 = 6;
@@ -57,28 +55,6 @@ impl IdFilter {
 
     pub(crate) fn bytes(&self) -> usize {
         self.bits.len() * 8
-    }
-}
-
-impl Index {
-    /// A filter of every item of generation `gen`, from the keys of its position records,
-    /// sized for twice `count` (so that it is rebuilt only as the index doubles).
-    pub(super) fn build_filter(&self, gen: u32, count: usize) -> Result<IdFilter, EngineError> {
-        let mut f = IdFilter::with_capacity(count.saturating_mul(2));
-        let prefix = fmt::pos_gen_prefix(&self.id, gen);
-        for byte in 0..=255u8 {
-            let mut p = prefix.clone();
-            p.push(byte);
-            for k in self.store.scan_keys(&p)? {
-                if let Some(loc) = k
-                    .get(prefix.len()..)
-                    .and_then(|l| <[u8; 16]>::try_from(l).ok())
-                {
-                    f.insert(&loc);
-                }
-            }
-        }
-        Ok(f)
     }
 }
 

@@ -11,7 +11,7 @@ impl Index {
         ids: &[&str],
         keep: bool,
     ) -> Result<Vec<Row>, EngineError> {
-        let at = self.positions(d.gen, &self.locators(ids))?;
+        let at = self.positions(d, &self.locators(ids))?;
         let refs: Vec<(u32, u32)> = at.iter().flatten().copied().collect();
         let have = self.fetch(d, &refs, keep)?;
         ids.iter()

@@ -1,5 +1,6 @@
-//! Opening an index: the state record, the manifest pages, centroids and quantisers
-//! (no block is read), and the in-place upgrade of indexes written before position records.
+//! Opening an index: the state record, the manifest pages, the run headers, centroids and
+//! quantisers (no block is read), and the in-place upgrades of indexes written in older
+//! layouts (v3: no manifest pages; v3 and v4: a position record per item instead of runs).
 
 use super::*;
 
@@ -36,6 +37,9 @@ impl Index {
             return Err(integrity(
                 "the meta record is not the one the state record vouches for (replaced or rolled back)".into(),
             ));
+        }
+        if decoded.legacy_positions && decoded.legacy_manifest.is_none() {
+            st = Self::upgrade_v4(store, name, id, keys, st)?;
         }
         let manifest: Vec<state::Entry> = match decoded.legacy_manifest {
             Some(legacy) => {
@@ -100,6 +104,7 @@ impl Index {
             }
         }
         data.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
+        data.runs = Self::load_runs(store, name, id, keys, st.gen, &st.runs)?;
         for &(l, b, epoch, rows) in &manifest {
             let pl = data.lists.get_mut(l as usize).ok_or_else(|| {
                 EngineError::Corrupt("manifest names a list that does not exist".into())
@@ -114,10 +119,10 @@ impl Index {
         Ok(data)
     }
 
-    /// Upgrade an index written before position records (state record v3): read every
-    /// block once (each checked at its manifest epoch), write the position records of its
-    /// items in bounded batches, then the manifest pages and the state record v4. A crash in
-    /// between leaves the v3 state in charge, and the next open starts over.
+    /// Upgrade an index written before manifest pages (state record v3): read every block
+    /// once (each checked at its manifest epoch), write the position runs of its items in
+    /// bounded batches, then the manifest pages and the state record v5. A crash in between
+    /// leaves the v3 state in charge, and the next open starts over.
     pub(super) fn upgrade_v3(
         store: &dyn IndexStore,
         name: &str,
@@ -134,13 +139,19 @@ impl Index {
         tracing::info!(index = %name, blocks = legacy.len(), "upgrading the index to position records and manifest pages");
         let per_read = (64usize << 20) / BLOCK_BYTES;
         let mut manifest = Vec::with_capacity(legacy.len());
+        let mut bulk = runs::BulkRuns::new(*id, keys, store, st.gen, UPGRADE_RUN_ENTRIES);
+        store.write({
+            let mut b = WriteBatch::new();
+            b.delete_prefix(fmt::run_gen_prefix(id, st.gen));
+            b
+        })?;
         for chunk in legacy.chunks(per_read) {
             let bkeys: Vec<Vec<u8>> = chunk
                 .iter()
                 .map(|&(l, b, _)| fmt::block_key(id, st.gen, l, b))
                 .collect();
             let values = store.get_many(&bkeys)?;
-            type Done = ((u32, u32, u64, u32), Vec<(Vec<u8>, Vec<u8>)>, Block);
+            type Done = ((u32, u32, u64, u32), Vec<runs::PosEntry>, Block);
             let done: Vec<Done> = chunk
                 .par_iter()
                 .zip(bkeys.par_iter().zip(values.into_par_iter()))
@@ -157,18 +168,11 @@ impl Index {
                     let pos = blk
                         .ids
                         .iter()
-                        .map(|item| {
-                            let loc = keys.id_locator(item);
-                            (
-                                fmt::pos_key(id, st.gen, &loc),
-                                keys.seal_position(&loc, st.gen, l, b).to_vec(),
-                            )
-                        })
+                        .map(|item| (keys.id_locator(item), l, b))
                         .collect();
                     Ok(((l, b, e, blk.len() as u32), pos, blk))
                 })
                 .collect::<Result<_, EngineError>>()?;
-            let mut batch = WriteBatch::new();
             for (entry, pos, blk) in done {
                 if let Some(qb) = bounds.get_mut(entry.0 as usize) {
                     for row in block::quant_rows(&blk, dim, angular).chunks_exact(dim.max(1)) {
@@ -178,14 +182,14 @@ impl Index {
                 if entry.3 > 0 {
                     manifest.push(entry);
                 }
-                for (k, v) in pos {
-                    batch.put(k, v);
+                for e in pos {
+                    bulk.push(e)?;
                 }
             }
-            store.write(batch)?;
         }
         let sk = fmt::state_key(id);
-        let mut batch = WriteBatch::new();
+        let (new_runs, mut batch) = bulk.finish()?;
+        st.runs = state::run_list(&new_runs);
         st.pages = state::put_all_pages(id, keys, st.gen, st.epoch, &manifest, &mut batch);
         if quant {
             let qs: Vec<Option<Quant>> = bounds
@@ -202,7 +206,63 @@ impl Index {
         store.write(batch)?;
         Ok((st, manifest))
     }
+
+    /// Upgrade an index that keeps a position record per item (state record v4): read the
+    /// records in key order (1/256 of the key space per scan, each record checked), write
+    /// them as one run, then the state record v5 that lists it and drops the records. A
+    /// crash in between leaves the v4 state in charge, and the next open starts over.
+    pub(super) fn upgrade_v4(
+        store: &dyn IndexStore,
+        name: &str,
+        id: &IndexId,
+        keys: &IndexKeys,
+        mut st: State,
+    ) -> Result<State, EngineError> {
+        tracing::info!(index = %name, "upgrading the index's position records to position runs");
+        let prefix = fmt::pos_gen_prefix(id, st.gen);
+        store.write({
+            let mut b = WriteBatch::new();
+            b.delete_prefix(fmt::run_gen_prefix(id, st.gen));
+            b
+        })?;
+        let mut w = runs::RunWriter::new(*id, keys, st.gen);
+        for byte in 0..=255u8 {
+            let mut p = prefix.clone();
+            p.push(byte);
+            for (k, v) in store.scan_prefix(&p)? {
+                let loc: [u8; 16] = k
+                    .get(prefix.len()..)
+                    .and_then(|l| l.try_into().ok())
+                    .ok_or_else(|| {
+                        EngineError::Corrupt("a position record key is malformed".into())
+                    })?;
+                let (l, b) =
+                    keys.open_position(&loc, st.gen, &v)
+                        .map_err(|_| EngineError::Integrity {
+                            index: name.to_owned(),
+                            what: "a position record failed authentication".into(),
+                        })?;
+                w.push((loc, l, b));
+                if let Some(batch) = w.take_full() {
+                    store.write(batch)?;
+                }
+            }
+        }
+        let level = runs::level_for(w.len());
+        let (run, mut batch) = w.finish(level);
+        st.runs = run
+            .as_deref()
+            .map_or_else(Vec::new, |r| vec![(r.id, r.level, r.entries, r.pages())]);
+        batch.delete_prefix(prefix);
+        let sk = fmt::state_key(id);
+        batch.put(sk.clone(), keys.seal(&fmt::aad(&sk), &st.encode()));
+        store.write(batch)?;
+        Ok(st)
+    }
 }
+
+/// Positions sorted in memory per run while an upgrade rewrites them (24 MiB).
+const UPGRADE_RUN_ENTRIES: usize = 1 << 20;
 
 /// Plaintext of the quantiser record: per list, a flag, then (when set) the step and the
 /// per-dimension minimum (docs/FORMAT.md "Quantiser record").

@@ -36,6 +36,7 @@ mod idfilter;
 mod items;
 mod load;
 mod read;
+mod runs;
 mod search;
 mod state;
 mod train;
@@ -43,6 +44,7 @@ mod write;
 
 pub use block::Block;
 use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};
+pub use runs::RunPage;
 pub(crate) use state::State;
 use state::{apply_pages, PageChanges, PageId};
 
@@ -64,6 +66,8 @@ pub(crate) struct Data {
     count: usize,
     /// Epoch of every manifest page of generation `gen`.
     pages: BTreeMap<PageId, u64>,
+    /// The live position runs of generation `gen`, newest first (levels ascending).
+    runs: Vec<Arc<runs::Run>>,
 }
 
 impl Data {
@@ -373,6 +377,23 @@ impl Index {
         (n, bad)
     }
 
+    /// `(run id, entries)` of the live position runs, newest first.
+    #[cfg(test)]
+    pub(crate) fn run_ids(&self) -> Vec<(u64, u64)> {
+        self.data
+            .read()
+            .runs
+            .iter()
+            .map(|r| (r.id, r.entries))
+            .collect()
+    }
+
+    /// The level of every live position run, newest first.
+    #[cfg(test)]
+    pub(crate) fn run_levels(&self) -> Vec<u8> {
+        self.data.read().runs.iter().map(|r| r.level).collect()
+    }
+
     /// `(lists with a quantiser, lists, default probes)`.
     #[cfg(test)]
     pub(crate) fn quant_state(&self) -> (usize, usize, u32) {
@@ -392,7 +413,9 @@ impl Index {
             .try_lock()
             .and_then(|f| f.as_ref().map(|f| f.bytes()))
             .unwrap_or(0);
+        let runs: usize = d.runs.iter().map(|r| r.resident_bytes()).sum();
         filter
+            + runs
             + d.centroids.len() * 4
             + blocks * 48
             + d.lists.len() * 64
@@ -493,7 +516,7 @@ impl Index {
     pub(crate) fn state_for_meta(&self, meta_digest: [u8; 32]) -> (u64, Vec<u8>, Vec<u8>) {
         let d = self.data.read();
         let epoch = d.epoch + 1;
-        let st = State::of(&d, d.dimension, epoch, meta_digest, &d.pages);
+        let st = State::of(&d, d.dimension, epoch, meta_digest, &d.pages, &d.runs);
         let sk = fmt::state_key(&self.id);
         let v = self.keys.seal(&fmt::aad(&sk), &st.encode());
         (epoch, sk, v)
@@ -565,6 +588,7 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         epoch: 5,
         meta_digest: [3; 32],
         pages: vec![(0, 0, 4), (0, 1, 5)],
+        runs: vec![(7, 0, 1000, 1), (9, 2, 70_000, 35)],
     };
     vec![
         b.encode(4, Precision::F32),

@@ -249,48 +249,6 @@ impl Index {
         WriteWindow(&self.write_seq)
     }
 
-    /// Where each item sits in generation `gen` (`None` = not in the index), from the
-    /// position records.
-    pub(super) fn positions(
-        &self,
-        gen: u32,
-        locators: &[[u8; 16]],
-    ) -> Result<Vec<Option<(u32, u32)>>, EngineError> {
-        let keys: Vec<Vec<u8>> = locators
-            .iter()
-            .map(|l| fmt::pos_key(&self.id, gen, l))
-            .collect();
-        let values = self.store.get_many(&keys)?;
-        locators
-            .iter()
-            .zip(values)
-            .map(|(loc, v)| {
-                let Some(v) = v else { return Ok(None) };
-                self.keys
-                    .open_position(loc, gen, &v)
-                    .map(Some)
-                    .map_err(|_| EngineError::Integrity {
-                        index: self.name.clone(),
-                        what: "a position record failed authentication".into(),
-                    })
-            })
-            .collect()
-    }
-
-    /// The position record of an item at `(list, block)` in generation `gen`.
-    pub(super) fn seal_position(
-        &self,
-        gen: u32,
-        locator: &[u8; 16],
-        list: u32,
-        block: u32,
-    ) -> (Vec<u8>, Vec<u8>) {
-        (
-            fmt::pos_key(&self.id, gen, locator),
-            self.keys.seal_position(locator, gen, list, block).to_vec(),
-        )
-    }
-
     pub(super) fn locators(&self, ids: &[&str]) -> Vec<[u8; 16]> {
         ids.par_iter()
             .with_min_len(256)

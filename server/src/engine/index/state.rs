@@ -38,20 +38,26 @@ pub(crate) struct State {
     pub meta_digest: [u8; 32],
     /// `(list group, block group, epoch)` of every manifest page of generation `gen`, sorted.
     pub pages: Vec<(u32, u32, u64)>,
+    /// `(run id, level, entries, pages)` of every live position run of generation `gen`,
+    /// newest first.
+    pub runs: Vec<(u64, u8, u64, u32)>,
 }
 
-/// A decoded state record; version 3 records carry their one-level manifest (no row counts),
-/// which `Index::upgrade_v3` turns into pages.
+/// A decoded state record. Version 3 records carry their one-level manifest (no row
+/// counts), which `Index::upgrade_v3` turns into pages; versions 3 and 4 kept positions in
+/// one record per item, which the upgrades turn into runs.
 pub(crate) struct Decoded {
     pub state: State,
     pub legacy_manifest: Option<Vec<(u32, u32, u64)>>,
+    /// Version 4: positions are in per-item records (see `Index::upgrade_v4`).
+    pub legacy_positions: bool,
 }
 
 impl State {
     /// Plaintext of the sealed state record; see docs/FORMAT.md "State record".
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64 + self.pages.len() * 16);
-        w.u8(4)
+        let mut w = Writer::with_capacity(68 + self.pages.len() * 16 + self.runs.len() * 21);
+        w.u8(5)
             .u32(self.dimension)
             .u32(self.gen)
             .u8(self.trained as u8)
@@ -63,13 +69,17 @@ impl State {
         for &(lg, bg, e) in &self.pages {
             w.u32(lg).u32(bg).u64(e);
         }
+        w.u32(self.runs.len() as u32);
+        for &(id, level, entries, pages) in &self.runs {
+            w.u64(id).u8(level).u64(entries).u32(pages);
+        }
         w.0
     }
 
     pub(super) fn decode(buf: &[u8]) -> Result<Decoded, EngineError> {
         let mut r = Reader::new(buf, "state record");
         let version = r.u8()?;
-        if version != 3 && version != 4 {
+        if !(3..=5).contains(&version) {
             return Err(EngineError::Corrupt("unknown state record version".into()));
         }
         let mut st = Self {
@@ -84,6 +94,7 @@ impl State {
                 .try_into()
                 .map_err(|_| EngineError::Corrupt("state record is truncated".into()))?,
             pages: Vec::new(),
+            runs: Vec::new(),
         };
         let n = r.u32()? as usize;
         if n > r.remaining() / 16 {
@@ -95,18 +106,30 @@ impl State {
         for _ in 0..n {
             triples.push((r.u32()?, r.u32()?, r.u64()?));
         }
-        if version == 4 {
-            st.pages = triples;
-            Ok(Decoded {
-                state: st,
-                legacy_manifest: None,
-            })
-        } else {
-            Ok(Decoded {
+        if version == 3 {
+            return Ok(Decoded {
                 state: st,
                 legacy_manifest: Some(triples),
-            })
+                legacy_positions: true,
+            });
         }
+        st.pages = triples;
+        if version == 5 {
+            let n = r.u32()? as usize;
+            if n > r.remaining() / 21 {
+                return Err(EngineError::Corrupt(
+                    "state record run list is truncated".into(),
+                ));
+            }
+            for _ in 0..n {
+                st.runs.push((r.u64()?, r.u8()?, r.u64()?, r.u32()?));
+            }
+        }
+        Ok(Decoded {
+            state: st,
+            legacy_manifest: None,
+            legacy_positions: version == 4,
+        })
     }
 
     #[cfg(test)]
@@ -124,6 +147,7 @@ impl State {
             epoch: 0,
             meta_digest,
             pages: Vec::new(),
+            runs: Vec::new(),
         }
     }
 }
@@ -169,7 +193,9 @@ pub(super) type PageChanges = Vec<(PageId, Option<u64>)>;
 
 impl Index {
     /// Put into `batch` the state record of a batch at `epoch` that rewrote the blocks
-    /// `touched` (an empty block = deleted), and the manifest pages those blocks fall in.
+    /// `touched` (an empty block = deleted), and the manifest pages those blocks fall in;
+    /// `runs` is the run list after the batch.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn put_state_after(
         &self,
         batch: &mut WriteBatch,
@@ -178,6 +204,7 @@ impl Index {
         epoch: u64,
         touched: &HashMap<(u32, u32), Block>,
         meta_digest: [u8; 32],
+        runs: &[Arc<runs::Run>],
     ) -> PageChanges {
         let pages: std::collections::BTreeSet<PageId> =
             touched.keys().map(|&(l, b)| page_of(l, b)).collect();
@@ -218,20 +245,24 @@ impl Index {
         }
         let mut pages = d.pages.clone();
         apply_pages(&mut pages, &changes);
-        self.put_state(batch, &State::of(d, dimension, epoch, meta_digest, &pages));
+        self.put_state(
+            batch,
+            &State::of(d, dimension, epoch, meta_digest, &pages, runs),
+        );
         changes
     }
 }
 
 impl State {
-    /// The state record of the view `d` at `epoch`, with `dimension`, `meta_digest` and the
-    /// page table `pages`.
+    /// The state record of the view `d` at `epoch`, with `dimension`, `meta_digest`, the
+    /// page table `pages` and the run list `runs`.
     pub(super) fn of(
         d: &Data,
         dimension: u32,
         epoch: u64,
         meta_digest: [u8; 32],
         pages: &BTreeMap<PageId, u64>,
+        runs: &[Arc<runs::Run>],
     ) -> Self {
         Self {
             dimension,
@@ -242,8 +273,16 @@ impl State {
             epoch,
             meta_digest,
             pages: pages.iter().map(|(&(lg, bg), &e)| (lg, bg, e)).collect(),
+            runs: run_list(runs),
         }
     }
+}
+
+/// The state record's form of a run list.
+pub(super) fn run_list(runs: &[Arc<runs::Run>]) -> Vec<(u64, u8, u64, u32)> {
+    runs.iter()
+        .map(|r| (r.id, r.level, r.entries, r.pages()))
+        .collect()
 }
 
 /// Record stored page changes in a page table.

@@ -14,6 +14,14 @@ const DEFAULT_MAX_ITERS: usize = 25;
 /// calibrated n_probes absorbs what little list quality is lost).
 const TRAIN_SAMPLE_PER_LIST: usize = 128;
 
+/// Default bound of the k-means sample (`max_memory` replaces it), unless that leaves fewer
+/// than [`TRAIN_SAMPLE_MIN_PER_LIST`] points per list: 128 MiB is 128 points per list up to
+/// 2,048 lists of 128 dimensions, and 64 per list at 4,096 (10M vectors).
+const TRAIN_SAMPLE_BYTES: usize = 128 << 20;
+
+/// Fewest sample points per list the default bound leaves (FAISS warns below 39).
+const TRAIN_SAMPLE_MIN_PER_LIST: usize = 64;
+
 /// Default early stop for k-means: fewer than this fraction of sample points changed list in
 /// the last iteration.
 const SETTLE_FRACTION: f64 = 0.01;
@@ -28,6 +36,9 @@ const TRAIN_READ_CHUNK_BYTES: usize = 32 << 20;
 /// The new lists' unfinished blocks may hold this much before the fullest are written out
 /// as they are (a list then has a block below the usual size).
 const TRAIN_OPEN_BLOCKS_BYTES: usize = 128 << 20;
+
+/// Positions sorted in memory per run while training writes a generation (24 MiB).
+const TRAIN_RUN_ENTRIES: usize = 1 << 20;
 
 /// Queries (stored rows) the `n_probes` calibration measures recall with.
 const CALIBRATION_QUERIES: usize = 200;
@@ -132,11 +143,15 @@ impl Index {
                 None => auto_n_lists(n),
             };
             // Sample at most TRAIN_SAMPLE_PER_LIST points per list, and no more than
-            // max_memory allows, evenly spaced over the rows in directory order.
+            // max_memory (or TRAIN_SAMPLE_BYTES) allows, evenly spaced over the rows in
+            // directory order.
             let mut cap = (k * TRAIN_SAMPLE_PER_LIST).max(k);
-            if let Some(mb) = p.max_memory_mb.filter(|&m| m > 0) {
-                cap = cap.min(((mb << 20) / (dim * 4)).max(k));
-            }
+            cap = match p.max_memory_mb.filter(|&m| m > 0) {
+                Some(mb) => cap.min(((mb << 20) / (dim * 4)).max(k)),
+                None => {
+                    cap.min((TRAIN_SAMPLE_BYTES / (dim * 4)).max(k * TRAIN_SAMPLE_MIN_PER_LIST))
+                }
+            };
             let stride = (n as f64 / cap.min(n) as f64).max(1.0);
             // Which rows of which blocks are picked.
             let mut picks: Vec<((u32, u32, u64), Vec<u32>)> = Vec::new();
@@ -292,6 +307,8 @@ impl Index {
             pending_bytes: 0,
             manifest: Vec::new(),
             first: true,
+            runs: runs::BulkRuns::new(self.id, &self.keys, &*self.store, gen, TRAIN_RUN_ENTRIES),
+            all: idfilter::IdFilter::with_capacity(count.saturating_mul(2)),
         };
         let mut calib = Calibration::new(calib, dim);
         // 1. One pass over the old generation, a read chunk at a time: assign every row,
@@ -359,9 +376,15 @@ impl Index {
         stop.check()?;
         let mut manifest = std::mem::take(&mut out.manifest);
         manifest.sort_unstable();
-        let mut batch = WriteBatch::new();
+        let all_ids = std::mem::replace(&mut out.all, idfilter::IdFilter::with_capacity(0));
+        let (new_runs, mut batch) = std::mem::replace(
+            &mut out.runs,
+            runs::BulkRuns::new(self.id, &self.keys, &*self.store, gen, TRAIN_RUN_ENTRIES),
+        )
+        .finish()?;
         batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
         batch.delete_prefix(fmt::pos_gen_prefix(&self.id, old_gen));
+        batch.delete_prefix(fmt::run_gen_prefix(&self.id, old_gen));
         batch.delete_prefix(fmt::page_gen_prefix(&self.id, old_gen));
         let pages = state::put_all_pages(&self.id, &self.keys, gen, epoch, &manifest, &mut batch);
         batch.delete(fmt::centroids_key(&self.id, old_gen));
@@ -387,6 +410,7 @@ impl Index {
             epoch,
             meta_digest,
             pages,
+            runs: state::run_list(&new_runs),
         };
         self.put_state(&mut batch, &st);
         let window = self.write_window();
@@ -415,12 +439,13 @@ impl Index {
             d.lists = lists;
             d.count = count;
             d.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
+            d.runs = new_runs;
         }
         drop(window);
-        // The filter covers the old generation's position records: rebuild on next use.
-        *self.id_filter.lock() = None;
+        *self.id_filter.lock() = Some(all_ids);
         self.cache.forget(&self.id, Some(old_gen));
         self.code_cached();
+        self.compact_runs()?;
         Ok(k)
     }
 
@@ -464,6 +489,10 @@ struct NewGeneration<'a> {
     pending_bytes: usize,
     manifest: Vec<(u32, u32, u64, u32)>,
     first: bool,
+    /// The new generation's positions, written as sorted runs.
+    runs: runs::BulkRuns<'a>,
+    /// Every item's locator (the index-wide filter once the generation is live).
+    all: idfilter::IdFilter,
 }
 
 impl NewGeneration<'_> {
@@ -519,9 +548,9 @@ impl NewGeneration<'_> {
         }
     }
 
-    /// Seal and store the finished blocks and their rows' position records. Nothing refers
-    /// to them until the final batch switches generations; the first write also drops what
-    /// an earlier, interrupted attempt left of this generation.
+    /// Seal and store the finished blocks, and hand their rows' positions to the runs.
+    /// Nothing refers to them until the final batch switches generations; the first write
+    /// also drops what an earlier, interrupted attempt left of this generation.
     fn write(&mut self) -> Result<(), EngineError> {
         let ix = self.ix;
         let pending = std::mem::take(&mut self.pending);
@@ -530,20 +559,24 @@ impl NewGeneration<'_> {
         if std::mem::take(&mut self.first) {
             batch.delete_prefix(fmt::list_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::pos_gen_prefix(&ix.id, self.gen));
+            batch.delete_prefix(fmt::run_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::page_gen_prefix(&ix.id, self.gen));
         }
         if pending.is_empty() && batch.is_empty() {
             return Ok(());
         }
         let (gen, epoch, dim) = (self.gen, self.epoch, self.dim);
-        let sealed: Vec<Vec<(Vec<u8>, Vec<u8>)>> = pending
+        type Sealed = ((Vec<u8>, Vec<u8>), u32, Vec<runs::PosEntry>);
+        let sealed: Vec<Sealed> = pending
             .into_par_iter()
             .map(|(l, b, mut blk)| {
-                let mut kv = Vec::with_capacity(blk.len() + 1);
-                kv.push(ix.seal_block(gen, l, b, &mut blk, dim, epoch));
-                for id in &blk.ids {
-                    kv.push(ix.seal_position(gen, &ix.keys.id_locator(id), l, b));
-                }
+                let kv = ix.seal_block(gen, l, b, &mut blk, dim, epoch);
+                let pos: Vec<runs::PosEntry> = blk
+                    .ids
+                    .iter()
+                    .map(|id| (ix.keys.id_locator(id), l, b))
+                    .collect();
+                let rows = blk.len() as u32;
                 // Warm the cache with the new generation (its quantisers, if any, are known
                 // only at the end: see `Index::code_cached`).
                 blk.epoch = epoch;
@@ -558,20 +591,23 @@ impl NewGeneration<'_> {
                     },
                     Arc::new(blk),
                 );
-                kv
+                (kv, rows, pos)
             })
             .collect();
-        for kv in sealed {
-            if let Some((k, _)) = kv.first() {
-                if let Some((l, b)) = fmt::parse_block_key(k) {
-                    self.manifest.push((l, b, epoch, (kv.len() - 1) as u32));
-                }
+        let mut positions = Vec::new();
+        for ((k, v), rows, pos) in sealed {
+            if let Some((l, b)) = fmt::parse_block_key(&k) {
+                self.manifest.push((l, b, epoch, rows));
             }
-            for (k, v) in kv {
-                batch.put(k, v);
-            }
+            batch.put(k, v);
+            positions.push(pos);
         }
         ix.store.write(batch)?;
+        // After the batch that dropped an interrupted attempt's runs: runs may store pages.
+        for e in positions.into_iter().flatten() {
+            self.all.insert(&e.0);
+            self.runs.push(e)?;
+        }
         Ok(())
     }
 }

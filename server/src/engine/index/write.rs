@@ -89,14 +89,14 @@ impl Index {
             let old = {
                 let mut filter = self.id_filter.lock();
                 if !filter.as_ref().is_some_and(|f| f.has_room(items.len())) {
-                    *filter = Some(self.build_filter(d.gen, d.count() + items.len())?);
+                    *filter = Some(self.build_filters(&d, d.count() + items.len())?);
                 }
                 let f = filter.as_ref().expect("built above");
                 let maybe: Vec<usize> = (0..locators.len())
                     .filter(|&i| f.may_contain(&locators[i]))
                     .collect();
                 let probe: Vec<[u8; 16]> = maybe.iter().map(|&i| locators[i]).collect();
-                let found = self.positions(d.gen, &probe)?;
+                let found = self.positions(&d, &probe)?;
                 let mut old = vec![None; locators.len()];
                 for (i, at) in maybe.into_iter().zip(found) {
                     old[i] = at;
@@ -137,6 +137,7 @@ impl Index {
             let mut tails: HashMap<u32, u32> = HashMap::default();
             // Item records are sealed across cores after the placement loop.
             let mut contents: Vec<Option<(String, String)>> = Vec::new();
+            let mut moved: Vec<runs::PosEntry> = Vec::new();
             for (i, it) in items.into_iter().enumerate() {
                 if let Some((l, b)) = old[i] {
                     let blk = touched
@@ -185,8 +186,7 @@ impl Index {
                     _ => {}
                 }
                 if old[i] != Some((list, bno)) {
-                    let (k, v) = self.seal_position(d.gen, &locators[i], list, bno);
-                    batch.put(k, v);
+                    moved.push((locators[i], list, bno));
                 }
             }
             let records: Vec<(Vec<u8>, Vec<u8>)> = contents
@@ -224,11 +224,21 @@ impl Index {
                     None => batch.delete(k),
                 };
             }
-            let pages =
-                self.put_state_after(&mut batch, &d, dimension, epoch, &touched, d.meta_digest);
+            let run = self.put_run(&mut batch, gen, moved);
+            let runs = runs::apply_runs(&d.runs, &run);
+            let pages = self.put_state_after(
+                &mut batch,
+                &d,
+                dimension,
+                epoch,
+                &touched,
+                d.meta_digest,
+                &runs,
+            );
             plan = UpsertPlan {
                 touched,
                 pages,
+                runs,
                 added: locators
                     .iter()
                     .zip(&old)
@@ -251,8 +261,13 @@ impl Index {
             }
         }
         apply_pages(&mut d.pages, &plan.pages);
+        d.runs = plan.runs;
         self.install(&mut d, plan.touched, plan.epoch);
-        Ok(d.count())
+        let count = d.count();
+        drop(d);
+        drop(_window);
+        self.compact_runs()?;
+        Ok(count)
     }
 
     /// Record in the directory (and the cache) the blocks a stored batch rewrote.
@@ -296,7 +311,7 @@ impl Index {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
-        let (touched, pages, epoch, removed) = {
+        let (touched, pages, runs, epoch, removed) = {
             let d = self.data.read();
             let dim = d.dimension as usize;
             let epoch = d.epoch + 1;
@@ -307,7 +322,8 @@ impl Index {
                 .filter(|id| seen.insert(*id))
                 .collect();
             let locators = self.locators(&ids);
-            let at = self.positions(d.gen, &locators)?;
+            let at = self.positions(&d, &locators)?;
+            let mut gone: Vec<runs::PosEntry> = Vec::new();
             let refs: Vec<(u32, u32)> = at.iter().flatten().copied().collect();
             let have = self.fetch(&d, &refs, true)?;
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
@@ -320,7 +336,7 @@ impl Index {
                 let pos = blk.position(id).ok_or_else(|| self.misplaced(id))?;
                 blk.swap_remove(pos, dim);
                 batch.delete(fmt::item_key(&self.id, loc));
-                batch.delete(fmt::pos_key(&self.id, d.gen, loc));
+                gone.push((*loc, u32::MAX, u32::MAX));
                 removed += 1;
             }
             for (&(l, b), blk) in touched.iter_mut() {
@@ -331,20 +347,33 @@ impl Index {
                     batch.put(k, v);
                 }
             }
-            let pages =
-                self.put_state_after(&mut batch, &d, d.dimension, epoch, &touched, d.meta_digest);
-            (touched, pages, epoch, removed)
+            let run = self.put_run(&mut batch, d.gen, gone);
+            let runs = runs::apply_runs(&d.runs, &run);
+            let pages = self.put_state_after(
+                &mut batch,
+                &d,
+                d.dimension,
+                epoch,
+                &touched,
+                d.meta_digest,
+                &runs,
+            );
+            (touched, pages, runs, epoch, removed)
         };
         if removed == 0 {
             return Ok(0);
         }
-        let _window = self.write_window();
-        self.store.write(batch)?;
-        let mut d = self.data.write();
-        d.epoch = epoch;
-        d.count -= removed;
-        apply_pages(&mut d.pages, &pages);
-        self.install(&mut d, touched, epoch);
+        {
+            let _window = self.write_window();
+            self.store.write(batch)?;
+            let mut d = self.data.write();
+            d.epoch = epoch;
+            d.count -= removed;
+            apply_pages(&mut d.pages, &pages);
+            d.runs = runs;
+            self.install(&mut d, touched, epoch);
+        }
+        self.compact_runs()?;
         Ok(removed)
     }
 }
@@ -357,6 +386,8 @@ pub(super) fn has_non_finite(v: &[f32]) -> bool {
 pub(super) struct UpsertPlan {
     touched: HashMap<(u32, u32), Block>,
     pages: PageChanges,
+    /// The run list after the batch.
+    runs: Vec<Arc<runs::Run>>,
     /// Locators of the items the batch adds.
     added: Vec<[u8; 16]>,
     dimension: u32,

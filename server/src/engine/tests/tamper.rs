@@ -255,53 +255,92 @@ fn block_attacks() {
     }
 }
 
+/// Position runs: a page altered, deleted or taken from another run fails the lookups that
+/// read it; a run header that is altered, missing or another run's fails the open.
 #[test]
-fn position_record_attacks() {
+fn position_run_attacks() {
+    type RunAttack = (&'static str, fn(&Setup, u32, &[(u64, u64)]));
     for (name, open) in stores() {
-        let pos = |s: &Setup, id: &str| {
+        let runs_of = |s: &Setup| {
             let e = engine(s.store.clone());
             let ix = e.open("t", Some(&s.kek)).unwrap();
             let gen = ix.read().gen;
-            format::pos_key(&s.id, gen, &ix.keys.id_locator(id))
+            (gen, ix.run_ids())
         };
-        let attacks: [ItemAttack; 3] = [
-            ("flip a byte", |s, pos| {
-                let k = pos(s, "3");
+        // The oldest run is training's (all 400 items); the newest holds those of the 40
+        // overwritten items that moved.
+        let page_attacks: [RunAttack; 3] = [
+            ("flip a byte of a run page", |s, gen, runs| {
+                let k = format::run_page_key(&s.id, gen, runs[runs.len() - 1].0, 0);
                 let v = s.store.get(&k).unwrap().unwrap();
                 put(s, &k, &flip(&v));
             }),
-            ("swap two position records", |s, pos| {
-                // Items in different blocks: each record now names the other's block.
-                let (a, b) = (pos(s, "3"), pos(s, "300"));
-                let (va, vb) = (
-                    s.store.get(&a).unwrap().unwrap(),
-                    s.store.get(&b).unwrap().unwrap(),
+            ("delete a run page", |s, gen, runs| {
+                del(
+                    s,
+                    &format::run_page_key(&s.id, gen, runs[runs.len() - 1].0, 0),
                 );
-                put(s, &a, &vb);
-                put(s, &b, &va);
             }),
-            ("restore an older position record", |s, pos| {
-                let k = pos(s, "3");
-                let old = older(s, &k).unwrap();
-                assert_ne!(Some(old.clone()), s.store.get(&k).unwrap());
-                put(s, &k, &old);
+            ("put another run's page in its place", |s, gen, runs| {
+                let from = format::run_page_key(&s.id, gen, runs[0].0, 0);
+                let v = s.store.get(&from).unwrap().unwrap();
+                put(
+                    s,
+                    &format::run_page_key(&s.id, gen, runs[runs.len() - 1].0, 0),
+                    &v,
+                );
             }),
         ];
-        for (what, attack) in attacks {
+        for (what, attack) in page_attacks {
             let s = setup(open);
-            attack(&s, &pos);
+            let (gen, runs) = runs_of(&s);
+            assert_eq!(runs.len(), 2, "{name}: training's run and the upsert's");
+            assert!(
+                runs[0].1 > 0 && runs[0].1 <= 40 && runs[1].1 == 400,
+                "{runs:?}"
+            );
+            attack(&s, gen, &runs);
             let e = engine(s.store.clone());
             let ix = e.open("t", Some(&s.kek)).unwrap();
             for res in [
-                ix.get(&["3".into()], Include::default()).map(|v| v.len()),
-                ix.delete_ids(&["3".into()]),
-                ix.upsert(vec![item("3", vec![0.1; 4], json!({}))]),
+                ix.get(&["300".into()], Include::default()).map(|v| v.len()),
+                ix.delete_ids(&["300".into()]),
+                ix.upsert(vec![item("300", vec![0.1; 4], json!({}))]),
             ] {
                 assert!(
                     matches!(res, Err(EngineError::Integrity { .. })),
                     "{name}/{what}: expected an integrity error, got {res:?}"
                 );
             }
+        }
+        let header_attacks: [RunAttack; 3] = [
+            ("flip a byte of a run header", |s, gen, runs| {
+                let k = format::run_page_key(&s.id, gen, runs[0].0, u32::MAX);
+                let v = s.store.get(&k).unwrap().unwrap();
+                put(s, &k, &flip(&v));
+            }),
+            ("delete a run header", |s, gen, runs| {
+                del(s, &format::run_page_key(&s.id, gen, runs[0].0, u32::MAX));
+            }),
+            ("put another run's header in its place", |s, gen, runs| {
+                let from = format::run_page_key(&s.id, gen, runs[1].0, u32::MAX);
+                let v = s.store.get(&from).unwrap().unwrap();
+                put(
+                    s,
+                    &format::run_page_key(&s.id, gen, runs[0].0, u32::MAX),
+                    &v,
+                );
+            }),
+        ];
+        for (what, attack) in header_attacks {
+            let s = setup(open);
+            let (gen, runs) = runs_of(&s);
+            attack(&s, gen, &runs);
+            let res = engine(s.store.clone()).open("t", Some(&s.kek)).map(|_| ());
+            assert!(
+                matches!(res, Err(EngineError::Integrity { .. })),
+                "{name}/{what}: expected an integrity error at open, got {res:?}"
+            );
         }
     }
 }
