@@ -157,6 +157,7 @@ def test_metrics_after_a_known_workload(make_server, tmp_path):
         # The block cache: the queries and the training read and wrote blocks, within budget.
         cached = f["sealdb_block_cache_bytes"].samples[0].value
         assert 0 < cached <= f["sealdb_block_cache_budget_bytes"].samples[0].value
+        assert f["sealdb_block_cache_reserved_bytes"].samples[0].value == 0  # no training runs
         assert f["sealdb_block_cache_blocks"].samples[0].value >= 1
         assert f["sealdb_block_cache_hits"].samples[0].value >= 1
         assert f["sealdb_block_cache_misses"].type == "counter"

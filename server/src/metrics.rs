@@ -115,6 +115,7 @@ pub fn render(s: Snapshot) -> String {
     gauge!("sealdb_index_cache_bytes").set(s.cached_bytes as f64);
     gauge!("sealdb_block_cache_bytes").set(s.blocks.bytes as f64);
     gauge!("sealdb_block_cache_budget_bytes").set(s.blocks.budget as f64);
+    gauge!("sealdb_block_cache_reserved_bytes").set(s.blocks.reserved as f64);
     gauge!("sealdb_block_cache_blocks").set(s.blocks.blocks as f64);
     counter!("sealdb_block_cache_hits_total").absolute(s.blocks.hits);
     counter!("sealdb_block_cache_misses_total").absolute(s.blocks.misses);

@@ -73,6 +73,8 @@ type Inner = quick_cache::sync::Cache<Key, Val, ByWeight, foldhash::fast::Random
 pub struct BlockCache {
     inner: Option<Inner>,
     budget: u64,
+    /// Bytes of the budget lent out to work outside the cache (see [`Self::reserve`]).
+    reserved: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -80,11 +82,14 @@ pub struct BlockCache {
 /// What `/metrics` and the debug log report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Bytes of decrypted blocks held now.
+    /// Bytes of decrypted blocks and run pages held now.
     pub bytes: u64,
     /// The budget in bytes.
     pub budget: u64,
-    /// Blocks held now.
+    /// Bytes of the budget lent to trainings' buffers now (the cache holds at most
+    /// `budget - reserved`).
+    pub reserved: u64,
+    /// Entries (blocks and run pages) held now.
     pub blocks: u64,
     pub hits: u64,
     pub misses: u64,
@@ -124,6 +129,7 @@ impl BlockCache {
         Self {
             inner,
             budget,
+            reserved: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -179,13 +185,95 @@ impl BlockCache {
         }
     }
 
+    /// Lend `bytes` of the budget to work outside the cache (a training's buffers): the
+    /// cache shrinks by that much (evicting as needed) until the returned guard drops, so
+    /// that the cache and the work together stay within `--index-cache-mb`.
+    pub(crate) fn reserve(&self, bytes: u64) -> Reservation<'_> {
+        self.reserved.fetch_add(bytes, Relaxed);
+        self.resize();
+        Reservation { cache: self, bytes }
+    }
+
+    fn resize(&self) {
+        if let Some(c) = &self.inner {
+            c.set_capacity(self.budget.saturating_sub(self.reserved.load(Relaxed)));
+        }
+    }
+
+    /// Cached entries of generation `gen` of an index.
+    #[cfg(test)]
+    pub(crate) fn cached_of(&self, index: &IndexId, gen: u32) -> usize {
+        self.inner.as_ref().map_or(0, |c| {
+            c.iter().filter(|(k, _)| k.of() == (index, gen)).count()
+        })
+    }
+
+    /// Bytes of the budget lent out now.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Relaxed)
+    }
+
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             bytes: self.inner.as_ref().map_or(0, |c| c.weight()),
             budget: self.budget,
+            reserved: self.reserved.load(Relaxed),
             blocks: self.inner.as_ref().map_or(0, |c| c.len() as u64),
             hits: self.hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
         }
+    }
+}
+
+/// Budget lent out by [`BlockCache::reserve`], returned on drop.
+pub(crate) struct Reservation<'a> {
+    cache: &'a BlockCache,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.cache.reserved.fetch_sub(self.bytes, Relaxed);
+        self.cache.resize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_shrinks_the_cache_until_it_drops() {
+        let c = BlockCache::new(64 << 20);
+        let key = |block: u32| BlockKey {
+            index: [1; 16],
+            gen: 0,
+            list: 0,
+            block,
+            epoch: 1,
+        };
+        let blk = |n: usize| {
+            let mut b = Block::with_capacity(n, 128);
+            for i in 0..n {
+                b.push(i.to_string(), &[0.5; 128], None, 0);
+            }
+            let (b, _) = Block::decode(&b.encode(128, super::super::Precision::F32)).unwrap();
+            Arc::new(b)
+        };
+        for i in 0..200 {
+            c.insert(key(i), blk(100));
+        }
+        let full = c.stats().bytes;
+        assert!(full > 8 << 20 && full <= 64 << 20, "{full}");
+        {
+            let _r = c.reserve(60 << 20);
+            assert_eq!(c.reserved(), 60 << 20);
+            assert!(c.stats().bytes <= 4 << 20, "{:?}", c.stats());
+        }
+        assert_eq!(c.reserved(), 0);
+        for i in 0..200 {
+            c.insert(key(i), blk(100));
+        }
+        assert!(c.stats().bytes > 8 << 20, "the whole budget is back");
     }
 }

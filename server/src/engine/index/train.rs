@@ -22,6 +22,31 @@ const TRAIN_SAMPLE_BYTES: usize = 128 << 20;
 /// Fewest sample points per list the default bound leaves (FAISS warns below 39).
 const TRAIN_SAMPLE_MIN_PER_LIST: usize = 64;
 
+/// k-means sample rows for `k` lists of `dim` dimensions.
+fn sample_cap(k: usize, dim: usize, max_memory_mb: Option<usize>) -> usize {
+    let cap = (k * TRAIN_SAMPLE_PER_LIST).max(k);
+    let row = dim.max(1) * 4;
+    match max_memory_mb.filter(|&m| m > 0) {
+        Some(mb) => cap.min(((mb << 20) / row).max(k)),
+        None => cap.min((TRAIN_SAMPLE_BYTES / row).max(k * TRAIN_SAMPLE_MIN_PER_LIST)),
+    }
+}
+
+/// Memory a training of `n` rows holds outside the block cache, at most: its k-means sample
+/// and assignment matrices, one read chunk (sealed and opened), the unfinished blocks of
+/// the new lists, one write batch (blocks and their sealed copies), the positions sorted
+/// per run, and the filter of every id. Reserved from the cache budget while it runs.
+fn working_set(sample_rows: usize, dim: usize, n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    sample_rows * dim * 4
+        + threads * (32 << 20)
+        + 2 * TRAIN_READ_CHUNK_BYTES
+        + TRAIN_OPEN_BLOCKS_BYTES
+        + 2 * TRAIN_WRITE_CHUNK_BYTES
+        + 2 * TRAIN_RUN_ENTRIES * 24
+        + n * 4
+}
+
 /// Default early stop for k-means: fewer than this fraction of sample points changed list in
 /// the last iteration.
 const SETTLE_FRACTION: f64 = 0.01;
@@ -120,6 +145,18 @@ impl Index {
             }
         }
         let _clear = Clear(&self.progress);
+        // The training's buffers come out of the cache budget while it runs.
+        let _reserved = {
+            let d = self.data.read();
+            let n = d.count();
+            let k = p
+                .n_lists
+                .filter(|&k| k > 0)
+                .unwrap_or_else(|| auto_n_lists(n));
+            let dim = d.dimension as usize;
+            let cap = sample_cap(k, dim, p.max_memory_mb).min(n);
+            self.cache.reserve(working_set(cap, dim, n) as u64)
+        };
         let (sample, calib, dim, k, seed) = self.consistent(|d| {
             let n = d.count();
             let dim = d.dimension as usize;
@@ -145,13 +182,7 @@ impl Index {
             // Sample at most TRAIN_SAMPLE_PER_LIST points per list, and no more than
             // max_memory (or TRAIN_SAMPLE_BYTES) allows, evenly spaced over the rows in
             // directory order.
-            let mut cap = (k * TRAIN_SAMPLE_PER_LIST).max(k);
-            cap = match p.max_memory_mb.filter(|&m| m > 0) {
-                Some(mb) => cap.min(((mb << 20) / (dim * 4)).max(k)),
-                None => {
-                    cap.min((TRAIN_SAMPLE_BYTES / (dim * 4)).max(k * TRAIN_SAMPLE_MIN_PER_LIST))
-                }
-            };
+            let cap = sample_cap(k, dim, p.max_memory_mb);
             let stride = (n as f64 / cap.min(n) as f64).max(1.0);
             // Which rows of which blocks are picked.
             let mut picks: Vec<((u32, u32, u64), Vec<u32>)> = Vec::new();

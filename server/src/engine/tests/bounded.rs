@@ -302,7 +302,8 @@ fn a_failed_training_leaves_nothing_of_its_generation_cached() {
     }
     let store = Arc::new(FailSwitch(MemoryStore::new(), AtomicBool::new(true)));
     let kek = Kek::random();
-    let e = engine_with_cache(store.clone(), Some(64 << 20));
+    // Room for the blocks beside what the training reserves of the budget.
+    let e = engine_with_cache(store.clone(), Some(1 << 30));
     create(
         &e,
         "f",
@@ -312,19 +313,42 @@ fn a_failed_training_leaves_nothing_of_its_generation_cached() {
     let ix = e.open("f", Some(&kek)).unwrap();
     ix.upsert(items(&mut StdRng::seed_from_u64(1), 0..3000, 1))
         .unwrap();
-    let before = e.cache_stats().blocks;
+    let gen = ix.read().gen;
     let p = |n| TrainParams {
         n_lists: Some(n),
         ..Default::default()
     };
+    // A training that succeeds warms the cache with its generation (so that the check
+    // below can see blocks of a generation that is not live)...
+    let probe = Arc::new(MemoryStore::new());
+    {
+        let e2 = engine_with_cache(probe.clone(), Some(1 << 30));
+        create(
+            &e2,
+            "g",
+            &kek,
+            cfg(Metric::Euclidean, Precision::F32, DIM as u32),
+        );
+        let ix2 = e2.open("g", Some(&kek)).unwrap();
+        ix2.upsert(items(&mut StdRng::seed_from_u64(1), 0..3000, 1))
+            .unwrap();
+        e2.train_now(&ix2, &p(16)).unwrap();
+        assert!(e2.blocks.cached_of(&ix2.id, gen + 1) > 0);
+    }
+    // ...and one whose switch fails leaves none of its blocks behind.
     assert!(matches!(
         e.train_now(&ix, &p(16)),
         Err(EngineError::Store(_))
     ));
     assert_eq!(
-        e.cache_stats().blocks,
-        before,
+        e.blocks.cached_of(&ix.id, gen + 1),
+        0,
         "blocks of the failed generation stayed cached"
+    );
+    assert_eq!(
+        e.blocks.reserved(),
+        0,
+        "the training gave its reservation back"
     );
     store.1.store(false, Ordering::SeqCst);
     e.train_now(&ix, &p(24)).unwrap();
