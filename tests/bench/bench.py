@@ -10,6 +10,9 @@ Request bodies are encoded before the clock starts and connections are kept aliv
 client measures the server, not Python's JSON encoder.
 
     bench.py --url http://127.0.0.1:8000 --scenario 100k-128 [--api-key K] [--pid PID]
+
+The 10m-128 scenario (10M vectors, generated in chunks, with restarts for cold queries) is
+`tests/bench/big.py`, which runs its own server.
 """
 import argparse
 import base64
