@@ -23,7 +23,6 @@ Peak RSS is the largest VmHWM of the server processes (sampled, and read before 
 import argparse
 import base64
 import hashlib
-import http.client
 import json
 import mmap
 import multiprocessing as mp
@@ -37,6 +36,9 @@ import time
 import urllib.request
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import Conn, recall, run_singles  # noqa: E402  (bench.py's client, query loop, recall)
 
 DIM = 128
 BATCH = 1000
@@ -161,20 +163,6 @@ class Server:
         self.proc.wait(120)
 
 
-class Conn:
-    def __init__(self, port):
-        self.port = port
-        self.c = http.client.HTTPConnection("127.0.0.1", port, timeout=7200)
-
-    def post(self, path, body):
-        self.c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        r = self.c.getresponse()
-        data = r.read()
-        if r.status != 200:
-            raise RuntimeError(f"POST {path} -> {r.status}: {data[:300]!r}")
-        return json.loads(data) if data else None
-
-
 def du(path):
     total = 0
     for root, _, files in os.walk(path):
@@ -217,20 +205,8 @@ def qbody(key, v):
 
 
 def singles(conn, bodies):
-    lat, found = [], []
-    for b in bodies:
-        s = time.perf_counter()
-        r = conn.post("/v1/vectors/query", b)
-        lat.append(time.perf_counter() - s)
-        res = r["results"]
-        if res and isinstance(res[0], list):
-            res = res[0]
-        found.append([int(h["id"]) for h in res])
-    return np.array(lat), found
-
-
-def recall(found, truth):
-    return sum(len(set(f[:10]) & set(t.tolist())) for f, t in zip(found, truth)) / (len(truth) * 10)
+    lat, found, _ = run_singles(conn, bodies)
+    return lat, found
 
 
 def main():
@@ -264,7 +240,7 @@ def main():
     os.makedirs(data)
     srv = Server(os.path.abspath(args.bin), data, args.port, ["--index-cache-mb", str(args.cache_mb)])
     srv.start()
-    conn = Conn(args.port)
+    conn = Conn(f"http://127.0.0.1:{args.port}", None)
     conn.post("/v1/indexes/create", json.dumps({"index_name": NAME, "index_key": key, "dimension": DIM,
                                                 "metric": "euclidean"}).encode())
     files = sorted(os.listdir(bodies_dir))
@@ -303,7 +279,7 @@ def main():
         if mode == "disk":
             drop_caches()
         srv.start()
-        conn = Conn(args.port)
+        conn = Conn(f"http://127.0.0.1:{args.port}", None)
         io0 = srv.io()
         lat, found = singles(conn, qbodies[:args.cold_queries])
         io1 = srv.io()

@@ -302,17 +302,21 @@ fn a_failed_training_leaves_nothing_of_its_generation_cached() {
     }
     let store = Arc::new(FailSwitch(MemoryStore::new(), AtomicBool::new(true)));
     let kek = Kek::random();
+    let filled = |e: &Engine, name: &str| {
+        create(
+            e,
+            name,
+            &kek,
+            cfg(Metric::Euclidean, Precision::F32, DIM as u32),
+        );
+        let ix = e.open(name, Some(&kek)).unwrap();
+        ix.upsert(items(&mut StdRng::seed_from_u64(1), 0..3000, 1))
+            .unwrap();
+        ix
+    };
     // Room for the blocks beside what the training reserves of the budget.
     let e = engine_with_cache(store.clone(), Some(1 << 30));
-    create(
-        &e,
-        "f",
-        &kek,
-        cfg(Metric::Euclidean, Precision::F32, DIM as u32),
-    );
-    let ix = e.open("f", Some(&kek)).unwrap();
-    ix.upsert(items(&mut StdRng::seed_from_u64(1), 0..3000, 1))
-        .unwrap();
+    let ix = filled(&e, "f");
     let gen = ix.read().gen;
     let p = |n| TrainParams {
         n_lists: Some(n),
@@ -320,18 +324,9 @@ fn a_failed_training_leaves_nothing_of_its_generation_cached() {
     };
     // A training that succeeds warms the cache with its generation (so that the check
     // below can see blocks of a generation that is not live)...
-    let probe = Arc::new(MemoryStore::new());
     {
-        let e2 = engine_with_cache(probe.clone(), Some(1 << 30));
-        create(
-            &e2,
-            "g",
-            &kek,
-            cfg(Metric::Euclidean, Precision::F32, DIM as u32),
-        );
-        let ix2 = e2.open("g", Some(&kek)).unwrap();
-        ix2.upsert(items(&mut StdRng::seed_from_u64(1), 0..3000, 1))
-            .unwrap();
+        let e2 = engine_with_cache(Arc::new(MemoryStore::new()), Some(1 << 30));
+        let ix2 = filled(&e2, "g");
         e2.train_now(&ix2, &p(16)).unwrap();
         assert!(e2.blocks.cached_of(&ix2.id, gen + 1) > 0);
     }
