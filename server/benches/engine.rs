@@ -213,8 +213,8 @@ fn search_times(
 }
 
 /// Sealing with a key per record (format 2) against sealing every record under one key (the
-/// format-1 scheme), same data, same run; and one small upsert into a 100k index, whose state
-/// record (with the block manifest) is re-sealed with every batch.
+/// format-1 scheme), same data, same run; one small upsert into a 100k index, whose state
+/// record (with the block manifest) is re-sealed with every batch; and gets of 100 ids.
 fn sealing(ix: &sealdb_server::engine::Index) {
     use aes_gcm::aead::KeyInit;
     let keys = sealdb_server::keys::IndexKeys::derive(&sealdb_server::keys::Dek::random());
@@ -252,6 +252,16 @@ fn sealing(ix: &sealdb_server::engine::Index) {
         .expect("upsert");
     });
     println!("upsert_1_item_into_100k_128: {:.1} us per batch", t * 1e6);
+    // Id lookups: the position runs (newest first, through the cache), then the blocks.
+    let mut k = 0u64;
+    let t = per_iter(200, || {
+        k += 1;
+        let ids: Vec<String> = (0..100)
+            .map(|j| ((k * 7919 + j * 104_729) % 100_000).to_string())
+            .collect();
+        black_box(ix.get(&ids, Include::default()).expect("get"));
+    });
+    println!("get_100_ids_from_100k_128: {:.1} us per request", t * 1e6);
 }
 
 fn read_f32(path: &std::path::Path) -> Vec<f32> {

@@ -456,8 +456,9 @@ impl Index {
     pub(super) fn build_filters(&self, d: &Data, count: usize) -> Result<IdFilter, EngineError> {
         let mut all = IdFilter::with_capacity(count.saturating_mul(2));
         for run in &d.runs {
-            let mut own = run.filter.lock();
-            let mut f = own
+            // Built without holding the run's lock, so lookups are not kept waiting.
+            let mut f = run
+                .filter()
                 .is_none()
                 .then(|| IdFilter::with_capacity(run.entries as usize));
             let pnos: Vec<u32> = (0..run.pages()).collect();
@@ -472,7 +473,7 @@ impl Index {
                 }
             }
             if let Some(f) = f {
-                *own = Some(Arc::new(f));
+                run.filter.lock().get_or_insert_with(|| Arc::new(f));
             }
         }
         Ok(all)
