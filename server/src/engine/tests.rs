@@ -58,6 +58,18 @@ fn numbered(data: &[Vec<f32>]) -> Vec<NewItem> {
         .collect()
 }
 
+/// Train `ix` into `n` lists with every other setting left to the engine.
+fn train_lists(e: &Engine, ix: &Arc<Index>, n: usize) {
+    e.train_now(
+        ix,
+        &TrainParams {
+            n_lists: Some(n),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
 fn params(k: usize) -> SearchParams {
     SearchParams {
         top_k: k,
@@ -644,14 +656,7 @@ fn position_runs_merge_and_answer_as_a_map() {
             ix.upsert(items).unwrap();
         }
         if round == 75 {
-            e.train_now(
-                &ix,
-                &TrainParams {
-                    n_lists: Some(4),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            train_lists(&e, &ix, 4);
         }
     }
     let levels = ix.run_levels();

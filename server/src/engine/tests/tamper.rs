@@ -45,14 +45,7 @@ fn setup(open: OpenStore) -> Setup {
         .map(|_| (0..4).map(|_| rng.random::<f32>()).collect())
         .collect();
     ix.upsert(numbered(&data)).unwrap();
-    e.train_now(
-        &ix,
-        &TrainParams {
-            n_lists: Some(4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    train_lists(&e, &ix, 4);
     let before = store.scan_prefix(&[]).unwrap();
     // Change some blocks, their items' contents, the state, and (by a rewrap) the meta.
     let changed: Vec<NewItem> = (0..40)
