@@ -28,8 +28,8 @@ pub mod kind {
     pub const LIST: u8 = b'L';
     /// `I || index id || locator` -> sealed item record (id and contents).
     pub const ITEM: u8 = b'I';
-    /// `P || index id || gen || locator` -> sealed position record: the `(list, block)` that
-    /// holds the item in generation `gen`.
+    /// `P || index id || gen || locator` -> position record of a version-4 store (the
+    /// `(list, block)` of the item in generation `gen`); read only by the upgrade to runs.
     pub const POS: u8 = b'P';
     /// `Q || index id || gen` -> sealed 8-bit quantisers of the lists of generation `gen`.
     pub const QUANT: u8 = b'Q';
@@ -115,12 +115,6 @@ pub fn quant_key(id: &IndexId, gen: u32) -> Vec<u8> {
 pub fn pos_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
     let mut k = scoped_prefix(kind::POS, id);
     k.extend_from_slice(&gen.to_be_bytes());
-    k
-}
-
-pub fn pos_key(id: &IndexId, gen: u32, locator: &[u8; 16]) -> Vec<u8> {
-    let mut k = pos_gen_prefix(id, gen);
-    k.extend_from_slice(locator);
     k
 }
 

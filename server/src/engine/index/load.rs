@@ -81,23 +81,19 @@ impl Index {
             ..Data::default()
         };
         let dim = st.dimension as usize;
-        if st.trained {
-            let ck = fmt::centroids_key(id, st.gen);
+        // A record of one generation, sealed under its own key.
+        let open = |key: Vec<u8>, what: &str| -> Result<Vec<u8>, EngineError> {
             let sealed = store
-                .get(&ck)?
-                .ok_or_else(|| integrity("the centroids record is missing".into()))?;
-            let raw = keys
-                .open(&fmt::aad(&ck), &sealed)
-                .map_err(|_| integrity("the centroids record failed authentication".into()))?;
+                .get(&key)?
+                .ok_or_else(|| integrity(format!("the {what} record is missing")))?;
+            keys.open(&fmt::aad(&key), &sealed)
+                .map_err(|_| integrity(format!("the {what} record failed authentication")))
+        };
+        if st.trained {
+            let raw = open(fmt::centroids_key(id, st.gen), "centroids")?;
             data.centroids = Precision::F32.decode(&raw, n_lists * dim)?;
             if wants_quant(true, st.default_probes, n_lists) {
-                let qk = fmt::quant_key(id, st.gen);
-                let sealed = store
-                    .get(&qk)?
-                    .ok_or_else(|| integrity("the quantiser record is missing".into()))?;
-                let raw = keys
-                    .open(&fmt::aad(&qk), &sealed)
-                    .map_err(|_| integrity("the quantiser record failed authentication".into()))?;
+                let raw = open(fmt::quant_key(id, st.gen), "quantiser")?;
                 for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
                     data.lists[l].quant = q.map(Arc::new);
                 }
