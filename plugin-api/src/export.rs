@@ -112,7 +112,7 @@ fn store_status(e: StoreError) -> (u32, String) {
     match e {
         StoreError::Io(m) => (status::INTERNAL, m),
         StoreError::Corrupt(m) => (status::INVALID, m),
-        StoreError::Unavailable(m) => (status::UNAVAILABLE, m),
+        StoreError::Unavailable(m) | StoreError::Conflict(m) => (status::UNAVAILABLE, m),
     }
 }
 

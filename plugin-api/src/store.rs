@@ -15,6 +15,10 @@ pub enum StoreError {
     /// The store cannot serve requests right now (closed, locked by another process, ...).
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Shared stores only ([`IndexStore::write_guarded`]): another writer changed a guarded
+    /// scope first. Nothing of the batch was written; read again and retry.
+    #[error("storage conflict: {0}")]
+    Conflict(String),
 }
 
 /// A `(key, value)` pair returned by scans.
@@ -136,6 +140,27 @@ pub trait IndexStore: Send + Sync + 'static {
 
     /// Apply `batch` atomically and durably (see the trait documentation).
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// Shared stores (several servers writing one bucket) only: the version of `scope`, the
+    /// sequence number of the last batch that named it in [`write_guarded`](Self::write_guarded)
+    /// (`0` when none did), as this process sees the store now. A store that one process owns
+    /// returns `None` (the default), and callers skip every freshness check.
+    fn version(&self, _scope: &[u8]) -> Option<u64> {
+        None
+    }
+
+    /// [`write`](Self::write), applied only if every `(scope, version)` in `guards` still
+    /// holds when the batch commits; the batch then becomes the new version of each of those
+    /// scopes, which is returned. When another writer changed one of them first, nothing is
+    /// written and the result is [`StoreError::Conflict`]. Stores that one process owns have
+    /// no other writers: the default writes and returns `None`.
+    fn write_guarded(
+        &self,
+        batch: WriteBatch,
+        _guards: &[(&[u8], u64)],
+    ) -> Result<Option<u64>, StoreError> {
+        self.write(batch).map(|()| None)
+    }
 }
 
 /// The smallest key strictly greater than every key starting with `prefix`, or `None` when
