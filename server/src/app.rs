@@ -338,6 +338,21 @@ pub async fn run(cfg: Config) -> Result<(), String> {
                 Durability::Relaxed => crate::plugins::Durability::Relaxed,
             },
             plugin_timeout: timeout,
+            s3: sealdb_store_s3::S3Settings {
+                bucket: cfg.s3_bucket.clone().unwrap_or_default(),
+                region: cfg.s3_region.clone(),
+                prefix: cfg.s3_prefix.clone(),
+                endpoint: cfg.s3_endpoint.clone(),
+                access_key: cfg.s3_access_key.clone(),
+                secret_key: cfg.s3_secret_key.clone(),
+                session_token: cfg.s3_session_token.clone(),
+            },
+            s3_options: sealdb_store_s3::S3Options {
+                refresh: std::time::Duration::from_millis(cfg.s3_refresh_ms),
+                retention: std::time::Duration::from_secs(cfg.s3_retention_seconds),
+                compact_interval: std::time::Duration::from_secs(cfg.s3_compact_seconds),
+                ..Default::default()
+            },
         },
     )?;
     tracing::info!(backend = stores.index.backend(), path = %cfg.disk_path.display(), "store opened");

@@ -65,6 +65,49 @@ pub struct Config {
     #[arg(long, env = "CYBORGDB_DISK_PATH", default_value = "./sealdb-data")]
     pub disk_path: PathBuf,
 
+    /// S3 store (`--db-type s3`): the bucket (required).
+    #[arg(long, env = "CYBORGDB_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// S3 store: the region (default us-east-1).
+    #[arg(long, env = "CYBORGDB_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// S3 store: a prefix for every object name.
+    #[arg(long, env = "CYBORGDB_S3_PREFIX")]
+    pub s3_prefix: Option<String>,
+
+    /// S3 store: an S3-compatible endpoint (MinIO, SeaweedFS, R2; `http://` allowed).
+    #[arg(long, env = "CYBORGDB_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 store: access key id (else the standard AWS credential chain).
+    #[arg(long, env = "CYBORGDB_S3_ACCESS_KEY", hide_env_values = true)]
+    pub s3_access_key: Option<String>,
+
+    /// S3 store: secret access key.
+    #[arg(long, env = "CYBORGDB_S3_SECRET_KEY", hide_env_values = true)]
+    pub s3_secret_key: Option<String>,
+
+    /// S3 store: session token for temporary credentials.
+    #[arg(long, env = "CYBORGDB_S3_SESSION_TOKEN", hide_env_values = true)]
+    pub s3_session_token: Option<String>,
+
+    /// S3 store: longest (ms) a request may see the bucket as it was before writes other
+    /// servers acknowledged (0 = look at the bucket on every request).
+    #[arg(long, env = "SEALDB_S3_REFRESH_MS", default_value_t = 1000)]
+    pub s3_refresh_ms: u64,
+
+    /// S3 store: seconds a dead log object or old snapshot is kept before compaction deletes
+    /// it (servers whose view is older than this must not still be reading).
+    #[arg(long, env = "SEALDB_S3_RETENTION_SECONDS", default_value_t = 600)]
+    pub s3_retention_seconds: u64,
+
+    /// S3 store: seconds between compaction passes (snapshots, copying live values out of
+    /// mostly dead log objects, deletes); 0 = never.
+    #[arg(long, env = "SEALDB_S3_COMPACT_SECONDS", default_value_t = 30)]
+    pub s3_compact_seconds: u64,
+
     /// When a write is acknowledged (disk backend). `sync`: after fdatasync of the write-ahead
     /// log, so it survives power loss. `relaxed`: once in the OS page cache, so it survives a
     /// crash of the server but not of the machine (RocksDB's default class).
@@ -243,6 +286,14 @@ const YAML_KEYS: &[(&str, &str)] = &[
     ("port", "port"),
     ("db_type", "cyborgdb_db_type"),
     ("disk_path", "cyborgdb_disk_path"),
+    ("s3_bucket", "cyborgdb_s3_bucket"),
+    ("s3_region", "cyborgdb_s3_region"),
+    ("s3_prefix", "cyborgdb_s3_prefix"),
+    ("s3_endpoint", "cyborgdb_s3_endpoint"),
+    ("s3_access_key", "cyborgdb_s3_access_key"),
+    ("s3_secret_key", "cyborgdb_s3_secret_key"),
+    ("s3_session_token", "cyborgdb_s3_session_token"),
+    ("s3_refresh_ms", "sealdb_s3_refresh_ms"),
     ("log_level", "cyborgdb_service_log_level"),
     ("auto_train_min_vectors", "auto_train_min_vectors"),
     ("auto_train_disabled", "auto_train_disabled"),
@@ -453,6 +504,8 @@ impl std::fmt::Debug for Config {
             .field("port", &self.port)
             .field("db_type", &self.db_type)
             .field("disk_path", &self.disk_path)
+            .field("s3_bucket", &self.s3_bucket)
+            .field("s3_endpoint", &self.s3_endpoint)
             .field("root_key", &self.root_key.as_ref().map(|_| "<redacted>"))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("kms_slots", &self.kms_slots)
@@ -567,6 +620,16 @@ impl Config {
                 "port" => self.port = v.parse().map_err(|e| bad(format!("{e}")))?,
                 "db_type" => self.db_type = v.clone(),
                 "disk_path" => self.disk_path = PathBuf::from(v),
+                "s3_bucket" => self.s3_bucket = Some(v.clone()),
+                "s3_region" => self.s3_region = Some(v.clone()),
+                "s3_prefix" => self.s3_prefix = Some(v.clone()),
+                "s3_endpoint" => self.s3_endpoint = Some(v.clone()),
+                "s3_access_key" => self.s3_access_key = Some(v.clone()),
+                "s3_secret_key" => self.s3_secret_key = Some(v.clone()),
+                "s3_session_token" => self.s3_session_token = Some(v.clone()),
+                "s3_refresh_ms" => {
+                    self.s3_refresh_ms = v.parse().map_err(|e| bad(format!("{e}")))?
+                }
                 "log_level" => self.log_level = parse_level(v).map_err(bad)?,
                 "auto_train_min_vectors" => {
                     self.auto_train_min_vectors = v.parse().map_err(|e| bad(format!("{e}")))?

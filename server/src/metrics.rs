@@ -177,4 +177,23 @@ impl IndexStore for MeteredStore {
             .record(t.elapsed().as_secs_f64());
         r
     }
+    fn version(&self, scope: &[u8]) -> Option<u64> {
+        self.0.version(scope)
+    }
+    fn write_guarded(
+        &self,
+        batch: WriteBatch,
+        guards: &[(&[u8], u64)],
+    ) -> Result<Option<u64>, StoreError> {
+        let t = Instant::now();
+        let r = self.0.write_guarded(batch, guards);
+        let result = match &r {
+            Ok(_) => "ok",
+            Err(StoreError::Conflict(_)) => "conflict",
+            Err(_) => "failed",
+        };
+        histogram!("sealdb_store_batch_duration_seconds", "result" => result)
+            .record(t.elapsed().as_secs_f64());
+        r
+    }
 }

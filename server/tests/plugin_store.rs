@@ -49,6 +49,8 @@ fn the_store_plugin_passes_the_conformance_suite() {
                 disk_path: &path,
                 durability: Durability::Sync,
                 plugin_timeout: Duration::from_secs(10),
+                s3: Default::default(),
+                s3_options: Default::default(),
             },
         )
         .unwrap()

@@ -372,11 +372,13 @@ impl Inner {
                         self.load_snapshot(s).await?;
                         continue;
                     }
-                    None => return Err(StoreError::Corrupt(format!(
+                    None => {
+                        return Err(StoreError::Corrupt(format!(
                         "S3 store: log entries {} to {} are missing and no snapshot covers them",
                         applied + 1,
                         first - 1
-                    ))),
+                    )))
+                    }
                 }
             }
             let run: Vec<u64> = found

@@ -96,6 +96,17 @@ impl From<EngineError> for ApiError {
                 tracing::error!(error = %e, "integrity failure");
                 Self::internal(format!("Internal server error: {e}"))
             }
+            EngineError::Store(sealdb_plugin_api::StoreError::Unavailable(m)) => {
+                tracing::warn!(error = %m, "store unavailable");
+                Self::new(
+                    503,
+                    format!("Storage is unavailable ({m}); retry in a few seconds (retrying an upsert or delete is safe: it writes the same values again)"),
+                )
+            }
+            EngineError::Store(sealdb_plugin_api::StoreError::Conflict(m)) => Self::new(
+                503,
+                format!("Other servers kept writing this index first ({m}); nothing of this request was written: retry"),
+            ),
             EngineError::Store(_) | EngineError::Corrupt(_) => {
                 tracing::error!(error = %e, "internal failure");
                 Self::internal(format!("Internal server error: {e}"))
@@ -234,11 +245,6 @@ macro_rules! responses {
             [$($acc)* #[doc = "The key management service failed."] #[oai(status = 502)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
             [$($($rest)*)?]);
     };
-    (@munch [$($head:tt)*], [$($acc:tt)*], [503 => $var:ident $(, $($rest:tt)*)?]) => {
-        crate::api::error::responses!(@munch [$($head)*],
-            [$($acc)* #[doc = "Not available now: an embedding model that is not installed, or (train) the server is shutting down."] #[oai(status = 503)] $var(poem_openapi::payload::Json<crate::api::error::ErrorBody>),],
-            [$($($rest)*)?]);
-    };
     (@munch [$name:ident, $ok:ty, ($($okv:tt)*), |$v:ident| $okexpr:expr, [$($code:tt => $var:ident),*]], [$($variants:tt)*], []) => {
         #[derive(poem_openapi::ApiResponse, Debug)]
         #[oai(bad_request_handler = "crate::api::error::parse_failure")]
@@ -251,6 +257,11 @@ macro_rules! responses {
             /// Internal server error.
             #[oai(status = 500)]
             Internal(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
+            /// Not available now; try again shortly: the store cannot be reached or another
+            /// server kept winning the race to write the index, an embedding model is not
+            /// installed, or (train) the server is shutting down.
+            #[oai(status = 503)]
+            Unavailable(poem_openapi::payload::Json<crate::api::error::ErrorBody>),
         }
 
         impl From<crate::api::error::ApiError> for $name {
@@ -260,6 +271,7 @@ macro_rules! responses {
                     $($code => Self::$var(body),)*
                     413 => Self::PayloadTooLarge(body),
                     500 => Self::Internal(body),
+                    503 => Self::Unavailable(body),
                     other => {
                         tracing::error!(status = other, detail = %e.detail, "undeclared status mapped to 500");
                         Self::Internal(poem_openapi::payload::Json(crate::api::error::ErrorBody {

@@ -184,7 +184,7 @@ responses!(ListIndexesResponse, IndexList, [401 => Unauthorized]);
 responses!(CreateIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 409 => Conflict, 422 => Invalid, 502 => KmsFailure]);
 responses!(DescribeIndexResponse, IndexInfo, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(DeleteIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
-responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 409 => Conflict, 422 => Invalid, 502 => KmsFailure, 503 => Unavailable]);
+responses!(TrainIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 409 => Conflict, 422 => Invalid, 502 => KmsFailure]);
 responses!(TrainingStatusResponse, TrainingStatus, [401 => Unauthorized]);
 responses!(RewrapIndexResponse, SuccessResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 

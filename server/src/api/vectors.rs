@@ -359,8 +359,8 @@ pub struct NumVectors {
     pub result: i64,
 }
 
-responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure, 503 => Unavailable]);
-responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure, 503 => Unavailable]);
+responses!(UpsertResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
+responses!(QueryVectorsResponse, QueryResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(GetVectorsResponse, GetResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(DeleteVectorsResponse, UpsertResult, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);
 responses!(ListIdsResponseEnum, ListIdsResponse, [400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound, 422 => Invalid, 502 => KmsFailure]);

@@ -44,6 +44,21 @@ pub mod kind {
 
 pub type IndexId = [u8; INDEX_ID_LEN];
 
+/// The scope of an index's own records in a shared store ([`IndexStore::version`]): every
+/// batch that changes the index names it, so a server sees another's writes and two
+/// servers' writes to one index never interleave.
+///
+/// [`IndexStore::version`]: sealdb_plugin_api::IndexStore::version
+pub fn index_scope(id: &IndexId) -> Vec<u8> {
+    [&b"I"[..], &id[..]].concat()
+}
+
+/// The scope of an index name (its meta record): create, delete and rewrap name it, so two
+/// servers never both create one name.
+pub fn name_scope(name: &str) -> Vec<u8> {
+    [&b"N"[..], name.as_bytes()].concat()
+}
+
 pub fn meta_key(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());
     k.push(kind::META);

@@ -442,6 +442,10 @@ impl Engine {
         validate_name(&spec.name)?;
         let _g = self.create_lock.lock();
         let mk = format::meta_key(&spec.name);
+        // Shared stores: the name's version before the check, so that a create of the same
+        // name by another server in between makes this one conflict.
+        let ns = format::name_scope(&spec.name);
+        let name_version = self.store.version(&ns);
         if self.store.get(&mk)?.is_some() {
             return Err(EngineError::AlreadyExists(spec.name));
         }
@@ -462,7 +466,19 @@ impl Engine {
         batch
             .put(mk, raw_meta)
             .put(sk.clone(), keys.seal(&format::aad(&sk), &state));
-        self.store.write(batch)?;
+        match name_version {
+            None => self.store.write(batch)?,
+            Some(v) => {
+                let is = format::index_scope(&id);
+                match self.store.write_guarded(batch, &[(&ns, v), (&is, 0)]) {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict(_)) => {
+                        return Err(EngineError::AlreadyExists(spec.name));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         // A stale slot (e.g. from a deleted index of the same name) must not survive.
         self.cache.slots.lock().remove(&spec.name);
         Ok(())
@@ -491,10 +507,19 @@ impl Engine {
             .or_default()
             .clone();
         self.cache.touch(&slot);
-        if let Some(ix) = slot.index.read().as_ref() {
+        let open = slot.index.read().clone();
+        if let Some(ix) = open {
+            // Shared stores: another server's writes are loaded before this request reads.
+            if let Err(e) = ix.refresh(false) {
+                if matches!(e, EngineError::NotFound(_)) {
+                    *slot.index.write() = None;
+                    self.cache.slots.lock().remove(name);
+                }
+                return Err(e);
+            }
             ix.check_access(access)?;
             crate::metrics::index_cache(true);
-            return Ok(ix.clone());
+            return Ok(ix);
         }
         let mut guard = slot.index.write();
         if let Some(ix) = guard.as_ref() {
@@ -503,7 +528,16 @@ impl Engine {
             return Ok(ix.clone());
         }
         crate::metrics::index_cache(false);
-        let loaded = self.load(name, access);
+        let mut loaded = self.load(name, access);
+        // Shared stores: a load that read records of a write landing meanwhile (another
+        // server's) meets them as a mismatch; it loads again.
+        let shared = self.store.version(b"").is_some();
+        for _ in 0..index::CONFLICT_RETRIES {
+            match &loaded {
+                Err(EngineError::Integrity { .. }) if shared => loaded = self.load(name, access),
+                _ => break,
+            }
+        }
         match loaded {
             Ok(ix) => {
                 *guard = Some(ix.clone());
@@ -581,6 +615,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let ix = self.open_arc(name, Access::Kek(Some(old)))?;
         let _g = self.create_lock.lock();
+        ix.refresh(true)?;
         let _w = ix.lock_writer();
         ix.ensure_live()?;
         let mk = format::meta_key(name);
@@ -601,7 +636,7 @@ impl Engine {
         let (epoch, sk, sealed_state) = ix.state_for_meta(digest);
         let mut batch = WriteBatch::new();
         batch.put(mk, raw_meta).put(sk, sealed_state);
-        self.store.write(batch)?;
+        ix.commit_naming(batch, &[&format::name_scope(name)])?;
         ix.apply_meta(epoch, digest);
         ix.set_key_check(KeyCheck {
             aad,
@@ -637,6 +672,8 @@ impl Engine {
     fn load(&self, name: &str, access: Access<'_>) -> Result<Arc<Index>, EngineError> {
         let mk = format::meta_key(name);
         let (meta, digest) = self.meta_raw(name)?;
+        // Read before the state record: the data loaded is at least this new.
+        let seen = self.store.version(&format::index_scope(&meta.id));
         let key_check = KeyCheck {
             aad: dek_aad(&mk, &meta.id),
             wrapped_dek: meta.wrapped_dek.clone(),
@@ -679,6 +716,7 @@ impl Engine {
             self.blocks.clone(),
             data,
             self.shutdown.clone(),
+            seen,
         )))
     }
 
@@ -705,7 +743,17 @@ impl Engine {
         ] {
             batch.delete_prefix(format::scoped_prefix(kind, &ix.id));
         }
-        let res = self.store.write(batch);
+        // Shared stores: the batch moves the index's and the name's versions, so other
+        // servers drop the index; a concurrent write there only makes this try again.
+        let names = [format::name_scope(name)];
+        let mut res = ix.commit_naming(batch.clone(), &[&names[0]]);
+        for _ in 0..index::CONFLICT_RETRIES {
+            if !matches!(res, Err(EngineError::Store(StoreError::Conflict(_)))) {
+                break;
+            }
+            ix.reload_version();
+            res = ix.commit_naming(batch.clone(), &[&names[0]]);
+        }
         self.cache.slots.lock().remove(name);
         self.blocks.forget(&ix.id, None);
         self.trainer.forget(name);

@@ -54,6 +54,9 @@ pub struct StoreSettings<'a> {
     pub durability: Durability,
     /// Longest a plugin call may take.
     pub plugin_timeout: Duration,
+    /// The bucket of the `s3` store, and how it behaves.
+    pub s3: sealdb_store_s3::S3Settings,
+    pub s3_options: sealdb_store_s3::S3Options,
 }
 
 /// Opens a store by name.
@@ -123,6 +126,15 @@ impl KmsFactory for DylibKmsFactory {
 struct Redb;
 struct Memory;
 struct Filesystem;
+struct S3;
+
+impl StoreFactory for S3 {
+    fn open(&self, s: &StoreSettings<'_>) -> Result<Stores, String> {
+        let st = sealdb_store_s3::S3Store::open(&s.s3, s.s3_options.clone())
+            .map_err(|e| format!("CYBORGDB_DB_TYPE=s3: {e}"))?;
+        Ok(Stores::layered(Arc::new(st)))
+    }
+}
 
 impl StoreFactory for Redb {
     fn open(&self, s: &StoreSettings<'_>) -> Result<Stores, String> {
@@ -193,7 +205,8 @@ pub struct Registry {
 const RESERVED: &[&str] = &[sealdb_kms_none::NAME];
 
 impl Registry {
-    /// The built-ins: providers `vault`, `aws-kms`; stores `disk` (redb), `memory`, `filesystem`.
+    /// The built-ins: providers `vault`, `aws-kms`; stores `disk` (redb), `memory`,
+    /// `filesystem`, `s3`.
     pub fn builtin() -> Self {
         let mut kms: BTreeMap<String, Arc<dyn KmsFactory>> = BTreeMap::new();
         kms.insert(sealdb_kms_vault::NAME.into(), Arc::new(Vault));
@@ -202,6 +215,7 @@ impl Registry {
         stores.insert("disk".into(), Arc::new(Redb));
         stores.insert("memory".into(), Arc::new(Memory));
         stores.insert("filesystem".into(), Arc::new(Filesystem));
+        stores.insert("s3".into(), Arc::new(S3));
         Self {
             kms,
             stores,

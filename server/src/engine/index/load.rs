@@ -135,7 +135,8 @@ impl Index {
         tracing::info!(index = %name, blocks = legacy.len(), "upgrading the index to position records and manifest pages");
         let per_read = (64usize << 20) / BLOCK_BYTES;
         let mut manifest = Vec::with_capacity(legacy.len());
-        let mut bulk = runs::BulkRuns::new(*id, keys, store, st.gen, UPGRADE_RUN_ENTRIES);
+        let mut bulk =
+            runs::BulkRuns::new(*id, keys, Sink::Store(store), st.gen, UPGRADE_RUN_ENTRIES);
         store.write({
             let mut b = WriteBatch::new();
             b.delete_prefix(fmt::run_gen_prefix(id, st.gen));

@@ -144,6 +144,7 @@ pub enum Access<'a> {
 }
 
 /// What an item looks like on the way in.
+#[derive(Clone)]
 pub struct NewItem {
     pub id: String,
     pub vector: Vec<f32>,
@@ -285,7 +286,31 @@ pub struct Index {
     deleted: AtomicBool,
     /// The running training's progress, if one runs.
     pub(crate) progress: Mutex<Option<Arc<super::progress::Progress>>>,
+    /// Shared stores only (several servers on one bucket): this index's scope there, and
+    /// its version as of the data this process holds (see [`Index::commit`]).
+    scope: Option<Vec<u8>>,
+    seen: AtomicU64,
 }
+
+/// Where an index's batches go: through the index (guarded on a shared store), or straight
+/// to the store before the index is assembled (the in-place upgrades at open).
+#[derive(Clone, Copy)]
+pub(crate) enum Sink<'a> {
+    Store(&'a dyn IndexStore),
+    Index(&'a Index),
+}
+
+impl Sink<'_> {
+    pub(crate) fn write(&self, b: WriteBatch) -> Result<(), EngineError> {
+        match self {
+            Sink::Store(s) => Ok(s.write(b)?),
+            Sink::Index(ix) => ix.commit(b),
+        }
+    }
+}
+
+/// How often a write that lost a race with another server reloads the index and tries again.
+pub(crate) const CONFLICT_RETRIES: usize = 8;
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,8 +358,11 @@ impl Index {
         cache: Arc<BlockCache>,
         data: Data,
         shutdown: Arc<AtomicBool>,
+        seen: Option<u64>,
     ) -> Self {
         Self {
+            scope: seen.map(|_| fmt::index_scope(&id)),
+            seen: AtomicU64::new(seen.unwrap_or(0)),
             name,
             config,
             keys: IndexKeys::derive(&dek),
@@ -455,6 +483,168 @@ impl Index {
     /// After a rewrap was stored: verify presented keys against the new wrap.
     pub(crate) fn set_key_check(&self, kc: KeyCheck) {
         *self.key_check.write() = kc;
+    }
+
+    /// Store a batch of this index. On a shared store it commits only if no other server
+    /// wrote the index since this process last loaded or wrote it (else
+    /// `StoreError::Conflict`, nothing written), and the index's version moves on.
+    pub(crate) fn commit(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        match &self.scope {
+            None => Ok(self.store.write(batch)?),
+            Some(scope) => {
+                let v = self.seen.load(Ordering::Acquire);
+                if let Some(n) = self.store.write_guarded(batch, &[(scope, v)])? {
+                    self.seen.store(n, Ordering::Release);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Index::commit`], also naming `names` (other scopes, guarded at the versions the
+    /// store reports now), so that the batch moves their versions too.
+    pub(crate) fn commit_naming(
+        &self,
+        batch: WriteBatch,
+        names: &[&[u8]],
+    ) -> Result<(), EngineError> {
+        let Some(scope) = &self.scope else {
+            return Ok(self.store.write(batch)?);
+        };
+        let mut guards: Vec<(&[u8], u64)> = vec![(scope, self.seen.load(Ordering::Acquire))];
+        for n in names {
+            guards.push((n, self.store.version(n).unwrap_or(0)));
+        }
+        if let Some(n) = self.store.write_guarded(batch, &guards)? {
+            self.seen.store(n, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Adopt the store's current version of this index without loading it (delete, which
+    /// replaces everything whatever was written meanwhile).
+    pub(crate) fn reload_version(&self) {
+        if let Some(v) = self.scope.as_ref().and_then(|s| self.store.version(s)) {
+            self.seen.store(v, Ordering::Release);
+        }
+    }
+
+    /// Whether another server wrote this index since this process loaded or wrote it.
+    pub(crate) fn stale(&self) -> bool {
+        self.scope.as_ref().is_some_and(|s| {
+            self.store
+                .version(s)
+                .is_some_and(|v| v != self.seen.load(Ordering::Acquire))
+        })
+    }
+
+    /// Shared stores: if another server wrote this index, load its resident part again (in
+    /// place, between this process's own writes). An index deleted or replaced meanwhile is
+    /// [`EngineError::NotFound`].
+    ///
+    /// Without `wait`, an index whose writer lock is taken (a write or training of this
+    /// process runs) is left as it is: that writer meets the other server's write as a
+    /// conflict and reloads, and requests are not held up behind it.
+    pub(crate) fn refresh(&self, wait: bool) -> Result<(), EngineError> {
+        let Some(scope) = &self.scope else {
+            return Ok(());
+        };
+        if !self.stale() {
+            return Ok(());
+        }
+        let _w = if wait {
+            self.writer.lock()
+        } else {
+            match self.writer.try_lock() {
+                Some(g) => g,
+                None => return Ok(()),
+            }
+        };
+        let gone = || {
+            self.deleted.store(true, Ordering::Release);
+            EngineError::NotFound(self.name.clone())
+        };
+        let mk = fmt::meta_key(&self.name);
+        let mut tries = 0;
+        loop {
+            let Some(v) = self.store.version(scope) else {
+                return Ok(());
+            };
+            if v == self.seen.load(Ordering::Acquire) {
+                return Ok(()); // another request reloaded it meanwhile
+            }
+            let raw = self.store.get(&mk)?.ok_or_else(gone)?;
+            let meta = super::meta::MetaRecord::decode(&raw)?;
+            if meta.id != self.id {
+                return Err(gone());
+            }
+            let loaded = Self::load_data(
+                &*self.store,
+                &self.name,
+                &self.id,
+                &self.keys,
+                self.config.metric.is_angular(),
+                super::meta::meta_digest(&raw),
+            );
+            let data = match loaded {
+                Ok(d) => d,
+                // Records of a write that landed while this load read: load again.
+                Err(EngineError::Integrity { .. })
+                    if tries < RACE_RETRIES && self.store.version(scope) != Some(v) =>
+                {
+                    tries += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let _window = self.write_window();
+            *self.data.write() = data;
+            *self.id_filter.lock() = None;
+            {
+                let mut kc = self.key_check.write();
+                kc.wrapped_dek = meta.wrapped_dek;
+                kc.envelope = meta.envelope;
+            }
+            self.seen.store(v, Ordering::Release);
+            tracing::debug!(index = %self.name, version = v, "reloaded after another server's write");
+            return Ok(());
+        }
+    }
+
+    /// Run a write; when it lost a race with another server's write to this index, reload
+    /// and run it again (up to [`CONFLICT_RETRIES`] times). `again` makes the next attempt's
+    /// input (only asked for on shared stores).
+    pub(crate) fn retrying<I, T>(
+        &self,
+        input: I,
+        again: impl Fn(&I) -> I,
+        op: impl Fn(I) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if self.scope.is_none() {
+            return op(input);
+        }
+        let mut input = input;
+        for attempt in 0.. {
+            let next = again(&input);
+            match op(input) {
+                Err(EngineError::Store(sealdb_plugin_api::StoreError::Conflict(_)))
+                    if attempt < CONFLICT_RETRIES =>
+                {
+                    self.refresh(true)?;
+                    input = next;
+                }
+                // A record newer than this process's copy of the index: it was read after
+                // another server's write landed, before this process loaded it.
+                Err(EngineError::Integrity { .. })
+                    if attempt < CONFLICT_RETRIES && self.stale() =>
+                {
+                    self.refresh(true)?;
+                    input = next;
+                }
+                r => return r,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     pub(crate) fn ensure_live(&self) -> Result<(), EngineError> {

@@ -225,6 +225,12 @@ impl Index {
                     tries += 1;
                     self.wait_for_writer();
                 }
+                // Shared stores: the store moved on past this process's copy of the index
+                // (another server wrote it); load it again and read again.
+                Err(EngineError::Integrity { .. }) if tries < RACE_RETRIES && self.stale() => {
+                    tries += 1;
+                    self.refresh(false)?;
+                }
                 r => return r,
             }
         }

@@ -548,7 +548,7 @@ impl Index {
                     w.push(e);
                 }
                 if let Some(b) = w.take_full() {
-                    self.store.write(b)?;
+                    self.commit(b)?;
                 }
             }
             let (run, mut batch) = w.finish(level);
@@ -568,7 +568,7 @@ impl Index {
                 (epoch, runs)
             };
             let _window = self.write_window();
-            self.store.write(batch)?;
+            self.commit(batch)?;
             {
                 let mut d = self.data.write();
                 d.epoch = epoch;
@@ -633,7 +633,7 @@ impl Cursor {
 pub(crate) struct BulkRuns<'a> {
     index: IndexId,
     keys: &'a IndexKeys,
-    store: &'a dyn IndexStore,
+    sink: Sink<'a>,
     gen: u32,
     buf: Vec<PosEntry>,
     per_run: usize,
@@ -646,14 +646,14 @@ impl<'a> BulkRuns<'a> {
     pub(crate) fn new(
         index: IndexId,
         keys: &'a IndexKeys,
-        store: &'a dyn IndexStore,
+        sink: Sink<'a>,
         gen: u32,
         per_run: usize,
     ) -> Self {
         Self {
             index,
             keys,
-            store,
+            sink,
             gen,
             buf: Vec::new(),
             per_run: per_run.max(1),
@@ -683,7 +683,7 @@ impl<'a> BulkRuns<'a> {
         for e in buf {
             w.push(e);
             if let Some(b) = w.take_full() {
-                self.store.write(b)?;
+                self.sink.write(b)?;
             }
         }
         let (run, batch, bytes) = w.finish_sized(level);
@@ -691,7 +691,7 @@ impl<'a> BulkRuns<'a> {
         self.tail_bytes += bytes;
         if self.tail_bytes >= WRITE_CHUNK_BYTES {
             // Headers of runs no state lists yet: as harmless to store now as their pages.
-            self.store.write(std::mem::take(&mut self.tail))?;
+            self.sink.write(std::mem::take(&mut self.tail))?;
             self.tail_bytes = 0;
         }
         self.runs.extend(run);

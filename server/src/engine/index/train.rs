@@ -338,7 +338,13 @@ impl Index {
             pending_bytes: 0,
             manifest: Vec::new(),
             first: true,
-            runs: runs::BulkRuns::new(self.id, &self.keys, &*self.store, gen, TRAIN_RUN_ENTRIES),
+            runs: runs::BulkRuns::new(
+                self.id,
+                &self.keys,
+                Sink::Index(self),
+                gen,
+                TRAIN_RUN_ENTRIES,
+            ),
             all: idfilter::IdFilter::with_capacity(count.saturating_mul(2)),
         };
         let mut calib = Calibration::new(calib, dim);
@@ -410,7 +416,13 @@ impl Index {
         let all_ids = std::mem::replace(&mut out.all, idfilter::IdFilter::with_capacity(0));
         let (new_runs, mut batch) = std::mem::replace(
             &mut out.runs,
-            runs::BulkRuns::new(self.id, &self.keys, &*self.store, gen, TRAIN_RUN_ENTRIES),
+            runs::BulkRuns::new(
+                self.id,
+                &self.keys,
+                Sink::Index(self),
+                gen,
+                TRAIN_RUN_ENTRIES,
+            ),
         )
         .finish()?;
         batch.delete_prefix(fmt::list_gen_prefix(&self.id, old_gen));
@@ -445,7 +457,7 @@ impl Index {
         };
         self.put_state(&mut batch, &st);
         let window = self.write_window();
-        self.store.write(batch)?;
+        self.commit(batch)?;
         unswitched.2 = true;
         tracing::debug!(index = %self.name, secs = t_write.elapsed().as_secs_f32(), "new generation written");
         // 2. The store has switched; now memory does (the directory only: blocks are read
@@ -633,7 +645,7 @@ impl NewGeneration<'_> {
             batch.put(k, v);
             positions.push(pos);
         }
-        ix.store.write(batch)?;
+        ix.commit(batch)?;
         // After the batch that dropped an interrupted attempt's runs: runs may store pages.
         for e in positions.into_iter().flatten() {
             self.all.insert(&e.0);

@@ -6,7 +6,11 @@ use super::*;
 impl Index {
     /// Insert or overwrite items. All items are validated first; on any error nothing is
     /// written. Returns the number of vectors the index now holds.
-    pub fn upsert(&self, mut items: Vec<NewItem>) -> Result<usize, EngineError> {
+    pub fn upsert(&self, items: Vec<NewItem>) -> Result<usize, EngineError> {
+        self.retrying(items, |i| i.clone(), |i| self.upsert_once(i))
+    }
+
+    fn upsert_once(&self, mut items: Vec<NewItem>) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
         if let Some(it) = items.iter().find(|it| has_non_finite(&it.vector)) {
@@ -250,7 +254,7 @@ impl Index {
             };
         }
         let _window = self.write_window();
-        self.store.write(batch)?;
+        self.commit(batch)?;
         let mut d = self.data.write();
         d.dimension = plan.dimension;
         d.epoch = plan.epoch;
@@ -308,6 +312,10 @@ impl Index {
 
     /// Delete items by id; unknown ids are skipped. Returns how many were deleted.
     pub fn delete_ids(&self, ids: &[String]) -> Result<usize, EngineError> {
+        self.retrying((), |_| (), |_| self.delete_once(ids))
+    }
+
+    fn delete_once(&self, ids: &[String]) -> Result<usize, EngineError> {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
@@ -365,7 +373,7 @@ impl Index {
         }
         {
             let _window = self.write_window();
-            self.store.write(batch)?;
+            self.commit(batch)?;
             let mut d = self.data.write();
             d.epoch = epoch;
             d.count -= removed;
