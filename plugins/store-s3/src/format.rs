@@ -244,7 +244,7 @@ pub(crate) fn encode_entry(
 
 /// Decode a log entry; `seq` is the number in its object's name, which must match.
 pub(crate) fn decode_entry(buf: &[u8], seq: u64) -> Result<Entry, StoreError> {
-    let body = checked(buf, LOG_MAGIC, "log entry")?;
+    let body = checked(buf, LOG_MAGIC, &format!("log entry {seq}"))?;
     let mut r = R { buf: body, pos: 8 };
     let inner = r.u64()?;
     if inner != seq {
@@ -336,7 +336,7 @@ pub(crate) fn encode_snapshot<'a>(
 }
 
 pub(crate) fn decode_snapshot(buf: &[u8], seq: u64) -> Result<Snapshot, StoreError> {
-    let body = checked(buf, SNAP_MAGIC, "snapshot")?;
+    let body = checked(buf, SNAP_MAGIC, &format!("snapshot {seq}"))?;
     let mut r = R { buf: body, pos: 8 };
     if r.u64()? != seq {
         return Err(corrupt(&format!(

@@ -125,6 +125,11 @@ pub struct S3Store {
     compactor: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Count one S3 request (`sealdb_s3_requests_total{op}` in `/metrics`).
+fn request(op: &'static str) {
+    metrics::counter!("sealdb_s3_requests_total", "op" => op).increment(1);
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("S3: {e}"))
 }
@@ -199,8 +204,19 @@ impl S3Store {
         });
         {
             let i = inner.clone();
-            run(&rt, async move { i.start().await })
-                .map_err(|e| StoreError::Unavailable(format!("bucket '{}': {e}", s.bucket)))?;
+            if let Err(e) = run(&rt, async move { i.start().await }) {
+                // Dropping a runtime blocks, which panics when the caller is async.
+                drop(inner);
+                if let Ok(rt) = Arc::try_unwrap(rt) {
+                    rt.shutdown_background();
+                }
+                return Err(match e {
+                    StoreError::Corrupt(m) => {
+                        StoreError::Corrupt(format!("bucket '{}': {m}", s.bucket))
+                    }
+                    e => StoreError::Unavailable(format!("bucket '{}': {e}", s.bucket)),
+                });
+            }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let compactor = (!opts.compact_interval.is_zero()).then(|| {
@@ -309,6 +325,7 @@ impl Inner {
     ) -> Result<Vec<(u64, u64, chrono_like::Stamp)>, StoreError> {
         let base = self.path(format!("{}{dir}", self.prefix));
         let offset = self.path(format!("{}{dir}{after:020}", self.prefix));
+        request("list");
         let mut out: Vec<(u64, u64, chrono_like::Stamp)> = self
             .os
             .list_with_offset(Some(&base), &offset)
@@ -335,6 +352,7 @@ impl Inner {
     }
 
     async fn get_object(&self, name: String) -> Result<bytes::Bytes, StoreError> {
+        request("get");
         self.os
             .get(&self.path(name))
             .await
@@ -420,6 +438,7 @@ impl Inner {
             }
             let r = u64::from(at.off)..u64::from(at.off) + u64::from(at.len);
             let path = self.path(format::log_name(&self.prefix, at.seq));
+            request("get_range");
             match self.os.get_range(&path, r).await {
                 Ok(b) if b.len() == at.len as usize => Ok(Some(b.to_vec())),
                 Ok(_) => Err(StoreError::Corrupt(format!(
@@ -461,6 +480,7 @@ impl Inner {
             };
             let body = format::encode_entry(seq, self.writer, batch_id, &scopes, &payload)?;
             let path = self.path(format::log_name(&self.prefix, seq));
+            request("put");
             let put = self
                 .os
                 .put_opts(
@@ -486,12 +506,16 @@ impl Inner {
                     }
                 },
             };
+            if !ours {
+                metrics::counter!("sealdb_s3_lost_races_total").increment(1);
+            }
             if ours {
                 let e = format::decode_entry(&body, seq)?;
                 let mut v = self.view.write();
                 if v.applied + 1 == seq {
                     v.apply(e);
                 }
+                metrics::gauge!("sealdb_s3_log_tail_entries").set((v.applied - v.snapshot) as f64);
                 return Ok(seq);
             }
         }
@@ -506,7 +530,21 @@ impl Inner {
             let v = self.view.read();
             (v.applied, v.snapshot)
         };
-        if applied >= snapshot + self.opts.snapshot_every.max(1) {
+        let logs = self.list_seqs("log/", 0).await?;
+        // Reclaimable bytes after the snapshot: dead objects whole, sparse ones (less than
+        // half live) their dead part. A quarter of the bucket reclaimable is worth a
+        // snapshot now (it lets those objects go); else every `snapshot_every` entries.
+        let (total, reclaimable) = {
+            let v = self.view.read();
+            logs.iter().fold((0u64, 0u64), |(t, r), (s, size, _)| {
+                let live = v.live.get(s).copied().unwrap_or(0).min(*size);
+                let waste = if live * 2 < *size { size - live } else { 0 };
+                (t + size, if *s > snapshot { r + waste } else { r })
+            })
+        };
+        let due = applied >= snapshot + self.opts.snapshot_every.max(1)
+            || (reclaimable > 0 && reclaimable * 4 >= total && applied > snapshot);
+        if due {
             let buf = {
                 let v = self.view.read();
                 format::encode_snapshot(
@@ -515,6 +553,7 @@ impl Inner {
                     v.keys.iter().map(|(k, at)| (k.as_slice(), *at)),
                 )?
             };
+            request("put");
             let put = self
                 .os
                 .put_opts(
@@ -533,7 +572,6 @@ impl Inner {
         }
         let snapshot = self.view.read().snapshot;
         let retention = self.opts.retention;
-        let logs = self.list_seqs("log/", 0).await?;
         // Copy forward the live values of mostly dead objects the snapshot covers.
         let sparse: Vec<(u64, u64)> = {
             let v = self.view.read();
@@ -591,6 +629,7 @@ impl Inner {
                 .collect()
         };
         for s in &dead {
+            request("delete");
             match self
                 .os
                 .delete(&self.path(format::log_name(&self.prefix, *s)))
@@ -611,6 +650,7 @@ impl Inner {
         if snaps.len() > 2 {
             for (s, _, t) in &snaps[..snaps.len() - 2] {
                 if t.older_than(retention) {
+                    request("delete");
                     match self
                         .os
                         .delete(&self.path(format::snap_name(&self.prefix, *s)))
