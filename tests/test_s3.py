@@ -398,3 +398,57 @@ def test_an_altered_object_is_an_integrity_error(s3_servers, weed):
     seq = int(last.rsplit("/", 1)[1])
     with pytest.raises(RuntimeError, match=f"log entry {seq} fails its checksum"):
         s3_servers(p, "c")
+
+
+def test_per_index_users_across_servers(s3_servers):
+    """Both servers start on an empty bucket at once (one root-key salt wins), mint users
+    concurrently (one roster, nobody lost), and honour each other's users and revocations."""
+    p = unique("rbac")
+    root_key = "root-key-for-tests-0123456789"
+    env = {"CYBORGDB_SERVICE_ROOT_KEY": root_key}
+    started = []
+    starts = [threading.Thread(target=lambda n=n: started.append(s3_servers(p, n, env=env)))
+              for n in ("a", "b")]
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join()
+    assert len(started) == 2
+    urls = [s.url for s in started]
+    a, b = Api(urls[0], root_key), Api(urls[1], root_key)
+    name, key = unique(), new_key()
+    assert a.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2})[0] == 200
+    a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                  "items": [{"id": "1", "vector": [1, 0]}]})
+    tokens, errors = [], []
+
+    def mint(api):
+        for _ in range(5):
+            st, r = api.post(f"/v1/indexes/{name}/users", {"permissions": ["read"], "index_key": key})
+            if st == 200:
+                tokens.append(r["api_key"])
+            else:
+                errors.append((st, r))
+
+    ts = [threading.Thread(target=mint, args=(x,)) for x in (a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    h = {"X-API-Key": root_key, "X-Index-Key": key}
+    users = requests.get(f"{urls[1]}/v1/indexes/{name}/users", headers=h, timeout=30).json()["users"]
+    assert len(users) == 10
+    for url in urls:
+        for t in tokens:
+            st, r = Api(url, t).post("/v1/vectors/get", {"index_name": name, "ids": ["1"]})
+            assert st == 200, r
+    # A user revoked on A is refused on B.
+    uid = users[0]["user_id"]
+    assert requests.delete(f"{urls[0]}/v1/indexes/{name}/users/{uid}", headers=h,
+                           timeout=30).status_code == 204
+    refused = 0
+    for t in tokens:
+        st, _ = Api(urls[1], t).post("/v1/vectors/get", {"index_name": name, "ids": ["1"]})
+        refused += st == 401
+    assert refused == 1

@@ -11,6 +11,10 @@ pub enum UserStoreError {
     /// A stored record could not be decoded.
     #[error("user store is corrupt: {0}")]
     Corrupt(String),
+    /// Shared stores only ([`UserStore::put_if`]): another server changed the index's user
+    /// directory first; nothing was written.
+    #[error("user store conflict: {0}")]
+    Conflict(String),
 }
 
 /// Keeps one opaque, already sealed record per `(index id, user id)`.
@@ -30,6 +34,26 @@ pub trait UserStore: Send + Sync + 'static {
     fn delete(&self, index_id: &[u8], user_id: &[u8]) -> Result<bool, UserStoreError>;
     /// Remove every user of an index (the index is being deleted).
     fn delete_index(&self, index_id: &[u8]) -> Result<(), UserStoreError>;
+
+    /// Shared stores (several servers on one bucket) only: the version of an index's user
+    /// directory, moved by every [`put_if`](Self::put_if). `None` (the default) for stores
+    /// one process owns.
+    fn version(&self, _index_id: &[u8]) -> Option<u64> {
+        None
+    }
+
+    /// [`put`](Self::put), only if the index's user directory is still at `version` (from
+    /// [`version`](Self::version)); else [`UserStoreError::Conflict`] and nothing is written.
+    /// Stores one process owns have no other writers: the default puts.
+    fn put_if(
+        &self,
+        index_id: &[u8],
+        user_id: &[u8],
+        record: &[u8],
+        _version: Option<u64>,
+    ) -> Result<(), UserStoreError> {
+        self.put(index_id, user_id, record)
+    }
 }
 
 /// A [`UserStore`] kept inside an [`IndexStore`](crate::IndexStore), under the keys
@@ -54,7 +78,10 @@ impl<S: crate::IndexStore + ?Sized> KvUserStore<S> {
 }
 
 fn io(e: crate::StoreError) -> UserStoreError {
-    UserStoreError::Io(e.to_string())
+    match e {
+        crate::StoreError::Conflict(m) => UserStoreError::Conflict(m),
+        e => UserStoreError::Io(e.to_string()),
+    }
 }
 
 impl<S: crate::IndexStore + ?Sized> UserStore for KvUserStore<S> {
@@ -88,5 +115,26 @@ impl<S: crate::IndexStore + ?Sized> UserStore for KvUserStore<S> {
         let mut b = crate::WriteBatch::new();
         b.delete_prefix(Self::prefix(index_id));
         self.0.write(b).map_err(io)
+    }
+    fn version(&self, index_id: &[u8]) -> Option<u64> {
+        self.0.version(&Self::prefix(index_id))
+    }
+    fn put_if(
+        &self,
+        index_id: &[u8],
+        user_id: &[u8],
+        record: &[u8],
+        version: Option<u64>,
+    ) -> Result<(), UserStoreError> {
+        let mut b = crate::WriteBatch::new();
+        b.put(Self::key(index_id, user_id), record.to_vec());
+        match version {
+            None => self.0.write(b).map_err(io),
+            Some(v) => self
+                .0
+                .write_guarded(b, &[(&Self::prefix(index_id), v)])
+                .map(|_| ())
+                .map_err(io),
+        }
     }
 }

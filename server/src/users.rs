@@ -109,6 +109,9 @@ impl std::fmt::Debug for Token {
 const TOKEN_PREFIX: &str = "cdbk_1_";
 const TOKEN_BODY: usize = 16 + 16 + 32;
 
+/// How often a roster update that lost a race with another server's reads and tries again.
+const ROSTER_RETRIES: usize = 16;
+
 /// The reserved user id of an index's roster record.
 const ROSTER_ID: [u8; 16] = [0xff; 16];
 /// Where the root key's argon2id salt is kept (an index id no index has: ids are random).
@@ -277,8 +280,20 @@ impl Users {
             None => {
                 let mut s = vec![0u8; 16];
                 rand::rng().fill_bytes(&mut s);
-                store.put(&SALT_INDEX, &SALT_USER, &s)?;
-                s
+                // Shared stores: only if no other server created one first (else use it).
+                let v = store.version(&SALT_INDEX);
+                match store.put_if(&SALT_INDEX, &SALT_USER, &s, v) {
+                    Ok(()) => s,
+                    Err(UserStoreError::Conflict(_)) => match store.get(&SALT_INDEX, &SALT_USER)? {
+                        Some(s) if s.len() == 16 => s,
+                        _ => {
+                            return Err(UserError::Integrity(
+                                "the root-key salt record is missing or malformed".into(),
+                            ))
+                        }
+                    },
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         let stretched = stretch(root_key, &salt)?;
@@ -313,7 +328,14 @@ impl Users {
         parse_roster(&plain).map_err(|e| bad(&format!("is malformed: {e}")))
     }
 
-    fn put_roster(&self, index_id: &IndexId, roster: &Roster) -> Result<(), UserError> {
+    /// Store the roster; on a shared store only if the index's user directory is still at
+    /// `version`.
+    fn put_roster(
+        &self,
+        index_id: &IndexId,
+        roster: &Roster,
+        version: Option<u64>,
+    ) -> Result<(), UserError> {
         let mut w = Writer::default();
         w.u8(1)
             .u64(roster.next_epoch)
@@ -324,7 +346,7 @@ impl Users {
         let sealed = self
             .record_keys
             .seal(&[b"SDB2/roster".as_slice(), index_id].concat(), &w.0);
-        Ok(self.store.put(index_id, &ROSTER_ID, &sealed)?)
+        Ok(self.store.put_if(index_id, &ROSTER_ID, &sealed, version)?)
     }
 
     /// The live record of a user: `None` when the roster does not list it.
@@ -420,18 +442,30 @@ impl Users {
         };
         {
             // Record first, roster second: a crash in between leaves a record no roster
-            // lists, which authenticates nobody.
+            // lists, which authenticates nobody. On a shared store the roster is written
+            // only if no other server changed it since it was read (else read and retry).
             let _g = self.roster_lock.lock();
-            let mut roster = self.roster(index_id)?;
-            roster.next_epoch += 1;
-            let epoch = roster.next_epoch;
-            let sealed = self.record_keys.seal(
-                &Self::record_aad(index_id, &user_id, epoch),
-                &record.encode(),
-            );
-            self.store.put(index_id, &user_id, &sealed)?;
-            roster.users.push((user_id, epoch));
-            self.put_roster(index_id, &roster)?;
+            let mut tries = 0;
+            loop {
+                let v = self.store.version(index_id);
+                let mut roster = self.roster(index_id)?;
+                roster.next_epoch += 1;
+                let epoch = roster.next_epoch;
+                let sealed = self.record_keys.seal(
+                    &Self::record_aad(index_id, &user_id, epoch),
+                    &record.encode(),
+                );
+                self.store.put(index_id, &user_id, &sealed)?;
+                roster.users.push((user_id, epoch));
+                match self.put_roster(index_id, &roster, v) {
+                    Err(UserError::Store(UserStoreError::Conflict(_)))
+                        if tries < ROSTER_RETRIES =>
+                    {
+                        tries += 1
+                    }
+                    r => break r?,
+                }
+            }
         }
         let mut body = Zeroizing::new(Vec::with_capacity(TOKEN_BODY + 8));
         body.extend_from_slice(index_id);
@@ -507,13 +541,22 @@ impl Users {
         let uid: [u8; 16] = raw.as_slice().try_into().map_err(|_| bad())?;
         // Roster first, record second: a crash in between leaves a record no roster lists.
         let _g = self.roster_lock.lock();
-        let mut roster = self.roster(index_id)?;
-        let before = roster.users.len();
-        roster.users.retain(|(u, _)| *u != uid);
-        if roster.users.len() == before {
-            return Err(UserError::NotFound(user_id_hex.to_owned()));
+        let mut tries = 0;
+        loop {
+            let v = self.store.version(index_id);
+            let mut roster = self.roster(index_id)?;
+            let before = roster.users.len();
+            roster.users.retain(|(u, _)| *u != uid);
+            if roster.users.len() == before {
+                return Err(UserError::NotFound(user_id_hex.to_owned()));
+            }
+            match self.put_roster(index_id, &roster, v) {
+                Err(UserError::Store(UserStoreError::Conflict(_))) if tries < ROSTER_RETRIES => {
+                    tries += 1
+                }
+                r => break r?,
+            }
         }
-        self.put_roster(index_id, &roster)?;
         self.store.delete(index_id, &uid)?;
         Ok(())
     }
