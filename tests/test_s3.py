@@ -452,3 +452,27 @@ def test_per_index_users_across_servers(s3_servers):
         st, _ = Api(urls[1], t).post("/v1/vectors/get", {"index_name": name, "ids": ["1"]})
         refused += st == 401
     assert refused == 1
+
+
+def test_one_name_created_on_two_servers_at_once_exists_once(s3_servers):
+    p = unique("name")
+    servers = [Api(s3_servers(p, "a").url), Api(s3_servers(p, "b").url)]
+    for round_ in range(4):
+        name, keys, got = unique(), [new_key(), new_key()], {}
+
+        def create(w):
+            got[w] = servers[w].post("/v1/indexes/create", {"index_name": name, "index_key": keys[w],
+                                                            "dimension": 4})[0]
+
+        ts = [threading.Thread(target=create, args=(w,)) for w in (0, 1)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert sorted(got.values()) == [200, 409], got
+        winner = [w for w in (0, 1) if got[w] == 200][0]
+        for api in servers:
+            st, _ = api.post("/v1/indexes/describe", {"index_name": name, "index_key": keys[winner]})
+            assert st == 200
+            st, _ = api.post("/v1/indexes/describe", {"index_name": name, "index_key": keys[1 - winner]})
+            assert st == 401
