@@ -257,8 +257,9 @@ impl DylibStore {
             .lock()
             .send(job)
             .map_err(|_| StoreError::Unavailable("store plugin workers are gone".into()))?;
+        // A hung plugin is the plugin's failure (500), not an outage of a store behind it.
         rrx.recv_timeout(self.timeout).map_err(|_| {
-            StoreError::Unavailable(format!(
+            StoreError::Io(format!(
                 "store plugin '{}' did not answer within {} s",
                 self.plugin.name,
                 self.timeout.as_secs()
