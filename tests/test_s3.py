@@ -283,14 +283,28 @@ def test_a_store_that_goes_away_is_503_and_comes_back(s3_servers, weed):
     assert a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
                                          "items": items(["x"])})[0] == 200
     assert len(get(a, name, key, ["x"])) == 1
+    # Throttling (S3's 503 SlowDown on every request): retried, then 503 with the hint.
+    proxy.set_down(True, throttle=True)
+    st, b = a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items(["y"])})
+    assert st == 503 and "retry" in b["detail"].lower(), (st, b)
+    assert proxy.throttled >= 2, "the client retries a throttled request"
+    proxy.set_down(False)
+    assert a.post("/v1/vectors/upsert", {"index_name": name, "index_key": key,
+                                         "items": items(["y"])})[0] == 200
+    assert len(get(a, name, key, ["x", "y"])) == 2
     proxy.close()
 
 
 class Proxy:
     """A TCP relay to the S3 gateway; while down it drops every connection."""
 
+    _BODY = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+    SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY))
+
     def __init__(self, target):
-        self.target, self.down, self.conns = target, False, []
+        self.target, self.down, self.throttle, self.conns = target, False, False, []
+        self.throttled = 0
         self.lock = threading.Lock()
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -305,7 +319,10 @@ class Proxy:
             except OSError:
                 return
             if self.down:
-                c.close()
+                if self.throttle:
+                    threading.Thread(target=self.slow_down, args=(c,), daemon=True).start()
+                else:
+                    c.close()
                 continue
             u = socket.create_connection(("127.0.0.1", self.target))
             with self.lock:
@@ -329,8 +346,18 @@ class Proxy:
             except OSError:
                 pass
 
-    def set_down(self, down):
-        self.down = down
+    def slow_down(self, c):
+        try:
+            c.settimeout(5)
+            c.recv(65536)
+            c.sendall(self.SLOW_DOWN)
+            self.throttled += 1
+        except OSError:
+            pass
+        c.close()
+
+    def set_down(self, down, throttle=False):
+        self.down, self.throttle = down, throttle
         if down:
             with self.lock:
                 for c in self.conns:
