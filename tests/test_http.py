@@ -246,6 +246,42 @@ def test_filters(api):
     assert ids({"genre": "rock", "live": True}) == ["0"]
 
 
+def test_metadata_keeps_key_order_and_nulls_filter_as_the_original(api):
+    """Expected answers are what cyborgdb-service 0.18.0 gives on the same items: metadata keys
+    come back in the order written, and null, objects and null-only lists are no value."""
+    name, key = create(api, dim=2)
+    docs = {
+        "a": {"zeta": 1, "alpha": 2, "mid": {"y": 1, "b": None}, "n": None, "l": ["x", None]},
+        "b": {"alpha": 3, "n": 5, "l": ["y", "x"]},
+        "c": {"other": True, "l": [], "mid": {"y": 2}},
+        "d": {"n": "str", "alpha": None, "mid": None, "l": [None]},
+    }
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [
+        {"id": i, "vector": [float(k), 1.0], "metadata": m} for k, (i, m) in enumerate(docs.items())]})
+    st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a"],
+                                         "include": ["metadata"]})
+    assert st == 200
+    got = b["results"][0]["metadata"]
+    assert list(got) == ["zeta", "alpha", "mid", "n", "l"] and list(got["mid"]) == ["y", "b"]
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [0, 1],
+                                           "top_k": 1, "include": ["metadata"]})
+    assert list(b["results"][0]["metadata"]) == ["zeta", "alpha", "mid", "n", "l"]
+
+    def ids(f):
+        st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key,
+                                               "query_vectors": [0, 1], "filters": f, "include": []})
+        assert st == 200, b
+        return "".join(sorted(r["id"] for r in b["results"]))
+
+    for f, want in [({"n": None}, ""), ({"n": {"$ne": None}}, "bd"), ({"n": {"$exists": False}}, "ac"),
+                    ({"n": {"$in": [None, 5]}}, "b"), ({"n": {"$nin": [None]}}, "abcd"),
+                    ({"alpha": {"$ne": 2}}, "b"), ({"$nor": [{"n": None}]}, "abcd"),
+                    ({"mid": {"$exists": True}}, ""), ({"mid.y": {"$ne": 1}}, "c"),
+                    ({"l": {"$ne": "x"}}, ""), ({"l": {"$exists": True}}, "ab"),
+                    ({"n": {"$type": "null"}}, "a")]:
+        assert ids(f) == want, f
+
+
 def test_filtered_query_fills_top_k(api):
     # Only every 10th item matches; a filtered query must still return top_k matches.
     name, key = create(api, dim=2)

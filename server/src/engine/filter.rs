@@ -1,10 +1,18 @@
 //! The Mongo-style metadata filter language, compiled once per query.
 //!
-//! Supported: implicit equality, `$eq $ne $gt $gte $lt $lte $in $nin $exists $contains $regex`
+//! Supported: implicit equality, `$eq $ne $gt $gte $lt $lte $in $nin $exists $contains $regex
+//! $type`
 //! on fields; `$and $or $nor $not` to combine; dotted paths into nested objects; a field holding
 //! an array matches an operand equal to any of its elements (`{"tags": "x"}` matches
 //! `{"tags": ["x", "y"]}`). Several keys in one object are ANDed. Numbers compare as f64,
 //! strings lexicographically; comparing a number with a string is simply false.
+//!
+//! Which values a field has follows the original service (observed on cyborgdb-service
+//! 0.18.0): only leaves count. A field whose value is `null`, an object, or a list with no
+//! non-null element does not exist (`$exists: false`), so it matches no condition but the
+//! negative ones (`$nin`, `$not`, `$nor`); `null` inside a list is skipped; a `null`, list or
+//! object operand of `$eq`/`$in` matches nothing; `$ne` needs the field to exist (`{"f": {"$ne":
+//! null}}` is "f exists", `{"f": {"$ne": 1}}` does not match an item without `f`).
 
 use serde_json::{Map, Value};
 
@@ -28,8 +36,57 @@ pub enum Cond {
     Exists(bool),
     Contains(Value),
     Regex(regex::Regex),
+    /// `$type`: the field's stored value (before the rules above) has one of these types.
+    Type(Vec<JsonType>),
     All(Vec<Cond>),
     Not(Box<Cond>),
+}
+
+/// A JSON type name of `$type` (MongoDB's names for JSON's types, and their aliases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonType {
+    String,
+    Number,
+    Bool,
+    Array,
+    Object,
+    Null,
+}
+
+impl JsonType {
+    fn parse(field: &str, v: &Value) -> Result<Vec<JsonType>, FilterError> {
+        let one = |v: &Value| -> Result<JsonType, FilterError> {
+            Ok(match v.as_str() {
+                Some("string") => JsonType::String,
+                Some("number" | "int" | "long" | "double" | "decimal") => JsonType::Number,
+                Some("bool" | "boolean") => JsonType::Bool,
+                Some("array" | "list") => JsonType::Array,
+                Some("object") => JsonType::Object,
+                Some("null") => JsonType::Null,
+                _ => {
+                    return err(format!(
+                        "$type on '{field}' takes a type name (string, number, bool, array, object, null) or a list of them"
+                    ))
+                }
+            })
+        };
+        match v {
+            Value::Array(items) if !items.is_empty() => items.iter().map(one).collect(),
+            Value::Array(_) => err(format!("$type on '{field}' needs at least one type name")),
+            v => Ok(vec![one(v)?]),
+        }
+    }
+
+    fn of(v: &Value) -> JsonType {
+        match v {
+            Value::String(_) => JsonType::String,
+            Value::Number(_) => JsonType::Number,
+            Value::Bool(_) => JsonType::Bool,
+            Value::Array(_) => JsonType::Array,
+            Value::Object(_) => JsonType::Object,
+            Value::Null => JsonType::Null,
+        }
+    }
 }
 
 /// Why a filter was rejected; the text names the offending part.
@@ -56,7 +113,10 @@ impl Filter {
             Filter::All(fs) => fs.iter().all(|f| f.matches(metadata)),
             Filter::Any(fs) => fs.iter().any(|f| f.matches(metadata)),
             Filter::Not(f) => !f.matches(metadata),
-            Filter::Field { path, cond } => cond.eval(metadata.and_then(|m| resolve(m, path))),
+            Filter::Field { path, cond } => {
+                let raw = metadata.and_then(|m| resolve(m, path));
+                cond.eval(raw, leaf(raw))
+            }
         }
     }
 }
@@ -172,13 +232,14 @@ fn compile_cond(field: &str, v: &Value) -> Result<Cond, FilterError> {
                 Cond::Regex(re)
             }
             "$options" => continue,
+            "$type" => Cond::Type(JsonType::parse(field, operand)?),
             "$not" => match operand {
                 Value::Object(_) => Cond::Not(Box::new(compile_cond(field, operand)?)),
                 _ => return err(format!("$not on '{field}' takes an operator object")),
             },
             other => {
                 return err(format!(
-                    "unknown operator {other} on '{field}'; supported: $eq $ne $gt $gte $lt $lte $in $nin $exists $contains $regex $not"
+                    "unknown operator {other} on '{field}'; supported: $eq $ne $gt $gte $lt $lte $in $nin $exists $contains $regex $type $not"
                 ))
             }
         });
@@ -200,6 +261,16 @@ fn resolve<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
     resolve(obj.get(head)?, tail)
 }
 
+/// The value a field has for filtering, if it has one: `null`, objects and lists without a
+/// non-null element are not values (see the module documentation).
+fn leaf(v: Option<&Value>) -> Option<&Value> {
+    match v? {
+        Value::Null | Value::Object(_) => None,
+        Value::Array(items) if items.iter().all(Value::is_null) => None,
+        v => Some(v),
+    }
+}
+
 fn scalar_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
@@ -207,8 +278,11 @@ fn scalar_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// Equality with array membership: `[x, y] == x`.
+/// Equality with array membership: `[x, y] == x`. Only scalar operands ever match.
 fn eq_member(field: &Value, operand: &Value) -> bool {
+    if matches!(operand, Value::Null | Value::Array(_) | Value::Object(_)) {
+        return false;
+    }
     scalar_eq(field, operand)
         || matches!(field, Value::Array(items) if items.iter().any(|i| scalar_eq(i, operand)))
 }
@@ -222,10 +296,11 @@ fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
 }
 
 impl Cond {
-    fn eval(&self, field: Option<&Value>) -> bool {
+    /// `raw`: the value stored at the path; `field`: its value for filtering ([`leaf`]).
+    fn eval(&self, raw: Option<&Value>, field: Option<&Value>) -> bool {
         match self {
             Cond::Eq(v) => field.is_some_and(|f| eq_member(f, v)),
-            Cond::Ne(v) => !field.is_some_and(|f| eq_member(f, v)),
+            Cond::Ne(v) => field.is_some_and(|f| !eq_member(f, v)),
             Cond::Cmp(ord, or_equal, v) => field.is_some_and(|f| {
                 let test = |x: &Value| {
                     compare(x, v).is_some_and(|o| o == *ord || (*or_equal && o.is_eq()))
@@ -250,8 +325,13 @@ impl Cond {
                     .any(|i| i.as_str().is_some_and(|s| re.is_match(s))),
                 _ => false,
             }),
-            Cond::All(cs) => cs.iter().all(|c| c.eval(field)),
-            Cond::Not(c) => !c.eval(field),
+            // A list also has the types of its elements (as in MongoDB).
+            Cond::Type(ts) => raw.is_some_and(|v| {
+                ts.contains(&JsonType::of(v))
+                    || matches!(v, Value::Array(items) if items.iter().any(|i| ts.contains(&JsonType::of(i))))
+            }),
+            Cond::All(cs) => cs.iter().all(|c| c.eval(raw, field)),
+            Cond::Not(c) => !c.eval(raw, field),
         }
     }
 }
@@ -281,7 +361,10 @@ mod tests {
         assert!(m(json!({"year": {"$lt": 2022.5}})));
         assert!(m(json!({"year": {"$eq": 2021.0}})));
         assert!(m(json!({"genre": {"$ne": "pop"}})));
-        assert!(m(json!({"missing": {"$ne": "pop"}})));
+        assert!(
+            !m(json!({"missing": {"$ne": "pop"}})),
+            "$ne needs the field"
+        );
         assert!(m(json!({"genre": {"$in": ["pop", "rock"]}})));
         assert!(m(json!({"genre": {"$nin": ["pop"]}})));
         assert!(m(json!({"tags": "a"})));
@@ -309,6 +392,70 @@ mod tests {
         assert!(!f(json!({"x": 1})).matches(None));
     }
 
+    /// What cyborgdb-service 0.18.0 answers for nulls, objects and lists (probed on the
+    /// same items; the expected sets are its answers).
+    #[test]
+    fn nulls_objects_and_lists_as_the_original() {
+        let items = [
+            (
+                "a",
+                json!({"alpha": 2, "mid": {"y": 1, "b": null}, "n": null, "l": ["x", null]}),
+            ),
+            ("b", json!({"alpha": 3, "n": 5, "l": ["y", "x"]})),
+            ("c", json!({"other": true, "l": [], "mid": {"y": 2}})),
+            (
+                "d",
+                json!({"n": "str", "alpha": null, "mid": null, "l": [null]}),
+            ),
+        ];
+        let hits = |v: Value| -> String {
+            let flt = f(v);
+            items
+                .iter()
+                .filter(|(_, m)| flt.matches(Some(m)))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for (filter, want) in [
+            (json!({"n": null}), ""),
+            (json!({"n": {"$eq": null}}), ""),
+            (json!({"n": {"$ne": null}}), "bd"),
+            (json!({"n": {"$exists": true}}), "bd"),
+            (json!({"n": {"$exists": false}}), "ac"),
+            (json!({"n": {"$in": [null, 5]}}), "b"),
+            (json!({"n": {"$nin": [null]}}), "abcd"),
+            (json!({"alpha": {"$ne": null}}), "ab"),
+            (json!({"alpha": {"$ne": 2}}), "b"),
+            (json!({"alpha": {"$nin": [2]}}), "bcd"),
+            (json!({"$not": {"n": {"$eq": 5}}}), "acd"),
+            (json!({"$nor": [{"n": null}]}), "abcd"),
+            (json!({"$or": [{"n": null}, {"alpha": 3}]}), "b"),
+            (json!({"mid": {"$exists": true}}), ""),
+            (json!({"mid.b": {"$exists": true}}), ""),
+            (json!({"mid.y": {"$exists": true}}), "ac"),
+            (json!({"mid.y": {"$ne": 1}}), "c"),
+            (json!({"l": "x"}), "ab"),
+            (json!({"l": {"$ne": "x"}}), ""),
+            (json!({"l": {"$nin": ["x"]}}), "cd"),
+            (json!({"l": {"$exists": true}}), "ab"),
+            (json!({"l": {"$ne": null}}), "ab"),
+            (json!({"l": {"$eq": ["x"]}}), ""),
+            (json!({"l": ["y", "x"]}), ""),
+            (json!({"l": []}), ""),
+            // `$type` sees the stored value, nulls and objects included (the original
+            // refuses `$type`; these are our choices).
+            (json!({"n": {"$type": "null"}}), "a"),
+            (json!({"n": {"$type": ["string", "number"]}}), "bd"),
+            (json!({"mid": {"$type": "object"}}), "ac"),
+            (json!({"l": {"$type": "array"}}), "abcd"),
+            (json!({"l": {"$type": "string"}}), "ab"),
+            (json!({"other": {"$type": "bool"}}), "c"),
+            (json!({"alpha": {"$type": "number", "$gt": 2}}), "b"),
+        ] {
+            assert_eq!(hits(filter.clone()), want, "{filter}");
+        }
+    }
+
     #[test]
     fn bad_filters_are_rejected_with_a_reason() {
         for (v, needle) in [
@@ -319,6 +466,8 @@ mod tests {
             (json!({"a": {"$exists": 1}}), "$exists"),
             (json!({"a": {"$regex": "("}}), "$regex"),
             (json!({"a": {"$weird": 1}}), "$weird"),
+            (json!({"a": {"$type": "date"}}), "$type"),
+            (json!({"a": {"$type": []}}), "$type"),
         ] {
             let e = Filter::compile(v.as_object().unwrap()).unwrap_err();
             assert!(e.0.contains(needle), "{e}");
