@@ -282,6 +282,35 @@ def test_metadata_keeps_key_order_and_nulls_filter_as_the_original(api):
         assert ids(f) == want, f
 
 
+def test_query_metadata_over_http(api):
+    name, key = create(api, dim=2)
+    items = [{"id": f"i{k:03}", "vector": [float(k), 1.0], "metadata": {"rank": (k * 37) % 101, "odd": k % 2}}
+             for k in range(300)]
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})
+
+    def qm(**body):
+        return api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
+
+    st, b = qm(filters={"odd": 1}, order_by={"rank": -1}, top_k=5)
+    assert st == 200 and b["count"] == 5 and b["ids"] == [r["id"] for r in b["results"]]
+    want = sorted((it for it in items if it["metadata"]["odd"] == 1),
+                  key=lambda it: (-it["metadata"]["rank"], it["id"]))[:5]
+    assert b["ids"] == [it["id"] for it in want]
+    assert all("score" not in r for r in b["results"])
+    st, b = qm()
+    assert st == 200 and b["count"] == 300
+    # The same before and after a training (the metadata path reads every block either way).
+    assert api.post("/v1/indexes/train", {"index_name": name, "index_key": key, "n_lists": 4})[0] == 200
+    st, b2 = qm(filters={"odd": 1}, order_by={"rank": -1}, top_k=5)
+    assert b2["ids"] == [it["id"] for it in want]
+    assert qm(order_by={"rank": 1, "odd": 1})[0] == 400
+    assert qm(text="anything")[0] == 400
+    assert qm(filters={"rank": {"$regex": "1"}})[0] == 400
+    assert qm(top_k=-1)[0] == 422
+    assert qm(order_by=["rank"])[0] == 422
+    assert api.post("/v1/vectors/query_metadata", {"index_name": "nope-" + name, "index_key": key})[0] == 404
+
+
 def test_filtered_query_fills_top_k(api):
     # Only every 10th item matches; a filtered query must still return top_k matches.
     name, key = create(api, dim=2)

@@ -149,3 +149,36 @@ def test_restart_and_reload(make_server):
     assert ix.metric == "cosine" and ix.dimension == 2
     assert ix.get(["a"])[0]["contents"] == "kept"
     expect_status(401, c.load_index, "persist", c.generate_key())
+
+
+@pytest.mark.skipif(not hasattr(cyborgdb.EncryptedIndex, "query_metadata")
+                    if hasattr(cyborgdb, "EncryptedIndex") else True,
+                    reason="query_metadata is a 0.18 client method")
+def test_query_metadata_through_the_client(client):
+    """0.18's metadata-only queries, answered as cyborgdb-service 0.18.0 answers them on the
+    same items (order_by, direction, top_k, the 400 cases), on an untrained index."""
+    key = client.generate_key()
+    ix = client.create_index(index_name=f"qm-{np.random.randint(1 << 30)}", index_key=key, dimension=2)
+    ix.upsert([
+        {"id": "a", "vector": [1, 0], "metadata": {"y": 3, "s": "b", "g": "x"}},
+        {"id": "b", "vector": [0, 1], "metadata": {"y": 1, "s": "a", "g": "x"}},
+        {"id": "c", "vector": [1, 1], "metadata": {"y": "str", "g": "z"}},
+        {"id": "d", "vector": [0.5, 0.5], "metadata": {"y": 2.5, "s": ["q"]}},
+        {"id": "e", "vector": [0.5, 0.2]},
+    ])
+
+    def ids(**kw):
+        return [r["id"] if isinstance(r, dict) else r.id for r in ix.query_metadata(**kw)]
+
+    assert sorted(ids()) == list("abcde")
+    assert sorted(ids(filters={"g": "x"})) == ["a", "b"]
+    assert ids(order_by="y") == list("bdace")
+    assert ids(order_by="y", ascending=False) == list("cadbe")
+    assert ids(order_by={"y": -1}) == list("cadbe")
+    assert ids(order_by={"y": 1}, top_k=2) == ["b", "d"]
+    assert ids(filters={"y": {"$gt": 2}}, order_by="y") == ["d", "a"]
+    assert sorted(ids(filters={"$or": [{"g": "z"}, {"y": 1}]})) == ["b", "c"]
+    for kw in [{"filters": {"s": {"$regex": "a"}}}, {"filters": {"g": {"$type": "string"}}},
+               {"text": "hello"}]:
+        expect_status(400, ix.query_metadata, **kw)
+    ix.delete_index()

@@ -251,6 +251,39 @@ fn compile_cond(field: &str, v: &Value) -> Result<Cond, FilterError> {
     })
 }
 
+/// The value of a dotted path for filtering and sorting, if it has one (see [`leaf`]).
+pub(crate) fn value_at<'a>(metadata: Option<&'a Value>, path: &str) -> Option<&'a Value> {
+    leaf(metadata.and_then(|m| resolve(m, path)))
+}
+
+impl Filter {
+    /// Why the metadata-only path cannot answer this filter, if it cannot: it has no
+    /// pattern-indexed fields (so no `$regex` / `$contains`) and no `$type` (as the original).
+    pub fn metadata_only_refusal(&self) -> Option<String> {
+        match self {
+            Filter::All(fs) | Filter::Any(fs) => fs.iter().find_map(Filter::metadata_only_refusal),
+            Filter::Not(f) => f.metadata_only_refusal(),
+            Filter::Field { path, cond } => cond.metadata_only_refusal(path),
+        }
+    }
+}
+
+impl Cond {
+    fn metadata_only_refusal(&self, path: &str) -> Option<String> {
+        match self {
+            Cond::Regex(_) | Cond::Contains(_) => Some(format!(
+                "$regex and $contains on '{path}' need a pattern-indexed field, which this server does not keep yet; use /v1/vectors/query with a vector for them"
+            )),
+            Cond::Type(_) => Some(format!(
+                "$type on '{path}' is not supported by query_metadata; use /v1/vectors/query with a vector"
+            )),
+            Cond::All(cs) => cs.iter().find_map(|c| c.metadata_only_refusal(path)),
+            Cond::Not(c) => c.metadata_only_refusal(path),
+            _ => None,
+        }
+    }
+}
+
 /// Look a dotted path up: a literal key wins, then nested objects.
 fn resolve<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
     let obj = root.as_object()?;

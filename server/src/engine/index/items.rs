@@ -165,4 +165,99 @@ impl Index {
             Ok(ids)
         })
     }
+
+    /// A metadata-only query (no vector): the ids of the items `filter` matches, at most
+    /// `top_k` (`None` = all, refused past `max_results`). With `order`, `(field,
+    /// descending)`, they are sorted by that field's value: numbers before strings, items
+    /// without a scalar value there last in either direction, ties by id (as the original
+    /// orders them); without, in storage order. Reads every block once, through bounded
+    /// read chunks that do not fill the cache.
+    pub fn query_metadata(
+        &self,
+        filter: Option<&Filter>,
+        order: Option<(&str, bool)>,
+        top_k: Option<usize>,
+        max_results: usize,
+    ) -> Result<Vec<String>, EngineError> {
+        #[derive(PartialEq, PartialOrd)]
+        enum Key {
+            Num(f64),
+            Str(String),
+        }
+        let too_many = || {
+            EngineError::Invalid(format!(
+                "more than {max_results} items match; give top_k (or raise --max-query-results)"
+            ))
+        };
+        let descending = order.is_some_and(|o| o.1);
+        let cmp = |(ka, ia): &(Option<Key>, String), (kb, ib): &(Option<Key>, String)| {
+            use std::cmp::Ordering;
+            let by_key = match (ka, kb) {
+                (Some(a), Some(b)) => {
+                    let o = a.partial_cmp(b).unwrap_or(Ordering::Equal);
+                    if descending {
+                        o.reverse()
+                    } else {
+                        o
+                    }
+                }
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            };
+            by_key.then_with(|| ia.cmp(ib))
+        };
+        self.consistent(|d| {
+            let mut hits: Vec<(Option<Key>, String)> = Vec::new();
+            let all: Vec<usize> = (0..d.lists.len()).collect();
+            let early = order.is_none().then_some(top_k).flatten();
+            let full = std::cell::Cell::new(false);
+            self.for_chunks(d, &Self::list_refs(d, &all), false, |runs| {
+                if full.get() {
+                    return Ok(());
+                }
+                for (_, run) in runs {
+                    for (_, blk) in run {
+                        for (pos, id) in blk.ids.iter().enumerate() {
+                            let meta = blk.meta[pos].as_deref();
+                            if filter.is_some_and(|f| !f.matches(meta)) {
+                                continue;
+                            }
+                            let key =
+                                order.and_then(|(field, _)| match super::super::filter::value_at(
+                                    meta, field,
+                                )? {
+                                    Value::Number(n) => n.as_f64().map(Key::Num),
+                                    Value::String(s) => Some(Key::Str(s.clone())),
+                                    _ => None,
+                                });
+                            hits.push((key, id.clone()));
+                            if early.is_some_and(|k| hits.len() >= k) {
+                                full.set(true);
+                                return Ok(());
+                            }
+                            match (top_k, order) {
+                                (None, _) if hits.len() > max_results => return Err(too_many()),
+                                // Ordered with a cap: keep the best `k` once twice as many
+                                // are held, so memory stays O(k).
+                                (Some(k), Some(_)) if hits.len() >= (2 * k).max(1024) => {
+                                    hits.select_nth_unstable_by(k, &cmp);
+                                    hits.truncate(k);
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            if order.is_some() {
+                hits.sort_by(&cmp);
+            }
+            if let Some(k) = top_k {
+                hits.truncate(k);
+            }
+            Ok(hits.into_iter().map(|(_, id)| id).collect())
+        })
+    }
 }
