@@ -311,6 +311,47 @@ def test_query_metadata_over_http(api):
     assert api.post("/v1/vectors/query_metadata", {"index_name": "nope-" + name, "index_key": key})[0] == 404
 
 
+def test_metadata_schema_at_create_describe_and_query_metadata(api):
+    key = new_key()
+
+    def create_with(schema, **kw):
+        return api.post("/v1/indexes/create", {"index_name": unique(), "index_key": key, "dimension": 2,
+                                               "metadata_schema": schema, **kw})
+
+    for schema, status in [({"x": {"bogus": True}}, 422), ({"x": True}, 422), ({"": {"pattern": True}}, 422),
+                           ({"t": {"full_text": True, "pattern": True}}, 422),
+                           ({"t": {"full_text": True, "filterable": True}}, 422),
+                           ({"t": {"full_text": True}}, 400), ({"x": {"pattern": 1}}, 422)]:
+        assert create_with(schema)[0] == status, schema
+    assert create_with({}, text_fields=["t"])[0] == 400
+    assert create_with({}, bm25_k1=1.5)[0] == 400
+    name = unique()
+    st, _ = api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2,
+                                            "metadata_schema": {"g": {"filterable": False}, "loc.city": {"pattern": True}}})
+    assert st == 200
+    st, d = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
+    assert d["metadata_schema"] == {"g": {"filterable": False, "pattern": False, "full_text": False},
+                                    "loc.city": {"filterable": True, "pattern": True, "full_text": False}}
+    assert list(d["metadata_schema"]) == ["g", "loc.city"] and d["bm25"] is None
+    api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [
+        {"id": "a", "vector": [1, 0], "metadata": {"g": "x", "loc": {"city": "Paris"}, "h": "q"}},
+        {"id": "b", "vector": [0, 1], "metadata": {"g": "y", "loc": {"city": "Oslo"}, "h": "r"}}]})
+
+    def qm(f):
+        return api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, "filters": f})
+
+    assert qm({"g": "x"})[0] == 400                       # not filterable here
+    assert qm({"loc.city": {"$regex": "^Par"}})[1]["ids"] == ["a"]   # a pattern field
+    assert qm({"loc.city": {"$contains": "sl"}})[1]["ids"] == ["b"]
+    assert qm({"h": {"$regex": "q"}})[0] == 400           # not a pattern field
+    # Vector queries are not held to the schema.
+    st, b = api.post("/v1/vectors/query", {"index_name": name, "index_key": key, "query_vectors": [1, 0],
+                                           "filters": {"g": "x", "h": {"$regex": "q"}}})
+    assert st == 200 and [r["id"] for r in b["results"]] == ["a"]
+    st, d = api.post("/v1/indexes/describe", {"index_name": unique("none"), "index_key": key})
+    assert st == 404
+
+
 def test_filtered_query_fills_top_k(api):
     # Only every 10th item matches; a filtered query must still return top_k matches.
     name, key = create(api, dim=2)

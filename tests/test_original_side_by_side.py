@@ -130,3 +130,24 @@ def test_query_metadata_refusals_match_the_original(pair, body):
     for api in (theirs, ours):
         st, _ = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
         assert st == 400, api.url
+
+
+def test_metadata_schema_matches_the_original(original, server):
+    ours = Api(server.url)
+    name, key = f"sbs-schema-{secrets.token_hex(3)}", secrets.token_hex(32)
+    schema = {"g": {"filterable": False}, "s": {"pattern": True}}
+    items = [{"id": "a", "vector": [1, 0], "metadata": {"g": "x", "s": "abc", "h": "q"}},
+             {"id": "b", "vector": [0, 1], "metadata": {"g": "y", "s": "zzz", "h": "r"}}]
+    answers = []
+    for api in (original, ours):
+        assert api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2,
+                                               "metadata_schema": schema})[0] == 200
+        api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})
+        st, d = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
+        got = [json.dumps(d["metadata_schema"]), d["bm25"]]
+        for f in [{"g": "x"}, {"s": {"$regex": "^a"}}, {"s": {"$contains": "b"}}, {"h": {"$regex": "q"}},
+                  {"s": "abc"}]:
+            st, b = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, "filters": f})
+            got.append((st, sorted(b["ids"]) if st == 200 else None))
+        answers.append(got)
+    assert answers[1] == answers[0]

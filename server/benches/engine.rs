@@ -147,6 +147,7 @@ fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, L
                 embedding_model: None,
                 declared_dimension: dim as u32,
                 created_at: 0,
+                metadata_schema: Vec::new(),
             },
         })
         .expect("create");

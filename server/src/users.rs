@@ -695,6 +695,7 @@ mod tests {
                     embedding_model: None,
                     declared_dimension: 2,
                     created_at: 0,
+                    metadata_schema: Vec::new(),
                 },
             })
             .unwrap();

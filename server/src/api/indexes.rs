@@ -6,7 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{Enum, Object, OpenApi, Tags};
 
 use super::error::{responses, ApiError};
-use super::{blocking, parse_kek, AppState, Credentials, IndexRef, SuccessResponse};
+use super::{blocking, parse_kek, AppState, Credentials, IndexRef, JsonObject, SuccessResponse};
 use crate::auth::Action;
 use crate::engine::{
     new_index_id, validate_name, CreateSpec, EngineError, IndexConfig, KeySource, Metric,
@@ -55,6 +55,80 @@ pub struct CreateIndexRequest {
     pub metric: Option<String>,
     /// `float32` (default) or `float16`.
     pub storage_precision: Option<StoragePrecision>,
+    /// 0.18: how metadata fields are indexed, `{"field": {"filterable": bool, "pattern":
+    /// bool, "full_text": bool}}` (dot paths; fixed at create). `query_metadata` refuses to
+    /// filter on `filterable: false` fields and answers `$regex`/`$contains` on `pattern`
+    /// fields. `full_text` (BM25) is not offered yet (400).
+    pub metadata_schema: Option<JsonObject>,
+    /// 0.18 shorthand for `full_text` fields (not offered yet: 400 when non-empty).
+    pub text_fields: Option<Vec<String>>,
+    /// 0.18 BM25 parameters (need a `full_text` field: 400).
+    pub bm25_k1: Option<f64>,
+    pub bm25_b: Option<f64>,
+}
+
+/// A validated `metadata_schema`, in the order given.
+fn parse_schema(
+    obj: Option<&JsonObject>,
+) -> Result<Vec<(String, crate::engine::FieldSchema)>, ApiError> {
+    let mut out = Vec::new();
+    let Some(obj) = obj else { return Ok(out) };
+    for (name, v) in &obj.0 {
+        if name.is_empty() {
+            return Err(ApiError::invalid(
+                "metadata_schema field names must be non-empty",
+            ));
+        }
+        let serde_json::Value::Object(opts) = v else {
+            return Err(ApiError::invalid(format!(
+                "metadata_schema.{name} must be an object of filterable, pattern and full_text"
+            )));
+        };
+        let get = |k: &str| -> Result<Option<bool>, ApiError> {
+            match opts.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+                Some(_) => Err(ApiError::invalid(format!(
+                    "metadata_schema.{name}.{k} must be true or false"
+                ))),
+            }
+        };
+        let (filterable, pattern, full_text) =
+            (get("filterable")?, get("pattern")?, get("full_text")?);
+        if let Some(k) = opts
+            .keys()
+            .find(|k| !["filterable", "pattern", "full_text"].contains(&k.as_str()))
+        {
+            return Err(ApiError::invalid(format!(
+                "metadata_schema.{name}: unknown setting '{k}' (filterable, pattern, full_text)"
+            )));
+        }
+        let full_text = full_text.unwrap_or(false);
+        if full_text && pattern == Some(true) {
+            return Err(ApiError::invalid(format!(
+                "metadata_schema.{name}: full_text is incompatible with pattern (a field is analysed for full-text search or exact-match indexed, not both)"
+            )));
+        }
+        if full_text && filterable == Some(true) {
+            return Err(ApiError::invalid(format!(
+                "metadata_schema.{name}: full_text is incompatible with an explicit filterable: true (a full_text field is analysed, so it is not filterable)"
+            )));
+        }
+        if full_text {
+            return Err(ApiError::bad_request(format!(
+                "metadata_schema.{name}: full_text fields (BM25 text search) are not offered by this server yet"
+            )));
+        }
+        out.push((
+            name.clone(),
+            crate::engine::FieldSchema {
+                filterable: filterable.unwrap_or(true),
+                pattern: pattern.unwrap_or(false),
+                full_text,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 super::wipe_key_on_drop!(CreateIndexRequest);
@@ -105,6 +179,12 @@ pub struct IndexInfo {
     /// That slot's provider (`vault`, `aws-kms`).
     #[oai(skip_serializing_if_is_none)]
     pub kms_provider: Option<String>,
+    /// 0.18: every field of the index's `metadata_schema` with all three settings (`{}` when
+    /// none was given).
+    pub metadata_schema: JsonObject,
+    /// 0.18: BM25 parameters of an index with `full_text` fields; always null here (no
+    /// full-text search yet).
+    pub bm25: Option<JsonObject>,
 }
 
 /// Train (or retrain) the IVF lists. All knobs are optional.
@@ -281,6 +361,17 @@ impl IndexesApi {
                     )))
                 }
             };
+            let metadata_schema = parse_schema(req.metadata_schema.as_ref())?;
+            if req.text_fields.as_ref().is_some_and(|t| !t.is_empty()) {
+                return Err(ApiError::bad_request(
+                    "text_fields (BM25 text search) are not offered by this server yet",
+                ));
+            }
+            if req.bm25_k1.is_some() || req.bm25_b.is_some() {
+                return Err(ApiError::bad_request(
+                    "bm25_k1/bm25_b are BM25 scoring parameters and need a full_text field, which this server does not offer yet",
+                ));
+            }
             let model = req.embedding_model.clone().filter(|m| !m.is_empty());
             if let Some(m) = &model {
                 let info = crate::embed::lookup(m)
@@ -323,6 +414,7 @@ impl IndexesApi {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
+                    metadata_schema,
                 },
             })?;
             if let Some(env) = &remember {
@@ -374,6 +466,18 @@ impl IndexesApi {
                 num_vectors: info.num_vectors as i64,
                 kms_name,
                 kms_provider,
+                metadata_schema: JsonObject(
+                    info.metadata_schema
+                        .iter()
+                        .map(|(n, f)| {
+                            (
+                                n.clone(),
+                                serde_json::json!({"filterable": f.filterable, "pattern": f.pattern, "full_text": f.full_text}),
+                            )
+                        })
+                        .collect(),
+                ),
+                bm25: None,
             })
         })
         .await

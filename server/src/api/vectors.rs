@@ -1003,7 +1003,8 @@ impl VectorsApi {
                     Filter::compile(&f.0).map_err(|e| ApiError::invalid(e.to_string()))?
                 }
             };
-            if let Some(why) = filter.as_ref().and_then(Filter::metadata_only_refusal) {
+            let schema = |path: &str| ix.config.field_schema(path);
+            if let Some(why) = filter.as_ref().and_then(|f| f.metadata_only_refusal(&schema)) {
                 return Err(ApiError::bad_request(why));
             }
             let ids = ix.query_metadata(

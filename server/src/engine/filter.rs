@@ -257,28 +257,43 @@ pub(crate) fn value_at<'a>(metadata: Option<&'a Value>, path: &str) -> Option<&'
 }
 
 impl Filter {
-    /// Why the metadata-only path cannot answer this filter, if it cannot: it has no
-    /// pattern-indexed fields (so no `$regex` / `$contains`) and no `$type` (as the original).
-    pub fn metadata_only_refusal(&self) -> Option<String> {
+    /// Why the metadata-only path cannot answer this filter, if it cannot, as the original
+    /// enforces an index's `metadata_schema` there: a field declared `filterable: false`
+    /// cannot be filtered on, `$regex` / `$contains` need a `pattern` field, and `$type` is
+    /// refused.
+    pub fn metadata_only_refusal(
+        &self,
+        schema: &dyn Fn(&str) -> Option<super::FieldSchema>,
+    ) -> Option<String> {
         match self {
-            Filter::All(fs) | Filter::Any(fs) => fs.iter().find_map(Filter::metadata_only_refusal),
-            Filter::Not(f) => f.metadata_only_refusal(),
-            Filter::Field { path, cond } => cond.metadata_only_refusal(path),
+            Filter::All(fs) | Filter::Any(fs) => {
+                fs.iter().find_map(|f| f.metadata_only_refusal(schema))
+            }
+            Filter::Not(f) => f.metadata_only_refusal(schema),
+            Filter::Field { path, cond } => {
+                let field = schema(path);
+                if field.is_some_and(|f| !f.filterable) {
+                    return Some(format!(
+                        "query_metadata cannot filter on '{path}': metadata_schema makes it not filterable; use /v1/vectors/query with a vector"
+                    ));
+                }
+                cond.metadata_only_refusal(path, field.is_some_and(|f| f.pattern))
+            }
         }
     }
 }
 
 impl Cond {
-    fn metadata_only_refusal(&self, path: &str) -> Option<String> {
+    fn metadata_only_refusal(&self, path: &str, pattern: bool) -> Option<String> {
         match self {
-            Cond::Regex(_) | Cond::Contains(_) => Some(format!(
-                "$regex and $contains on '{path}' need a pattern-indexed field, which this server does not keep yet; use /v1/vectors/query with a vector for them"
+            Cond::Regex(_) | Cond::Contains(_) if !pattern => Some(format!(
+                "$regex and $contains on '{path}' need a pattern field (metadata_schema {{\"{path}\": {{\"pattern\": true}}}} at create); use /v1/vectors/query with a vector for them"
             )),
             Cond::Type(_) => Some(format!(
                 "$type on '{path}' is not supported by query_metadata; use /v1/vectors/query with a vector"
             )),
-            Cond::All(cs) => cs.iter().find_map(|c| c.metadata_only_refusal(path)),
-            Cond::Not(c) => c.metadata_only_refusal(path),
+            Cond::All(cs) => cs.iter().find_map(|c| c.metadata_only_refusal(path, pattern)),
+            Cond::Not(c) => c.metadata_only_refusal(path, pattern),
             _ => None,
         }
     }

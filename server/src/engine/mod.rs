@@ -180,22 +180,53 @@ pub struct IndexConfig {
     /// Dimension given at create (0 = fixed by the first upsert).
     pub declared_dimension: u32,
     pub created_at: u64,
+    /// 0.18 `metadata_schema`, in the order given at create (immutable).
+    pub metadata_schema: Vec<(String, FieldSchema)>,
+}
+
+/// How one metadata field is indexed (0.18 `metadata_schema`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldSchema {
+    /// Exact-match filterable by `query_metadata` (default true).
+    pub filterable: bool,
+    /// `$regex` / `$contains` answerable by `query_metadata` (default false).
+    pub pattern: bool,
+    /// Analysed for BM25 full-text search (default false).
+    pub full_text: bool,
 }
 
 impl IndexConfig {
+    /// The schema entry of a metadata path, if the schema names it.
+    pub fn field_schema(&self, path: &str) -> Option<FieldSchema> {
+        self.metadata_schema
+            .iter()
+            .find(|(n, _)| n == path)
+            .map(|(_, f)| *f)
+    }
+}
+
+impl IndexConfig {
+    /// docs/FORMAT.md "Meta record": version 2 appends the metadata schema (version 1,
+    /// without it, still decodes).
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(1)
+        w.u8(2)
             .u8(self.metric.code())
             .u8(self.precision.code())
             .u32(self.declared_dimension)
             .bytes(self.embedding_model.as_deref().unwrap_or("").as_bytes())
-            .u64(self.created_at);
+            .u64(self.created_at)
+            .u32(self.metadata_schema.len() as u32);
+        for (name, f) in &self.metadata_schema {
+            w.bytes(name.as_bytes())
+                .u8(u8::from(f.filterable) | u8::from(f.pattern) << 1 | u8::from(f.full_text) << 2);
+        }
         w.0
     }
     fn decode(buf: &[u8]) -> Result<Self, EngineError> {
         let mut r = Reader::new(buf, "index config");
-        if r.u8()? != 1 {
+        let version = r.u8()?;
+        if version != 1 && version != 2 {
             return Err(EngineError::Corrupt("unknown config version".into()));
         }
         let metric = Metric::from_code(r.u8()?)
@@ -204,12 +235,35 @@ impl IndexConfig {
             .ok_or_else(|| EngineError::Corrupt("unknown precision".into()))?;
         let declared_dimension = r.u32()?;
         let model = r.str()?.to_owned();
+        let created_at = r.u64()?;
+        let mut metadata_schema = Vec::new();
+        if version >= 2 {
+            let n = r.u32()? as usize;
+            if n > r.remaining() / 5 {
+                return Err(EngineError::Corrupt(
+                    "metadata schema count is too large".into(),
+                ));
+            }
+            for _ in 0..n {
+                let name = r.str()?.to_owned();
+                let flags = r.u8()?;
+                metadata_schema.push((
+                    name,
+                    FieldSchema {
+                        filterable: flags & 1 != 0,
+                        pattern: flags & 2 != 0,
+                        full_text: flags & 4 != 0,
+                    },
+                ));
+            }
+        }
         Ok(Self {
             metric,
             precision,
             embedding_model: (!model.is_empty()).then_some(model),
             declared_dimension,
-            created_at: r.u64()?,
+            created_at,
+            metadata_schema,
         })
     }
 }
@@ -252,6 +306,7 @@ pub struct IndexInfo {
     pub is_trained: bool,
     pub n_lists: usize,
     pub num_vectors: usize,
+    pub metadata_schema: Vec<(String, FieldSchema)>,
 }
 
 /// Engine settings.
@@ -773,6 +828,7 @@ impl Engine {
             is_trained: d.trained,
             n_lists: if d.trained { d.n_lists() } else { 1 },
             num_vectors: d.count(),
+            metadata_schema: ix.config.metadata_schema.clone(),
         }
     }
 

@@ -11,6 +11,7 @@ fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
         embedding_model: None,
         declared_dimension: dim,
         created_at: 0,
+        metadata_schema: Vec::new(),
     }
 }
 
