@@ -248,6 +248,8 @@ macro_rules! responses {
     (@munch [$name:ident, $ok:ty, ($($okv:tt)*), |$v:ident| $okexpr:expr, [$($code:tt => $var:ident),*]], [$($variants:tt)*], []) => {
         #[derive(poem_openapi::ApiResponse, Debug)]
         #[oai(bad_request_handler = "crate::api::error::parse_failure")]
+        // One value per request, moved once: the size of the success variant costs nothing.
+        #[allow(clippy::large_enum_variant)]
         pub enum $name {
             $($okv)*
             $($variants)*
