@@ -270,6 +270,9 @@ impl Users {
     /// Stretch the root key (about a quarter of a second) with the store's salt, creating
     /// the salt on first use.
     pub fn new(store: Arc<dyn UserStore>, root_key: &str) -> Result<Self, UserError> {
+        // Shared stores: the version before the read, so that a salt another server creates
+        // in between makes this create conflict.
+        let v = store.version(&SALT_INDEX);
         let salt = match store.get(&SALT_INDEX, &SALT_USER)? {
             Some(s) if s.len() == 16 => s,
             Some(_) => {
@@ -281,7 +284,6 @@ impl Users {
                 let mut s = vec![0u8; 16];
                 rand::rng().fill_bytes(&mut s);
                 // Shared stores: only if no other server created one first (else use it).
-                let v = store.version(&SALT_INDEX);
                 match store.put_if(&SALT_INDEX, &SALT_USER, &s, v) {
                     Ok(()) => s,
                     Err(UserStoreError::Conflict(_)) => match store.get(&SALT_INDEX, &SALT_USER)? {

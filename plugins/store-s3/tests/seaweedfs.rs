@@ -153,6 +153,7 @@ fn s3_store_on_seaweedfs() {
     guarded_writes_conflict_across_servers(&w);
     concurrent_writers_through_two_servers_lose_nothing(&w);
     compaction_keeps_the_data_and_deletes_dead_objects(&w);
+    user_directory_writes_are_guarded(&w);
     an_unreachable_store_is_unavailable(&w);
 }
 
@@ -285,6 +286,32 @@ fn compaction_keeps_the_data_and_deletes_dead_objects(w: &Weed) {
     .unwrap();
     let n = logs.matches("<Key>").count();
     assert!(n < 20, "dead log objects are deleted ({n} left of 40+)");
+}
+
+/// Two servers creating the same record of an index's user directory from the same version
+/// (the root-key salt at start, a roster): one wins, the other is told (nothing written).
+fn user_directory_writes_are_guarded(w: &Weed) {
+    use sealdb_plugin_api::{KvUserStore, UserStore, UserStoreError};
+    let a = KvUserStore(open(w, "users", opts()));
+    let b = KvUserStore(open(w, "users", opts()));
+    let (va, vb) = (a.version(b"ix"), b.version(b"ix"));
+    assert!(va.is_some() && va == vb);
+    assert_eq!(a.get(b"ix", b"salt").unwrap(), None);
+    a.put_if(b"ix", b"salt", b"from a", va).unwrap();
+    match b.put_if(b"ix", b"salt", b"from b", vb) {
+        Err(UserStoreError::Conflict(_)) => {}
+        r => panic!("the second create must conflict, got {r:?}"),
+    }
+    assert_eq!(
+        b.get(b"ix", b"salt").unwrap().as_deref(),
+        Some(&b"from a"[..])
+    );
+    // Plain puts (the user records themselves) are not guarded and move no version.
+    let v = b.version(b"ix");
+    b.put(b"ix", b"user", b"rec").unwrap();
+    assert_eq!(a.version(b"ix"), v);
+    a.put_if(b"ix", b"roster", b"r1", v).unwrap();
+    assert_ne!(b.version(b"ix"), v);
 }
 
 fn an_unreachable_store_is_unavailable(w: &Weed) {
