@@ -276,6 +276,23 @@ impl S3Store {
         Ok(())
     }
 
+    /// Run a read on a fresh view; when it met a log object compacted away under a stale
+    /// view, catch up and run it once more (a second miss is corruption).
+    fn read_retrying<T>(&self, read: impl Fn() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.fresh()?;
+        match read() {
+            Err(StoreError::Conflict(_)) => {
+                let i = self.inner.clone();
+                run(self.rt(), async move { i.catch_up(true).await })?;
+                read().map_err(|e| match e {
+                    StoreError::Conflict(m) => StoreError::Corrupt(m),
+                    e => e,
+                })
+            }
+            r => r,
+        }
+    }
+
     fn read_values(&self, locs: Vec<Option<Loc>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let i = self.inner.clone();
         run(self.rt(), async move { i.read_values(locs).await })
@@ -524,6 +541,15 @@ impl Inner {
         )))
     }
 
+    /// Delete one object (already gone is fine: another server compacted it).
+    async fn delete(&self, name: String) -> Result<(), StoreError> {
+        request("delete");
+        match self.os.delete(&self.path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn compact(&self) -> Result<(), StoreError> {
         self.catch_up(true).await?;
         let (applied, snapshot) = {
@@ -629,15 +655,7 @@ impl Inner {
                 .collect()
         };
         for s in &dead {
-            request("delete");
-            match self
-                .os
-                .delete(&self.path(format::log_name(&self.prefix, *s)))
-                .await
-            {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(unavailable(e)),
-            }
+            self.delete(format::log_name(&self.prefix, *s)).await?;
         }
         {
             let mut v = self.view.write();
@@ -650,15 +668,7 @@ impl Inner {
         if snaps.len() > 2 {
             for (s, _, t) in &snaps[..snaps.len() - 2] {
                 if t.older_than(retention) {
-                    request("delete");
-                    match self
-                        .os
-                        .delete(&self.path(format::snap_name(&self.prefix, *s)))
-                        .await
-                    {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(unavailable(e)),
-                    }
+                    self.delete(format::snap_name(&self.prefix, *s)).await?;
                 }
             }
         }
@@ -700,47 +710,27 @@ impl IndexStore for S3Store {
     }
 
     fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.fresh()?;
-        for attempt in 0..2 {
+        self.read_retrying(|| {
             let locs: Vec<Option<Loc>> = {
                 let v = self.inner.view.read();
                 keys.iter().map(|k| v.keys.get(k).copied()).collect()
             };
-            match self.read_values(locs) {
-                Err(StoreError::Conflict(_)) if attempt == 0 => {
-                    let i = self.inner.clone();
-                    run(self.rt(), async move { i.catch_up(true).await })?;
-                }
-                Err(StoreError::Conflict(m)) => return Err(StoreError::Corrupt(m)),
-                r => return r,
-            }
-        }
-        unreachable!("the loop returns")
+            self.read_values(locs)
+        })
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
-        self.fresh()?;
-        for attempt in 0..2 {
+        self.read_retrying(|| {
             let hits = self.inner.view.read().scan(prefix);
             let (keys, locs): (Vec<Vec<u8>>, Vec<Option<Loc>>) =
                 hits.into_iter().map(|(k, at)| (k, Some(at))).unzip();
-            match self.read_values(locs) {
-                Ok(vals) => {
-                    return Ok(keys
-                        .into_iter()
-                        .zip(vals)
-                        .map(|(k, v)| (k, v.unwrap_or_default()))
-                        .collect())
-                }
-                Err(StoreError::Conflict(_)) if attempt == 0 => {
-                    let i = self.inner.clone();
-                    run(self.rt(), async move { i.catch_up(true).await })?;
-                }
-                Err(StoreError::Conflict(m)) => return Err(StoreError::Corrupt(m)),
-                Err(e) => return Err(e),
-            }
-        }
-        unreachable!("the loop returns")
+            let vals = self.read_values(locs)?;
+            Ok(keys
+                .into_iter()
+                .zip(vals)
+                .map(|(k, v)| (k, v.unwrap_or_default()))
+                .collect())
+        })
     }
 
     fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
