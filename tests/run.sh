@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run every test: Rust unit/integration tests, then the black-box suites against a real server
 # process (plain HTTP, spec compatibility, at-rest scan) and the official CyborgDB Python
-# client 0.18.0 and 0.17.0, and the KMS suite against real OpenBao and moto servers. Python
-# venvs are created under .venvs/ on first use.
+# client 0.18.0 and 0.17.0, the KMS suite against real OpenBao and moto servers, the S3
+# suite against a real SeaweedFS, and side-by-side checks against the original service
+# 0.18.0. Python venvs are created under .venvs/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
