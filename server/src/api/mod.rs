@@ -8,6 +8,7 @@ pub mod error;
 pub mod fast_json;
 pub mod health;
 pub mod indexes;
+pub mod metadata;
 pub mod users;
 pub mod vectors;
 
@@ -319,6 +320,7 @@ pub type Apis = (
     embeddings::EmbeddingsApi,
     indexes::IndexesApi,
     vectors::VectorsApi,
+    metadata::MetadataApi,
     users::UsersApi,
 );
 
@@ -335,6 +337,9 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
                 state: state.clone(),
             },
             vectors::VectorsApi {
+                state: state.clone(),
+            },
+            metadata::MetadataApi {
                 state: state.clone(),
             },
             users::UsersApi { state },
