@@ -332,7 +332,7 @@ def test_metadata_schema_at_create_describe_and_query_metadata(api):
     st, d = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})
     assert d["metadata_schema"] == {"g": {"filterable": False, "pattern": False, "full_text": False},
                                     "loc.city": {"filterable": True, "pattern": True, "full_text": False}}
-    assert list(d["metadata_schema"]) == ["g", "loc.city"] and d["bm25"] is None
+    assert list(d["metadata_schema"]) == ["g", "loc.city"] and d.get("bm25") is None
     api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": [
         {"id": "a", "vector": [1, 0], "metadata": {"g": "x", "loc": {"city": "Paris"}, "h": "q"}},
         {"id": "b", "vector": [0, 1], "metadata": {"g": "y", "loc": {"city": "Oslo"}, "h": "r"}}]})

@@ -182,8 +182,9 @@ pub struct IndexInfo {
     /// 0.18: every field of the index's `metadata_schema` with all three settings (`{}` when
     /// none was given).
     pub metadata_schema: JsonObject,
-    /// 0.18: BM25 parameters of an index with `full_text` fields; always null here (no
+    /// 0.18: BM25 parameters of an index with `full_text` fields; absent here (no
     /// full-text search yet).
+    #[oai(skip_serializing_if_is_none)]
     pub bm25: Option<JsonObject>,
 }
 
