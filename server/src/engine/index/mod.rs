@@ -489,16 +489,7 @@ impl Index {
     /// wrote the index since this process last loaded or wrote it (else
     /// `StoreError::Conflict`, nothing written), and the index's version moves on.
     pub(crate) fn commit(&self, batch: WriteBatch) -> Result<(), EngineError> {
-        match &self.scope {
-            None => Ok(self.store.write(batch)?),
-            Some(scope) => {
-                let v = self.seen.load(Ordering::Acquire);
-                if let Some(n) = self.store.write_guarded(batch, &[(scope, v)])? {
-                    self.seen.store(n, Ordering::Release);
-                }
-                Ok(())
-            }
-        }
+        self.commit_naming(batch, &[])
     }
 
     /// [`Index::commit`], also naming `names` (other scopes, guarded at the versions the
