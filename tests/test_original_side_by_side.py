@@ -152,3 +152,118 @@ def test_metadata_schema_matches_the_original(original, server):
             got.append((st, sorted(b["ids"]) if st == 200 else None))
         answers.append(got)
     assert answers[1] == answers[0]
+
+
+WORDS = ("fox dog cat bird quick lazy brown red running runs runner jumped jumping over under "
+         "the a of with this forest river mountain news world daily shoes sleeping sleeps "
+         "encrypted vector database search index").split()
+STOP = {"the", "a", "of", "with", "this"}
+
+
+def text_items(n=60, seed=5):
+    """Items whose title and body lengths (in non-stopword terms) differ from every other
+    item's, so that BM25 scores rarely tie (the original orders ties its own way)."""
+    import random
+    rnd = random.Random(seed)
+    content = [w for w in WORDS if w not in STOP]
+    out = []
+    for i in range(n):
+        title = [rnd.choice(content) for _ in range(i % 60 + 1)] + [rnd.choice(sorted(STOP))]
+        body = [rnd.choice(content) for _ in range((i * 7) % 60 + 1)]
+        meta = {"title": " ".join(title).capitalize(), "k": i % 4}
+        if i % 9:
+            meta["body"] = {"text": " ".join(body)}
+        out.append({"id": f"doc{i:02d}", "vector": [rnd.random(), rnd.random()], "metadata": meta})
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_pair(original, server):
+    ours = Api(server.url)
+    name, key = f"sbs-text-{secrets.token_hex(3)}", secrets.token_hex(32)
+    for api in (original, ours):
+        st, b = api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2,
+                                                 "text_fields": ["title", "body.text"], "bm25_k1": 1.4, "bm25_b": 0.7})
+        assert st == 200, b
+        assert api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": text_items()})[0] == 200
+        # Overwrites and deletes: the text index must follow them.
+        assert api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": text_items(8, seed=9)})[0] == 200
+        assert api.post("/v1/vectors/delete", {"index_name": name, "index_key": key, "ids": ["doc03", "doc10"]})[0] == 200
+    return original, ours, name, key
+
+
+def untied(rows, limit=None, key="score"):
+    """Ids and scores in order, cut before the first score tie (the original orders ties its
+    own way); ties are looked for in all `rows`, the result holds at most `limit`."""
+    out = []
+    for i, r in enumerate(rows[:limit]):
+        if any(abs(o[key] - r[key]) <= 1e-6 * max(1.0, abs(r[key])) for j, o in enumerate(rows) if j != i):
+            break
+        out.append((r["id"], r[key]))
+    return out
+
+
+def same_ranking(a, b):
+    """Same ids in the same order, scores equal up to float32 rounding (the original scores
+    in float32)."""
+    return [i for i, _ in a] == [i for i, _ in b] and all(
+        abs(x - y) <= 1e-5 * max(1.0, abs(x)) for (_, x), (_, y) in zip(a, b))
+
+
+TEXT_QUERIES = [
+    {"text": "fox"}, {"text": "running foxes"}, {"text": "quick brown dog"},
+    {"text": "fox dog", "require_all_terms": True}, {"text": "database search", "text_fields": ["body.text"]},
+    {"text": "river mountain", "text_field_weights": [2.0, 0.5]}, {"text": "sleeping cat", "filters": {"k": {"$in": [1, 2]}}},
+    {"text": "news world", "top_k": 5}, {"text": "with the of"},
+]
+
+
+@pytest.mark.parametrize("body", TEXT_QUERIES, ids=[json.dumps(b) for b in TEXT_QUERIES])
+def test_bm25_text_queries_rank_as_the_original(text_pair, body):
+    theirs, ours, name, key = text_pair
+    got = []
+    for api in (theirs, ours):
+        st, b = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
+        assert st == 200, (api.url, b)
+        got.append((untied(b["results"]), len(b["results"])))
+    assert same_ranking(got[1][0], got[0][0]) and got[1][1] == got[0][1], got
+    assert got[0][0] or body["text"] == "with the of", "the comparison must cover some results"
+
+
+HYBRID = [
+    {"text": "fox"}, {"text": "running foxes", "alpha": 0.3}, {"text": "quick dog", "alpha": 0.0},
+    {"text": "quick dog", "alpha": 1.0}, {"text": "river", "rrf_k": 10, "window_mult": 2},
+    {"text": "bird news", "filters": {"k": 1}}, {"text": "encrypted index", "text_fields": ["title"], "top_k": 4},
+]
+
+
+@pytest.mark.parametrize("body", HYBRID, ids=[json.dumps(b) for b in HYBRID])
+def test_hybrid_queries_fuse_as_the_original(text_pair, body):
+    theirs, ours, name, key = text_pair
+    got = []
+    for api in (theirs, ours):
+        req = {"index_name": name, "index_key": key, "query_vectors": [0.3, 0.7], "top_k": 12, **body}
+        st, b = api.post("/v1/vectors/query", req)
+        assert st == 200, (api.url, b)
+        assert all("distance" not in r for r in b["results"])
+        got.append(untied(b["results"], limit=8))
+    assert same_ranking(got[1], got[0]) and got[0], got
+
+
+def test_bm25_describe_and_create_refusals_match_the_original(original, server):
+    ours = Api(server.url)
+    key = secrets.token_hex(32)
+    for extra, status in [({"bm25_k1": 1.5}, 400), ({"text_fields": ["t"], "bm25_k1": -1}, 400),
+                          ({"text_fields": ["t"], "bm25_b": 1.5}, 400),
+                          ({"text_fields": ["t"], "metadata_schema": {"t": {"filterable": True}}}, 400),
+                          ({"text_fields": [""]}, 422), ({"text_fields": ["t", "t"], "bm25_k1": 0}, 200)]:
+        got = []
+        for api in (original, ours):
+            name = f"sbs-c-{secrets.token_hex(3)}"
+            st, _ = api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2, **extra})
+            d = None
+            if st == 200:
+                d = api.post("/v1/indexes/describe", {"index_name": name, "index_key": key})[1]
+                d = (d["metadata_schema"], d["bm25"]["k1"], d["bm25"]["b"])
+            got.append((st, d))
+        assert got[1] == got[0] and got[0][0] == status, extra

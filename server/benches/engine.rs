@@ -148,6 +148,7 @@ fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, L
                 declared_dimension: dim as u32,
                 created_at: 0,
                 metadata_schema: Vec::new(),
+                bm25: Default::default(),
             },
         })
         .expect("create");

@@ -698,6 +698,7 @@ mod tests {
                     declared_dimension: 2,
                     created_at: 0,
                     metadata_schema: Vec::new(),
+                    bm25: Default::default(),
                 },
             })
             .unwrap();

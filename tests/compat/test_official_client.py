@@ -182,3 +182,72 @@ def test_query_metadata_through_the_client(client):
                {"text": "hello"}]:
         expect_status(400, ix.query_metadata, **kw)
     ix.delete_index()
+
+
+TEXT_DOCS = [
+    ("a", [1.0, 0.0], {"title": "The quick brown fox", "body": "Foxes are running quickly through the forest", "k": 1}),
+    ("b", [0.9, 0.1], {"title": "Lazy dogs sleeping", "body": "The dog sleeps with this fox all day", "k": 2}),
+    ("c", [0.5, 0.5], {"title": "Running shoes", "body": "Best running shoes for runners and joggers, running daily", "k": 1}),
+    ("d", [0.0, 1.0], {"title": "Fox News", "body": "news about the world", "k": 2}),
+    ("e", [0.2, 0.8], {"title": "Quickly quick quicker", "body": "quickest", "k": 1}),
+]
+
+
+@pytest.mark.skipif(not hasattr(cyborgdb.EncryptedIndex, "query_metadata")
+                    if hasattr(cyborgdb, "EncryptedIndex") else True,
+                    reason="BM25 and hybrid search are 0.18 client methods")
+def test_bm25_and_hybrid_search_through_the_client(client):
+    """0.18's full-text search through the client's own methods: text_fields and bm25 at
+    create, describe's bm25, query_metadata(text=...) with the scores cyborgdb-service
+    0.18.0 returns on the same documents, and hybrid query/query_binary with alpha,
+    rrf_k and window_mult."""
+    key = client.generate_key()
+    name = f"bm25-{np.random.randint(1 << 30)}"
+    ix = client.create_index(index_name=name, index_key=key, dimension=2, text_fields=["title", "body"])
+    ix.upsert([{"id": i, "vector": v, "metadata": m} for i, v, m in TEXT_DOCS])
+    loaded = client.load_index(name, key)
+    assert loaded.metadata_schema["title"]["full_text"] is True
+    assert loaded.metadata_schema["title"]["filterable"] is False
+    assert loaded.bm25["k1"] == 1.2 and loaded.bm25["b"] == 0.75 and loaded.bm25["analyzer_version"]
+
+    def text(**kw):
+        return [(r["id"], round(r["score"], 5)) for r in ix.query_metadata(**kw)]
+
+    # Scores as the original returns them on these documents (probed on 0.18.0).
+    assert text(text="fox") == [("a", 1.63581), ("d", 0.96673), ("b", 0.81218)]
+    assert text(text="running") == [("c", 2.54451), ("a", 0.81218)]
+    assert text(text="quick fox") == [("a", 3.74553), ("e", 1.15384), ("d", 0.96673), ("b", 0.81218)]
+    assert text(text="quick fox", require_all_terms=True) == [("a", 3.74553)]
+    assert text(text="fox", text_fields=["title"]) == [("d", 0.96673), ("a", 0.82363)]
+    # Without text_fields, weights go to the full_text fields in name order (body, title).
+    assert text(text="fox", text_field_weights=[2.0, 1.0]) == [("a", 2.448), ("b", 1.62436), ("d", 0.96673)]
+    assert text(text="fox", text_fields=["title", "body"], text_field_weights=[2.0, 1.0]) == [
+        ("a", 2.45945), ("d", 1.93347), ("b", 0.81218)]
+    assert text(text="with this the") == []
+    assert text(text="fox", filters={"k": 2}) == [("d", 0.96673), ("b", 0.81218)]
+    assert text(text="fox", top_k=1) == [("a", 1.63581)]
+    for kw in [{"text": "fox", "order_by": "k"}, {"text": "fox", "text_fields": ["k"]},
+               {"text": "fox", "text_field_weights": [1.0]}, {"text": "fox", "filters": {"title": "Fox News"}}]:
+        expect_status(400, ix.query_metadata, **kw)
+
+    # Hybrid: weighted reciprocal rank fusion of the vector and the text ranking.
+    hits = ix.query(query_vectors=[1.0, 0.0], top_k=3, text="fox")
+    assert [h["id"] for h in hits] == ["a", "b", "d"]
+    assert abs(hits[0]["score"] - 1 / 61) < 1e-6 and "distance" not in hits[0]
+    only_text = ix.query(query_vectors=[1.0, 0.0], top_k=3, text="fox", alpha=0.0)
+    assert [h["id"] for h in only_text] == ["a", "d", "b"]
+    only_vec = ix.query(query_vectors=[1.0, 0.0], top_k=3, text="fox", alpha=1.0, rrf_k=10)
+    assert [h["id"] for h in only_vec] == ["a", "b", "c"] and abs(only_vec[1]["score"] - 1 / 12) < 1e-6
+    narrow = ix.query(query_vectors=[1.0, 0.0], top_k=2, text="running", window_mult=1,
+                      include=["metadata"])
+    assert [h["id"] for h in narrow] == ["a", "c"] and narrow[1]["metadata"]["k"] == 1
+    binary = ix.query_binary(np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32), top_k=2, text="fox")
+    assert [[h["id"] for h in row] for row in binary] == [["a", "b"], ["d", "a"]]
+    expect_status(400, ix.query, query_vectors=[1.0, 0.0], text="fox", alpha=2.0)
+    expect_status(400, ix.query, query_vectors=[1.0, 0.0], text="fox", rrf_k=0)
+    plain = client.create_index(index_name=name + "-plain", index_key=key, dimension=2)
+    plain.upsert([{"id": "x", "vector": [1.0, 0.0], "metadata": {"title": "fox"}}])
+    expect_status(400, plain.query, query_vectors=[1.0, 0.0], text="fox")
+    expect_status(400, plain.query_metadata, text="fox")
+    plain.delete_index()
+    ix.delete_index()

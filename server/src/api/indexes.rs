@@ -58,13 +58,32 @@ pub struct CreateIndexRequest {
     /// 0.18: how metadata fields are indexed, `{"field": {"filterable": bool, "pattern":
     /// bool, "full_text": bool}}` (dot paths; fixed at create). `query_metadata` refuses to
     /// filter on `filterable: false` fields and answers `$regex`/`$contains` on `pattern`
-    /// fields. `full_text` (BM25) is not offered yet (400).
+    /// fields. `full_text` fields are analysed for BM25 text search (`text` in `query` and
+    /// `query_metadata`) and are not filterable.
     pub metadata_schema: Option<JsonObject>,
-    /// 0.18 shorthand for `full_text` fields (not offered yet: 400 when non-empty).
+    /// 0.18 shorthand for marking fields `full_text` in `metadata_schema`.
     pub text_fields: Option<Vec<String>>,
-    /// 0.18 BM25 parameters (need a `full_text` field: 400).
+    /// BM25 term-frequency saturation, >= 0 (default 1.2; needs a `full_text` field).
     pub bm25_k1: Option<f64>,
+    /// BM25 length normalisation, in [0, 1] (default 0.75; needs a `full_text` field).
     pub bm25_b: Option<f64>,
+}
+
+/// Describe's `bm25`: the parameters and analyzer of an index with `full_text` fields.
+fn bm25_info(info: &crate::engine::IndexInfo) -> Option<JsonObject> {
+    info.metadata_schema
+        .iter()
+        .any(|(_, f)| f.full_text)
+        .then(|| {
+            let mut m = serde_json::Map::new();
+            m.insert("k1".into(), info.bm25.k1.into());
+            m.insert("b".into(), info.bm25.b.into());
+            m.insert(
+                "analyzer_version".into(),
+                crate::engine::text::ANALYZER_VERSION.into(),
+            );
+            JsonObject(m)
+        })
 }
 
 /// A validated `metadata_schema`, in the order given.
@@ -114,15 +133,10 @@ fn parse_schema(
                 "metadata_schema.{name}: full_text is incompatible with an explicit filterable: true (a full_text field is analysed, so it is not filterable)"
             )));
         }
-        if full_text {
-            return Err(ApiError::bad_request(format!(
-                "metadata_schema.{name}: full_text fields (BM25 text search) are not offered by this server yet"
-            )));
-        }
         out.push((
             name.clone(),
             crate::engine::FieldSchema {
-                filterable: filterable.unwrap_or(true),
+                filterable: filterable.unwrap_or(!full_text),
                 pattern: pattern.unwrap_or(false),
                 full_text,
             },
@@ -362,16 +376,68 @@ impl IndexesApi {
                     )))
                 }
             };
-            let metadata_schema = parse_schema(req.metadata_schema.as_ref())?;
-            if req.text_fields.as_ref().is_some_and(|t| !t.is_empty()) {
+            let mut metadata_schema = parse_schema(req.metadata_schema.as_ref())?;
+            for f in req.text_fields.iter().flatten() {
+                if f.is_empty() {
+                    return Err(ApiError::invalid(
+                        "text_fields entries must be non-empty field names",
+                    ));
+                }
+                match metadata_schema.iter_mut().find(|(n, _)| n == f) {
+                    Some((_, s)) if s.full_text => {}
+                    Some((_, s)) if s.pattern => {
+                        return Err(ApiError::bad_request(format!(
+                            "text_fields names '{f}', which metadata_schema marks pattern: a field is analysed for full-text search or exact-match indexed, not both"
+                        )))
+                    }
+                    Some(_)
+                        if req
+                            .metadata_schema
+                            .as_ref()
+                            .and_then(|m| m.0.get(f))
+                            .and_then(|o| o.get("filterable"))
+                            .is_some_and(|v| v.as_bool() == Some(true)) =>
+                    {
+                        return Err(ApiError::bad_request(format!(
+                            "text_fields names '{f}', which metadata_schema marks filterable: true; a full_text field is analysed, so it is not filterable"
+                        )));
+                    }
+                    Some((_, s)) => {
+                        s.full_text = true;
+                        s.filterable = false;
+                    }
+                    None => metadata_schema.push((
+                        f.clone(),
+                        crate::engine::FieldSchema {
+                            filterable: false,
+                            pattern: false,
+                            full_text: true,
+                        },
+                    )),
+                }
+            }
+            let has_text = metadata_schema.iter().any(|(_, f)| f.full_text);
+            if !has_text && (req.bm25_k1.is_some() || req.bm25_b.is_some()) {
                 return Err(ApiError::bad_request(
-                    "text_fields (BM25 text search) are not offered by this server yet",
+                    "bm25_k1/bm25_b are BM25 scoring parameters and need at least one full_text field (mark one in metadata_schema, or pass text_fields)",
                 ));
             }
-            if req.bm25_k1.is_some() || req.bm25_b.is_some() {
-                return Err(ApiError::bad_request(
-                    "bm25_k1/bm25_b are BM25 scoring parameters and need a full_text field, which this server does not offer yet",
-                ));
+            let mut bm25 = crate::engine::Bm25::default();
+            if let Some(k1) = req.bm25_k1 {
+                if !(k1.is_finite() && k1 >= 0.0) {
+                    return Err(ApiError::bad_request(format!(
+                        "bm25_k1 must be a finite number >= 0; got {k1}"
+                    )));
+                }
+                bm25.k1 = k1;
+            }
+            if let Some(b) = req.bm25_b {
+                if !(0.0..=1.0).contains(&b) {
+                    return Err(ApiError::bad_request(format!(
+                        "bm25_b must be in [0, 1]; got {b}"
+                    )));
+                }
+                bm25.b = b;
             }
             let model = req.embedding_model.clone().filter(|m| !m.is_empty());
             if let Some(m) = &model {
@@ -416,6 +482,7 @@ impl IndexesApi {
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     metadata_schema,
+                    bm25,
                 },
             })?;
             if let Some(env) = &remember {
@@ -456,6 +523,10 @@ impl IndexesApi {
                 KeySource::Client => (None, None),
                 KeySource::Kms(env) => (Some(env.slot), Some(env.provider)),
             };
+            let bm25 = bm25_info(&info);
+            // Fields in name order, as the original lists them.
+            let mut schema = info.metadata_schema.clone();
+            schema.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(IndexInfo {
                 index_name: info.name,
                 is_trained: info.is_trained,
@@ -468,7 +539,7 @@ impl IndexesApi {
                 kms_name,
                 kms_provider,
                 metadata_schema: JsonObject(
-                    info.metadata_schema
+                    schema
                         .iter()
                         .map(|(n, f)| {
                             (
@@ -478,7 +549,7 @@ impl IndexesApi {
                         })
                         .collect(),
                 ),
-                bm25: None,
+                bm25,
             })
         })
         .await

@@ -12,6 +12,8 @@ use super::vectors::{open, Tag};
 use super::{blocking, AppState, Credentials, IndexRef, JsonObject};
 use crate::auth::Action;
 use crate::engine::filter::Filter;
+use crate::engine::text::TextQuery;
+use crate::engine::Index;
 
 /// A metadata-only query (0.18): no vector, a filter, optionally an order.
 #[derive(Object, Debug)]
@@ -29,8 +31,8 @@ pub struct QueryMetadataRequest {
     pub order_by: Option<Value>,
     /// With `order_by` as a name: ascending (the default) or descending.
     pub ascending: Option<bool>,
-    /// BM25 text query over `full_text` fields (an index needs such fields; this server does
-    /// not offer them yet, so a non-empty `text` is 400).
+    /// BM25 text query over the index's `full_text` fields; results then come best first
+    /// with their `score`. Omitted or empty: a filter-only query.
     pub text: Option<String>,
     /// `full_text` fields the text query searches.
     pub text_fields: Option<Vec<String>>,
@@ -84,9 +86,17 @@ impl MetadataApi {
         blocking(move || {
             let req = body.0;
             let ix = open(&state, &creds, Action::Read, &req.index)?;
-            if req.text.as_deref().is_some_and(|t| !t.trim().is_empty()) {
+            let text = text_query(
+                &ix,
+                "text query",
+                req.text,
+                req.text_fields,
+                req.text_field_weights,
+                req.require_all_terms,
+            )?;
+            if text.is_some() && req.order_by.as_ref().is_some_and(|o| !o.is_null()) {
                 return Err(ApiError::bad_request(
-                    "a text query needs an index with at least one full_text field; this index has none (full_text fields are declared in metadata_schema at creation, which this server does not offer yet)",
+                    "order_by cannot be combined with text: text results are ranked by BM25 score (drop order_by, or query without text)",
                 ));
             }
             let max = state.limits.max_query_results;
@@ -138,6 +148,25 @@ impl MetadataApi {
             if let Some(why) = filter.as_ref().and_then(|f| f.metadata_only_refusal(&schema)) {
                 return Err(ApiError::bad_request(why));
             }
+            if let Some(q) = text {
+                let hits = ix.text_top(&q, filter.as_ref(), top_k)?;
+                if top_k.is_none() && hits.len() > max {
+                    return Err(ApiError::invalid(format!(
+                        "more than {max} items match; give top_k (or raise --max-query-results)"
+                    )));
+                }
+                return Ok(QueryMetadataResponse {
+                    count: hits.len() as i64,
+                    ids: hits.iter().map(|(id, _)| id.clone()).collect(),
+                    results: hits
+                        .into_iter()
+                        .map(|(id, score)| MetadataResult {
+                            id,
+                            score: Some(super::vectors::score_for_json(score)),
+                        })
+                        .collect(),
+                });
+            }
             let ids = ix.query_metadata(
                 filter.as_ref(),
                 order.as_ref().map(|(f, d)| (f.as_str(), *d)),
@@ -159,4 +188,89 @@ impl MetadataApi {
         .await
         .into()
     }
+}
+
+/// The text part of a query, checked against the index's `full_text` fields: `None` when
+/// `text` is omitted or empty. `what` names the query in errors ("text query", "hybrid
+/// query"). Every refusal is a 400, as the original's.
+pub(super) fn text_query(
+    ix: &Index,
+    what: &str,
+    text: Option<String>,
+    fields: Option<Vec<String>>,
+    weights: Option<Vec<f64>>,
+    require_all: Option<bool>,
+) -> Result<Option<TextQuery>, ApiError> {
+    let Some(text) = text.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let all = ix.config.text_fields();
+    if all.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "a {what} needs an index with at least one full_text field; this index has none (full_text fields are fixed at creation: metadata_schema or text_fields)"
+        )));
+    }
+    let searched: Vec<(usize, String)> = match fields.filter(|f| !f.is_empty()) {
+        // All of them, in name order (as the original: weights are parallel to that order).
+        None => {
+            let mut v: Vec<(usize, String)> = all
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (i, (*f).to_owned()))
+                .collect();
+            v.sort_by(|a, b| a.1.cmp(&b.1));
+            v
+        }
+        Some(names) => {
+            let mut out: Vec<(usize, String)> = Vec::with_capacity(names.len());
+            for n in names {
+                let Some(i) = all.iter().position(|f| *f == n) else {
+                    return Err(ApiError::bad_request(format!(
+                        "text_fields names '{n}', which is not a full_text field of this index (full_text fields: {})",
+                        all.join(", ")
+                    )));
+                };
+                if !out.iter().any(|(j, _)| *j == i) {
+                    out.push((i, n));
+                }
+            }
+            out
+        }
+    };
+    let weights = match weights {
+        None => vec![1.0; searched.len()],
+        Some(w) if w.len() != searched.len() => {
+            return Err(ApiError::bad_request(format!(
+                "text_field_weights has {} entries but the query searches {} field(s); give one weight per searched field (all full_text fields when text_fields is omitted)",
+                w.len(),
+                searched.len()
+            )))
+        }
+        Some(w) => {
+            if let Some((i, x)) = w.iter().enumerate().find(|(_, x)| !(x.is_finite() && **x >= 0.0)) {
+                return Err(ApiError::bad_request(format!(
+                    "text_field_weights[{i}] (field '{}') must be a finite number >= 0; got {x}",
+                    searched[i].1
+                )));
+            }
+            w
+        }
+    };
+    let max_terms = 256;
+    let terms = crate::engine::text::query_terms(&text);
+    if terms.len() > max_terms {
+        return Err(ApiError::invalid(format!(
+            "the query text has {} distinct terms; at most {max_terms} are searched at once",
+            terms.len()
+        )));
+    }
+    Ok(Some(TextQuery {
+        terms,
+        fields: searched
+            .into_iter()
+            .zip(weights)
+            .map(|((i, n), w)| (i, n, w))
+            .collect(),
+        require_all: require_all.unwrap_or(false),
+    }))
 }

@@ -226,6 +226,23 @@ pub struct QueryOptions {
     pub filters: Option<JsonObject>,
     /// Extra fields per result: `distance`, `metadata`, `vector`, `contents`. Default: ids only.
     pub include: Option<Vec<String>>,
+    /// Hybrid search (0.18): BM25 query text over the index's `full_text` fields, fused
+    /// with the vector results by weighted reciprocal rank fusion; results then carry
+    /// `score` instead of `distance`. Omitted or empty: a plain vector query.
+    pub text: Option<String>,
+    /// `full_text` fields the text leg searches (default: all of them).
+    pub text_fields: Option<Vec<String>>,
+    /// Weights of the searched fields' BM25 scores, parallel to `text_fields` (omitted:
+    /// to the `full_text` fields in name order); default 1 each.
+    pub text_field_weights: Option<Vec<f64>>,
+    /// Match only items holding every query term (default: any).
+    pub require_all_terms: Option<bool>,
+    /// Blend in [0, 1]: 0 = BM25 only, 1 = vector only (default 0.5).
+    pub alpha: Option<f64>,
+    /// Rank smoothing of the fusion, > 0 (default 60).
+    pub rrf_k: Option<f64>,
+    /// Each leg's candidates as a multiple of `top_k`, >= 1 (default 3).
+    pub window_mult: Option<i64>,
 }
 
 /// Several query vectors at once.
@@ -273,9 +290,12 @@ pub struct BinaryQueryRequest {
 #[oai(rename = "QueryResultItem")]
 pub struct QueryResultItem {
     pub id: String,
-    /// Distance to the query (smaller is closer).
+    /// Distance to the query (smaller is closer); plain vector queries.
     #[oai(skip_serializing_if_is_none)]
     pub distance: Option<f64>,
+    /// Fused rank score (hybrid queries; larger is better), instead of `distance`.
+    #[oai(skip_serializing_if_is_none)]
+    pub score: Option<f64>,
     #[oai(skip_serializing_if_is_none)]
     pub metadata: Option<JsonObject>,
     /// The stored vector (at the index's storage precision).
@@ -540,6 +560,11 @@ fn f32_for_json(x: f32) -> f64 {
     format!("{x}").parse().unwrap_or(x as f64)
 }
 
+/// A score as the original reports it: rounded to float32, written in its shortest form.
+pub(super) fn score_for_json(x: f64) -> f64 {
+    f32_for_json(x as f32)
+}
+
 fn vec_for_json(v: Vec<f32>) -> Vec<f64> {
     v.into_iter().map(f32_for_json).collect()
 }
@@ -548,6 +573,7 @@ fn hit_dto(h: Hit, include: Include) -> QueryResultItem {
     QueryResultItem {
         id: h.id,
         distance: include.distance.then(|| f32_for_json(h.distance)),
+        score: None,
         metadata: h.metadata.map(|m| JsonObject(object_of(&m))),
         vector: h.vector.map(vec_for_json),
         contents: h.contents,
@@ -574,16 +600,148 @@ fn run_query(
     limits: &crate::limits::Limits,
     ix: &Index,
     queries: Vec<Vec<f32>>,
-    opts: QueryOptions,
+    mut opts: QueryOptions,
 ) -> Result<Vec<Vec<QueryResultItem>>, ApiError> {
-    let params = opts.resolve(limits)?;
+    let text = super::metadata::text_query(
+        ix,
+        "hybrid query",
+        opts.text.take(),
+        opts.text_fields.take(),
+        opts.text_field_weights.take(),
+        opts.require_all_terms.take(),
+    )?;
+    let hybrid = match text {
+        Some(q) => Some(Hybrid::resolve(&opts, q)?),
+        None => None,
+    };
+    let mut params = opts.resolve(limits)?;
     limits.query(queries.len(), params.top_k)?;
     let include = params.include;
-    let results = ix.search(&queries, &params)?;
-    Ok(results
-        .into_iter()
-        .map(|hits| hits.into_iter().map(|h| hit_dto(h, include)).collect())
-        .collect())
+    let Some(h) = hybrid else {
+        let results = ix.search(&queries, &params)?;
+        return Ok(results
+            .into_iter()
+            .map(|hits| hits.into_iter().map(|h| hit_dto(h, include)).collect())
+            .collect());
+    };
+    let top_k = params.top_k;
+    let window = top_k
+        .saturating_mul(h.window_mult)
+        .min(limits.max_query_results.max(top_k));
+    // The text leg is the same for every query vector: run it once. An exact endpoint of
+    // alpha skips the leg it silences.
+    let text_ids: Vec<String> = if h.alpha < 1.0 {
+        ix.text_top(&h.text, params.filter.as_ref(), Some(window))?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let vector_hits: Vec<Vec<Hit>> = if h.alpha > 0.0 {
+        params.top_k = window;
+        params.include.distance = false;
+        ix.search(&queries, &params)?
+    } else {
+        queries.iter().map(|_| Vec::new()).collect()
+    };
+    let mut out = Vec::with_capacity(queries.len());
+    for hits in vector_hits {
+        let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
+        let mut fused = crate::engine::text::fuse(&ids, &text_ids, h.alpha, h.rrf_k);
+        fused.truncate(top_k);
+        let mut by_id: std::collections::HashMap<String, Hit> =
+            hits.into_iter().map(|h| (h.id.clone(), h)).collect();
+        // Results found by the text leg alone: their fields come from a get.
+        let missing: Vec<String> = fused
+            .iter()
+            .filter(|(id, _)| !by_id.contains_key(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let wants = include.metadata || include.vector || include.contents;
+        let mut fetched: std::collections::HashMap<String, Fetched> =
+            if wants && !missing.is_empty() {
+                ix.get(&missing, include)?
+                    .into_iter()
+                    .map(|f| (f.id.clone(), f))
+                    .collect()
+            } else {
+                Default::default()
+            };
+        let items = fused
+            .into_iter()
+            .map(|(id, score)| {
+                let score = Some(score_for_json(score));
+                if let Some(hit) = by_id.remove(&id) {
+                    QueryResultItem {
+                        score,
+                        ..hit_dto(
+                            hit,
+                            Include {
+                                distance: false,
+                                ..include
+                            },
+                        )
+                    }
+                } else {
+                    let f = fetched.remove(&id);
+                    QueryResultItem {
+                        id,
+                        distance: None,
+                        score,
+                        metadata: f
+                            .as_ref()
+                            .and_then(|f| f.metadata.as_ref())
+                            .map(|m| JsonObject(object_of(m))),
+                        vector: f.as_ref().and_then(|f| f.vector.clone()).map(vec_for_json),
+                        contents: f.and_then(|f| f.contents),
+                    }
+                }
+            })
+            .collect();
+        out.push(items);
+    }
+    Ok(out)
+}
+
+/// The fusion knobs of a hybrid query, checked.
+struct Hybrid {
+    text: crate::engine::text::TextQuery,
+    alpha: f64,
+    rrf_k: f64,
+    window_mult: usize,
+}
+
+impl Hybrid {
+    fn resolve(o: &QueryOptions, text: crate::engine::text::TextQuery) -> Result<Self, ApiError> {
+        let alpha = o.alpha.unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(ApiError::bad_request(format!(
+                "alpha must be in [0, 1] (0 = BM25 only, 1 = vector only); got {alpha}"
+            )));
+        }
+        let rrf_k = o.rrf_k.unwrap_or(60.0);
+        if !(rrf_k.is_finite() && rrf_k > 0.0) {
+            return Err(ApiError::bad_request(format!(
+                "rrf_k must be a number > 0 (omit it for 60); got {rrf_k}"
+            )));
+        }
+        let window_mult = match o.window_mult {
+            None => 3,
+            Some(w) if (1..=1000).contains(&w) => w as usize,
+            Some(w) => {
+                return Err(ApiError::bad_request(format!(
+                    "window_mult must be between 1 and 1000: it multiplies top_k into each leg's candidate count (omit it for 3); got {w}"
+                )))
+            }
+        };
+        Ok(Self {
+            text,
+            alpha,
+            rrf_k,
+            window_mult,
+        })
+    }
 }
 
 #[OpenApi]

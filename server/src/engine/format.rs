@@ -40,6 +40,11 @@ pub mod kind {
     pub const RUN: u8 = b'R';
     /// `U || index id || user id` -> sealed user record (RBAC).
     pub const USER: u8 = b'U';
+    /// `T || index id || term tag || seq` -> sealed postings of one term of one
+    /// `full_text` field, as changed by text write `seq` (docs/FORMAT.md "Text index").
+    pub const TERM: u8 = b'T';
+    /// `X || index id` -> sealed text statistics (documents and total length per field).
+    pub const TEXT_STATS: u8 = b'X';
 }
 
 pub type IndexId = [u8; INDEX_ID_LEN];
@@ -155,6 +160,24 @@ pub fn item_key(id: &IndexId, locator: &[u8; 16]) -> Vec<u8> {
     let mut k = scoped_prefix(kind::ITEM, id);
     k.extend_from_slice(locator);
     k
+}
+
+/// The prefix of every postings record of one term tag.
+pub fn term_prefix(id: &IndexId, tag: &[u8; 16]) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::TERM, id);
+    k.extend_from_slice(tag);
+    k
+}
+
+/// The postings record of `tag` written by text write `seq` (big-endian: records sort by it).
+pub fn term_key(id: &IndexId, tag: &[u8; 16], seq: u64) -> Vec<u8> {
+    let mut k = term_prefix(id, tag);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn text_stats_key(id: &IndexId) -> Vec<u8> {
+    scoped_prefix(kind::TEXT_STATS, id)
 }
 
 /// Associated data for the sealed value stored at `store_key`.

@@ -13,6 +13,7 @@ pub mod index;
 pub mod kmeans;
 pub mod meta;
 pub mod progress;
+pub mod text;
 pub mod training;
 
 use std::collections::HashMap;
@@ -182,6 +183,21 @@ pub struct IndexConfig {
     pub created_at: u64,
     /// 0.18 `metadata_schema`, in the order given at create (immutable).
     pub metadata_schema: Vec<(String, FieldSchema)>,
+    /// 0.18 BM25 parameters (`k1`, `b`); used only when a field is `full_text`.
+    pub bm25: Bm25,
+}
+
+/// BM25 scoring parameters of an index (fixed at create).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bm25 {
+    pub k1: f64,
+    pub b: f64,
+}
+
+impl Default for Bm25 {
+    fn default() -> Self {
+        Self { k1: 1.2, b: 0.75 }
+    }
 }
 
 /// How one metadata field is indexed (0.18 `metadata_schema`).
@@ -203,14 +219,24 @@ impl IndexConfig {
             .find(|(n, _)| n == path)
             .map(|(_, f)| *f)
     }
+
+    /// The `full_text` fields, in schema order (their position is their number in the text
+    /// statistics record).
+    pub fn text_fields(&self) -> Vec<&str> {
+        self.metadata_schema
+            .iter()
+            .filter(|(_, f)| f.full_text)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
 }
 
 impl IndexConfig {
-    /// docs/FORMAT.md "Meta record": version 2 appends the metadata schema (version 1,
-    /// without it, still decodes).
+    /// docs/FORMAT.md "Meta record": version 2 appends the metadata schema, version 3 the
+    /// BM25 parameters (versions 1 and 2 still decode, with the defaults).
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(2)
+        w.u8(3)
             .u8(self.metric.code())
             .u8(self.precision.code())
             .u32(self.declared_dimension)
@@ -221,12 +247,13 @@ impl IndexConfig {
             w.bytes(name.as_bytes())
                 .u8(u8::from(f.filterable) | u8::from(f.pattern) << 1 | u8::from(f.full_text) << 2);
         }
+        w.u64(self.bm25.k1.to_bits()).u64(self.bm25.b.to_bits());
         w.0
     }
     fn decode(buf: &[u8]) -> Result<Self, EngineError> {
         let mut r = Reader::new(buf, "index config");
         let version = r.u8()?;
-        if version != 1 && version != 2 {
+        if !(1..=3).contains(&version) {
             return Err(EngineError::Corrupt("unknown config version".into()));
         }
         let metric = Metric::from_code(r.u8()?)
@@ -257,6 +284,11 @@ impl IndexConfig {
                 ));
             }
         }
+        let mut bm25 = Bm25::default();
+        if version >= 3 {
+            bm25.k1 = f64::from_bits(r.u64()?);
+            bm25.b = f64::from_bits(r.u64()?);
+        }
         Ok(Self {
             metric,
             precision,
@@ -264,6 +296,7 @@ impl IndexConfig {
             declared_dimension,
             created_at,
             metadata_schema,
+            bm25,
         })
     }
 }
@@ -307,6 +340,7 @@ pub struct IndexInfo {
     pub n_lists: usize,
     pub num_vectors: usize,
     pub metadata_schema: Vec<(String, FieldSchema)>,
+    pub bm25: Bm25,
 }
 
 /// Engine settings.
@@ -795,6 +829,8 @@ impl Engine {
             format::kind::PAGE,
             format::kind::ITEM,
             format::kind::USER,
+            format::kind::TERM,
+            format::kind::TEXT_STATS,
         ] {
             batch.delete_prefix(format::scoped_prefix(kind, &ix.id));
         }
@@ -829,6 +865,7 @@ impl Engine {
             n_lists: if d.trained { d.n_lists() } else { 1 },
             num_vectors: d.count(),
             metadata_schema: ix.config.metadata_schema.clone(),
+            bm25: ix.config.bm25,
         }
     }
 

@@ -12,6 +12,7 @@ fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
         declared_dimension: dim,
         created_at: 0,
         metadata_schema: Vec::new(),
+        bm25: Default::default(),
     }
 }
 
@@ -704,6 +705,9 @@ mod tamper;
 
 /// Indexes larger than the block cache (`tests/bounded.rs`).
 mod bounded;
+
+/// The encrypted text index against a BM25 model (`tests/text.rs`).
+mod text;
 
 #[test]
 fn state_record_v5_layout_round_trips() {

@@ -218,6 +218,8 @@ pub struct IndexKeys {
     /// HMAC keyed with the record root `R`; cloned per seal to derive that record's key.
     record_root: Hmac<Sha256>,
     id_mac: Hmac<Sha256>,
+    /// HMAC keyed with `K_text`: the store-visible tag of a (field, term) of the text index.
+    text_mac: Hmac<Sha256>,
     /// AES-256 keyed with `K_pos`, for position records (encode-then-encipher).
     position: aes::Aes256,
 }
@@ -234,14 +236,18 @@ impl IndexKeys {
         let mut root = hkdf(dek.expose(), b"sealdb/v2/record-root");
         let mut mac = hkdf(dek.expose(), b"sealdb/v2/id-mac");
         let mut pos = hkdf(dek.expose(), b"sealdb/v2/position");
+        let mut text = hkdf(dek.expose(), b"sealdb/v2/text-mac");
         let keys = Self {
             record_root: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&root)
                 .expect("HMAC takes any key length"),
             id_mac: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&mac)
                 .expect("HMAC takes any key length"),
+            text_mac: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&text)
+                .expect("HMAC takes any key length"),
             position: <aes::Aes256 as aes::cipher::KeyInit>::new_from_slice(&pos)
                 .expect("a 32-byte AES-256 key"),
         };
+        text.zeroize();
         root.zeroize();
         mac.zeroize();
         pos.zeroize();
@@ -322,6 +328,19 @@ impl IndexKeys {
         }
         let word = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
         Ok((word(0), word(4)))
+    }
+
+    /// The 16-byte keyed tag of a term of a `full_text` field: the text index's store keys
+    /// carry this, never the field or the term (docs/FORMAT.md "Text index").
+    pub fn term_tag(&self, field: &str, term: &str) -> [u8; 16] {
+        let mut m = self.text_mac.clone();
+        m.update(&(field.len() as u32).to_le_bytes());
+        m.update(field.as_bytes());
+        m.update(term.as_bytes());
+        let tag = m.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag[..16]);
+        out
     }
 
     /// The 16-byte keyed locator of an item id: the store sees this, never the id.

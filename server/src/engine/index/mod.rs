@@ -39,8 +39,11 @@ mod read;
 mod runs;
 mod search;
 mod state;
+mod text;
 mod train;
 mod write;
+
+pub(crate) use text::TextChange;
 
 pub use block::Block;
 use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};

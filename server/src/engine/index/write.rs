@@ -142,12 +142,18 @@ impl Index {
             // Item records are sealed across cores after the placement loop.
             let mut contents: Vec<Option<(String, String)>> = Vec::new();
             let mut moved: Vec<runs::PosEntry> = Vec::new();
+            let text = self.has_text();
+            let mut text_changes: Vec<TextChange> = Vec::new();
             for (i, it) in items.into_iter().enumerate() {
+                let mut old_meta = None;
                 if let Some((l, b)) = old[i] {
                     let blk = touched
                         .entry((l, b))
                         .or_insert_with(|| copy(l, b).unwrap_or_default());
                     let pos = blk.position(&it.id).ok_or_else(|| self.misplaced(&it.id))?;
+                    if text {
+                        old_meta = blk.meta[pos].clone();
+                    }
                     blk.swap_remove(pos, dim);
                 }
                 let list = lists[i];
@@ -167,6 +173,13 @@ impl Index {
                     tails.insert(list, bno);
                 }
                 let meta = it.metadata.map(|m| Arc::new(Value::Object(m)));
+                if text {
+                    text_changes.push(TextChange {
+                        id: it.id.clone(),
+                        old: old_meta,
+                        new: meta.clone(),
+                    });
+                }
                 let has_contents = it.contents.as_deref().is_some_and(|c| !c.is_empty());
                 touched
                     .entry((list, bno))
@@ -210,6 +223,8 @@ impl Index {
             for (k, v) in records {
                 batch.put(k, v);
             }
+            self.put_text(&mut batch, &text_changes)?;
+            drop(text_changes);
             let gen = d.gen;
             let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
                 .par_iter_mut()
@@ -336,12 +351,21 @@ impl Index {
             let have = self.fetch(&d, &refs, true)?;
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut removed = 0usize;
+            let text = self.has_text();
+            let mut text_changes: Vec<TextChange> = Vec::new();
             for ((id, loc), at) in ids.iter().zip(&locators).zip(&at) {
                 let Some((l, b)) = *at else { continue };
                 let blk = touched.entry((l, b)).or_insert_with(|| {
                     have.get(&(l, b)).map(|x| (**x).clone()).unwrap_or_default()
                 });
                 let pos = blk.position(id).ok_or_else(|| self.misplaced(id))?;
+                if text {
+                    text_changes.push(TextChange {
+                        id: (*id).to_owned(),
+                        old: blk.meta[pos].clone(),
+                        new: None,
+                    });
+                }
                 blk.swap_remove(pos, dim);
                 batch.delete(fmt::item_key(&self.id, loc));
                 gone.push((*loc, u32::MAX, u32::MAX));
@@ -355,6 +379,7 @@ impl Index {
                     batch.put(k, v);
                 }
             }
+            self.put_text(&mut batch, &text_changes)?;
             let run = self.put_run(&mut batch, d.gen, gone);
             let runs = runs::apply_runs(&d.runs, &run);
             let pages = self.put_state_after(
