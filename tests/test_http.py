@@ -321,10 +321,11 @@ def test_metadata_schema_at_create_describe_and_query_metadata(api):
     for schema, status in [({"x": {"bogus": True}}, 422), ({"x": True}, 422), ({"": {"pattern": True}}, 422),
                            ({"t": {"full_text": True, "pattern": True}}, 422),
                            ({"t": {"full_text": True, "filterable": True}}, 422),
-                           ({"t": {"full_text": True}}, 400), ({"x": {"pattern": 1}}, 422)]:
+                           ({"t": {"full_text": True}}, 200), ({"x": {"pattern": 1}}, 422)]:
         assert create_with(schema)[0] == status, schema
-    assert create_with({}, text_fields=["t"])[0] == 400
-    assert create_with({}, bm25_k1=1.5)[0] == 400
+    assert create_with({}, text_fields=["t"])[0] == 200
+    assert create_with({}, bm25_k1=1.5)[0] == 400          # BM25 parameters need a full_text field
+    assert create_with({}, text_fields=["t"], bm25_b=2)[0] == 400
     name = unique()
     st, _ = api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 2,
                                             "metadata_schema": {"g": {"filterable": False}, "loc.city": {"pattern": True}}})

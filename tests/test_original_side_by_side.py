@@ -267,3 +267,38 @@ def test_bm25_describe_and_create_refusals_match_the_original(original, server):
                 d = (d["metadata_schema"], d["bm25"]["k1"], d["bm25"]["b"])
             got.append((st, d))
         assert got[1] == got[0] and got[0][0] == status, extra
+
+
+@pytest.mark.parametrize("precision", ["tq12", "tq8", "tq6", "tq4"])
+def test_quantized_precisions_lose_about_what_the_original_loses(original, server, precision):
+    """The 0.18 tq tiers store a lossy vector and return it: on the same Gaussian data the
+    relative error of what get returns, and the top-10 recall of queries against the exact
+    float32 neighbours, come out close to the original's."""
+    import numpy as np
+    ours = Api(server.url)
+    rng = np.random.default_rng(4)
+    vecs = rng.standard_normal((400, 96)).astype(np.float32)
+    queries = rng.standard_normal((20, 96)).astype(np.float32)
+    exact = np.argsort(((queries[:, None, :] - vecs[None]) ** 2).sum(-1), axis=1)[:, :10]
+    key = secrets.token_hex(32)
+    stats = []
+    for api in (original, ours):
+        name = f"sbs-{precision}-{secrets.token_hex(3)}"
+        st, b = api.post("/v1/indexes/create", {"index_name": name, "index_key": key, "dimension": 96,
+                                                 "storage_precision": precision})
+        assert st == 200, b
+        items = [{"id": str(i), "vector": v.tolist()} for i, v in enumerate(vecs)]
+        assert api.post("/v1/vectors/upsert", {"index_name": name, "index_key": key, "items": items})[0] == 200
+        st, g = api.post("/v1/vectors/get", {"index_name": name, "index_key": key,
+                                             "ids": [str(i) for i in range(400)], "include": ["vector"]})
+        got = np.array([r["vector"] for r in sorted(g["results"], key=lambda r: int(r["id"]))])
+        rel = float(np.sqrt(((got - vecs) ** 2).sum() / (vecs ** 2).sum()))
+        hits = 0
+        for q, want in zip(queries, exact):
+            st, r = api.post("/v1/vectors/query", {"index_name": name, "index_key": key,
+                                                   "query_vectors": q.tolist(), "top_k": 10})
+            hits += len({int(x["id"]) for x in r["results"]} & set(want.tolist()))
+        stats.append((rel, hits / 200))
+    (their_rel, their_recall), (our_rel, our_recall) = stats
+    assert 0 < our_rel <= their_rel * 1.15 + 1e-5, stats
+    assert our_recall >= their_recall - 0.03, stats

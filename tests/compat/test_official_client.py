@@ -251,3 +251,21 @@ def test_bm25_and_hybrid_search_through_the_client(client):
     expect_status(400, plain.query_metadata, text="fox")
     plain.delete_index()
     ix.delete_index()
+
+
+@pytest.mark.skipif(not hasattr(cyborgdb.EncryptedIndex, "query_metadata")
+                    if hasattr(cyborgdb, "EncryptedIndex") else True,
+                    reason="the tq storage precisions are 0.18")
+@pytest.mark.parametrize("precision", ["tq12", "tq8", "tq6", "tq4"])
+def test_quantized_storage_through_the_client(client, precision):
+    key = client.generate_key()
+    ix = client.create_index(index_name=f"{precision}-{np.random.randint(1 << 30)}", index_key=key,
+                             dimension=32, storage_precision=precision)
+    vecs = np.random.default_rng(2).standard_normal((60, 32)).astype(np.float32)
+    ix.upsert([{"id": str(i), "vector": v.tolist()} for i, v in enumerate(vecs)])
+    got = np.array(ix.get(["3"], include=["vector"])[0]["vector"])
+    err = float(np.linalg.norm(got - vecs[3]) / np.linalg.norm(vecs[3]))
+    assert 0 < err < {"tq12": 0.002, "tq8": 0.02, "tq6": 0.06, "tq4": 0.2}[precision]
+    hits = ix.query(query_vectors=got.tolist(), top_k=1, include=["distance"])
+    assert hits[0]["id"] == "3" and hits[0]["distance"] < 1e-6
+    ix.delete_index()

@@ -34,6 +34,15 @@ pub enum StoragePrecision {
     Float32,
     /// 2 bytes per component: half the storage, slightly lower precision.
     Float16,
+    /// 12 bits per component after a fixed rotation (about 2.7x smaller than float32).
+    Tq12,
+    /// 8 bits per component after a fixed rotation (about 4x smaller).
+    Tq8,
+    /// 6 bits per component after a fixed rotation (about 5x smaller).
+    Tq6,
+    /// 4 bits per component after a fixed rotation (about 8x smaller; lossy: reads and
+    /// distances use the stored approximation).
+    Tq4,
 }
 
 /// Create an encrypted DiskIVF index.
@@ -53,7 +62,7 @@ pub struct CreateIndexRequest {
     pub embedding_model: Option<String>,
     /// `euclidean` (default), `squared_euclidean` or `cosine`.
     pub metric: Option<String>,
-    /// `float32` (default) or `float16`.
+    /// `float32` (default), `float16`, or a quantized `tq12`, `tq8`, `tq6`, `tq4`.
     pub storage_precision: Option<StoragePrecision>,
     /// 0.18: how metadata fields are indexed, `{"field": {"filterable": bool, "pattern":
     /// bool, "full_text": bool}}` (dot paths; fixed at create). `query_metadata` refuses to
@@ -363,6 +372,10 @@ impl IndexesApi {
             let precision = match req.storage_precision {
                 None | Some(StoragePrecision::Float32) => Precision::F32,
                 Some(StoragePrecision::Float16) => Precision::F16,
+                Some(StoragePrecision::Tq12) => Precision::Tq(12),
+                Some(StoragePrecision::Tq8) => Precision::Tq(8),
+                Some(StoragePrecision::Tq6) => Precision::Tq(6),
+                Some(StoragePrecision::Tq4) => Precision::Tq(4),
             };
             let mut dimension = match req.dimension {
                 None => 0,

@@ -14,6 +14,7 @@ pub mod kmeans;
 pub mod meta;
 pub mod progress;
 pub mod text;
+pub mod tq;
 pub mod training;
 
 use std::collections::HashMap;
@@ -72,6 +73,9 @@ pub enum EngineError {
 pub enum Precision {
     F32,
     F16,
+    /// `tq12`, `tq8`, `tq6`, `tq4`: this many bits per dimension after a rotation
+    /// ([`tq`]).
+    Tq(u8),
 }
 
 impl Precision {
@@ -79,6 +83,10 @@ impl Precision {
         match s {
             "float32" => Some(Self::F32),
             "float16" => Some(Self::F16),
+            "tq12" => Some(Self::Tq(12)),
+            "tq8" => Some(Self::Tq(8)),
+            "tq6" => Some(Self::Tq(6)),
+            "tq4" => Some(Self::Tq(4)),
             _ => None,
         }
     }
@@ -86,41 +94,61 @@ impl Precision {
         match self {
             Self::F32 => "float32",
             Self::F16 => "float16",
+            Self::Tq(12) => "tq12",
+            Self::Tq(8) => "tq8",
+            Self::Tq(6) => "tq6",
+            Self::Tq(_) => "tq4",
         }
     }
     pub fn code(self) -> u8 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
+            Self::Tq(12) => 2,
+            Self::Tq(8) => 3,
+            Self::Tq(6) => 4,
+            Self::Tq(_) => 5,
         }
     }
     pub fn from_code(c: u8) -> Option<Self> {
         match c {
             0 => Some(Self::F32),
             1 => Some(Self::F16),
+            2 => Some(Self::Tq(12)),
+            3 => Some(Self::Tq(8)),
+            4 => Some(Self::Tq(6)),
+            5 => Some(Self::Tq(4)),
             _ => None,
         }
     }
-    pub fn bytes(self) -> usize {
+    /// Bytes one stored vector of `dim` dimensions takes.
+    pub fn row_bytes(self, dim: usize) -> usize {
         match self {
-            Self::F32 => 4,
-            Self::F16 => 2,
+            Self::F32 => 4 * dim,
+            Self::F16 => 2 * dim,
+            Self::Tq(bits) => tq::row_bytes(dim, bits),
         }
     }
-    /// Give `v` the value it will have after a store/load round trip (float16 converts
-    /// through a small stack buffer, whole slices at a time, with no allocation).
+    /// Give `v` (one vector) the value it will have after a store/load round trip
+    /// (float16 converts through a small stack buffer, whole slices at a time, with no
+    /// allocation).
     pub fn round_in_place(self, v: &mut [f32]) {
-        if let Self::F16 = self {
-            let mut h = [f16::ZERO; 64];
-            for c in v.chunks_mut(64) {
-                let h = &mut h[..c.len()];
-                h.convert_from_f32_slice(c);
-                h.convert_to_f32_slice(c);
+        match self {
+            Self::F32 => {}
+            Self::F16 => {
+                let mut h = [f16::ZERO; 64];
+                for c in v.chunks_mut(64) {
+                    let h = &mut h[..c.len()];
+                    h.convert_from_f32_slice(c);
+                    h.convert_to_f32_slice(c);
+                }
             }
+            Self::Tq(bits) => tq::round_in_place(v, bits),
         }
     }
-    pub fn encode_into(self, v: &[f32], out: &mut Vec<u8>) {
-        out.reserve(v.len() * self.bytes());
+    /// Append the stored form of `v`, rows of `dim` values.
+    pub fn encode_into(self, v: &[f32], dim: usize, out: &mut Vec<u8>) {
+        out.reserve(v.len() / dim.max(1) * self.row_bytes(dim));
         match self {
             // Little-endian hosts store f32 as it lies in memory: one copy, no per-value work.
             #[cfg(target_endian = "little")]
@@ -138,10 +166,16 @@ impl Precision {
             Self::F16 => to_f16(v)
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::Tq(bits) => {
+                for row in v.chunks_exact(dim.max(1)) {
+                    tq::encode(row, bits, out);
+                }
+            }
         }
     }
-    pub fn decode(self, raw: &[u8], n: usize) -> Result<Vec<f32>, EngineError> {
-        if raw.len() != n * self.bytes() {
+    /// `rows` stored vectors of `dim` values from `raw`.
+    pub fn decode(self, raw: &[u8], rows: usize, dim: usize) -> Result<Vec<f32>, EngineError> {
+        if Some(raw.len()) != rows.checked_mul(self.row_bytes(dim)) {
             return Err(EngineError::Corrupt(
                 "vector data has the wrong length".into(),
             ));
@@ -156,8 +190,20 @@ impl Precision {
                     .chunks_exact(2)
                     .map(|c| f16::from_le_bytes([c[0], c[1]]))
                     .collect();
-                let mut out = vec![0f32; n];
+                let mut out = vec![0f32; rows * dim];
                 h.convert_to_f32_slice(&mut out);
+                out
+            }
+            Self::Tq(bits) => {
+                let mut out = vec![0f32; rows * dim];
+                if dim > 0 {
+                    for (row, o) in raw
+                        .chunks_exact(self.row_bytes(dim))
+                        .zip(out.chunks_exact_mut(dim))
+                    {
+                        tq::decode(row, bits, o).map_err(|e| EngineError::Corrupt(e.into()))?;
+                    }
+                }
                 out
             }
         })

@@ -521,8 +521,8 @@ fn float16_rounds_like_per_value_conversion_and_rejects_overflow() {
     }
     // Encoding and decoding keep exactly the rounded values.
     let mut bytes = Vec::new();
-    Precision::F16.encode_into(&got, &mut bytes);
-    assert_eq!(Precision::F16.decode(&bytes, got.len()).unwrap(), got);
+    Precision::F16.encode_into(&got, got.len(), &mut bytes);
+    assert_eq!(Precision::F16.decode(&bytes, 1, got.len()).unwrap(), got);
     let mut f32s = v.clone();
     Precision::F32.round_in_place(&mut f32s);
     assert_eq!(f32s, v);
@@ -553,6 +553,82 @@ fn float16_rounds_like_per_value_conversion_and_rejects_overflow() {
     assert!(matches!(&err, EngineError::Invalid(m) if m.contains("'c'") && m.contains("float16")));
     assert_eq!(e.describe(&ix).num_vectors, 1);
     assert!(ix.get(&["b".to_string()], include).unwrap().is_empty());
+}
+
+#[test]
+fn quantized_precisions_store_what_reads_return_through_edits_training_and_reopen() {
+    // tq12/tq8/tq6/tq4: a read returns the decoded vector, exactly, before and after the
+    // blocks are re-sealed by later writes and a training and the index is reopened; the
+    // stored blocks shrink with the bits; search ranks by the decoded vectors.
+    let data = clustered(600, 64, 6, 21);
+    let mut sizes = Vec::new();
+    for precision in [
+        Precision::F32,
+        Precision::Tq(12),
+        Precision::Tq(8),
+        Precision::Tq(6),
+        Precision::Tq(4),
+    ] {
+        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+        let kek = Kek::random();
+        let e = engine(store.clone());
+        create(&e, "q", &kek, cfg(Metric::Euclidean, precision, 64));
+        let ix = e.open("q", Some(&kek)).unwrap();
+        ix.upsert(numbered(&data)).unwrap();
+        let want: Vec<Vec<f32>> = data
+            .iter()
+            .map(|v| {
+                let mut v = v.clone();
+                precision.round_in_place(&mut v);
+                v
+            })
+            .collect();
+        let ids: Vec<String> = (0..data.len()).map(|i| i.to_string()).collect();
+        let include = Include {
+            vector: true,
+            ..Include::default()
+        };
+        let check = |ix: &Index, what: &str| {
+            let got = ix.get(&ids, include).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(
+                    g.vector.as_deref(),
+                    Some(&w[..]),
+                    "{} {what}",
+                    precision.as_str()
+                );
+            }
+        };
+        check(&ix, "after upsert");
+        // Rewrites of the same blocks (an overwrite of one row each) and a training re-seal
+        // every stored row.
+        ix.upsert(vec![item("0", data[0].clone(), json!({"x": 1}))])
+            .unwrap();
+        train_lists(&e, &ix, 4);
+        check(&ix, "after training");
+        let hits = ix.search(&[want[5].clone()], &params(1)).unwrap();
+        assert_eq!(hits[0][0].id, "5");
+        assert_eq!(
+            hits[0][0].distance, 0.0,
+            "distance to the stored vector itself"
+        );
+        let bytes: usize = store
+            .scan_prefix(&format::scoped_prefix(format::kind::LIST, &ix.id))
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.len())
+            .sum();
+        sizes.push((precision.as_str(), bytes));
+        drop(ix);
+        let e2 = engine(store.clone());
+        check(&e2.open("q", Some(&kek)).unwrap(), "after reopen");
+    }
+    // Stored blocks shrink with the bits (ids and metadata are the same in each).
+    assert!(sizes.windows(2).all(|w| w[1].1 < w[0].1), "{sizes:?}");
+    assert!(
+        sizes[4].1 * 4 < sizes[0].1,
+        "tq4 blocks are far smaller than float32: {sizes:?}"
+    );
 }
 
 #[test]

@@ -146,7 +146,7 @@ impl Block {
             };
             w.u64(ce);
         }
-        precision.encode_into(&self.vecs, &mut w.0);
+        precision.encode_into(&self.vecs, dim, &mut w.0);
         self.held = self.held_bytes(meta_json);
         w.0
     }
@@ -186,13 +186,13 @@ impl Block {
         }
         if dim
             .checked_mul(n)
-            .is_none_or(|x| x.saturating_mul(precision.bytes()) != r.remaining())
+            .is_none_or(|_| n.saturating_mul(precision.row_bytes(dim)) != r.remaining())
         {
             return Err(EngineError::Corrupt(
                 "posting-list block has the wrong length".into(),
             ));
         }
-        b.vecs = precision.decode(r.rest(), n * dim)?;
+        b.vecs = precision.decode(r.rest(), n, dim)?;
         b.inv_norms = b
             .vecs
             .chunks_exact(dim.max(1))

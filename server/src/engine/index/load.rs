@@ -91,7 +91,7 @@ impl Index {
         };
         if st.trained {
             let raw = open(fmt::centroids_key(id, st.gen), "centroids")?;
-            data.centroids = Precision::F32.decode(&raw, n_lists * dim)?;
+            data.centroids = Precision::F32.decode(&raw, n_lists, dim)?;
             if wants_quant(true, st.default_probes, n_lists) {
                 let raw = open(fmt::quant_key(id, st.gen), "quantiser")?;
                 for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {

@@ -666,8 +666,12 @@ impl Index {
         self.data.read()
     }
 
+    /// Rows per block: about [`BLOCK_BYTES`] stored, but for quantized vectors no more than
+    /// float16 would hold (a block is decoded to float32 in the cache, and a block of 4-bit
+    /// rows would otherwise take 8x its stored size there).
     fn block_cap(dim: usize, precision: Precision) -> usize {
-        (BLOCK_BYTES / (dim.max(1) * precision.bytes())).clamp(16, 4096)
+        let row = precision.row_bytes(dim.max(1)).max(2 * dim.max(1));
+        (BLOCK_BYTES / row).clamp(16, 4096)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -434,7 +434,7 @@ impl Index {
         batch.delete(fmt::quant_key(&self.id, old_gen));
         let ck = fmt::centroids_key(&self.id, gen);
         let mut raw = Vec::with_capacity(centroids.len() * 4);
-        Precision::F32.encode_into(&centroids, &mut raw);
+        Precision::F32.encode_into(&centroids, dim, &mut raw);
         batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
         if let Some(q) = &quants {
             let qk = fmt::quant_key(&self.id, gen);

@@ -32,10 +32,17 @@ impl Index {
                 })
                 .find_first(|it| has_non_finite(&it.vector))
             {
-                return Err(EngineError::Invalid(format!(
-                    "item '{}' has a component beyond float16's range (+-65504)",
-                    it.id
-                )));
+                return Err(EngineError::Invalid(match precision {
+                    Precision::F16 => format!(
+                        "item '{}' has a component beyond float16's range (+-65504)",
+                        it.id
+                    ),
+                    p => format!(
+                        "item '{}' cannot be stored at {}: its components are too large",
+                        it.id,
+                        p.as_str()
+                    ),
+                }));
             }
         }
         // Later duplicates of an id win, as if the items were upserted one by one.
