@@ -384,6 +384,56 @@ impl Cond {
     }
 }
 
+/// A scalar as the value index keys it: a type byte and its bytes (`1 || UTF-8` for a
+/// string, `2 || f64 LE` for a number, `-0` as `0`, since numbers compare as f64; `3 || 0|1`
+/// for a boolean). Two values are equal under the filter's `$eq` exactly when these are.
+pub type IndexValue = Vec<u8>;
+
+fn index_value(v: &Value) -> Option<IndexValue> {
+    match v {
+        Value::String(s) => {
+            let mut out = Vec::with_capacity(1 + s.len());
+            out.push(1);
+            out.extend_from_slice(s.as_bytes());
+            Some(out)
+        }
+        Value::Number(n) => {
+            let x = n.as_f64()?;
+            let x = if x == 0.0 { 0.0 } else { x };
+            let mut out = vec![2];
+            out.extend_from_slice(&x.to_le_bytes());
+            Some(out)
+        }
+        Value::Bool(b) => Some(vec![3, u8::from(*b)]),
+        _ => None,
+    }
+}
+
+/// The values an item has at `path` for the value index: those an `$eq` operand can match
+/// (the leaf, or each scalar element of a list leaf).
+pub fn index_values(
+    metadata: Option<&Value>,
+    path: &str,
+) -> std::collections::BTreeSet<IndexValue> {
+    match value_at(metadata, path) {
+        Some(Value::Array(items)) => items.iter().filter_map(index_value).collect(),
+        Some(v) => index_value(v).into_iter().collect(),
+        None => Default::default(),
+    }
+}
+
+/// The values a condition needs one of, if the value index can answer it: `$eq` and `$in`
+/// (an operand that can match nothing, such as `null`, contributes no value), or a
+/// conjunction holding one of them. `None`: the index cannot narrow this condition down.
+pub fn indexed_operands(cond: &Cond) -> Option<Vec<IndexValue>> {
+    match cond {
+        Cond::Eq(v) => Some(index_value(v).into_iter().collect()),
+        Cond::In(vs) => Some(vs.iter().filter_map(index_value).collect()),
+        Cond::All(cs) => cs.iter().find_map(indexed_operands),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

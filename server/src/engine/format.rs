@@ -43,7 +43,11 @@ pub mod kind {
     /// `T || index id || term tag || seq` -> sealed postings of one term of one
     /// `full_text` field, as changed by text write `seq` (docs/FORMAT.md "Text index").
     pub const TERM: u8 = b'T';
-    /// `X || index id` -> sealed text statistics (documents and total length per field).
+    /// `V || index id || value tag || seq` -> sealed postings of one value of one field the
+    /// schema declares filterable, as changed by write `seq` (docs/FORMAT.md "Value index").
+    pub const VALUE: u8 = b'V';
+    /// `X || index id` -> sealed statistics of the secondary indexes (their write sequence,
+    /// documents and total length per `full_text` field).
     pub const TEXT_STATS: u8 = b'X';
 }
 
@@ -162,18 +166,24 @@ pub fn item_key(id: &IndexId, locator: &[u8; 16]) -> Vec<u8> {
     k
 }
 
-/// The prefix of every postings record of one term tag.
-pub fn term_prefix(id: &IndexId, tag: &[u8; 16]) -> Vec<u8> {
-    let mut k = scoped_prefix(kind::TERM, id);
+/// The prefix of every postings record of one tag (`kind` [`kind::TERM`] or
+/// [`kind::VALUE`]).
+pub fn tag_prefix(kind: u8, id: &IndexId, tag: &[u8; 16]) -> Vec<u8> {
+    let mut k = scoped_prefix(kind, id);
     k.extend_from_slice(tag);
     k
 }
 
-/// The postings record of `tag` written by text write `seq` (big-endian: records sort by it).
-pub fn term_key(id: &IndexId, tag: &[u8; 16], seq: u64) -> Vec<u8> {
-    let mut k = term_prefix(id, tag);
+/// The postings record of `tag` written by write `seq` (big-endian: records sort by it).
+pub fn tag_key(kind: u8, id: &IndexId, tag: &[u8; 16], seq: u64) -> Vec<u8> {
+    let mut k = tag_prefix(kind, id, tag);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// [`tag_prefix`] of a term.
+pub fn term_prefix(id: &IndexId, tag: &[u8; 16]) -> Vec<u8> {
+    tag_prefix(kind::TERM, id, tag)
 }
 
 pub fn text_stats_key(id: &IndexId) -> Vec<u8> {

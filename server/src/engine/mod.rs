@@ -876,6 +876,7 @@ impl Engine {
             format::kind::ITEM,
             format::kind::USER,
             format::kind::TERM,
+            format::kind::VALUE,
             format::kind::TEXT_STATS,
         ] {
             batch.delete_prefix(format::scoped_prefix(kind, &ix.id));

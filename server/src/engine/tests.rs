@@ -785,6 +785,9 @@ mod bounded;
 /// The encrypted text index against a BM25 model (`tests/text.rs`).
 mod text;
 
+/// The value index against a scan (`tests/values.rs`).
+mod values;
+
 #[test]
 fn state_record_v5_layout_round_trips() {
     // docs/FORMAT.md "State record" and "Manifest page", byte by byte.

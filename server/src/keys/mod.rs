@@ -343,6 +343,21 @@ impl IndexKeys {
         out
     }
 
+    /// The 16-byte keyed tag of a value of a filterable field (the value index's store keys
+    /// carry this; `value` is [`crate::engine::filter::IndexValue`]). Domain-separated from
+    /// term tags by a leading `0xff` that no field-name length starts with below 2^24.
+    pub fn value_tag(&self, field: &str, value: &[u8]) -> [u8; 16] {
+        let mut m = self.text_mac.clone();
+        m.update(&[0xff, 0xff, 0xff, 0xff]);
+        m.update(&(field.len() as u32).to_le_bytes());
+        m.update(field.as_bytes());
+        m.update(value);
+        let tag = m.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag[..16]);
+        out
+    }
+
     /// The 16-byte keyed locator of an item id: the store sees this, never the id.
     pub fn id_locator(&self, id: &str) -> [u8; 16] {
         let mut m = self.id_mac.clone();

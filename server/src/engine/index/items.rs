@@ -170,7 +170,9 @@ impl Index {
     /// `top_k` (`None` = all, refused past `max_results`). With `order`, `(field,
     /// descending)`, they are sorted by that field's value: numbers before strings, items
     /// without a scalar value there last in either direction, ties by id (as the original
-    /// orders them); without, in storage order. Reads every block once, through bounded
+    /// orders them); without, in storage order (candidate order when the value index
+    /// answers). When the value index can narrow the filter down (an indexed `$eq` or `$in`),
+    /// only the candidates' blocks are read; otherwise every block once, through bounded
     /// read chunks that do not fill the cache.
     pub fn query_metadata(
         &self,
@@ -207,50 +209,71 @@ impl Index {
             };
             by_key.then_with(|| ia.cmp(ib))
         };
+        let candidates = match filter {
+            Some(f) => self.filter_candidates(f)?,
+            None => None,
+        };
         self.consistent(|d| {
             let mut hits: Vec<(Option<Key>, String)> = Vec::new();
-            let all: Vec<usize> = (0..d.lists.len()).collect();
             let early = order.is_none().then_some(top_k).flatten();
-            let full = std::cell::Cell::new(false);
-            self.for_chunks(d, &Self::list_refs(d, &all), false, |runs| {
-                if full.get() {
-                    return Ok(());
+            // One item: keep it if it matches; `Ok(true)` when no more are wanted.
+            let mut consider = |id: &str, meta: Option<&Value>| -> Result<bool, EngineError> {
+                if filter.is_some_and(|f| !f.matches(meta)) {
+                    return Ok(false);
                 }
-                for (_, run) in runs {
-                    for (_, blk) in run {
-                        for (pos, id) in blk.ids.iter().enumerate() {
-                            let meta = blk.meta[pos].as_deref();
-                            if filter.is_some_and(|f| !f.matches(meta)) {
-                                continue;
-                            }
-                            let key =
-                                order.and_then(|(field, _)| match super::super::filter::value_at(
-                                    meta, field,
-                                )? {
-                                    Value::Number(n) => n.as_f64().map(Key::Num),
-                                    Value::String(s) => Some(Key::Str(s.clone())),
-                                    _ => None,
-                                });
-                            hits.push((key, id.clone()));
-                            if early.is_some_and(|k| hits.len() >= k) {
-                                full.set(true);
-                                return Ok(());
-                            }
-                            match (top_k, order) {
-                                (None, _) if hits.len() > max_results => return Err(too_many()),
-                                // Ordered with a cap: keep the best `k` once twice as many
-                                // are held, so memory stays O(k).
-                                (Some(k), Some(_)) if hits.len() >= (2 * k).max(1024) => {
-                                    hits.select_nth_unstable_by(k, &cmp);
-                                    hits.truncate(k);
-                                }
-                                _ => {}
-                            }
+                let key = order.and_then(|(field, _)| {
+                    match super::super::filter::value_at(meta, field)? {
+                        Value::Number(n) => n.as_f64().map(Key::Num),
+                        Value::String(s) => Some(Key::Str(s.clone())),
+                        _ => None,
+                    }
+                });
+                hits.push((key, id.to_owned()));
+                if early.is_some_and(|k| hits.len() >= k) {
+                    return Ok(true);
+                }
+                match (top_k, order) {
+                    (None, _) if hits.len() > max_results => return Err(too_many()),
+                    // Ordered with a cap: keep the best `k` once twice as many are held, so
+                    // memory stays O(k).
+                    (Some(k), Some(_)) if hits.len() >= (2 * k).max(1024) => {
+                        hits.select_nth_unstable_by(k, &cmp);
+                        hits.truncate(k);
+                    }
+                    _ => {}
+                }
+                Ok(false)
+            };
+            if let Some(ids) = &candidates {
+                'chunks: for chunk in ids.chunks(READ_CHUNK_BLOCKS) {
+                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    for (id, row) in refs.iter().zip(self.rows_of(d, &refs, false)?) {
+                        let Some((blk, pos)) = row else { continue };
+                        if consider(id, blk.meta[pos].as_deref())? {
+                            break 'chunks;
                         }
                     }
                 }
-                Ok(())
-            })?;
+            } else {
+                let all: Vec<usize> = (0..d.lists.len()).collect();
+                let full = std::cell::Cell::new(false);
+                self.for_chunks(d, &Self::list_refs(d, &all), false, |runs| {
+                    if full.get() {
+                        return Ok(());
+                    }
+                    for (_, run) in runs {
+                        for (_, blk) in run {
+                            for (pos, id) in blk.ids.iter().enumerate() {
+                                if consider(id, blk.meta[pos].as_deref())? {
+                                    full.set(true);
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
             if order.is_some() {
                 hits.sort_by(&cmp);
             }

@@ -43,7 +43,7 @@ mod text;
 mod train;
 mod write;
 
-pub(crate) use text::TextChange;
+pub(crate) use text::MetaChange;
 
 pub use block::Block;
 use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};

@@ -10,6 +10,14 @@ impl Index {
         queries: &[Vec<f32>],
         p: &SearchParams,
     ) -> Result<Vec<Vec<Hit>>, EngineError> {
+        // A selective filter on indexed fields: score its few matches exactly instead of
+        // probing lists until enough of them turn up.
+        let candidates = match &p.filter {
+            Some(f) => self
+                .filter_candidates(f)?
+                .filter(|c| c.len() <= CANDIDATE_SEARCH_MAX),
+            None => None,
+        };
         let mut results = self.consistent(|d| {
             let dim = d.dimension as usize;
             for q in queries {
@@ -29,6 +37,9 @@ impl Index {
             }
             if d.count() == 0 {
                 return Ok(queries.iter().map(|_| Vec::new()).collect());
+            }
+            if let Some(ids) = &candidates {
+                return self.search_candidates(d, queries, p, ids);
             }
             if queries.len() == 1 {
                 // No fork/join for one query: rayon's wake-up costs more than a small probe.
@@ -305,6 +316,70 @@ impl Index {
             .collect())
     }
 
+    /// Exact search over the items the value index named: their rows are read (one
+    /// batched read), those the filter accepts scored with the exact kernels.
+    fn search_candidates(
+        &self,
+        d: &Data,
+        queries: &[Vec<f32>],
+        p: &SearchParams,
+        ids: &[String],
+    ) -> Result<Vec<Vec<Hit>>, EngineError> {
+        let dim = d.dimension as usize;
+        let metric = self.config.metric;
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let rows: Vec<(Arc<Block>, usize)> = self
+            .rows_of(d, &refs, true)?
+            .into_iter()
+            .flatten()
+            .filter(|(blk, pos)| {
+                p.filter
+                    .as_ref()
+                    .is_none_or(|f| f.matches(blk.meta[*pos].as_deref()))
+            })
+            .collect();
+        Ok(queries
+            .iter()
+            .map(|q| {
+                let mut qn = Vec::new();
+                let q = self.query_view(q, &mut qn);
+                let mut scored: Vec<(f32, usize)> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (blk, pos))| {
+                        let row = blk.vector(*pos, dim);
+                        let s = if metric.is_angular() {
+                            1.0 - distance::dot(q, row) * blk.inv_norms[*pos]
+                        } else {
+                            distance::l2sq(q, row)
+                        };
+                        (s, i)
+                    })
+                    .collect();
+                scored.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                scored.truncate(p.top_k);
+                scored
+                    .into_iter()
+                    .map(|(s, i)| {
+                        let (blk, pos) = &rows[i];
+                        Hit {
+                            id: blk.ids[*pos].clone(),
+                            distance: metric.finish(s),
+                            metadata: p.include.metadata.then(|| {
+                                blk.meta[*pos]
+                                    .clone()
+                                    .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
+                            }),
+                            vector: p.include.vector.then(|| blk.vector(*pos, dim).to_vec()),
+                            contents: None,
+                            cepoch: blk.cepochs[*pos],
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
     /// Replace candidate scores with exact ones (the same kernels as a single scan).
     fn rescore(&self, blocks: &ListBlocks, q: &[f32], dim: usize, cands: &mut [Cand]) {
         let angular = self.config.metric.is_angular();
@@ -354,6 +429,10 @@ impl Index {
 
 /// Unfiltered queries that scan at least this many vectors use all cores.
 const PARALLEL_SCAN_MIN: usize = 8_192;
+
+/// A filtered query whose indexed conditions leave at most this many candidates scores
+/// them exactly (reading their blocks) instead of probing lists.
+const CANDIDATE_SEARCH_MAX: usize = 2_048;
 
 /// Candidates kept per result by the first pass over quantised lists.
 const RERANK: usize = 4;

@@ -1,12 +1,16 @@
-//! The encrypted inverted index of the `full_text` fields (docs/FORMAT.md "Text index"):
-//! the postings changes of a write, BM25 search, and folding a term's deltas into a base.
+//! The encrypted secondary indexes (docs/FORMAT.md "Text index" and "Value index"): the
+//! inverted index of the `full_text` fields (BM25), and the equality index of the fields
+//! `metadata_schema` declares filterable, which answers selective filters without reading
+//! every block. Here: the postings changes of a write, BM25 search, value lookups, and
+//! folding a tag's deltas into a base.
 //!
-//! Every text write gets the next sequence number (kept in the sealed statistics record)
-//! and adds, for each `(field, term)` whose postings it changes, one small sealed delta under
-//! `T || index id || tag || seq`: writes never read or rewrite a term's postings. A search
-//! folds a term's records in order. Once a term has more than [`FOLD_AT`] records, the search
-//! that read them folds them into one base record at the newest one's number and deletes the
-//! older ones (idempotent: two folds of the same records write the same base).
+//! Every write that changes either index gets the next sequence number (kept in the sealed
+//! statistics record) and adds, for each `(field, term)` or `(field, value)` whose postings
+//! it changes, one small sealed delta under `T|V || index id || tag || seq`: writes never
+//! read or rewrite a tag's postings. A reader folds a tag's records in order. Once a tag has
+//! more than [`FOLD_AT`] records, the reader folds them into one base record at the newest
+//! one's number and deletes the older ones (idempotent: two folds of the same records write
+//! the same base).
 
 use super::super::text::{
     self as tx, FieldStats, Posting, PostingList, Postings, TextQuery, TextStats,
@@ -16,18 +20,31 @@ use super::*;
 /// Records of one term beyond which a search folds them into a base.
 const FOLD_AT: usize = 16;
 
-/// How an item's text changes in a write: its id, metadata before and after (`None` =
+/// How an item's metadata changes in a write: its id, metadata before and after (`None` =
 /// absent: a new item, or a deleted one).
-pub(crate) struct TextChange {
+pub(crate) struct MetaChange {
     pub id: String,
     pub old: Option<Arc<Value>>,
     pub new: Option<Arc<Value>>,
 }
 
 impl Index {
-    /// Whether the index has `full_text` fields (writes then maintain the text index).
-    pub(crate) fn has_text(&self) -> bool {
-        self.config.metadata_schema.iter().any(|(_, f)| f.full_text)
+    /// The fields of the value index: those `metadata_schema` declares filterable.
+    pub(crate) fn value_fields(&self) -> Vec<&str> {
+        self.config
+            .metadata_schema
+            .iter()
+            .filter(|(_, f)| f.filterable && !f.full_text)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Whether writes maintain a secondary index (text or values).
+    pub(crate) fn has_secondary(&self) -> bool {
+        self.config
+            .metadata_schema
+            .iter()
+            .any(|(_, f)| f.full_text || f.filterable)
     }
 
     /// The text statistics as stored (all zero before the first text write).
@@ -52,21 +69,45 @@ impl Index {
         Ok(s)
     }
 
-    /// Add to `batch` the text index's part of a write: one delta per changed `(field,
-    /// term)` and the new statistics. The caller holds the writer lock.
-    pub(crate) fn put_text(
+    /// Add to `batch` the secondary indexes' part of a write: one delta per changed `(field,
+    /// term)` and `(field, value)`, and the new statistics. The caller holds the writer lock.
+    pub(crate) fn put_secondary(
         &self,
         batch: &mut WriteBatch,
-        changes: &[TextChange],
+        changes: &[MetaChange],
     ) -> Result<(), EngineError> {
-        if changes.is_empty() || !self.has_text() {
+        if changes.is_empty() || !self.has_secondary() {
             return Ok(());
         }
         let fields = self.config.text_fields();
+        let value_fields = self.value_fields();
         let mut stats = self.text_stats()?;
         let seq = stats.seq + 1;
         let mut deltas: BTreeMap<[u8; 16], Vec<(String, Posting)>> = BTreeMap::new();
+        let mut value_deltas: BTreeMap<[u8; 16], Vec<(String, Posting)>> = BTreeMap::new();
         let mut changed = false;
+        for c in changes {
+            for field in &value_fields {
+                let old = super::super::filter::index_values(c.old.as_deref(), field);
+                let new = super::super::filter::index_values(c.new.as_deref(), field);
+                if old == new {
+                    continue;
+                }
+                changed = true;
+                for v in old.difference(&new) {
+                    value_deltas
+                        .entry(self.keys.value_tag(field, v))
+                        .or_default()
+                        .push((c.id.clone(), Posting { tf: 0, len: 0 }));
+                }
+                for v in new.difference(&old) {
+                    value_deltas
+                        .entry(self.keys.value_tag(field, v))
+                        .or_default()
+                        .push((c.id.clone(), Posting { tf: 1, len: 0 }));
+                }
+            }
+        }
         for c in changes {
             for (fi, field) in fields.iter().enumerate() {
                 let old = tx::field_terms(c.old.as_deref(), field);
@@ -103,10 +144,18 @@ impl Index {
         }
         stats.seq = seq;
         let sealed: Vec<(Vec<u8>, Vec<u8>)> = deltas
+            .into_iter()
+            .map(|(t, e)| (fmt::kind::TERM, t, e))
+            .chain(
+                value_deltas
+                    .into_iter()
+                    .map(|(t, e)| (fmt::kind::VALUE, t, e)),
+            )
+            .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|(tag, mut entries)| {
+            .map(|(kind, tag, mut entries)| {
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
-                let key = fmt::term_key(&self.id, &tag, seq);
+                let key = fmt::tag_key(kind, &self.id, &tag, seq);
                 let plain = Postings {
                     base: false,
                     entries,
@@ -125,15 +174,20 @@ impl Index {
         Ok(())
     }
 
-    /// The folded postings of `tag` as of text write `upto`, and how many records it took.
+    /// The folded postings of `tag` (of record kind `kind`) as of write `upto`, and the keys
+    /// of the records it took.
     fn postings_of(
         &self,
+        kind: u8,
         tag: &[u8; 16],
         upto: u64,
     ) -> Result<(PostingList, Vec<Vec<u8>>), EngineError> {
         let mut list = PostingList::default();
         let mut keys = Vec::new();
-        for (k, sealed) in self.store.scan_prefix(&fmt::term_prefix(&self.id, tag))? {
+        for (k, sealed) in self
+            .store
+            .scan_prefix(&fmt::tag_prefix(kind, &self.id, tag))?
+        {
             let seq = k
                 .get(k.len().saturating_sub(8)..)
                 .and_then(|s| s.try_into().ok())
@@ -169,7 +223,7 @@ impl Index {
                 let mut per_field = Vec::with_capacity(q.fields.len());
                 for (_, field, _) in &q.fields {
                     let tag = self.keys.term_tag(field, term);
-                    let (list, keys) = self.postings_of(&tag, stats.seq)?;
+                    let (list, keys) = self.postings_of(fmt::kind::TERM, &tag, stats.seq)?;
                     if keys.len() > FOLD_AT {
                         to_fold.push(tag);
                     }
@@ -184,7 +238,7 @@ impl Index {
             }
             let out = tx::score(&self.config.bm25, q, &stats, &lists);
             if !to_fold.is_empty() {
-                if let Err(e) = self.fold_terms(&to_fold) {
+                if let Err(e) = self.fold_tags(fmt::kind::TERM, &to_fold) {
                     tracing::debug!(index = %self.name, error = %e, "folding postings failed; left for a later search");
                 }
             }
@@ -192,16 +246,16 @@ impl Index {
         }
     }
 
-    /// Fold each term's records into one base at its newest record's number. Skipped when a
-    /// writer holds the index (a later search does it).
-    fn fold_terms(&self, tags: &[[u8; 16]]) -> Result<(), EngineError> {
+    /// Fold each tag's records into one base at its newest record's number. Skipped when a
+    /// writer holds the index (a later reader does it).
+    fn fold_tags(&self, kind: u8, tags: &[[u8; 16]]) -> Result<(), EngineError> {
         let Some(_w) = self.writer.try_lock() else {
             return Ok(());
         };
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
         for tag in tags {
-            let (list, keys) = self.postings_of(tag, u64::MAX)?;
+            let (list, keys) = self.postings_of(kind, tag, u64::MAX)?;
             let Some(newest) = keys.last().cloned() else {
                 continue;
             };
@@ -257,5 +311,101 @@ impl Index {
             }
         }
         Ok(out)
+    }
+
+    /// The ids the value index holds for `(field, value)` as of write `upto`.
+    fn value_ids(
+        &self,
+        field: &str,
+        value: &super::super::filter::IndexValue,
+        upto: u64,
+        to_fold: &mut Vec<[u8; 16]>,
+    ) -> Result<Vec<String>, EngineError> {
+        let tag = self.keys.value_tag(field, value);
+        let (list, keys) = self.postings_of(fmt::kind::VALUE, &tag, upto)?;
+        if keys.len() > FOLD_AT {
+            to_fold.push(tag);
+        }
+        Ok(list.into_keys().collect())
+    }
+
+    /// The items that may match `filter` as far as the value index can tell, `None` when
+    /// it cannot narrow the filter down (no indexed equality or `$in` in every branch).
+    /// A superset: the caller still applies the whole filter to each candidate.
+    pub(crate) fn filter_candidates(
+        &self,
+        filter: &Filter,
+    ) -> Result<Option<Vec<String>>, EngineError> {
+        let fields = self.value_fields();
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let mut tries = 0;
+        loop {
+            let s0 = self.write_seq.load(Ordering::SeqCst);
+            let upto = self.text_stats()?.seq;
+            let mut to_fold = Vec::new();
+            let got = self.candidates_of(filter, &fields, upto, &mut to_fold)?;
+            if self.raced(s0) && tries < RACE_RETRIES {
+                tries += 1;
+                self.wait_for_writer();
+                continue;
+            }
+            if !to_fold.is_empty() {
+                if let Err(e) = self.fold_tags(fmt::kind::VALUE, &to_fold) {
+                    tracing::debug!(index = %self.name, error = %e, "folding postings failed; left for a later query");
+                }
+            }
+            return Ok(got.map(|set| {
+                let mut v: Vec<String> = set.into_iter().collect();
+                v.sort_unstable();
+                v
+            }));
+        }
+    }
+
+    fn candidates_of(
+        &self,
+        f: &Filter,
+        fields: &[&str],
+        upto: u64,
+        to_fold: &mut Vec<[u8; 16]>,
+    ) -> Result<Option<HashSet<String>>, EngineError> {
+        match f {
+            Filter::Field { path, cond } if fields.contains(&path.as_str()) => {
+                let Some(values) = super::super::filter::indexed_operands(cond) else {
+                    return Ok(None);
+                };
+                let mut out = HashSet::default();
+                for v in &values {
+                    out.extend(self.value_ids(path, v, upto, to_fold)?);
+                }
+                Ok(Some(out))
+            }
+            Filter::All(fs) => {
+                // The narrowest branches decide; every usable one narrows further.
+                let mut acc: Option<HashSet<String>> = None;
+                for sub in fs {
+                    if let Some(set) = self.candidates_of(sub, fields, upto, to_fold)? {
+                        acc = Some(match acc {
+                            None => set,
+                            Some(a) => a.intersection(&set).cloned().collect(),
+                        });
+                    }
+                }
+                Ok(acc)
+            }
+            Filter::Any(fs) => {
+                let mut out = HashSet::default();
+                for sub in fs {
+                    match self.candidates_of(sub, fields, upto, to_fold)? {
+                        Some(set) => out.extend(set),
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some(out))
+            }
+            _ => Ok(None),
+        }
     }
 }

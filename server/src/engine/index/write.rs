@@ -149,8 +149,8 @@ impl Index {
             // Item records are sealed across cores after the placement loop.
             let mut contents: Vec<Option<(String, String)>> = Vec::new();
             let mut moved: Vec<runs::PosEntry> = Vec::new();
-            let text = self.has_text();
-            let mut text_changes: Vec<TextChange> = Vec::new();
+            let text = self.has_secondary();
+            let mut text_changes: Vec<MetaChange> = Vec::new();
             for (i, it) in items.into_iter().enumerate() {
                 let mut old_meta = None;
                 if let Some((l, b)) = old[i] {
@@ -181,7 +181,7 @@ impl Index {
                 }
                 let meta = it.metadata.map(|m| Arc::new(Value::Object(m)));
                 if text {
-                    text_changes.push(TextChange {
+                    text_changes.push(MetaChange {
                         id: it.id.clone(),
                         old: old_meta,
                         new: meta.clone(),
@@ -230,7 +230,7 @@ impl Index {
             for (k, v) in records {
                 batch.put(k, v);
             }
-            self.put_text(&mut batch, &text_changes)?;
+            self.put_secondary(&mut batch, &text_changes)?;
             drop(text_changes);
             let gen = d.gen;
             let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
@@ -358,8 +358,8 @@ impl Index {
             let have = self.fetch(&d, &refs, true)?;
             let mut touched: HashMap<(u32, u32), Block> = HashMap::default();
             let mut removed = 0usize;
-            let text = self.has_text();
-            let mut text_changes: Vec<TextChange> = Vec::new();
+            let text = self.has_secondary();
+            let mut text_changes: Vec<MetaChange> = Vec::new();
             for ((id, loc), at) in ids.iter().zip(&locators).zip(&at) {
                 let Some((l, b)) = *at else { continue };
                 let blk = touched.entry((l, b)).or_insert_with(|| {
@@ -367,7 +367,7 @@ impl Index {
                 });
                 let pos = blk.position(id).ok_or_else(|| self.misplaced(id))?;
                 if text {
-                    text_changes.push(TextChange {
+                    text_changes.push(MetaChange {
                         id: (*id).to_owned(),
                         old: blk.meta[pos].clone(),
                         new: None,
@@ -386,7 +386,7 @@ impl Index {
                     batch.put(k, v);
                 }
             }
-            self.put_text(&mut batch, &text_changes)?;
+            self.put_secondary(&mut batch, &text_changes)?;
             let run = self.put_run(&mut batch, d.gen, gone);
             let runs = runs::apply_runs(&d.runs, &run);
             let pages = self.put_state_after(
