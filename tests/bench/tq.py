@@ -1,0 +1,101 @@
+"""Side-by-side benchmark of the storage precisions (float32, float16, tq12, tq8, tq6, tq4)
+on SealDB and on the original cyborgdb-service 0.18.0: same data (clustered float32), same
+client, one run. Per precision and server: relative error of the vectors `get` returns,
+recall@10 of queries against the exact float32 neighbours, single-query p50 (untrained
+index: every vector is scanned, so this is the precision's own cost), and the data
+directory's size after the upsert.
+
+Usage: python tests/bench/tq.py --bin target/release/sealdb [--n 20000] [--dim 128]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import enc  # noqa: E402
+from text import LAUNCH, start  # noqa: E402
+
+SPARE = "wal-spare.log"
+PRECISIONS = ["float32", "float16", "tq12", "tq8", "tq6", "tq4"]
+
+
+def du(path):
+    """Allocated bytes under `path` after the server stopped, less our write-ahead log's
+    preallocated spare segment (empty by construction)."""
+    return sum(f.stat().st_blocks * 512 for f in Path(path).rglob("*")
+               if f.is_file() and f.name != SPARE and f.name != "server.log")
+
+
+def run(label, cmd, port, args, data, queries, exact):
+    rows = []
+    for prec in PRECISIONS:
+        with tempfile.TemporaryDirectory() as d:
+            p, conn = start(cmd, port, d)
+            try:
+                name, key = "tq-bench", "33" * 32
+                base = {"index_name": name, "index_key": key}
+                conn.post("/v1/indexes/create", enc({**base, "dimension": args.dim, "storage_precision": prec}))
+                before = 0
+                for s in range(0, len(data), 1000):
+                    items = [{"id": str(i), "vector": data[i].tolist()} for i in range(s, min(s + 1000, len(data)))]
+                    conn.post("/v1/vectors/upsert", enc({**base, "items": items}))
+                ids = [str(i) for i in range(0, len(data), 7)]
+                got = conn.post("/v1/vectors/get", enc({**base, "ids": ids, "include": ["vector"]}))["results"]
+                g = np.array([r["vector"] for r in sorted(got, key=lambda r: int(r["id"]))])
+                ref = data[::7]
+                rel = float(np.sqrt(((g - ref) ** 2).sum() / (ref ** 2).sum()))
+                lat, hits = [], 0
+                for q, want in zip(queries, exact):
+                    b = enc({**base, "query_vectors": q.tolist(), "top_k": 10})
+                    t = time.perf_counter()
+                    r = conn.post("/v1/vectors/query", b)
+                    lat.append(time.perf_counter() - t)
+                    hits += len({int(x["id"]) for x in r["results"]} & set(want.tolist()))
+                row = {"label": label, "precision": prec, "rel_error": round(rel, 5),
+                       "recall10": round(hits / (10 * len(queries)), 4),
+                       "p50_ms": round(float(np.percentile(np.array(lat) * 1000, 50)), 3)}
+            finally:
+                p.terminate()
+                p.wait(timeout=30)
+            row["data_mb"] = round((du(d) - before) / 1e6, 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--original-python", default=str(Path(__file__).resolve().parents[2] / ".venvs/service18/bin/python"))
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((64, args.dim)).astype(np.float32) * 3
+    data = (centers[rng.integers(0, 64, args.n)] + rng.standard_normal((args.n, args.dim))).astype(np.float32)
+    queries = (centers[rng.integers(0, 64, args.queries)] + rng.standard_normal((args.queries, args.dim))).astype(np.float32)
+    d2 = (queries ** 2).sum(1)[:, None] + (data ** 2).sum(1)[None] - 2 * queries @ data.T
+    exact = np.argsort(d2, axis=1)[:, :10]
+    ours = run("sealdb", [args.bin], 18821, args, data, queries, exact)
+    theirs = run("original", [args.original_python, str(LAUNCH)], 18822, args, data, queries, exact)
+    print(f"\n{'precision':10} {'rel err ours/orig':>22} {'recall@10 ours/orig':>22} {'p50 ms ours/orig':>20} {'data MB ours/orig':>20}")
+    for a, b in zip(ours, theirs):
+        print(f"{a['precision']:10} {a['rel_error']:>10} / {b['rel_error']:<10} {a['recall10']:>10} / {b['recall10']:<10} "
+              f"{a['p50_ms']:>8} / {b['p50_ms']:<8} {a['data_mb']:>8} / {b['data_mb']:<8}")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in ours + theirs:
+                f.write(json.dumps({**r, "n": args.n, "dim": args.dim}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
