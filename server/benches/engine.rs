@@ -149,6 +149,7 @@ fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, L
                 created_at: 0,
                 metadata_schema: Vec::new(),
                 bm25: Default::default(),
+                value_index: true,
             },
         })
         .expect("create");

@@ -699,6 +699,7 @@ mod tests {
                     created_at: 0,
                     metadata_schema: Vec::new(),
                     bm25: Default::default(),
+                    value_index: true,
                 },
             })
             .unwrap();

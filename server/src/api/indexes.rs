@@ -496,6 +496,7 @@ impl IndexesApi {
                         .unwrap_or(0),
                     metadata_schema,
                     bm25,
+                    value_index: true,
                 },
             })?;
             if let Some(env) = &remember {

@@ -231,6 +231,10 @@ pub struct IndexConfig {
     pub metadata_schema: Vec<(String, FieldSchema)>,
     /// 0.18 BM25 parameters (`k1`, `b`); used only when a field is `full_text`.
     pub bm25: Bm25,
+    /// Whether writes maintain the value index of the schema's filterable fields: true for
+    /// every index created since it exists; an older index with a schema (config version
+    /// 2) has no value index and filters by scanning.
+    pub value_index: bool,
 }
 
 /// BM25 scoring parameters of an index (fixed at create).
@@ -293,7 +297,9 @@ impl IndexConfig {
             w.bytes(name.as_bytes())
                 .u8(u8::from(f.filterable) | u8::from(f.pattern) << 1 | u8::from(f.full_text) << 2);
         }
-        w.u64(self.bm25.k1.to_bits()).u64(self.bm25.b.to_bits());
+        w.u64(self.bm25.k1.to_bits())
+            .u64(self.bm25.b.to_bits())
+            .u8(u8::from(self.value_index));
         w.0
     }
     fn decode(buf: &[u8]) -> Result<Self, EngineError> {
@@ -331,9 +337,11 @@ impl IndexConfig {
             }
         }
         let mut bm25 = Bm25::default();
+        let mut value_index = false;
         if version >= 3 {
             bm25.k1 = f64::from_bits(r.u64()?);
             bm25.b = f64::from_bits(r.u64()?);
+            value_index = r.u8()? & 1 != 0;
         }
         Ok(Self {
             metric,
@@ -343,6 +351,7 @@ impl IndexConfig {
             created_at,
             metadata_schema,
             bm25,
+            value_index,
         })
     }
 }

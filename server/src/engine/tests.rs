@@ -13,6 +13,7 @@ fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
         created_at: 0,
         metadata_schema: Vec::new(),
         bm25: Default::default(),
+        value_index: true,
     }
 }
 
@@ -1031,4 +1032,27 @@ fn background_training_survives_a_panic() {
     wait_idle();
     assert!(e.describe(&ix).is_trained);
     assert_eq!(e.describe(&ix).num_vectors, 300);
+}
+
+#[test]
+fn config_versions_decode_with_their_defaults() {
+    // docs/FORMAT.md "Meta record": a version-2 config (schema, no BM25 parameters, no
+    // flags) decodes with the BM25 defaults and without a value index; version 3 round-trips.
+    let mut w = Writer::default();
+    w.u8(2).u8(0).u8(1).u32(8).bytes(b"").u64(77).u32(1);
+    w.bytes(b"cat").u8(1);
+    let c = IndexConfig::decode(&w.0).unwrap();
+    assert_eq!(c.metadata_schema[0].0, "cat");
+    assert!(c.metadata_schema[0].1.filterable);
+    assert_eq!(c.bm25, Bm25::default());
+    assert!(
+        !c.value_index,
+        "an index from before the value index has none"
+    );
+    let mut c3 = c.clone();
+    c3.value_index = true;
+    c3.bm25 = Bm25 { k1: 0.5, b: 0.25 };
+    c3.precision = Precision::Tq(6);
+    assert_eq!(IndexConfig::decode(&c3.encode()).unwrap(), c3);
+    assert!(IndexConfig::decode(&c3.encode()[..c3.encode().len() - 1]).is_err());
 }

@@ -29,8 +29,12 @@ pub(crate) struct MetaChange {
 }
 
 impl Index {
-    /// The fields of the value index: those `metadata_schema` declares filterable.
+    /// The fields of the value index: those `metadata_schema` declares filterable (none
+    /// for an index created before the value index existed).
     pub(crate) fn value_fields(&self) -> Vec<&str> {
+        if !self.config.value_index {
+            return Vec::new();
+        }
         self.config
             .metadata_schema
             .iter()
@@ -44,7 +48,7 @@ impl Index {
         self.config
             .metadata_schema
             .iter()
-            .any(|(_, f)| f.full_text || f.filterable)
+            .any(|(_, f)| f.full_text || (f.filterable && self.config.value_index))
     }
 
     /// The text statistics as stored (all zero before the first text write).
