@@ -37,7 +37,7 @@ def vocabulary(size, seed):
     return sorted(words)
 
 
-def make_docs(n, dim, seed):
+def make_docs(n, dim, seed, text=True):
     rnd = random.Random(seed)
     words = vocabulary(5000, seed)
     # Zipf-like word frequencies: a few common words, a long tail.
@@ -45,11 +45,12 @@ def make_docs(n, dim, seed):
     vecs = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     docs = []
     for i in range(n):
-        title = " ".join(rnd.choices(words, weights, k=rnd.randint(3, 8)))
-        body = " ".join(rnd.choices(words, weights, k=rnd.randint(20, 60)))
-        docs.append({"id": str(i), "vector": vecs[i].tolist(),
-                     "metadata": {"title": title, "body": body, "cat": i % 1000, "group": i % 10}})
-    return docs, words, weights
+        meta = {"cat": i % 1000, "group": i % 10}
+        if text:
+            meta["title"] = " ".join(rnd.choices(words, weights, k=rnd.randint(3, 8)))
+            meta["body"] = " ".join(rnd.choices(words, weights, k=rnd.randint(20, 60)))
+        docs.append(meta)
+    return (vecs, docs), words, weights
 
 
 def start(cmd, port, data, env_extra=None):
@@ -85,24 +86,36 @@ def timed(conn, path, bodies):
 
 def run(label, conn, docs, args, words, weights):
     name, key = "text-bench", "22" * 32
-    conn.post("/v1/indexes/create", enc({"index_name": name, "index_key": key, "dimension": args.dim,
-                                         "text_fields": ["title", "body"],
-                                         "metadata_schema": {"cat": {"filterable": True}}}))
-    t0 = time.perf_counter()
-    for s in range(0, len(docs), 500):
-        conn.post("/v1/vectors/upsert", enc({"index_name": name, "index_key": key, "items": docs[s:s + 500]}))
-    upsert_s = time.perf_counter() - t0
+    create = {"index_name": name, "index_key": key, "dimension": args.dim,
+              "metadata_schema": {"cat": {"filterable": True}}}
+    if not args.no_text:
+        create["text_fields"] = ["title", "body"]
+    conn.post("/v1/indexes/create", enc(create))
+    vecs, metas = docs
+    upsert_s = 0.0
+    for s in range(0, len(metas), 500):
+        items = [{"id": str(i), "vector": vecs[i].tolist(), "metadata": metas[i]}
+                 for i in range(s, min(s + 500, len(metas)))]
+        body = enc({"index_name": name, "index_key": key, "items": items})
+        t0 = time.perf_counter()
+        conn.post("/v1/vectors/upsert", body)
+        upsert_s += time.perf_counter() - t0
     rnd = random.Random(args.seed + 1)
     texts = [" ".join(rnd.choices(words[:2000], weights[:2000], k=rnd.randint(1, 3))) for _ in range(args.queries)]
     qv = np.random.default_rng(args.seed + 2).standard_normal((args.queries, args.dim)).astype(np.float32)
     base = {"index_name": name, "index_key": key}
-    res = {"label": label, "n": len(docs), "upsert_docs_per_s": round(len(docs) / upsert_s)}
+    res = {"label": label, "n": len(metas), "upsert_docs_per_s": round(len(metas) / upsert_s)}
     bodies = [enc({**base, "filters": {"cat": rnd.randrange(1000)}, "top_k": 10}) for _ in range(args.queries)]
     res["query_metadata_filter"], _ = timed(conn, "/v1/vectors/query_metadata", bodies)
-    bodies = [enc({**base, "text": t, "top_k": 10}) for t in texts]
-    res["query_metadata_text"], text_out = timed(conn, "/v1/vectors/query_metadata", bodies)
-    bodies = [enc({**base, "query_vectors": v.tolist(), "top_k": 10, "text": t}) for v, t in zip(qv, texts)]
-    res["hybrid_query"], hybrid_out = timed(conn, "/v1/vectors/query", bodies)
+    bodies = [enc({**base, "query_vectors": v.tolist(), "top_k": 10, "filters": {"cat": rnd.randrange(1000)}})
+              for v in qv]
+    res["filtered_vector_query"], _ = timed(conn, "/v1/vectors/query", bodies)
+    text_out = hybrid_out = []
+    if not args.no_text:
+        bodies = [enc({**base, "text": t, "top_k": 10}) for t in texts]
+        res["query_metadata_text"], text_out = timed(conn, "/v1/vectors/query_metadata", bodies)
+        bodies = [enc({**base, "query_vectors": v.tolist(), "top_k": 10, "text": t}) for v, t in zip(qv, texts)]
+        res["hybrid_query"], hybrid_out = timed(conn, "/v1/vectors/query", bodies)
     bodies = [enc({**base, "query_vectors": v.tolist(), "top_k": 10}) for v in qv]
     res["vector_query"], _ = timed(conn, "/v1/vectors/query", bodies)
     top = [[r["id"] for r in o["results"][:3]] for o in text_out]
@@ -110,17 +123,23 @@ def run(label, conn, docs, args, words, weights):
     return res, top, hyb
 
 
-def main():
+def bench_args(queries):
+    """The arguments every side-by-side bench here takes."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
+    ap.add_argument("--bin", required=True, help="our server binary (a release build)")
     ap.add_argument("--original-python", default=str(Path(__file__).resolve().parents[2] / ".venvs/service18/bin/python"))
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--queries", type=int, default=queries)
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    docs, words, weights = make_docs(args.n, args.dim, args.seed)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--no-text", action="store_true", help="no full_text fields (vectors and the value index only)")
+    return ap
+
+
+def main():
+    args = bench_args(200).parse_args()
+    docs, words, weights = make_docs(args.n, args.dim, args.seed, text=not args.no_text)
     rows, tops = [], []
     for label, cmd, port in [("sealdb", [args.bin], 18811), ("original", [args.original_python, str(LAUNCH)], 18812)]:
         with tempfile.TemporaryDirectory() as data:
@@ -133,14 +152,18 @@ def main():
         rows.append(res)
         tops.append((top, hyb))
         print(json.dumps(res), flush=True)
-    same_text = np.mean([a == b for a, b in zip(tops[0][0], tops[1][0])])
-    same_hybrid = np.mean([a == b for a, b in zip(tops[0][1], tops[1][1])])
+    def agree(a, b):
+        return float(np.mean([x == y for x, y in zip(a, b)])) if a else float("nan")
+    same_text = agree(tops[0][0], tops[1][0])
+    same_hybrid = agree(tops[0][1], tops[1][1])
     print(f"\nsame top-3 ids: text {same_text:.2f}, hybrid {same_hybrid:.2f} (ties may reorder)")
     ours, theirs = rows
     print(f"{'metric':28} {'sealdb':>10} {'original':>10} {'ratio':>8}")
     print(f"{'upsert docs/s':28} {ours['upsert_docs_per_s']:>10} {theirs['upsert_docs_per_s']:>10} "
           f"{ours['upsert_docs_per_s'] / theirs['upsert_docs_per_s']:>7.2f}x")
-    for k in ["query_metadata_filter", "query_metadata_text", "hybrid_query", "vector_query"]:
+    for k in ["query_metadata_filter", "filtered_vector_query", "query_metadata_text", "hybrid_query", "vector_query"]:
+        if k not in ours:
+            continue
         for q in ["p50_ms", "p99_ms"]:
             a, b = ours[k][q], theirs[k][q]
             print(f"{k + ' ' + q:28} {a:>10} {b:>10} {b / a:>7.2f}x faster")

@@ -3,14 +3,12 @@ on SealDB and on the original cyborgdb-service 0.18.0: same data (clustered floa
 client, one run. Per precision and server: relative error of the vectors `get` returns,
 recall@10 of queries against the exact float32 neighbours, single-query p50 (untrained
 index: every vector is scanned, so this is the precision's own cost), and the data
-directory's size after the upsert.
+directory's size after the upsert (and, for SealDB, the bytes of its records, from a run on
+the filesystem store: the redb file grows in allocation steps).
 
 Usage: python tests/bench/tq.py --bin target/release/sealdb [--n 20000] [--dim 128]
 """
-import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import enc  # noqa: E402
-from text import LAUNCH, start  # noqa: E402
+from text import LAUNCH, bench_args, start  # noqa: E402
 
 SPARE = "wal-spare.log"
 PRECISIONS = ["float32", "float16", "tq12", "tq8", "tq6", "tq4"]
@@ -33,19 +31,23 @@ def du(path):
                if f.is_file() and f.name != SPARE and f.name != "server.log")
 
 
+def upsert(conn, prec, args, data):
+    base = {"index_name": "tq-bench", "index_key": "33" * 32}
+    conn.post("/v1/indexes/create", enc({**base, "dimension": args.dim, "storage_precision": prec}))
+    for s in range(0, len(data), 1000):
+        items = [{"id": str(i), "vector": data[i].tolist()} for i in range(s, min(s + 1000, len(data)))]
+        conn.post("/v1/vectors/upsert", enc({**base, "items": items}))
+    return base
+
+
 def run(label, cmd, port, args, data, queries, exact):
     rows = []
     for prec in PRECISIONS:
         with tempfile.TemporaryDirectory() as d:
             p, conn = start(cmd, port, d)
             try:
-                name, key = "tq-bench", "33" * 32
-                base = {"index_name": name, "index_key": key}
-                conn.post("/v1/indexes/create", enc({**base, "dimension": args.dim, "storage_precision": prec}))
+                base = upsert(conn, prec, args, data)
                 before = 0
-                for s in range(0, len(data), 1000):
-                    items = [{"id": str(i), "vector": data[i].tolist()} for i in range(s, min(s + 1000, len(data)))]
-                    conn.post("/v1/vectors/upsert", enc({**base, "items": items}))
                 ids = [str(i) for i in range(0, len(data), 7)]
                 got = conn.post("/v1/vectors/get", enc({**base, "ids": ids, "include": ["vector"]}))["results"]
                 g = np.array([r["vector"] for r in sorted(got, key=lambda r: int(r["id"]))])
@@ -65,20 +67,25 @@ def run(label, cmd, port, args, data, queries, exact):
                 p.terminate()
                 p.wait(timeout=30)
             row["data_mb"] = round((du(d) - before) / 1e6, 2)
+        if label == "sealdb":
+            # The redb file grows in allocation regions, so its size moves in steps; the
+            # filesystem store keeps one file per record: the bytes the index really stores.
+            with tempfile.TemporaryDirectory() as d:
+                p, conn = start(cmd, port, d, {"CYBORGDB_DB_TYPE": "filesystem"})
+                try:
+                    upsert(conn, prec, args, data)
+                finally:
+                    p.terminate()
+                    p.wait(timeout=30)
+                row["records_mb"] = round(sum(f.stat().st_size for f in Path(d).rglob("*")
+                                              if f.is_file() and f.name != "server.log") / 1e6, 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--original-python", default=str(Path(__file__).resolve().parents[2] / ".venvs/service18/bin/python"))
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = bench_args(100).parse_args()
     rng = np.random.default_rng(7)
     centers = rng.standard_normal((64, args.dim)).astype(np.float32) * 3
     data = (centers[rng.integers(0, 64, args.n)] + rng.standard_normal((args.n, args.dim))).astype(np.float32)
@@ -87,10 +94,11 @@ def main():
     exact = np.argsort(d2, axis=1)[:, :10]
     ours = run("sealdb", [args.bin], 18821, args, data, queries, exact)
     theirs = run("original", [args.original_python, str(LAUNCH)], 18822, args, data, queries, exact)
-    print(f"\n{'precision':10} {'rel err ours/orig':>22} {'recall@10 ours/orig':>22} {'p50 ms ours/orig':>20} {'data MB ours/orig':>20}")
+    print(f"\n{'precision':10} {'rel err ours/orig':>22} {'recall@10 ours/orig':>22} {'p50 ms ours/orig':>20} "
+          f"{'data MB ours/orig':>20} {'records MB ours':>16}")
     for a, b in zip(ours, theirs):
         print(f"{a['precision']:10} {a['rel_error']:>10} / {b['rel_error']:<10} {a['recall10']:>10} / {b['recall10']:<10} "
-              f"{a['p50_ms']:>8} / {b['p50_ms']:<8} {a['data_mb']:>8} / {b['data_mb']:<8}")
+              f"{a['p50_ms']:>8} / {b['p50_ms']:<8} {a['data_mb']:>8} / {b['data_mb']:<8} {a['records_mb']:>10}")
     if args.out:
         with open(args.out, "a") as f:
             for r in ours + theirs:

@@ -282,6 +282,9 @@ def test_bm25_and_hybrid_search_through_the_client(client):
     assert [h["id"] for h in narrow] == ["a", "c"] and narrow[1]["metadata"]["k"] == 1
     binary = ix.query_binary(np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32), top_k=2, text="fox")
     assert [[h["id"] for h in row] for row in binary] == [["a", "b"], ["d", "a"]]
+    batch = ix.query(query_vectors=[[1.0, 0.0], [0.0, 1.0]], top_k=2, text="fox")
+    assert [[(h["id"], h["score"]) for h in row] for row in batch] == [
+        [(h["id"], h["score"]) for h in row] for row in binary]
     expect_status(400, ix.query, query_vectors=[1.0, 0.0], text="fox", alpha=2.0)
     expect_status(400, ix.query, query_vectors=[1.0, 0.0], text="fox", rrf_k=0)
     plain = client.create_index(index_name=name + "-plain", index_key=key, dimension=2)
