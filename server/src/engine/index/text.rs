@@ -51,6 +51,21 @@ impl Index {
             .any(|(_, f)| f.full_text || (f.filterable && self.config.value_index))
     }
 
+    /// Open a sealed record of the secondary indexes (AAD: format version and its key).
+    fn open_secondary(
+        &self,
+        key: &[u8],
+        sealed: &[u8],
+        what: &str,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.keys
+            .open(&fmt::aad(key), sealed)
+            .map_err(|_| EngineError::Integrity {
+                index: self.name.clone(),
+                what: format!("{what} does not open (altered or moved)"),
+            })
+    }
+
     /// The text statistics as stored (all zero before the first text write).
     pub(crate) fn text_stats(&self) -> Result<TextStats, EngineError> {
         let key = fmt::text_stats_key(&self.id);
@@ -61,13 +76,7 @@ impl Index {
                 fields: vec![FieldStats::default(); n],
             });
         };
-        let plain =
-            self.keys
-                .open(&fmt::aad(&key), &sealed)
-                .map_err(|_| EngineError::Integrity {
-                    index: self.name.clone(),
-                    what: "the text statistics record does not open (altered or moved)".into(),
-                })?;
+        let plain = self.open_secondary(&key, &sealed, "the text statistics record")?;
         let mut s = TextStats::decode(&plain)?;
         s.fields.resize(n, FieldStats::default());
         Ok(s)
@@ -201,13 +210,7 @@ impl Index {
                 // Written after the statistics this search read: not part of its snapshot.
                 continue;
             }
-            let plain =
-                self.keys
-                    .open(&fmt::aad(&k), &sealed)
-                    .map_err(|_| EngineError::Integrity {
-                        index: self.name.clone(),
-                        what: "a postings record does not open (altered or moved)".into(),
-                    })?;
+            let plain = self.open_secondary(&k, &sealed, "a postings record")?;
             Postings::decode(&plain)?.apply(&mut list);
             keys.push(k);
         }
