@@ -189,7 +189,7 @@ pub struct IndexInfo {
     pub metric: String,
     /// Number of IVF lists (1 while untrained).
     pub n_lists: i64,
-    /// `float32` or `float16`.
+    /// `float32`, `float16`, `tq12`, `tq8`, `tq6` or `tq4`.
     pub storage_precision: String,
     /// Embedding model recorded at create, if any.
     #[oai(skip_serializing_if_is_none)]
