@@ -81,6 +81,16 @@ def pair(original, server):
     return original, ours, name, key
 
 
+def ask_both(theirs, ours, name, key, path, body):
+    """The same request to the original and to us: both answers, each checked to be a 200."""
+    out = []
+    for api in (theirs, ours):
+        st, b = api.post(path, {"index_name": name, "index_key": key, **body})
+        assert st == 200, (api.url, b)
+        out.append(b)
+    return out
+
+
 @pytest.mark.parametrize("f", FILTERS, ids=[json.dumps(f) for f in FILTERS])
 def test_vector_query_filters_match_the_original(pair, f):
     theirs, ours, name, key = pair
@@ -111,11 +121,8 @@ def test_metadata_key_order_matches_the_original(pair):
     {"filters": {"n": {"$ne": None}}},
 ])
 def test_query_metadata_matches_the_original(pair, body):
-    theirs, ours, name, key = pair
     got = []
-    for api in (theirs, ours):
-        st, b = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
-        assert st == 200, (api.url, b)
+    for b in ask_both(*pair, "/v1/vectors/query_metadata", body):
         assert b["ids"] == [r["id"] for r in b["results"]] and b["count"] == len(b["ids"])
         got.append(b["ids"] if "order_by" in body else sorted(b["ids"]))
     assert got[1] == got[0]
@@ -220,12 +227,8 @@ TEXT_QUERIES = [
 
 @pytest.mark.parametrize("body", TEXT_QUERIES, ids=[json.dumps(b) for b in TEXT_QUERIES])
 def test_bm25_text_queries_rank_as_the_original(text_pair, body):
-    theirs, ours, name, key = text_pair
-    got = []
-    for api in (theirs, ours):
-        st, b = api.post("/v1/vectors/query_metadata", {"index_name": name, "index_key": key, **body})
-        assert st == 200, (api.url, b)
-        got.append((untied(b["results"]), len(b["results"])))
+    got = [(untied(b["results"]), len(b["results"]))
+           for b in ask_both(*text_pair, "/v1/vectors/query_metadata", body)]
     assert same_ranking(got[1][0], got[0][0]) and got[1][1] == got[0][1], got
     assert got[0][0] or body["text"] == "with the of", "the comparison must cover some results"
 
@@ -239,12 +242,8 @@ HYBRID = [
 
 @pytest.mark.parametrize("body", HYBRID, ids=[json.dumps(b) for b in HYBRID])
 def test_hybrid_queries_fuse_as_the_original(text_pair, body):
-    theirs, ours, name, key = text_pair
     got = []
-    for api in (theirs, ours):
-        req = {"index_name": name, "index_key": key, "query_vectors": [0.3, 0.7], "top_k": 12, **body}
-        st, b = api.post("/v1/vectors/query", req)
-        assert st == 200, (api.url, b)
+    for b in ask_both(*text_pair, "/v1/vectors/query", {"query_vectors": [0.3, 0.7], "top_k": 12, **body}):
         assert all("distance" not in r for r in b["results"])
         got.append(untied(b["results"], limit=8))
     assert same_ranking(got[1], got[0]) and got[0], got
