@@ -7,6 +7,7 @@ pub mod embeddings;
 pub mod error;
 pub mod fast_json;
 pub mod health;
+mod hybrid;
 pub mod indexes;
 pub mod metadata;
 pub mod users;

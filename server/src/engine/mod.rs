@@ -3,7 +3,8 @@
 //! * [`Engine`] owns the store, the table of open indexes and the training worker.
 //! * [`index::Index`] is one open index (posting lists in memory, sealed blocks in the store).
 //! * [`format`] is the byte layout of everything stored; [`distance`], [`kmeans`], [`filter`]
-//!   are the numeric and query building blocks.
+//!   are the numeric and query building blocks; [`text`] and [`tq`] hold BM25's and the
+//!   quantized precisions' pure parts, `precision` the storage precisions.
 
 pub mod cache;
 pub mod distance;
@@ -12,16 +13,17 @@ pub mod format;
 pub mod index;
 pub mod kmeans;
 pub mod meta;
+mod precision;
 pub mod progress;
 pub mod text;
 pub mod tq;
 pub mod training;
 
+pub use precision::Precision;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
 use sealdb_plugin_api::{IndexStore, StoreError, WriteBatch};
@@ -66,156 +68,6 @@ pub enum EngineError {
     /// A training stopped before it finished.
     #[error("training stopped: {0}")]
     Cancelled(CancelReason),
-}
-
-/// How vectors are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    F16,
-    /// `tq12`, `tq8`, `tq6`, `tq4`: this many bits per dimension after a rotation
-    /// ([`tq`]).
-    Tq(u8),
-}
-
-impl Precision {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "float32" => Some(Self::F32),
-            "float16" => Some(Self::F16),
-            "tq12" => Some(Self::Tq(12)),
-            "tq8" => Some(Self::Tq(8)),
-            "tq6" => Some(Self::Tq(6)),
-            "tq4" => Some(Self::Tq(4)),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::F32 => "float32",
-            Self::F16 => "float16",
-            Self::Tq(12) => "tq12",
-            Self::Tq(8) => "tq8",
-            Self::Tq(6) => "tq6",
-            Self::Tq(_) => "tq4",
-        }
-    }
-    pub fn code(self) -> u8 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Tq(12) => 2,
-            Self::Tq(8) => 3,
-            Self::Tq(6) => 4,
-            Self::Tq(_) => 5,
-        }
-    }
-    pub fn from_code(c: u8) -> Option<Self> {
-        match c {
-            0 => Some(Self::F32),
-            1 => Some(Self::F16),
-            2 => Some(Self::Tq(12)),
-            3 => Some(Self::Tq(8)),
-            4 => Some(Self::Tq(6)),
-            5 => Some(Self::Tq(4)),
-            _ => None,
-        }
-    }
-    /// Bytes one stored vector of `dim` dimensions takes.
-    pub fn row_bytes(self, dim: usize) -> usize {
-        match self {
-            Self::F32 => 4 * dim,
-            Self::F16 => 2 * dim,
-            Self::Tq(bits) => tq::row_bytes(dim, bits),
-        }
-    }
-    /// Give `v` (one vector) the value it will have after a store/load round trip
-    /// (float16 converts through a small stack buffer, whole slices at a time, with no
-    /// allocation).
-    pub fn round_in_place(self, v: &mut [f32]) {
-        match self {
-            Self::F32 => {}
-            Self::F16 => {
-                let mut h = [f16::ZERO; 64];
-                for c in v.chunks_mut(64) {
-                    let h = &mut h[..c.len()];
-                    h.convert_from_f32_slice(c);
-                    h.convert_to_f32_slice(c);
-                }
-            }
-            Self::Tq(bits) => tq::round_in_place(v, bits),
-        }
-    }
-    /// Append the stored form of `v`, rows of `dim` values.
-    pub fn encode_into(self, v: &[f32], dim: usize, out: &mut Vec<u8>) {
-        out.reserve(v.len() / dim.max(1) * self.row_bytes(dim));
-        match self {
-            // Little-endian hosts store f32 as it lies in memory: one copy, no per-value work.
-            #[cfg(target_endian = "little")]
-            Self::F32 => out.extend_from_slice(bytemuck::cast_slice(v)),
-            #[cfg(not(target_endian = "little"))]
-            Self::F32 => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            #[cfg(target_endian = "little")]
-            Self::F16 => {
-                use half::slice::HalfFloatSliceExt as _;
-                out.extend_from_slice(bytemuck::cast_slice(to_f16(v).reinterpret_cast()))
-            }
-            #[cfg(not(target_endian = "little"))]
-            Self::F16 => to_f16(v)
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::Tq(bits) => {
-                for row in v.chunks_exact(dim.max(1)) {
-                    tq::encode(row, bits, out);
-                }
-            }
-        }
-    }
-    /// `rows` stored vectors of `dim` values from `raw`.
-    pub fn decode(self, raw: &[u8], rows: usize, dim: usize) -> Result<Vec<f32>, EngineError> {
-        if Some(raw.len()) != rows.checked_mul(self.row_bytes(dim)) {
-            return Err(EngineError::Corrupt(
-                "vector data has the wrong length".into(),
-            ));
-        }
-        Ok(match self {
-            Self::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Self::F16 => {
-                let h: Vec<f16> = raw
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                let mut out = vec![0f32; rows * dim];
-                h.convert_to_f32_slice(&mut out);
-                out
-            }
-            Self::Tq(bits) => {
-                let mut out = vec![0f32; rows * dim];
-                if dim > 0 {
-                    for (row, o) in raw
-                        .chunks_exact(self.row_bytes(dim))
-                        .zip(out.chunks_exact_mut(dim))
-                    {
-                        tq::decode(row, bits, o).map_err(|e| EngineError::Corrupt(e.into()))?;
-                    }
-                }
-                out
-            }
-        })
-    }
-}
-
-/// Whole-slice conversion: `half` uses the CPU's F16C instructions eight values at a time
-/// when present (detected at run time), where per-value conversion goes one by one.
-fn to_f16(v: &[f32]) -> Vec<f16> {
-    let mut h = vec![f16::ZERO; v.len()];
-    h.convert_from_f32_slice(v);
-    h
 }
 
 /// The immutable part of an index's definition.

@@ -1,0 +1,141 @@
+//! Storage precisions through the engine: what a write stores is exactly what reads
+//! return, before and after blocks are re-sealed, for float16 and the tq tiers.
+
+use super::*;
+
+#[test]
+fn float16_rounds_like_per_value_conversion_and_rejects_overflow() {
+    use half::f16;
+    // Awkward values: ties, subnormals, the largest finite float16, both signs, zeros.
+    let mut v: Vec<f32> = (0..2000)
+        .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi(i % 11 - 6))
+        .collect();
+    v.extend([
+        0.0,
+        -0.0,
+        65504.0,
+        -65504.0,
+        65519.0,
+        1.0e-8,
+        5.96e-8,
+        2.0f32.powi(-14),
+        1.0 + 2.0f32.powi(-11),
+        1.0 + 3.0 * 2.0f32.powi(-11),
+    ]);
+    let want: Vec<f32> = v.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+    let mut got = v.clone();
+    Precision::F16.round_in_place(&mut got);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.to_bits(), w.to_bits());
+    }
+    // Encoding and decoding keep exactly the rounded values.
+    let mut bytes = Vec::new();
+    Precision::F16.encode_into(&got, got.len(), &mut bytes);
+    assert_eq!(Precision::F16.decode(&bytes, 1, got.len()).unwrap(), got);
+    let mut f32s = v.clone();
+    Precision::F32.round_in_place(&mut f32s);
+    assert_eq!(f32s, v);
+
+    // Through the engine: what is stored is what a read returns; a component beyond
+    // float16's range is refused and nothing of the batch is written.
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store);
+    create(&e, "h", &kek, cfg(Metric::Euclidean, Precision::F16, 3));
+    let ix = e.open("h", Some(&kek)).unwrap();
+    ix.upsert(vec![item("a", vec![0.1, 1.0e-6, 3.3], json!({}))])
+        .unwrap();
+    let include = Include {
+        vector: true,
+        ..Include::default()
+    };
+    let got = ix.get(&["a".to_string()], include).unwrap();
+    let mut want = vec![0.1, 1.0e-6, 3.3];
+    Precision::F16.round_in_place(&mut want);
+    assert_eq!(got[0].vector.as_deref(), Some(&want[..]));
+    let err = ix
+        .upsert(vec![
+            item("b", vec![1.0, 2.0, 3.0], json!({})),
+            item("c", vec![1.0, 70000.0, 3.0], json!({})),
+        ])
+        .unwrap_err();
+    assert!(matches!(&err, EngineError::Invalid(m) if m.contains("'c'") && m.contains("float16")));
+    assert_eq!(e.describe(&ix).num_vectors, 1);
+    assert!(ix.get(&["b".to_string()], include).unwrap().is_empty());
+}
+
+#[test]
+fn quantized_precisions_store_what_reads_return_through_edits_training_and_reopen() {
+    // tq12/tq8/tq6/tq4: a read returns the decoded vector, exactly, before and after the
+    // blocks are re-sealed by later writes and a training and the index is reopened; the
+    // stored blocks shrink with the bits; search ranks by the decoded vectors.
+    let data = clustered(600, 64, 6, 21);
+    let mut sizes = Vec::new();
+    for precision in [
+        Precision::F32,
+        Precision::Tq(12),
+        Precision::Tq(8),
+        Precision::Tq(6),
+        Precision::Tq(4),
+    ] {
+        let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+        let kek = Kek::random();
+        let e = engine(store.clone());
+        create(&e, "q", &kek, cfg(Metric::Euclidean, precision, 64));
+        let ix = e.open("q", Some(&kek)).unwrap();
+        ix.upsert(numbered(&data)).unwrap();
+        let want: Vec<Vec<f32>> = data
+            .iter()
+            .map(|v| {
+                let mut v = v.clone();
+                precision.round_in_place(&mut v);
+                v
+            })
+            .collect();
+        let ids: Vec<String> = (0..data.len()).map(|i| i.to_string()).collect();
+        let include = Include {
+            vector: true,
+            ..Include::default()
+        };
+        let check = |ix: &Index, what: &str| {
+            let got = ix.get(&ids, include).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(
+                    g.vector.as_deref(),
+                    Some(&w[..]),
+                    "{} {what}",
+                    precision.as_str()
+                );
+            }
+        };
+        check(&ix, "after upsert");
+        // Rewrites of the same blocks (an overwrite of one row each) and a training re-seal
+        // every stored row.
+        ix.upsert(vec![item("0", data[0].clone(), json!({"x": 1}))])
+            .unwrap();
+        train_lists(&e, &ix, 4);
+        check(&ix, "after training");
+        let hits = ix.search(&[want[5].clone()], &params(1)).unwrap();
+        assert_eq!(hits[0][0].id, "5");
+        assert_eq!(
+            hits[0][0].distance, 0.0,
+            "distance to the stored vector itself"
+        );
+        let bytes: usize = store
+            .scan_prefix(&format::scoped_prefix(format::kind::LIST, &ix.id))
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.len())
+            .sum();
+        sizes.push((precision.as_str(), bytes));
+        drop(ix);
+        let e2 = engine(store.clone());
+        check(&e2.open("q", Some(&kek)).unwrap(), "after reopen");
+    }
+    // Stored blocks shrink with the bits (ids and metadata are the same in each).
+    assert!(sizes.windows(2).all(|w| w[1].1 < w[0].1), "{sizes:?}");
+    assert!(
+        sizes[4].1 * 4 < sizes[0].1,
+        "tq4 blocks are far smaller than float32: {sizes:?}"
+    );
+}
