@@ -220,37 +220,62 @@ impl Index {
     /// Every item matching the text query with its BM25 score, best first (ties by id).
     /// Reads each `(term, field)`'s records; folds those past [`FOLD_AT`] afterwards.
     pub fn text_search(&self, q: &TextQuery) -> Result<Vec<(String, f64)>, EngineError> {
-        let mut tries = 0;
-        loop {
-            let s0 = self.write_seq.load(Ordering::SeqCst);
-            let stats = self.text_stats()?;
+        self.snapshot(fmt::kind::TERM, |stats, to_fold| {
             let mut lists = Vec::with_capacity(q.terms.len());
-            let mut to_fold = Vec::new();
             for term in &q.terms {
                 let mut per_field = Vec::with_capacity(q.fields.len());
                 for (_, field, _) in &q.fields {
                     let tag = self.keys.term_tag(field, term);
-                    let (list, keys) = self.postings_of(fmt::kind::TERM, &tag, stats.seq)?;
-                    if keys.len() > FOLD_AT {
-                        to_fold.push(tag);
-                    }
-                    per_field.push(list);
+                    per_field.push(self.folded(fmt::kind::TERM, tag, stats.seq, to_fold)?);
                 }
                 lists.push(per_field);
             }
+            Ok(tx::score(&self.config.bm25, q, stats, &lists))
+        })
+    }
+
+    /// One consistent read of a secondary index (records of `kind`): `read` gets the
+    /// statistics (their `seq` bounds the snapshot) and collects the tags worth folding. It
+    /// runs again if a writer raced it; afterwards those tags are folded, best effort.
+    fn snapshot<T>(
+        &self,
+        kind: u8,
+        read: impl Fn(&TextStats, &mut Vec<[u8; 16]>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let mut tries = 0;
+        loop {
+            let s0 = self.write_seq.load(Ordering::SeqCst);
+            let stats = self.text_stats()?;
+            let mut to_fold = Vec::new();
+            let out = read(&stats, &mut to_fold)?;
             if self.raced(s0) && tries < RACE_RETRIES {
                 tries += 1;
                 self.wait_for_writer();
                 continue;
             }
-            let out = tx::score(&self.config.bm25, q, &stats, &lists);
             if !to_fold.is_empty() {
-                if let Err(e) = self.fold_tags(fmt::kind::TERM, &to_fold) {
-                    tracing::debug!(index = %self.name, error = %e, "folding postings failed; left for a later search");
+                if let Err(e) = self.fold_tags(kind, &to_fold) {
+                    tracing::debug!(index = %self.name, error = %e, "folding postings failed; left for a later read");
                 }
             }
             return Ok(out);
         }
+    }
+
+    /// [`Self::postings_of`] for a reader: notes the tag in `to_fold` when it has more than
+    /// [`FOLD_AT`] records.
+    fn folded(
+        &self,
+        kind: u8,
+        tag: [u8; 16],
+        upto: u64,
+        to_fold: &mut Vec<[u8; 16]>,
+    ) -> Result<PostingList, EngineError> {
+        let (list, keys) = self.postings_of(kind, &tag, upto)?;
+        if keys.len() > FOLD_AT {
+            to_fold.push(tag);
+        }
+        Ok(list)
     }
 
     /// Fold each tag's records into one base at its newest record's number. Skipped when a
@@ -320,22 +345,6 @@ impl Index {
         Ok(out)
     }
 
-    /// The ids the value index holds for `(field, value)` as of write `upto`.
-    fn value_ids(
-        &self,
-        field: &str,
-        value: &super::super::filter::IndexValue,
-        upto: u64,
-        to_fold: &mut Vec<[u8; 16]>,
-    ) -> Result<Vec<String>, EngineError> {
-        let tag = self.keys.value_tag(field, value);
-        let (list, keys) = self.postings_of(fmt::kind::VALUE, &tag, upto)?;
-        if keys.len() > FOLD_AT {
-            to_fold.push(tag);
-        }
-        Ok(list.into_keys().collect())
-    }
-
     /// The items that may match `filter` as far as the value index can tell, `None` when
     /// it cannot narrow the filter down (no indexed equality or `$in` in every branch).
     /// A superset: the caller still applies the whole filter to each candidate.
@@ -347,28 +356,14 @@ impl Index {
         if fields.is_empty() {
             return Ok(None);
         }
-        let mut tries = 0;
-        loop {
-            let s0 = self.write_seq.load(Ordering::SeqCst);
-            let upto = self.text_stats()?.seq;
-            let mut to_fold = Vec::new();
-            let got = self.candidates_of(filter, &fields, upto, &mut to_fold)?;
-            if self.raced(s0) && tries < RACE_RETRIES {
-                tries += 1;
-                self.wait_for_writer();
-                continue;
-            }
-            if !to_fold.is_empty() {
-                if let Err(e) = self.fold_tags(fmt::kind::VALUE, &to_fold) {
-                    tracing::debug!(index = %self.name, error = %e, "folding postings failed; left for a later query");
-                }
-            }
-            return Ok(got.map(|set| {
-                let mut v: Vec<String> = set.into_iter().collect();
-                v.sort_unstable();
-                v
-            }));
-        }
+        let got = self.snapshot(fmt::kind::VALUE, |stats, to_fold| {
+            self.candidates_of(filter, &fields, stats.seq, to_fold)
+        })?;
+        Ok(got.map(|set| {
+            let mut v: Vec<String> = set.into_iter().collect();
+            v.sort_unstable();
+            v
+        }))
     }
 
     fn candidates_of(
@@ -385,7 +380,11 @@ impl Index {
                 };
                 let mut out = HashSet::default();
                 for v in &values {
-                    out.extend(self.value_ids(path, v, upto, to_fold)?);
+                    let tag = self.keys.value_tag(path, v);
+                    out.extend(
+                        self.folded(fmt::kind::VALUE, tag, upto, to_fold)?
+                            .into_keys(),
+                    );
                 }
                 Ok(Some(out))
             }
