@@ -253,7 +253,7 @@ mod tests {
             epoch: 1,
         };
         let blk = |n: usize| {
-            let mut b = Block::with_capacity(n, 128);
+            let mut b = Block::with_capacity(n, 128, super::super::Precision::F32);
             for i in 0..n {
                 b.push(i.to_string(), &[0.5; 128], None, 0);
             }

@@ -700,6 +700,7 @@ impl Engine {
             &meta.id,
             &ikeys,
             config.metric.is_angular(),
+            config.precision,
             digest,
         )?;
         Ok(Arc::new(Index::assemble(

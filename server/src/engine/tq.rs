@@ -258,6 +258,116 @@ pub fn decode(raw: &[u8], bits: u8, out: &mut [f32]) -> Result<(), &'static str>
     Ok(())
 }
 
+/// The query side of a scan in the rotated domain: `q` under the orthogonal map
+/// `Q = H·D / √n` of each chunk (the rotation the encoder applies, normalised), so that for
+/// every stored row `x̂` and its [`decode_rotated`] form `z`, `|x̂ - q| = |z - w|` and
+/// `x̂·q = z·w` (up to float rounding: the scan that uses them is a first pass, whose winners
+/// are rescored on the decoded rows).
+pub fn rotate(q: &[f32], bits: u8) -> Vec<f32> {
+    let mut out = Vec::with_capacity(q.len());
+    let mut start = 0;
+    let mut buf = Vec::new();
+    for n in chunks(q.len(), bits) {
+        buf.clear();
+        buf.extend((start..start + n).map(|i| {
+            if negated(i) {
+                -(q[i] as f64)
+            } else {
+                q[i] as f64
+            }
+        }));
+        fwht(&mut buf);
+        let s = 1.0 / (n as f64).sqrt();
+        out.extend(buf.iter().map(|y| (y * s) as f32));
+        start += n;
+    }
+    out
+}
+
+/// One stored row in the rotated domain (see [`rotate`]): each chunk's odd levels times its
+/// step over `√n`. No transform runs, so this costs about what reading the codes costs.
+/// `out.len()` is the dimension; `raw` must be `row_bytes(out.len(), bits)` long.
+pub fn decode_rotated(raw: &[u8], bits: u8, out: &mut [f32]) -> Result<(), &'static str> {
+    let dim = out.len();
+    if raw.len() != row_bytes(dim, bits) {
+        return Err("quantized vector has the wrong length");
+    }
+    let n_chunks = chunks(dim, bits).count();
+    let (steps, packed) = raw.split_at(n_chunks * STEP_BYTES);
+    levels_into(packed, bits, out);
+    let mut start = 0;
+    for (c, n) in chunks(dim, bits).enumerate() {
+        let st = &steps[c * STEP_BYTES..(c + 1) * STEP_BYTES];
+        let step = Step {
+            e: i16::from_le_bytes([st[0], st[1]]),
+            g: st[2],
+        };
+        if step.g != 0 && !(8..=15).contains(&step.g) {
+            return Err("quantized step out of range");
+        }
+        let s = (step.value() / (n as f64).sqrt()) as f32;
+        out[start..start + n].iter_mut().for_each(|v| *v *= s);
+        start += n;
+    }
+    Ok(())
+}
+
+/// The odd levels `2c - (L-1)` of `out.len()` packed codes, as floats. The common widths
+/// go a whole group of bytes at a time (loops the compiler vectorises); a tail, or another
+/// width, goes through [`unpack`].
+fn levels_into(packed: &[u8], bits: u8, out: &mut [f32]) {
+    let v_top = top(bits) as f32;
+    let lv = |c: u32| 2.0 * c as f32 - v_top;
+    let n = out.len();
+    let done = match bits {
+        8 => {
+            for (o, &b) in out.iter_mut().zip(packed) {
+                *o = lv(b as u32);
+            }
+            n.min(packed.len())
+        }
+        4 => {
+            let pairs = n / 2;
+            for (o, &b) in out.chunks_exact_mut(2).zip(&packed[..pairs]) {
+                o[0] = lv((b & 15) as u32);
+                o[1] = lv((b >> 4) as u32);
+            }
+            pairs * 2
+        }
+        6 => {
+            let groups = n / 4;
+            for (o, g) in out.chunks_exact_mut(4).zip(packed.chunks_exact(3)).take(groups) {
+                let w = g[0] as u32 | (g[1] as u32) << 8 | (g[2] as u32) << 16;
+                o[0] = lv(w & 63);
+                o[1] = lv((w >> 6) & 63);
+                o[2] = lv((w >> 12) & 63);
+                o[3] = lv(w >> 18);
+            }
+            groups * 4
+        }
+        12 => {
+            let groups = n / 2;
+            for (o, g) in out.chunks_exact_mut(2).zip(packed.chunks_exact(3)).take(groups) {
+                let w = g[0] as u32 | (g[1] as u32) << 8 | (g[2] as u32) << 16;
+                o[0] = lv(w & 4095);
+                o[1] = lv(w >> 12);
+            }
+            groups * 2
+        }
+        _ => 0,
+    };
+    if done < n {
+        // Whole groups end on a byte boundary, so the tail starts on one.
+        let from = done * bits as usize / 8;
+        for (o, c) in out[done..]
+            .iter_mut()
+            .zip(unpack(packed.get(from..).unwrap_or(&[]), bits, n - done))
+        {
+            *o = lv(c);
+        }
+    }
+}
+
 /// Give `x` the value it has after a store/load round trip.
 pub fn round_in_place(x: &mut [f32], bits: u8) {
     let mut raw = Vec::with_capacity(row_bytes(x.len(), bits));
@@ -374,6 +484,46 @@ mod tests {
                 last_err = rel;
             }
         }
+    }
+
+    #[test]
+    fn the_rotated_domain_keeps_distances_and_dots() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for dim in [1usize, 3, 7, 64, 100, 128, 384, 1000] {
+            for bits in [4u8, 6, 8, 12] {
+                let q = gaussian(&mut rng, dim);
+                let w = rotate(&q, bits);
+                for _ in 0..5 {
+                    let x = gaussian(&mut rng, dim);
+                    let mut raw = Vec::new();
+                    encode(&x, bits, &mut raw);
+                    let mut xd = vec![0f32; dim];
+                    decode(&raw, bits, &mut xd).unwrap();
+                    let mut z = vec![0f32; dim];
+                    decode_rotated(&raw, bits, &mut z).unwrap();
+                    let l2 = |a: &[f32], b: &[f32]| {
+                        a.iter()
+                            .zip(b)
+                            .map(|(x, y)| ((x - y) as f64).powi(2))
+                            .sum::<f64>()
+                    };
+                    let dot = |a: &[f32], b: &[f32]| {
+                        a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum::<f64>()
+                    };
+                    let scale = dot(&q, &q) + dot(&xd, &xd);
+                    let tol = 1e-5 * scale.max(1.0);
+                    assert!(
+                        (l2(&xd, &q) - l2(&z, &w)).abs() < tol,
+                        "dim {dim} bits {bits}"
+                    );
+                    assert!((dot(&xd, &q) - dot(&z, &w)).abs() < tol, "dim {dim} bits {bits}");
+                    assert!((dot(&xd, &xd) - dot(&z, &z)).abs() < tol);
+                }
+            }
+        }
+        let mut raw = Vec::new();
+        encode(&[1.0, 2.0], 6, &mut raw);
+        assert!(decode_rotated(&raw[..raw.len() - 1], 6, &mut [0.0; 2]).is_err());
     }
 
     #[test]

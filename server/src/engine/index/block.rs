@@ -2,16 +2,63 @@
 //! "Posting-list block"), the resident directory of a list's blocks, and the 8-bit codes of
 //! a list's first pass.
 
+use std::borrow::Cow;
+
 use super::*;
+use crate::engine::tq;
+
+/// A query as block scans want it: as given (unit length for angular metrics), and, for
+/// packed blocks, rotated as the `tq` encoder rotates rows ([`tq::rotate`]), computed once.
+pub(crate) struct ScanQuery {
+    pub(crate) plain: Vec<f32>,
+    rotated: Option<(u8, Vec<f32>)>,
+}
+
+impl ScanQuery {
+    pub(crate) fn new(q: &[f32], precision: Precision) -> Self {
+        Self {
+            plain: q.to_vec(),
+            rotated: match precision {
+                Precision::Tq(bits) => Some((bits, tq::rotate(q, bits))),
+                _ => None,
+            },
+        }
+    }
+
+    fn rotated(&self, bits: u8) -> &[f32] {
+        match &self.rotated {
+            Some((b, r)) if *b == bits => r,
+            _ => &self.plain,
+        }
+    }
+}
+
+thread_local! {
+    /// Per thread: the rotated rows of the packed block being scanned.
+    static ROTATED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A scan thread keeps at most this many floats of [`ROTATED`] between blocks.
+const ROTATED_KEEP: usize = 1 << 20;
 
 /// Target plaintext size of one posting-list block.
 pub(crate) const BLOCK_BYTES: usize = 56 * 1024;
 
 /// A decrypted posting-list block. Immutable once shared (`Arc`) through the block cache.
+///
+/// Its vectors are held one of two ways: as floats in `vecs` (float32 and float16 indexes),
+/// or, on a `tq` index, as stored (`packed`: each row's steps and packed codes, `vecs`
+/// empty), so that the cache holds as many bytes per vector as the store does. Scans read
+/// packed rows in the rotated domain ([`Block::scan`]); a row wanted as floats is decoded
+/// on the spot ([`Block::vector`]).
 #[derive(Clone, Default)]
 pub struct Block {
     pub(crate) ids: Vec<String>,
     pub(crate) vecs: Vec<f32>,
+    /// The rows of a `tq` block as stored, `tq::row_bytes(dim, bits)` each.
+    pub(crate) packed: Vec<u8>,
+    /// The tq bits of `packed` (0: the rows are in `vecs`).
+    pub(crate) bits: u8,
     pub(crate) inv_norms: Vec<f32>,
     pub(crate) meta: Vec<Option<Arc<Value>>>,
     /// Per row: the write epoch of the item's contents record (0 = it has none).
@@ -31,10 +78,20 @@ impl Block {
     }
 
     /// An empty block with room for `rows` vectors, so that filling it never over-allocates.
-    pub(crate) fn with_capacity(rows: usize, dim: usize) -> Self {
+    pub(crate) fn with_capacity(rows: usize, dim: usize, precision: Precision) -> Self {
+        let (vecs, packed, bits) = match precision {
+            Precision::Tq(bits) => (
+                Vec::new(),
+                Vec::with_capacity(rows * precision.row_bytes(dim)),
+                bits,
+            ),
+            _ => (Vec::with_capacity(rows * dim), Vec::new(), 0),
+        };
         Self {
             ids: Vec::with_capacity(rows),
-            vecs: Vec::with_capacity(rows * dim),
+            vecs,
+            packed,
+            bits,
             inv_norms: Vec::with_capacity(rows),
             meta: Vec::with_capacity(rows),
             cepochs: Vec::with_capacity(rows),
@@ -54,6 +111,7 @@ impl Block {
     fn held_bytes(&self, meta_json: usize) -> usize {
         std::mem::size_of::<Self>()
             + self.vecs.len() * 4
+            + self.packed.len()
             + self.inv_norms.len() * 4
             + self.cepochs.len() * 8
             + self.ids.iter().map(|i| i.len() + 24).sum::<usize>()
@@ -65,6 +123,7 @@ impl Block {
     pub(crate) fn shrink(&mut self) {
         self.ids.shrink_to_fit();
         self.vecs.shrink_to_fit();
+        self.packed.shrink_to_fit();
         self.inv_norms.shrink_to_fit();
         self.meta.shrink_to_fit();
         self.cepochs.shrink_to_fit();
@@ -73,9 +132,10 @@ impl Block {
     /// A copy with room for `rows` more vectors (a plain clone has no spare capacity, so
     /// filling it would reallocate as it grows).
     pub(crate) fn clone_with_room(&self, rows: usize, dim: usize) -> Self {
-        let mut b = Self::with_capacity(self.len() + rows, dim);
+        let mut b = Self::with_capacity(self.len() + rows, dim, self.precision());
         b.ids.extend_from_slice(&self.ids);
         b.vecs.extend_from_slice(&self.vecs);
+        b.packed.extend_from_slice(&self.packed);
         b.inv_norms.extend_from_slice(&self.inv_norms);
         b.meta.extend_from_slice(&self.meta);
         b.cepochs.extend_from_slice(&self.cepochs);
@@ -98,7 +158,12 @@ impl Block {
         cepoch: u64,
     ) {
         self.ids.push(id);
-        self.vecs.extend_from_slice(vec);
+        if self.bits != 0 {
+            // The write path rounded `vec` to its stored value, so this encoding is exact.
+            tq::encode(vec, self.bits, &mut self.packed);
+        } else {
+            self.vecs.extend_from_slice(vec);
+        }
         self.inv_norms.push(inv_norm);
         self.meta.push(meta);
         self.cepochs.push(cepoch);
@@ -114,15 +179,123 @@ impl Block {
         self.inv_norms.swap_remove(pos);
         self.meta.swap_remove(pos);
         self.cepochs.swap_remove(pos);
-        if pos != last {
+        let (rows, w) = if self.bits != 0 {
+            (&mut self.packed, tq::row_bytes(dim, self.bits))
+        } else {
             let (head, tail) = self.vecs.split_at_mut(last * dim);
-            head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
+            if pos != last {
+                head[pos * dim..(pos + 1) * dim].copy_from_slice(&tail[..dim]);
+            }
+            self.vecs.truncate(last * dim);
+            return;
+        };
+        if pos != last {
+            rows.copy_within(last * w..(last + 1) * w, pos * w);
         }
-        self.vecs.truncate(last * dim);
+        rows.truncate(last * w);
     }
 
-    pub(crate) fn vector(&self, pos: usize, dim: usize) -> &[f32] {
-        &self.vecs[pos * dim..(pos + 1) * dim]
+    /// The precision of the rows as held: `tq` when packed, else float32 (float16 rows are
+    /// held as floats).
+    fn precision(&self) -> Precision {
+        if self.bits != 0 {
+            Precision::Tq(self.bits)
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// Row `pos` as floats: borrowed, or decoded from a packed row (exactly what a read of
+    /// it returns).
+    pub(crate) fn vector(&self, pos: usize, dim: usize) -> Cow<'_, [f32]> {
+        if self.bits == 0 {
+            return Cow::Borrowed(&self.vecs[pos * dim..(pos + 1) * dim]);
+        }
+        let w = tq::row_bytes(dim, self.bits);
+        let mut out = vec![0f32; dim];
+        if dim > 0 {
+            // Packed rows were checked when the block was decoded or encoded them.
+            let _ = tq::decode(&self.packed[pos * w..(pos + 1) * w], self.bits, &mut out);
+        }
+        Cow::Owned(out)
+    }
+
+    /// Every row as floats, row after row (a packed block is decoded: a transient copy).
+    pub(crate) fn rows_f32(&self, dim: usize) -> Cow<'_, [f32]> {
+        if self.bits == 0 {
+            return Cow::Borrowed(&self.vecs);
+        }
+        let mut out = vec![0f32; self.len() * dim];
+        if dim > 0 {
+            let w = tq::row_bytes(dim, self.bits);
+            for (row, o) in self.packed.chunks_exact(w).zip(out.chunks_exact_mut(dim)) {
+                let _ = tq::decode(row, self.bits, o);
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// Scores of every row against `q` into `out` (row order), in the metric's units:
+    /// exact for float rows; for packed rows, the same distances computed in the rotated
+    /// domain, equal up to float rounding (callers rescore their winners with
+    /// [`Block::vector`], see [`Block::is_packed`]).
+    pub(crate) fn scan(&self, metric: Metric, q: &ScanQuery, dim: usize, out: &mut Vec<f32>) {
+        if self.bits == 0 || dim == 0 {
+            return distance::scan(metric, &q.plain, &self.vecs, &self.inv_norms, out);
+        }
+        let w = tq::row_bytes(dim, self.bits);
+        ROTATED.with_borrow_mut(|z| {
+            z.clear();
+            z.resize(self.len() * dim, 0.0);
+            for (row, o) in self.packed.chunks_exact(w).zip(z.chunks_exact_mut(dim)) {
+                let _ = tq::decode_rotated(row, self.bits, o);
+            }
+            distance::scan(metric, q.rotated(self.bits), z, &self.inv_norms, out);
+            if z.capacity() > ROTATED_KEEP {
+                *z = Vec::new();
+            }
+        });
+    }
+
+    /// Every row in the rotated domain of [`tq::rotate`] (packed blocks only; float rows
+    /// come back as they are).
+    pub(crate) fn rotated_rows(&self, dim: usize) -> Cow<'_, [f32]> {
+        if self.bits == 0 || dim == 0 {
+            return Cow::Borrowed(&self.vecs);
+        }
+        let w = tq::row_bytes(dim, self.bits);
+        let mut z = vec![0f32; self.len() * dim];
+        for (row, o) in self.packed.chunks_exact(w).zip(z.chunks_exact_mut(dim)) {
+            let _ = tq::decode_rotated(row, self.bits, o);
+        }
+        Cow::Owned(z)
+    }
+
+    /// Append row `pos` of `src` (a training moving rows to their new lists): packed rows
+    /// are copied as stored, with no decode and encode.
+    pub(crate) fn push_from(&mut self, src: &Block, pos: usize, dim: usize) {
+        if self.bits != 0 && src.bits == self.bits {
+            let w = tq::row_bytes(dim, self.bits);
+            self.ids.push(src.ids[pos].clone());
+            self.packed
+                .extend_from_slice(&src.packed[pos * w..(pos + 1) * w]);
+            self.inv_norms.push(src.inv_norms[pos]);
+            self.meta.push(src.meta[pos].clone());
+            self.cepochs.push(src.cepochs[pos]);
+        } else {
+            self.push_row(
+                src.ids[pos].clone(),
+                &src.vector(pos, dim),
+                src.inv_norms[pos],
+                src.meta[pos].clone(),
+                src.cepochs[pos],
+            );
+        }
+    }
+
+    /// Whether [`Block::scan`] scores are a first pass (packed rows).
+    pub(crate) fn is_packed(&self) -> bool {
+        self.bits != 0
     }
 
     /// Plaintext encoding; see docs/FORMAT.md "Posting-list block". Also records the
@@ -146,7 +319,11 @@ impl Block {
             };
             w.u64(ce);
         }
-        precision.encode_into(&self.vecs, dim, &mut w.0);
+        if self.bits != 0 && precision == Precision::Tq(self.bits) {
+            w.0.extend_from_slice(&self.packed);
+        } else {
+            precision.encode_into(&self.rows_f32(dim), dim, &mut w.0);
+        }
         self.held = self.held_bytes(meta_json);
         w.0
     }
@@ -192,12 +369,25 @@ impl Block {
                 "posting-list block has the wrong length".into(),
             ));
         }
-        b.vecs = precision.decode(r.rest(), n, dim)?;
-        b.inv_norms = b
-            .vecs
-            .chunks_exact(dim.max(1))
-            .map(distance::inv_norm)
-            .collect();
+        if let Precision::Tq(bits) = precision {
+            // Kept packed; every row is decoded once here, to check it and for its norm.
+            b.packed = r.rest().to_vec();
+            b.bits = bits;
+            let mut row = vec![0f32; dim];
+            if dim > 0 {
+                for raw in b.packed.chunks_exact(precision.row_bytes(dim)) {
+                    tq::decode(raw, bits, &mut row).map_err(|e| EngineError::Corrupt(e.into()))?;
+                    b.inv_norms.push(distance::inv_norm(&row));
+                }
+            }
+        } else {
+            b.vecs = precision.decode(r.rest(), n, dim)?;
+            b.inv_norms = b
+                .vecs
+                .chunks_exact(dim.max(1))
+                .map(distance::inv_norm)
+                .collect();
+        }
         if dim == 0 {
             b.inv_norms = vec![0.0; n];
         }
@@ -268,15 +458,15 @@ impl ListDir {
 }
 
 /// Rows as the quantiser sees them: unit length for angular metrics.
-pub(crate) fn quant_rows(blk: &Block, dim: usize, angular: bool) -> std::borrow::Cow<'_, [f32]> {
+pub(crate) fn quant_rows(blk: &Block, dim: usize, angular: bool) -> Cow<'_, [f32]> {
     if angular {
-        blk.vecs
+        blk.rows_f32(dim)
             .chunks_exact(dim)
             .zip(&blk.inv_norms)
             .flat_map(|(r, inv)| r.iter().map(move |x| x * inv))
             .collect()
     } else {
-        std::borrow::Cow::Borrowed(&blk.vecs)
+        blk.rows_f32(dim)
     }
 }
 
@@ -289,6 +479,15 @@ pub(crate) fn code_block(q: &Quant, blk: &mut Block, dim: usize, angular: bool) 
 /// least a quarter of the lists, scans dominate query time and are memory bound, so a quarter
 /// of the traffic pays for the codes' memory (one byte per dimension and vector). Indexes
 /// with well-separated clusters probe few lists and never pay it.
-pub(crate) fn wants_quant(trained: bool, default_probes: u32, n_lists: usize) -> bool {
-    trained && n_lists > 1 && default_probes as usize * 4 >= n_lists
+/// `tq` indexes never do: their blocks are scanned packed, already a compact first pass.
+pub(crate) fn wants_quant(
+    trained: bool,
+    default_probes: u32,
+    n_lists: usize,
+    precision: Precision,
+) -> bool {
+    !matches!(precision, Precision::Tq(_))
+        && trained
+        && n_lists > 1
+        && default_probes as usize * 4 >= n_lists
 }

@@ -130,7 +130,7 @@ impl Index {
                                 .clone()
                                 .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
                         }),
-                        vector: include.vector.then(|| blk.vector(pos, dim).to_vec()),
+                        vector: include.vector.then(|| blk.vector(pos, dim).into_owned()),
                         contents: None,
                         cepoch: blk.cepochs[pos],
                     })

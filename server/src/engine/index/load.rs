@@ -14,6 +14,7 @@ impl Index {
         id: &IndexId,
         keys: &IndexKeys,
         angular: bool,
+        precision: Precision,
         meta_digest: [u8; 32],
     ) -> Result<Data, EngineError> {
         let integrity = |what: String| EngineError::Integrity {
@@ -92,7 +93,7 @@ impl Index {
         if st.trained {
             let raw = open(fmt::centroids_key(id, st.gen), "centroids")?;
             data.centroids = Precision::F32.decode(&raw, n_lists, dim)?;
-            if wants_quant(true, st.default_probes, n_lists) {
+            if wants_quant(true, st.default_probes, n_lists, precision) {
                 let raw = open(fmt::quant_key(id, st.gen), "quantiser")?;
                 for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
                     data.lists[l].quant = q.map(Arc::new);
@@ -130,7 +131,8 @@ impl Index {
     ) -> Result<(State, Vec<state::Entry>), EngineError> {
         let n_lists = st.n_lists.max(1) as usize;
         let dim = st.dimension as usize;
-        let quant = wants_quant(st.trained, st.default_probes, n_lists);
+        // (State v3 predates the tq precisions.)
+        let quant = wants_quant(st.trained, st.default_probes, n_lists, Precision::F32);
         let mut bounds = vec![distance::QuantBounds::new(dim); if quant { n_lists } else { 0 }];
         tracing::info!(index = %name, blocks = legacy.len(), "upgrading the index to position records and manifest pages");
         let per_read = (64usize << 20) / BLOCK_BYTES;

@@ -578,6 +578,7 @@ impl Index {
                 &self.id,
                 &self.keys,
                 self.config.metric.is_angular(),
+                self.config.precision,
                 super::meta::meta_digest(&raw),
             );
             let data = match loaded {
@@ -758,7 +759,7 @@ pub(crate) fn state_page_for_test(entries: &[(u32, u32, u64, u32)]) -> Vec<u8> {
 /// Valid encodings to start mutating from.
 #[cfg(test)]
 pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
-    let mut b = Block::with_capacity(3, 4);
+    let mut b = Block::with_capacity(3, 4, Precision::F32);
     b.push("a".into(), &[1.0, 2.0, 3.0, 4.0], None, 0);
     b.push(
         "bb".into(),

@@ -119,19 +119,23 @@ impl Index {
         let q = self.query_view(q, &mut qn);
         let (probes, order) = self.probe_order(d, q, p);
         let probed = &order[..probes.min(order.len())];
+        let sq = block::ScanQuery::new(q, self.config.precision);
         // Quantised lists: a first pass over the 8-bit codes keeps RERANK times more
-        // candidates, which are then rescored exactly.
+        // candidates, which are then rescored exactly. So does a scan of packed (`tq`)
+        // blocks, whose rotated-domain scores are exact only up to float rounding.
         let quant = p.filter.is_none() && probed.iter().any(|&li| d.lists[li].quant.is_some());
-        let k = if quant {
+        let packed = matches!(self.config.precision, Precision::Tq(_));
+        let rescored = quant || packed;
+        let k = if rescored {
             p.top_k.saturating_mul(RERANK).max(p.top_k + 32)
         } else {
             p.top_k
         };
         let scan = |top: &mut TopK, li: usize, bl: &[(u32, Arc<Block>)]| {
             if quant {
-                top.scan_list_quant(metric, q, li, d.lists[li].quant.as_deref(), bl, dim);
+                top.scan_list_quant(metric, &sq, li, d.lists[li].quant.as_deref(), bl, dim);
             } else {
-                top.scan_list(metric, q, li, bl, None);
+                top.scan_list(metric, &sq, li, bl, None, dim);
             }
         };
         // Blocks the heap's candidates point into, for rescoring and the hits.
@@ -181,13 +185,13 @@ impl Index {
         } else {
             // A filtered query keeps probing, a list at a time, until it has k matches.
             for (n, &li) in order.iter().enumerate() {
-                if n >= probes && top.heap.len() >= k {
+                if n >= probes && top.heap.len() >= p.top_k {
                     break;
                 }
                 let refs = Self::list_refs(d, &[li]);
                 self.for_chunks(d, &refs, true, |runs| {
                     for (li, bl) in &runs {
-                        top.scan_list(metric, q, *li, bl, p.filter.as_ref());
+                        top.scan_list(metric, &sq, *li, bl, p.filter.as_ref(), dim);
                     }
                     blocks.keep_referenced(&top, runs);
                     Ok(())
@@ -196,7 +200,7 @@ impl Index {
         }
         let heap = top.heap;
         let mut cands = heap.into_vec();
-        if quant {
+        if rescored {
             self.rescore(&blocks, q, dim, &mut cands);
             cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
             cands.truncate(p.top_k);
@@ -221,17 +225,28 @@ impl Index {
         let nq = queries.len();
         let k = p.top_k;
         let mut qm: Vec<f32> = Vec::with_capacity(nq * dim);
+        // The queries as the blocks' products see them: rotated for packed (`tq`) blocks,
+        // whose rows are multiplied in the rotated domain.
+        let tq_bits = match self.config.precision {
+            Precision::Tq(bits) => Some(bits),
+            _ => None,
+        };
+        let mut qr: Vec<f32> = Vec::with_capacity(if tq_bits.is_some() { nq * dim } else { 0 });
         let mut by_list: Vec<Vec<u32>> = vec![Vec::new(); d.lists.len()];
         for (qi, q) in queries.iter().enumerate() {
             let mut qn = Vec::new();
             let q = self.query_view(q, &mut qn);
             qm.extend_from_slice(q);
+            if let Some(bits) = tq_bits {
+                qr.extend_from_slice(&crate::engine::tq::rotate(q, bits));
+            }
             let (probes, order) = self.probe_order(d, q, p);
             for &li in &order[..probes.min(order.len())] {
                 by_list[li].push(qi as u32);
             }
         }
-        let q_norms: Vec<f32> = qm.chunks_exact(dim).map(|q| distance::dot(q, q)).collect();
+        let qx = if tq_bits.is_some() { &qr } else { &qm };
+        let q_norms: Vec<f32> = qx.chunks_exact(dim).map(|q| distance::dot(q, q)).collect();
         let work: Vec<(usize, &Vec<u32>)> = by_list
             .iter()
             .enumerate()
@@ -243,7 +258,7 @@ impl Index {
             .try_fold(fresh, |mut tops, &(li, qs)| {
                 let mut sub = Vec::with_capacity(qs.len() * dim);
                 for &qi in qs {
-                    sub.extend_from_slice(&qm[qi as usize * dim..][..dim]);
+                    sub.extend_from_slice(&qx[qi as usize * dim..][..dim]);
                 }
                 let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
                     return Ok(tops);
@@ -252,7 +267,8 @@ impl Index {
                 self.for_chunks(d, &refs, true, |runs| {
                     for (bno, blk) in runs.iter().flat_map(|(_, r)| r.iter()) {
                         let n = blk.len();
-                        let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &blk.vecs[..n * dim])
+                        let rows = blk.rotated_rows(dim);
+                        let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &rows[..n * dim])
                         else {
                             continue;
                         };
@@ -260,8 +276,7 @@ impl Index {
                         let x_norms: Vec<f32> = if metric.is_angular() {
                             Vec::new()
                         } else {
-                            blk.vecs
-                                .chunks_exact(dim)
+                            rows.chunks_exact(dim)
                                 .map(|r| distance::dot(r, r))
                                 .collect()
                         };
@@ -349,9 +364,9 @@ impl Index {
                     .map(|(i, (blk, pos))| {
                         let row = blk.vector(*pos, dim);
                         let s = if metric.is_angular() {
-                            1.0 - distance::dot(q, row) * blk.inv_norms[*pos]
+                            1.0 - distance::dot(q, &row) * blk.inv_norms[*pos]
                         } else {
-                            distance::l2sq(q, row)
+                            distance::l2sq(q, &row)
                         };
                         (s, i)
                     })
@@ -370,7 +385,7 @@ impl Index {
                                     .clone()
                                     .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
                             }),
-                            vector: p.include.vector.then(|| blk.vector(*pos, dim).to_vec()),
+                            vector: p.include.vector.then(|| blk.vector(*pos, dim).into_owned()),
                             contents: None,
                             cepoch: blk.cepochs[*pos],
                         }
@@ -387,9 +402,9 @@ impl Index {
             if let Some(blk) = blocks.get(c.list, c.block) {
                 let row = blk.vector(c.pos as usize, dim);
                 c.score = if angular {
-                    1.0 - distance::dot(q, row) * blk.inv_norms[c.pos as usize]
+                    1.0 - distance::dot(q, &row) * blk.inv_norms[c.pos as usize]
                 } else {
-                    distance::l2sq(q, row)
+                    distance::l2sq(q, &row)
                 };
             }
         }
@@ -418,7 +433,7 @@ impl Index {
                             .clone()
                             .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
                     }),
-                    vector: p.include.vector.then(|| blk.vector(pos, dim).to_vec()),
+                    vector: p.include.vector.then(|| blk.vector(pos, dim).into_owned()),
                     contents: None,
                     cepoch: blk.cepochs[pos],
                 })
@@ -460,15 +475,16 @@ impl TopK {
     fn scan_list(
         &mut self,
         metric: Metric,
-        q: &[f32],
+        q: &block::ScanQuery,
         li: usize,
         blocks: &[(u32, Arc<Block>)],
         filter: Option<&Filter>,
+        dim: usize,
     ) {
         let mut scores = std::mem::take(&mut self.scores);
         for (bno, blk) in blocks {
             let bno = *bno;
-            distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+            blk.scan(metric, q, dim, &mut scores);
             self.offer_block(&scores, li, bno, blk, filter);
         }
         self.scores = scores;
@@ -512,16 +528,16 @@ impl TopK {
     fn scan_list_quant(
         &mut self,
         metric: Metric,
-        q: &[f32],
+        q: &block::ScanQuery,
         li: usize,
         quant: Option<&Quant>,
         blocks: &[(u32, Arc<Block>)],
         dim: usize,
     ) {
         let Some(quant) = quant else {
-            return self.scan_list(metric, q, li, blocks, None);
+            return self.scan_list(metric, q, li, blocks, None, dim);
         };
-        let qc = quant.prepare(q);
+        let qc = quant.prepare(&q.plain);
         let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
         let mut raw = Vec::new();
         let mut scores = std::mem::take(&mut self.scores);
@@ -547,7 +563,7 @@ impl TopK {
                     }
                 }
             } else {
-                distance::scan(metric, q, &blk.vecs, &blk.inv_norms, &mut scores);
+                blk.scan(metric, q, dim, &mut scores);
                 self.offer_block(&scores, li, bno, blk, None);
             }
         }

@@ -226,9 +226,9 @@ impl Index {
                         }
                         let v = blk.vector(pos, dim);
                         let row = if self.config.metric.is_angular() {
-                            distance::normalized(v)
+                            distance::normalized(&v)
                         } else {
-                            v.to_vec()
+                            v.into_owned()
                         };
                         if taken % calib_every == calib_every / 2
                             && calib.len() < CALIBRATION_QUERIES
@@ -363,12 +363,17 @@ impl Index {
             let rows: Vec<(Vec<u32>, Option<Vec<f32>>)> = blocks
                 .par_iter()
                 .map(|b| {
-                    let normed: Option<Vec<f32>> = angular.then(|| {
-                        b.vecs
-                            .chunks_exact(dim)
-                            .flat_map(distance::normalized)
-                            .collect()
-                    });
+                    // (Packed rows are decoded: a transient copy of the block's vectors.)
+                    let normed: Option<Vec<f32>> = if angular {
+                        Some(
+                            b.rows_f32(dim)
+                                .chunks_exact(dim)
+                                .flat_map(distance::normalized)
+                                .collect(),
+                        )
+                    } else {
+                        b.is_packed().then(|| b.rows_f32(dim).into_owned())
+                    };
                     let view = normed.as_deref().unwrap_or(&b.vecs);
                     kmeans::assign_stoppable(view, dim, &centroids, batch, &stopped)
                         .map(|(labels, _)| (labels, normed))
@@ -403,7 +408,7 @@ impl Index {
         let t_cal = std::time::Instant::now();
         let probes = calib.probes(&centroids, k);
         tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
-        let quants: Option<Vec<Option<Quant>>> = wants_quant(true, probes as u32, k).then(|| {
+        let quants: Option<Vec<Option<Quant>>> = wants_quant(true, probes as u32, k, self.config.precision).then(|| {
             out.bounds
                 .drain(..)
                 .map(distance::QuantBounds::finish)
@@ -541,15 +546,9 @@ struct NewGeneration<'a> {
 impl NewGeneration<'_> {
     fn push(&mut self, l: usize, src: &Block, pos: usize, qrow: &[f32]) {
         if self.open[l].len() == 0 {
-            self.open[l] = Block::with_capacity(self.cap, self.dim);
+            self.open[l] = Block::with_capacity(self.cap, self.dim, self.ix.config.precision);
         }
-        self.open[l].push_row(
-            src.ids[pos].clone(),
-            src.vector(pos, self.dim),
-            src.inv_norms[pos],
-            src.meta[pos].clone(),
-            src.cepochs[pos],
-        );
+        self.open[l].push_from(src, pos, self.dim);
         self.bounds[l].add(qrow);
         self.open_rows += 1;
         if self.open[l].len() >= self.cap {

@@ -171,7 +171,7 @@ impl Index {
                 let full = touched
                     .entry((list, bno))
                     .or_insert_with(|| {
-                        copy(list, bno).unwrap_or_else(|| Block::with_capacity(cap, dim))
+                        copy(list, bno).unwrap_or_else(|| Block::with_capacity(cap, dim, precision))
                     })
                     .len()
                     >= cap;
@@ -190,7 +190,7 @@ impl Index {
                 let has_contents = it.contents.as_deref().is_some_and(|c| !c.is_empty());
                 touched
                     .entry((list, bno))
-                    .or_insert_with(|| Block::with_capacity(cap, dim))
+                    .or_insert_with(|| Block::with_capacity(cap, dim, precision))
                     .push(
                         it.id.clone(),
                         &it.vector,
