@@ -15,6 +15,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sealdb_server::engine::distance::{self, Metric};
+use sealdb_server::engine::tq;
 use sealdb_server::engine::{
     CreateSpec, Engine, EngineConfig, Include, IndexConfig, Lease, NewItem, Precision,
     SearchParams, TrainParams,
@@ -123,7 +124,72 @@ fn quant_vs_f32_scan() {
     );
 }
 
+/// One query against 40k rows of each `tq` tier as a packed block scan does it (rows decoded
+/// into the rotated domain a block at a time, then the float kernel), against the float32
+/// scan of the same rows.
+fn tq_vs_f32_scan() {
+    let dim = 128;
+    let rows = 40_000;
+    let block_rows = 224;
+    let data = clustered(rows, dim, 3);
+    let q = clustered(1, dim, 4);
+    let inv: Vec<f32> = vec![1.0; block_rows];
+    let mut out = Vec::new();
+    let f = per_iter(50, || {
+        for b in data.chunks(block_rows * dim) {
+            distance::scan(
+                Metric::SquaredEuclidean,
+                black_box(&q),
+                black_box(b),
+                &inv[..b.len() / dim],
+                &mut out,
+            );
+            black_box(&out);
+        }
+    });
+    for bits in [12u8, 8, 6, 4] {
+        let w = tq::row_bytes(dim, bits);
+        let mut packed = Vec::with_capacity(rows * w);
+        for r in data.chunks_exact(dim) {
+            tq::encode(r, bits, &mut packed);
+        }
+        let mut z = vec![0f32; block_rows * dim];
+        let t = per_iter(50, || {
+            let qr = tq::rotate(black_box(&q), bits);
+            for b in packed.chunks(block_rows * w) {
+                let n = b.len() / w;
+                for (row, o) in b.chunks_exact(w).zip(z.chunks_exact_mut(dim)) {
+                    tq::decode_rotated(row, bits, o).expect("row");
+                }
+                distance::scan(
+                    Metric::SquaredEuclidean,
+                    &qr,
+                    &z[..n * dim],
+                    &inv[..n],
+                    &mut out,
+                );
+                black_box(&out);
+            }
+        });
+        println!(
+            "{{\"bench\":\"tq_scan_40k_rows\",\"dim\":{dim},\"bits\":{bits},\"f32_us\":{:.1},\"tq_us\":{:.1},\"tq_over_f32\":{:.2},\"bytes_per_row\":{w}}}",
+            f * 1e6,
+            t * 1e6,
+            t / f
+        );
+    }
+}
+
 fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, Lease) {
+    build_with(data, dim, n_lists, Precision::F32)
+}
+
+fn build_with(
+    data: &[f32],
+    dim: usize,
+    n_lists: usize,
+    precision: Precision,
+) -> (std::sync::Arc<Engine>, Lease) {
     let store = std::sync::Arc::new(sealdb_store_memory::MemoryStore::new());
     let engine = Engine::new(
         store,
@@ -143,7 +209,7 @@ fn build(data: &[f32], dim: usize, n_lists: usize) -> (std::sync::Arc<Engine>, L
             kek: kek.clone(),
             config: IndexConfig {
                 metric: Metric::Euclidean,
-                precision: Precision::F32,
+                precision,
                 embedding_model: None,
                 declared_dimension: dim as u32,
                 created_at: 0,
@@ -306,9 +372,23 @@ fn main() {
     }
     kernels();
     quant_vs_f32_scan();
+    tq_vs_f32_scan();
     let dim = 128;
     let base = clustered(100_000, dim, 2);
     let queries = clustered(200, dim, 3);
+    // `--precision tq8` (etc.): the IVF search again on an index of that precision.
+    if let Some(pr) = arg("--precision") {
+        let precision = Precision::parse(&pr).expect("--precision");
+        let (e, ix) = build_with(&base, dim, n_lists, precision);
+        search_times(
+            &ix,
+            &queries,
+            dim,
+            &probes,
+            &format!("ivf_search_100k_128_{pr}"),
+        );
+        eprintln!("block cache after the searches: {:?}", e.cache_stats());
+    }
     let (e, ix) = build(&base, dim, n_lists);
     // One probe of one posting list (~n/n_lists vectors) is the n_probes=1 row.
     search_times(&ix, &queries, dim, &probes, "ivf_search_100k_128");

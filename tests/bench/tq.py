@@ -4,12 +4,15 @@ client, one run. Per precision and server: relative error of the vectors `get` r
 recall@10 of queries against the exact float32 neighbours, single-query p50 (untrained
 index: every vector is scanned, so this is the precision's own cost), and the data
 directory's size after the upsert (and, for SealDB, the bytes of its records, from a run on
-the filesystem store: the redb file grows in allocation steps).
+the filesystem store: the redb file grows in allocation steps), the server's resident memory
+after the queries (VmRSS), and for SealDB the block cache's bytes then (every block was
+scanned, so the cache holds the whole index decrypted: memory per vector by tier).
 
 Usage: python tests/bench/tq.py --bin target/release/sealdb [--n 20000] [--dim 128]
 """
 import json
 import sys
+import urllib.request
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import enc  # noqa: E402
-from text import LAUNCH, bench_args, start  # noqa: E402
+from text import LAUNCH, ROOT_KEY, bench_args, start  # noqa: E402
 
 SPARE = "wal-spare.log"
 PRECISIONS = ["float32", "float16", "tq12", "tq8", "tq6", "tq4"]
@@ -29,6 +32,22 @@ def du(path):
     preallocated spare segment (empty by construction)."""
     return sum(f.stat().st_blocks * 512 for f in Path(path).rglob("*")
                if f.is_file() and f.name != SPARE and f.name != "server.log")
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def cache_mb(port):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"X-API-Key": ROOT_KEY})
+    for line in urllib.request.urlopen(req, timeout=10).read().decode().splitlines():
+        if line.startswith("sealdb_block_cache_bytes "):
+            return round(float(line.split()[1]) / 1e6, 2)
+    return None
 
 
 def upsert(conn, prec, args, data):
@@ -62,7 +81,10 @@ def run(label, cmd, port, args, data, queries, exact):
                     hits += len({int(x["id"]) for x in r["results"]} & set(want.tolist()))
                 row = {"label": label, "precision": prec, "rel_error": round(rel, 5),
                        "recall10": round(hits / (10 * len(queries)), 4),
-                       "p50_ms": round(float(np.percentile(np.array(lat) * 1000, 50)), 3)}
+                       "p50_ms": round(float(np.percentile(np.array(lat) * 1000, 50)), 3),
+                       "rss_mb": rss_mb(p.pid)}
+                if label == "sealdb":
+                    row["cache_mb"] = cache_mb(port)
             finally:
                 p.terminate()
                 p.wait(timeout=30)
@@ -95,10 +117,11 @@ def main():
     ours = run("sealdb", [args.bin], 18821, args, data, queries, exact)
     theirs = run("original", [args.original_python, str(LAUNCH)], 18822, args, data, queries, exact)
     print(f"\n{'precision':10} {'rel err ours/orig':>22} {'recall@10 ours/orig':>22} {'p50 ms ours/orig':>20} "
-          f"{'data MB ours/orig':>20} {'records MB ours':>16}")
+          f"{'data MB ours/orig':>20} {'records MB ours':>16} {'cache MB ours':>14} {'RSS MB ours/orig':>18}")
     for a, b in zip(ours, theirs):
         print(f"{a['precision']:10} {a['rel_error']:>10} / {b['rel_error']:<10} {a['recall10']:>10} / {b['recall10']:<10} "
-              f"{a['p50_ms']:>8} / {b['p50_ms']:<8} {a['data_mb']:>8} / {b['data_mb']:<8} {a['records_mb']:>10}")
+              f"{a['p50_ms']:>8} / {b['p50_ms']:<8} {a['data_mb']:>8} / {b['data_mb']:<8} {a['records_mb']:>10} "
+              f"{a['cache_mb']:>14} {a['rss_mb']:>8} / {b['rss_mb']:<8}")
     if args.out:
         with open(args.out, "a") as f:
             for r in ours + theirs:

@@ -8,8 +8,9 @@ use half::slice::HalfFloatSliceExt;
 use super::{tq, EngineError};
 
 /// How vectors are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
+    #[default]
     F32,
     F16,
     /// `tq12`, `tq8`, `tq6`, `tq4`: this many bits per dimension after a rotation
@@ -146,6 +147,45 @@ impl Precision {
                 out
             }
         })
+    }
+}
+
+impl Precision {
+    /// One stored row of `out.len()` values from `raw` (`row_bytes` long), exactly as
+    /// [`Precision::decode`] gives it.
+    pub fn decode_row(self, raw: &[u8], out: &mut [f32]) -> Result<(), &'static str> {
+        if raw.len() != self.row_bytes(out.len()) {
+            return Err("vector data has the wrong length");
+        }
+        match self {
+            Self::F32 => {
+                for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Self::F16 => {
+                // Through a small aligned buffer, whole slices at a time (F16C when present).
+                let mut h = [f16::ZERO; 64];
+                for (o, c) in out.chunks_mut(64).zip(raw.chunks(128)) {
+                    let h = &mut h[..o.len()];
+                    for (x, b) in h.iter_mut().zip(c.chunks_exact(2)) {
+                        *x = f16::from_le_bytes([b[0], b[1]]);
+                    }
+                    h.convert_to_f32_slice(o);
+                }
+            }
+            Self::Tq(bits) => tq::decode(raw, bits, out)?,
+        }
+        Ok(())
+    }
+
+    /// One stored row as a block scan reads it: `tq` rows in the rotated domain
+    /// ([`tq::decode_rotated`], no transform), others as [`Precision::decode_row`].
+    pub fn decode_row_for_scan(self, raw: &[u8], out: &mut [f32]) -> Result<(), &'static str> {
+        match self {
+            Self::Tq(bits) => tq::decode_rotated(raw, bits, out),
+            _ => self.decode_row(raw, out),
+        }
     }
 }
 

@@ -336,7 +336,11 @@ fn levels_into(packed: &[u8], bits: u8, out: &mut [f32]) {
         }
         6 => {
             let groups = n / 4;
-            for (o, g) in out.chunks_exact_mut(4).zip(packed.chunks_exact(3)).take(groups) {
+            for (o, g) in out
+                .chunks_exact_mut(4)
+                .zip(packed.chunks_exact(3))
+                .take(groups)
+            {
                 let w = g[0] as u32 | (g[1] as u32) << 8 | (g[2] as u32) << 16;
                 o[0] = lv(w & 63);
                 o[1] = lv((w >> 6) & 63);
@@ -347,7 +351,11 @@ fn levels_into(packed: &[u8], bits: u8, out: &mut [f32]) {
         }
         12 => {
             let groups = n / 2;
-            for (o, g) in out.chunks_exact_mut(2).zip(packed.chunks_exact(3)).take(groups) {
+            for (o, g) in out
+                .chunks_exact_mut(2)
+                .zip(packed.chunks_exact(3))
+                .take(groups)
+            {
                 let w = g[0] as u32 | (g[1] as u32) << 8 | (g[2] as u32) << 16;
                 o[0] = lv(w & 4095);
                 o[1] = lv(w >> 12);
@@ -359,9 +367,10 @@ fn levels_into(packed: &[u8], bits: u8, out: &mut [f32]) {
     if done < n {
         // Whole groups end on a byte boundary, so the tail starts on one.
         let from = done * bits as usize / 8;
-        for (o, c) in out[done..]
-            .iter_mut()
-            .zip(unpack(packed.get(from..).unwrap_or(&[]), bits, n - done))
+        for (o, c) in
+            out[done..]
+                .iter_mut()
+                .zip(unpack(packed.get(from..).unwrap_or(&[]), bits, n - done))
         {
             *o = lv(c);
         }
@@ -516,7 +525,10 @@ mod tests {
                         (l2(&xd, &q) - l2(&z, &w)).abs() < tol,
                         "dim {dim} bits {bits}"
                     );
-                    assert!((dot(&xd, &q) - dot(&z, &w)).abs() < tol, "dim {dim} bits {bits}");
+                    assert!(
+                        (dot(&xd, &q) - dot(&z, &w)).abs() < tol,
+                        "dim {dim} bits {bits}"
+                    );
                     assert!((dot(&xd, &xd) - dot(&z, &z)).abs() < tol);
                 }
             }

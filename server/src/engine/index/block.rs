@@ -8,7 +8,7 @@ use super::*;
 use crate::engine::tq;
 
 /// A query as block scans want it: as given (unit length for angular metrics), and, for
-/// packed blocks, rotated as the `tq` encoder rotates rows ([`tq::rotate`]), computed once.
+/// `tq` blocks, rotated as the `tq` encoder rotates rows ([`tq::rotate`]), computed once.
 pub(crate) struct ScanQuery {
     pub(crate) plain: Vec<f32>,
     rotated: Option<(u8, Vec<f32>)>,
@@ -25,9 +25,10 @@ impl ScanQuery {
         }
     }
 
-    fn rotated(&self, bits: u8) -> &[f32] {
-        match &self.rotated {
-            Some((b, r)) if *b == bits => r,
+    /// The query for rows held as `held_as`.
+    fn for_scan(&self, held_as: Precision) -> &[f32] {
+        match (&self.rotated, held_as) {
+            (Some((b, r)), Precision::Tq(bits)) if *b == bits => r,
             _ => &self.plain,
         }
     }
@@ -47,18 +48,18 @@ pub(crate) const BLOCK_BYTES: usize = 56 * 1024;
 /// A decrypted posting-list block. Immutable once shared (`Arc`) through the block cache.
 ///
 /// Its vectors are held one of two ways: as floats in `vecs` (float32 and float16 indexes),
-/// or, on a `tq` index, as stored (`packed`: each row's steps and packed codes, `vecs`
-/// empty), so that the cache holds as many bytes per vector as the store does. Scans read
-/// packed rows in the rotated domain ([`Block::scan`]); a row wanted as floats is decoded
-/// on the spot ([`Block::vector`]).
+/// or, on float16 and `tq` indexes, as stored (`packed`; `vecs` empty), so that the cache
+/// holds as many bytes per vector as the store does. Scans decode packed rows a block at a
+/// time (`tq` rows into the rotated domain, [`Block::scan`]); a row wanted as floats is
+/// decoded on the spot ([`Block::vector`]).
 #[derive(Clone, Default)]
 pub struct Block {
     pub(crate) ids: Vec<String>,
     pub(crate) vecs: Vec<f32>,
-    /// The rows of a `tq` block as stored, `tq::row_bytes(dim, bits)` each.
+    /// The rows as stored, `held_as.row_bytes(dim)` each (float16 and `tq` blocks).
     pub(crate) packed: Vec<u8>,
-    /// The tq bits of `packed` (0: the rows are in `vecs`).
-    pub(crate) bits: u8,
+    /// How the rows are held: `F32` in `vecs`, anything else in `packed`.
+    pub(crate) held_as: Precision,
     pub(crate) inv_norms: Vec<f32>,
     pub(crate) meta: Vec<Option<Arc<Value>>>,
     /// Per row: the write epoch of the item's contents record (0 = it has none).
@@ -79,19 +80,18 @@ impl Block {
 
     /// An empty block with room for `rows` vectors, so that filling it never over-allocates.
     pub(crate) fn with_capacity(rows: usize, dim: usize, precision: Precision) -> Self {
-        let (vecs, packed, bits) = match precision {
-            Precision::Tq(bits) => (
+        let (vecs, packed) = match precision {
+            Precision::F32 => (Vec::with_capacity(rows * dim), Vec::new()),
+            _ => (
                 Vec::new(),
                 Vec::with_capacity(rows * precision.row_bytes(dim)),
-                bits,
             ),
-            _ => (Vec::with_capacity(rows * dim), Vec::new(), 0),
         };
         Self {
             ids: Vec::with_capacity(rows),
             vecs,
             packed,
-            bits,
+            held_as: precision,
             inv_norms: Vec::with_capacity(rows),
             meta: Vec::with_capacity(rows),
             cepochs: Vec::with_capacity(rows),
@@ -132,7 +132,7 @@ impl Block {
     /// A copy with room for `rows` more vectors (a plain clone has no spare capacity, so
     /// filling it would reallocate as it grows).
     pub(crate) fn clone_with_room(&self, rows: usize, dim: usize) -> Self {
-        let mut b = Self::with_capacity(self.len() + rows, dim, self.precision());
+        let mut b = Self::with_capacity(self.len() + rows, dim, self.held_as);
         b.ids.extend_from_slice(&self.ids);
         b.vecs.extend_from_slice(&self.vecs);
         b.packed.extend_from_slice(&self.packed);
@@ -158,9 +158,9 @@ impl Block {
         cepoch: u64,
     ) {
         self.ids.push(id);
-        if self.bits != 0 {
+        if self.is_packed() {
             // The write path rounded `vec` to its stored value, so this encoding is exact.
-            tq::encode(vec, self.bits, &mut self.packed);
+            self.held_as.encode_into(vec, vec.len(), &mut self.packed);
         } else {
             self.vecs.extend_from_slice(vec);
         }
@@ -179,8 +179,8 @@ impl Block {
         self.inv_norms.swap_remove(pos);
         self.meta.swap_remove(pos);
         self.cepochs.swap_remove(pos);
-        let (rows, w) = if self.bits != 0 {
-            (&mut self.packed, tq::row_bytes(dim, self.bits))
+        let (rows, w) = if self.is_packed() {
+            (&mut self.packed, self.held_as.row_bytes(dim))
         } else {
             let (head, tail) = self.vecs.split_at_mut(last * dim);
             if pos != last {
@@ -195,78 +195,70 @@ impl Block {
         rows.truncate(last * w);
     }
 
-    /// The precision of the rows as held: `tq` when packed, else float32 (float16 rows are
-    /// held as floats).
-    fn precision(&self) -> Precision {
-        if self.bits != 0 {
-            Precision::Tq(self.bits)
-        } else {
-            Precision::F32
-        }
-    }
-
     /// Row `pos` as floats: borrowed, or decoded from a packed row (exactly what a read of
     /// it returns).
     pub(crate) fn vector(&self, pos: usize, dim: usize) -> Cow<'_, [f32]> {
-        if self.bits == 0 {
+        if !self.is_packed() {
             return Cow::Borrowed(&self.vecs[pos * dim..(pos + 1) * dim]);
         }
-        let w = tq::row_bytes(dim, self.bits);
+        let w = self.held_as.row_bytes(dim);
         let mut out = vec![0f32; dim];
         if dim > 0 {
             // Packed rows were checked when the block was decoded or encoded them.
-            let _ = tq::decode(&self.packed[pos * w..(pos + 1) * w], self.bits, &mut out);
+            let _ = self
+                .held_as
+                .decode_row(&self.packed[pos * w..(pos + 1) * w], &mut out);
         }
         Cow::Owned(out)
     }
 
     /// Every row as floats, row after row (a packed block is decoded: a transient copy).
     pub(crate) fn rows_f32(&self, dim: usize) -> Cow<'_, [f32]> {
-        if self.bits == 0 {
+        if !self.is_packed() {
             return Cow::Borrowed(&self.vecs);
         }
         let mut out = vec![0f32; self.len() * dim];
         if dim > 0 {
-            let w = tq::row_bytes(dim, self.bits);
+            let w = self.held_as.row_bytes(dim);
             for (row, o) in self.packed.chunks_exact(w).zip(out.chunks_exact_mut(dim)) {
-                let _ = tq::decode(row, self.bits, o);
+                let _ = self.held_as.decode_row(row, o);
             }
         }
         Cow::Owned(out)
     }
 
     /// Scores of every row against `q` into `out` (row order), in the metric's units:
-    /// exact for float rows; for packed rows, the same distances computed in the rotated
-    /// domain, equal up to float rounding (callers rescore their winners with
-    /// [`Block::vector`], see [`Block::is_packed`]).
+    /// exact for float and float16 rows; for `tq` rows, the same distances computed in the
+    /// rotated domain, equal up to float rounding (callers rescore their winners with
+    /// [`Block::vector`]).
     pub(crate) fn scan(&self, metric: Metric, q: &ScanQuery, dim: usize, out: &mut Vec<f32>) {
-        if self.bits == 0 || dim == 0 {
+        if !self.is_packed() || dim == 0 {
             return distance::scan(metric, &q.plain, &self.vecs, &self.inv_norms, out);
         }
-        let w = tq::row_bytes(dim, self.bits);
+        let w = self.held_as.row_bytes(dim);
         ROTATED.with_borrow_mut(|z| {
             z.clear();
             z.resize(self.len() * dim, 0.0);
             for (row, o) in self.packed.chunks_exact(w).zip(z.chunks_exact_mut(dim)) {
-                let _ = tq::decode_rotated(row, self.bits, o);
+                let _ = self.held_as.decode_row_for_scan(row, o);
             }
-            distance::scan(metric, q.rotated(self.bits), z, &self.inv_norms, out);
+            distance::scan(metric, q.for_scan(self.held_as), z, &self.inv_norms, out);
             if z.capacity() > ROTATED_KEEP {
                 *z = Vec::new();
             }
         });
     }
 
-    /// Every row in the rotated domain of [`tq::rotate`] (packed blocks only; float rows
-    /// come back as they are).
-    pub(crate) fn rotated_rows(&self, dim: usize) -> Cow<'_, [f32]> {
-        if self.bits == 0 || dim == 0 {
+    /// Every row as [`Block::scan`] sees it: `tq` rows in the rotated domain of
+    /// [`tq::rotate`], others as floats.
+    pub(crate) fn scan_rows(&self, dim: usize) -> Cow<'_, [f32]> {
+        if !self.is_packed() || dim == 0 {
             return Cow::Borrowed(&self.vecs);
         }
-        let w = tq::row_bytes(dim, self.bits);
+        let w = self.held_as.row_bytes(dim);
         let mut z = vec![0f32; self.len() * dim];
         for (row, o) in self.packed.chunks_exact(w).zip(z.chunks_exact_mut(dim)) {
-            let _ = tq::decode_rotated(row, self.bits, o);
+            let _ = self.held_as.decode_row_for_scan(row, o);
         }
         Cow::Owned(z)
     }
@@ -274,8 +266,8 @@ impl Block {
     /// Append row `pos` of `src` (a training moving rows to their new lists): packed rows
     /// are copied as stored, with no decode and encode.
     pub(crate) fn push_from(&mut self, src: &Block, pos: usize, dim: usize) {
-        if self.bits != 0 && src.bits == self.bits {
-            let w = tq::row_bytes(dim, self.bits);
+        if self.is_packed() && src.held_as == self.held_as {
+            let w = self.held_as.row_bytes(dim);
             self.ids.push(src.ids[pos].clone());
             self.packed
                 .extend_from_slice(&src.packed[pos * w..(pos + 1) * w]);
@@ -293,9 +285,9 @@ impl Block {
         }
     }
 
-    /// Whether [`Block::scan`] scores are a first pass (packed rows).
+    /// Whether the rows are held packed (`vecs` is empty).
     pub(crate) fn is_packed(&self) -> bool {
-        self.bits != 0
+        self.held_as != Precision::F32
     }
 
     /// Plaintext encoding; see docs/FORMAT.md "Posting-list block". Also records the
@@ -319,7 +311,7 @@ impl Block {
             };
             w.u64(ce);
         }
-        if self.bits != 0 && precision == Precision::Tq(self.bits) {
+        if self.is_packed() && precision == self.held_as {
             w.0.extend_from_slice(&self.packed);
         } else {
             precision.encode_into(&self.rows_f32(dim), dim, &mut w.0);
@@ -369,14 +361,16 @@ impl Block {
                 "posting-list block has the wrong length".into(),
             ));
         }
-        if let Precision::Tq(bits) = precision {
+        if precision != Precision::F32 {
             // Kept packed; every row is decoded once here, to check it and for its norm.
             b.packed = r.rest().to_vec();
-            b.bits = bits;
+            b.held_as = precision;
             let mut row = vec![0f32; dim];
             if dim > 0 {
                 for raw in b.packed.chunks_exact(precision.row_bytes(dim)) {
-                    tq::decode(raw, bits, &mut row).map_err(|e| EngineError::Corrupt(e.into()))?;
+                    precision
+                        .decode_row(raw, &mut row)
+                        .map_err(|e| EngineError::Corrupt(e.into()))?;
                     b.inv_norms.push(distance::inv_norm(&row));
                 }
             }

@@ -668,8 +668,9 @@ impl Index {
     }
 
     /// Rows per block: about [`BLOCK_BYTES`] stored, but for quantized vectors no more than
-    /// float16 would hold (a block is decoded to float32 in the cache, and a block of 4-bit
-    /// rows would otherwise take 8x its stored size there).
+    /// float16 would hold: every row also carries its id and metadata, which a write
+    /// re-seals with the whole block, and a packed block's scan decodes it (rotated) into a
+    /// scratch buffer of `rows × dim` floats.
     fn block_cap(dim: usize, precision: Precision) -> usize {
         let row = precision.row_bytes(dim.max(1)).max(2 * dim.max(1));
         (BLOCK_BYTES / row).clamp(16, 4096)
@@ -741,7 +742,15 @@ impl Index {
 pub(crate) fn fuzz_decoders(buf: &[u8]) {
     if let Ok((b, dim)) = Block::decode(buf) {
         // A decoded block must be internally consistent.
-        assert_eq!(b.vecs.len(), b.len() * dim);
+        if b.is_packed() {
+            assert!(b.vecs.is_empty());
+            assert_eq!(b.packed.len(), b.len() * b.held_as.row_bytes(dim));
+        } else {
+            assert_eq!(b.vecs.len(), b.len() * dim);
+        }
+        // Every row decodes, whichever way a reader asks for it.
+        assert_eq!(b.rows_f32(dim).len(), b.len() * dim);
+        assert_eq!(b.scan_rows(dim).len(), b.len() * dim);
         assert_eq!(b.cepochs.len(), b.len());
         assert_eq!(b.meta.len(), b.len());
         assert_eq!(b.inv_norms.len(), b.len());
@@ -782,6 +791,8 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
     vec![
         b.encode(4, Precision::F32),
         b.encode(4, Precision::F16),
+        b.encode(4, Precision::Tq(8)),
+        b.encode(4, Precision::Tq(4)),
         st.encode(),
         state::encode_page(&[(0, 0, 4, 3), (1, 2, 5, 1)]),
     ]

@@ -267,7 +267,7 @@ impl Index {
                 self.for_chunks(d, &refs, true, |runs| {
                     for (bno, blk) in runs.iter().flat_map(|(_, r)| r.iter()) {
                         let n = blk.len();
-                        let rows = blk.rotated_rows(dim);
+                        let rows = blk.scan_rows(dim);
                         let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &rows[..n * dim])
                         else {
                             continue;

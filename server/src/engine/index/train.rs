@@ -408,12 +408,13 @@ impl Index {
         let t_cal = std::time::Instant::now();
         let probes = calib.probes(&centroids, k);
         tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
-        let quants: Option<Vec<Option<Quant>>> = wants_quant(true, probes as u32, k, self.config.precision).then(|| {
-            out.bounds
-                .drain(..)
-                .map(distance::QuantBounds::finish)
-                .collect()
-        });
+        let quants: Option<Vec<Option<Quant>>> =
+            wants_quant(true, probes as u32, k, self.config.precision).then(|| {
+                out.bounds
+                    .drain(..)
+                    .map(distance::QuantBounds::finish)
+                    .collect()
+            });
         // The last moment to stop: after the next write the new generation is the index.
         stop.check()?;
         let mut manifest = std::mem::take(&mut out.manifest);

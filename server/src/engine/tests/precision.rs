@@ -139,3 +139,110 @@ fn quantized_precisions_store_what_reads_return_through_edits_training_and_reope
         "tq4 blocks are far smaller than float32: {sizes:?}"
     );
 }
+
+#[test]
+fn quantized_blocks_are_cached_packed_and_search_as_their_decoded_vectors() {
+    // A float16 or tq index keeps its blocks packed in the cache (tq scanned in the rotated
+    // domain); what it answers must be what an exact scan of the decoded vectors answers:
+    // the same ids in the same order with the same distances, for single, batched and
+    // filtered queries. The cache holds fewer bytes the fewer bits a tier keeps.
+    let dim = 64;
+    let mut rng = StdRng::seed_from_u64(8);
+    // No cluster structure: the calibrated n_probes is large, as for the 8-bit first pass.
+    let data: Vec<Vec<f32>> = (0..2500)
+        .map(|_| (0..dim).map(|_| rng.random_range(-1.0..1.0f32)).collect())
+        .collect();
+    let queries: Vec<Vec<f32>> = (0..12)
+        .map(|_| (0..dim).map(|_| rng.random_range(-1.0..1.0f32)).collect())
+        .collect();
+    let mut cached = Vec::new();
+    for metric in [Metric::Euclidean, Metric::Cosine] {
+        for precision in [
+            Precision::F32,
+            Precision::F16,
+            Precision::Tq(12),
+            Precision::Tq(8),
+            Precision::Tq(6),
+            Precision::Tq(4),
+        ] {
+            let what = format!("{metric:?} {}", precision.as_str());
+            let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+            let kek = Kek::random();
+            let e = engine(store.clone());
+            create(&e, "p", &kek, cfg(metric, precision, dim as u32));
+            let ix = e.open("p", Some(&kek)).unwrap();
+            ix.upsert(numbered(&data)).unwrap();
+            train_lists(&e, &ix, 8);
+            if matches!(precision, Precision::Tq(_)) {
+                assert_eq!(ix.quant_state().0, 0, "{what}: no 8-bit codes on top of tq");
+            }
+            drop(ix);
+            // A fresh engine: its cache holds only what the queries below read.
+            let e = engine(store);
+            let ix = e.open("p", Some(&kek)).unwrap();
+            let decoded: Vec<Vec<f32>> = data
+                .iter()
+                .map(|v| {
+                    let mut v = v.clone();
+                    precision.round_in_place(&mut v);
+                    v
+                })
+                .collect();
+            let mut p = params(10);
+            p.include.contents = false;
+            p.n_probes = Some(8);
+            let model = |q: &[f32]| -> Vec<(String, f32)> {
+                let qn = distance::normalized(q);
+                let mut all: Vec<(f32, usize)> = decoded
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        let s = if metric.is_angular() {
+                            1.0 - distance::dot(&qn, x) * distance::inv_norm(x)
+                        } else {
+                            distance::l2sq(q, x)
+                        };
+                        (s, i)
+                    })
+                    .collect();
+                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                all.iter()
+                    .take(10)
+                    .map(|&(s, i)| (i.to_string(), metric.finish(s)))
+                    .collect()
+            };
+            let as_pairs = |hits: &[Hit]| -> Vec<(String, f32)> {
+                hits.iter().map(|h| (h.id.clone(), h.distance)).collect()
+            };
+            let batch = ix.search(&queries, &p).unwrap();
+            let mut filtered = p.clone();
+            filtered.filter = crate::engine::filter::Filter::compile(
+                json!({"absent": {"$exists": false}}).as_object().unwrap(),
+            )
+            .unwrap();
+            for (q, b) in queries.iter().zip(&batch) {
+                let want = model(q);
+                let one = ix.search(std::slice::from_ref(q), &p).unwrap().remove(0);
+                assert_eq!(as_pairs(&one), want, "{what}: a single query");
+                assert_eq!(as_pairs(b), want, "{what}: a batched query");
+                let f = ix
+                    .search(std::slice::from_ref(q), &filtered)
+                    .unwrap()
+                    .remove(0);
+                assert_eq!(as_pairs(&f), want, "{what}: a filtered query");
+                let v = one[0].vector.as_deref().unwrap();
+                assert_eq!(v, &decoded[one[0].id.parse::<usize>().unwrap()][..]);
+            }
+            if metric == Metric::Euclidean {
+                cached.push((precision.as_str(), e.cache_stats().bytes));
+            }
+        }
+    }
+    // Every block was read, so the cache holds the whole index; fewer bits, fewer bytes.
+    assert!(cached.windows(2).all(|w| w[1].1 < w[0].1), "{cached:?}");
+    assert!(
+        cached[5].1 * 3 < cached[0].1,
+        "tq4 against float32: {cached:?}"
+    );
+    eprintln!("block cache bytes holding the whole index: {cached:?}");
+}
