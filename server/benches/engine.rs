@@ -124,9 +124,9 @@ fn quant_vs_f32_scan() {
     );
 }
 
-/// One query against 40k rows of each `tq` tier as a packed block scan does it (rows decoded
-/// into the rotated domain a block at a time, then the float kernel), against the float32
-/// scan of the same rows.
+/// One query against 40k rows of float16 and each `tq` tier as a packed block scan does it
+/// (rows decoded a block at a time, `tq` into the rotated domain, then the float kernel),
+/// against the float32 scan of the same rows.
 fn tq_vs_f32_scan() {
     let dim = 128;
     let rows = 40_000;
@@ -147,19 +147,26 @@ fn tq_vs_f32_scan() {
             black_box(&out);
         }
     });
-    for bits in [12u8, 8, 6, 4] {
-        let w = tq::row_bytes(dim, bits);
+    for precision in [
+        Precision::F16,
+        Precision::Tq(12),
+        Precision::Tq(8),
+        Precision::Tq(6),
+        Precision::Tq(4),
+    ] {
+        let w = precision.row_bytes(dim);
         let mut packed = Vec::with_capacity(rows * w);
-        for r in data.chunks_exact(dim) {
-            tq::encode(r, bits, &mut packed);
-        }
+        precision.encode_into(&data, dim, &mut packed);
         let mut z = vec![0f32; block_rows * dim];
         let t = per_iter(50, || {
-            let qr = tq::rotate(black_box(&q), bits);
+            let qr = match precision {
+                Precision::Tq(bits) => tq::rotate(black_box(&q), bits),
+                _ => black_box(&q).clone(),
+            };
             for b in packed.chunks(block_rows * w) {
                 let n = b.len() / w;
                 for (row, o) in b.chunks_exact(w).zip(z.chunks_exact_mut(dim)) {
-                    tq::decode_rotated(row, bits, o).expect("row");
+                    precision.decode_row_for_scan(row, o).expect("row");
                 }
                 distance::scan(
                     Metric::SquaredEuclidean,
@@ -172,7 +179,8 @@ fn tq_vs_f32_scan() {
             }
         });
         println!(
-            "{{\"bench\":\"tq_scan_40k_rows\",\"dim\":{dim},\"bits\":{bits},\"f32_us\":{:.1},\"tq_us\":{:.1},\"tq_over_f32\":{:.2},\"bytes_per_row\":{w}}}",
+            "{{\"bench\":\"packed_scan_40k_rows\",\"dim\":{dim},\"precision\":\"{}\",\"f32_us\":{:.1},\"packed_us\":{:.1},\"packed_over_f32\":{:.2},\"bytes_per_row\":{w}}}",
+            precision.as_str(),
             f * 1e6,
             t * 1e6,
             t / f
