@@ -85,7 +85,8 @@ fn kernels() {
 }
 
 /// One query against 40k rows (20 MB of float32, streamed from DRAM): the exact float32 scan
-/// against the 8-bit first pass used on heavily probed indexes.
+/// against the 8-bit first pass used on heavily probed indexes, and the 4-bit first pass of
+/// large generations (2.5 MB of codes).
 fn quant_vs_f32_scan() {
     let dim = 128;
     let rows = 40_000;
@@ -115,12 +116,26 @@ fn quant_vs_f32_scan() {
         distance::quant_scan_portable(&qc, black_box(&codes), &mut raw);
         black_box(&raw);
     });
+    // The 4-bit first pass (`index/coarse.rs`): codes unpacked a block (~100 rows) at a time.
+    let nibbles = quant.encode_coarse(&data);
+    let w = dim.div_ceil(2);
+    let mut unpacked = Vec::new();
+    let c = per_iter(50, || {
+        let qc = quant.prepare(black_box(&q));
+        for b in black_box(&nibbles).chunks(100 * w) {
+            distance::unpack_coarse(b, dim, &mut unpacked);
+            distance::quant_scan(&qc, &unpacked, &mut raw);
+            black_box(&raw);
+        }
+    });
     println!(
-        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"quant8_portable_us\":{:.1},\"speedup\":{:.2}}}",
+        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"quant8_portable_us\":{:.1},\"speedup\":{:.2},\"coarse4_us\":{:.1},\"coarse4_speedup\":{:.2}}}",
         f * 1e6,
         s * 1e6,
         p * 1e6,
-        f / s
+        f / s,
+        c * 1e6,
+        f / c
     );
 }
 
@@ -206,6 +221,7 @@ fn build_with(
             auto_train: false,
             cache_limit_bytes: None,
             train_time_limit: None,
+            coarse_min_bytes: None,
         },
     );
     let kek = Kek::random();

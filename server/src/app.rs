@@ -25,6 +25,7 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Result<Arc<AppState
             auto_train: !cfg.auto_train_disabled,
             cache_limit_bytes: Some(cfg.cache_budget_bytes()),
             train_time_limit: cfg.limits().train_time_limit(),
+            coarse_min_bytes: Some(cfg.limits().coarse_min_bytes()),
         },
     );
     Ok(Arc::new(AppState {

@@ -204,6 +204,13 @@ pub struct Config {
     #[arg(long, env = "SEALDB_MAX_TRAIN_SECONDS", default_value_t = 3600)]
     pub max_train_seconds: u64,
 
+    /// Vector data, in MiB, from which a training gives an index a 4-bit first pass: its
+    /// queries scan 4-bit codes of the probed blocks, kept in the block cache (an eighth of
+    /// float32's bytes), and rescore their best candidates on the blocks themselves, so an
+    /// index many times the cache budget decrypts only the blocks its candidates are in.
+    #[arg(long, env = "SEALDB_COARSE_PASS_MIN_MB", default_value_t = 1024)]
+    pub coarse_pass_min_mb: u64,
+
     /// Seconds a shutdown (SIGTERM, SIGINT) waits for requests in flight before it stops
     /// them; trainings are stopped at once. Then the store is flushed and the process exits 0.
     #[arg(long, env = "SEALDB_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 10,
@@ -537,6 +544,7 @@ impl Config {
             max_train_batch_size: self.max_train_batch_size,
             max_train_memory_mb: self.max_train_memory_mb,
             max_train_seconds: self.max_train_seconds,
+            coarse_pass_min_mb: self.coarse_pass_min_mb,
         }
     }
 

@@ -31,6 +31,8 @@ pub struct Limits {
     pub max_train_memory_mb: usize,
     /// Seconds; 0 = no limit.
     pub max_train_seconds: u64,
+    /// Vector MiB from which a training gives a generation the 4-bit first pass.
+    pub coarse_pass_min_mb: u64,
 }
 
 impl Default for Limits {
@@ -47,6 +49,7 @@ impl Default for Limits {
             max_train_batch_size: 65_536,
             max_train_memory_mb: 65_536,
             max_train_seconds: 3600,
+            coarse_pass_min_mb: 1024,
         }
     }
 }
@@ -174,6 +177,11 @@ impl Limits {
             self.max_train_memory_mb,
             "max-train-memory-mb",
         )
+    }
+
+    /// [`Limits::coarse_pass_min_mb`] in bytes.
+    pub fn coarse_min_bytes(&self) -> u64 {
+        self.coarse_pass_min_mb.saturating_mul(1 << 20)
     }
 
     /// How long one training may run.

@@ -682,6 +682,7 @@ mod tests {
                 auto_train: false,
                 cache_limit_bytes: None,
                 train_time_limit: None,
+                coarse_min_bytes: None,
             },
         );
         let kek = Kek::random();

@@ -638,6 +638,7 @@ impl IndexesApi {
                 },
                 max_memory_mb: positive("max_memory", req.max_memory)?,
                 time_limit: state.limits.train_time_limit(),
+                coarse_min_bytes: Some(state.limits.coarse_min_bytes()),
             };
             state.limits.train(
                 params.max_iters,

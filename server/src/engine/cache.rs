@@ -1,5 +1,5 @@
-//! The shared cache of decrypted posting-list blocks and position-run pages
-//! (`--index-cache-mb`).
+//! The shared cache of decrypted posting-list blocks, their 4-bit codes and position-run
+//! pages (`--index-cache-mb`).
 //!
 //! One cache serves every open index. Entries are keyed by the block's full identity
 //! `(index, generation, list, block, epoch)`, so a rewritten block is a new entry and a stale
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::format::IndexId;
-use super::index::{Block, RunPage};
+use super::index::{Block, Codes, RunPage};
 
 /// The identity of one decrypted block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,12 +37,14 @@ pub(crate) struct RunKey {
 enum Key {
     Block(BlockKey),
     Run(RunKey),
+    /// The 4-bit codes of a block (its identity, as the block's).
+    Codes(BlockKey),
 }
 
 impl Key {
     fn of(&self) -> (&IndexId, u32) {
         match self {
-            Key::Block(k) => (&k.index, k.gen),
+            Key::Block(k) | Key::Codes(k) => (&k.index, k.gen),
             Key::Run(k) => (&k.index, k.gen),
         }
     }
@@ -52,6 +54,7 @@ impl Key {
 enum Val {
     Block(Arc<Block>),
     Run(Arc<RunPage>),
+    Codes(Arc<Codes>),
 }
 
 #[derive(Clone)]
@@ -63,6 +66,7 @@ impl quick_cache::Weighter<Key, Val> for ByWeight {
         match val {
             Val::Block(b) => b.weight().max(1) as u64,
             Val::Run(p) => p.weight().max(1) as u64,
+            Val::Codes(c) => c.weight().max(1) as u64,
         }
     }
 }
@@ -140,7 +144,7 @@ impl BlockCache {
     pub(crate) fn get(&self, key: &BlockKey) -> Option<Arc<Block>> {
         match self.inner.as_ref()?.get(&Key::Block(*key))? {
             Val::Block(b) => Some(b),
-            Val::Run(_) => None,
+            _ => None,
         }
     }
 
@@ -148,7 +152,22 @@ impl BlockCache {
     pub(crate) fn get_run(&self, key: &RunKey) -> Option<Arc<RunPage>> {
         match self.inner.as_ref()?.get(&Key::Run(*key))? {
             Val::Run(p) => Some(p),
-            Val::Block(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The cached 4-bit codes of a block.
+    pub(crate) fn get_codes(&self, key: &BlockKey) -> Option<Arc<Codes>> {
+        match self.inner.as_ref()?.get(&Key::Codes(*key))? {
+            Val::Codes(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Keep the 4-bit codes of a block.
+    pub(crate) fn insert_codes(&self, key: BlockKey, codes: Arc<Codes>) {
+        if let Some(c) = &self.inner {
+            c.insert(Key::Codes(key), Val::Codes(codes));
         }
     }
 
@@ -206,6 +225,11 @@ impl BlockCache {
         self.inner.as_ref().map_or(0, |c| {
             c.iter().filter(|(k, _)| k.of() == (index, gen)).count()
         })
+    }
+
+    /// What the cache may hold now: the budget less what is lent out.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.budget.saturating_sub(self.reserved.load(Relaxed))
     }
 
     /// Bytes of the budget lent out now.

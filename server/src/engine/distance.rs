@@ -260,6 +260,31 @@ mod tests {
     }
 
     #[test]
+    fn coarse_codes_stand_for_the_nearest_of_every_17th_8_bit_code() {
+        for dim in [1usize, 2, 7, 32, 33, 128] {
+            let rows: Vec<f32> = (0..dim * 11)
+                .map(|i| (i as f32 * 0.41).sin() * 2.0 + (i % 3) as f32)
+                .collect();
+            let q = Quant::fit(rows.chunks_exact(dim), dim).unwrap();
+            let fine = q.encode(&rows);
+            let coarse = q.encode_coarse(&rows);
+            assert_eq!(coarse.len(), 11 * dim.div_ceil(2), "dim {dim}");
+            let mut unpacked = Vec::new();
+            unpack_coarse(&coarse, dim, &mut unpacked);
+            assert_eq!(unpacked.len(), fine.len(), "dim {dim}");
+            for (&c, &f) in unpacked.iter().zip(&fine) {
+                assert_eq!(c % 17, 0);
+                assert!((c as i32 - f as i32).abs() <= 9, "dim {dim}: {c} for {f}");
+            }
+            // Out-of-range values clamp to the end codes.
+            let far: Vec<f32> = vec![1e6; dim];
+            let mut u = Vec::new();
+            unpack_coarse(&q.encode_coarse(&far), dim, &mut u);
+            assert!(u.iter().all(|&c| c == 255), "dim {dim}");
+        }
+    }
+
+    #[test]
     fn scan_gives_metric_distances() {
         let q = [1.0f32, 0.0];
         let rows = [1.0f32, 0.0, 0.0, 2.0, -3.0, 0.0, 0.0, 0.0];
@@ -335,6 +360,26 @@ impl Quant {
         out
     }
 
+    /// 4-bit codes of `rows`, two per byte (low nibble first; an odd dimension count
+    /// leaves the last high nibble 0): `round((x - min) / (17 * step))`, clamped to 0..=15,
+    /// so that a code `c` stands for the 8-bit code `17 * c` ([`unpack_coarse`]).
+    pub fn encode_coarse(&self, rows: &[f32]) -> Vec<u8> {
+        let dim = self.min.len();
+        if dim == 0 {
+            return Vec::new();
+        }
+        let inv = 1.0 / (self.step * COARSE_SPAN);
+        let w = dim.div_ceil(2);
+        let mut out = vec![0u8; rows.len() / dim * w];
+        for (r, o) in rows.chunks_exact(dim).zip(out.chunks_exact_mut(w)) {
+            for (d, (x, m)) in r.iter().zip(&self.min).enumerate() {
+                let c = ((x - m) * inv).round().clamp(0.0, 15.0) as u8;
+                o[d / 2] |= c << ((d % 2) * 4);
+            }
+        }
+        out
+    }
+
     /// The query in code units, rounded and clamped to one range beyond the list's on
     /// either side (so sums cannot overflow; a list that far away ranks last anyway).
     pub fn prepare(&self, q: &[f32]) -> Vec<i16> {
@@ -343,6 +388,28 @@ impl Quant {
             .zip(&self.min)
             .map(|(x, m)| ((x - m) * inv).round().clamp(-255.0, 510.0) as i16)
             .collect()
+    }
+}
+
+/// 8-bit code steps per 4-bit code step (255 / 15).
+const COARSE_SPAN: f32 = 17.0;
+
+/// 4-bit codes ([`Quant::encode_coarse`]) of `rows` rows as the 8-bit codes they stand for,
+/// into `out` (`rows * dim` bytes), for [`quant_scan`].
+pub fn unpack_coarse(nibbles: &[u8], dim: usize, out: &mut Vec<u8>) {
+    out.clear();
+    let w = dim.div_ceil(2);
+    if w == 0 {
+        return;
+    }
+    for row in nibbles.chunks_exact(w) {
+        for &b in &row[..dim / 2] {
+            out.push((b & 15) * 17);
+            out.push((b >> 4) * 17);
+        }
+        if dim % 2 == 1 {
+            out.push((row[w - 1] & 15) * 17);
+        }
     }
 }
 

@@ -49,6 +49,9 @@ pub mod kind {
     /// `X || index id` -> sealed statistics of the secondary indexes (their write sequence,
     /// documents and total length per `full_text` field).
     pub const TEXT_STATS: u8 = b'X';
+    /// `K || index id || gen` -> sealed coarse quantisers of a generation's lists (the
+    /// quantiser record's layout); present when the generation has a 4-bit first pass.
+    pub const COARSE: u8 = b'K';
 }
 
 pub type IndexId = [u8; INDEX_ID_LEN];
@@ -132,6 +135,12 @@ pub fn page_key(id: &IndexId, gen: u32, list_group: u32, block_group: u32) -> Ve
 
 pub fn quant_key(id: &IndexId, gen: u32) -> Vec<u8> {
     let mut k = scoped_prefix(kind::QUANT, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn coarse_key(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::COARSE, id);
     k.extend_from_slice(&gen.to_be_bytes());
     k
 }

@@ -262,6 +262,9 @@ pub struct EngineConfig {
     pub cache_limit_bytes: Option<usize>,
     /// How long one training may run before it is stopped (`None` = no limit).
     pub train_time_limit: Option<std::time::Duration>,
+    /// Vector bytes from which background trainings give a generation the 4-bit first pass
+    /// (`None`: 1 GiB).
+    pub coarse_min_bytes: Option<u64>,
 }
 
 /// Check an index name: 1-255 bytes, no control characters, not the reserved `default`.
@@ -406,7 +409,7 @@ impl Engine {
                 config.cache_limit_bytes.map_or(u64::MAX / 4, |b| b as u64),
             )),
             create_lock: Mutex::new(()),
-            trainer: Trainer::start(config.train_time_limit),
+            trainer: Trainer::start(config.train_time_limit, config.coarse_min_bytes),
             shutdown: Arc::default(),
             config,
         })

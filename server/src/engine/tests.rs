@@ -29,6 +29,7 @@ fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize
             auto_train: false,
             cache_limit_bytes,
             train_time_limit: None,
+            coarse_min_bytes: None,
         },
     )
 }
@@ -656,6 +657,9 @@ mod values;
 /// (`tests/precision.rs`).
 mod precision;
 
+/// The 4-bit first pass of large generations (`tests/coarse.rs`).
+mod coarse;
+
 #[test]
 fn state_record_v5_layout_round_trips() {
     // docs/FORMAT.md "State record" and "Manifest page", byte by byte.
@@ -863,6 +867,7 @@ fn background_training_survives_a_panic() {
             auto_train: true,
             cache_limit_bytes: None,
             train_time_limit: None,
+            coarse_min_bytes: None,
         },
     );
     let kek = Kek::random();

@@ -31,6 +31,7 @@ pub struct Trainer {
     state: Mutex<State>,
     wake: Condvar,
     time_limit: Option<std::time::Duration>,
+    coarse_min_bytes: Option<u64>,
 }
 
 /// Keeps an index listed as training while an explicit `train` call runs.
@@ -53,11 +54,15 @@ impl Drop for ExplicitMark<'_> {
 
 impl Trainer {
     /// Start the worker thread.
-    pub fn start(time_limit: Option<std::time::Duration>) -> Arc<Self> {
+    pub fn start(
+        time_limit: Option<std::time::Duration>,
+        coarse_min_bytes: Option<u64>,
+    ) -> Arc<Self> {
         let t = Arc::new(Self {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             time_limit,
+            coarse_min_bytes,
         });
         let worker = t.clone();
         std::thread::Builder::new()
@@ -87,6 +92,7 @@ impl Trainer {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 ix.train_background(&TrainParams {
                     time_limit: self.time_limit,
+                    coarse_min_bytes: self.coarse_min_bytes,
                     ..TrainParams::default()
                 })
             }));

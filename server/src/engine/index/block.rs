@@ -443,6 +443,8 @@ pub(crate) struct ListDir {
     pub(crate) blocks: BTreeMap<u32, BlockMeta>,
     /// Set on indexes whose default probe count is large (see [`wants_quant`]).
     pub(crate) quant: Option<Arc<Quant>>,
+    /// Set on generations with a 4-bit first pass (see [`super::coarse`]).
+    pub(crate) coarse: Option<Arc<Quant>>,
 }
 
 impl ListDir {

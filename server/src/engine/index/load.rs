@@ -98,6 +98,16 @@ impl Index {
                 for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
                     data.lists[l].quant = q.map(Arc::new);
                 }
+            } else if let Some(sealed) = store.get(&fmt::coarse_key(id, st.gen))? {
+                // A generation trained with the 4-bit first pass (see `coarse`).
+                let raw = keys
+                    .open(&fmt::aad(&fmt::coarse_key(id, st.gen)), &sealed)
+                    .map_err(|_| {
+                        integrity("the coarse quantiser record failed authentication".into())
+                    })?;
+                for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
+                    data.lists[l].coarse = q.map(Arc::new);
+                }
             }
         }
         data.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();

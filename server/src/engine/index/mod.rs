@@ -32,6 +32,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 mod block;
+mod coarse;
 mod idfilter;
 mod items;
 mod load;
@@ -47,6 +48,7 @@ pub(crate) use text::MetaChange;
 
 pub use block::Block;
 use block::{code_block, wants_quant, BlockMeta, ListDir, BLOCK_BYTES};
+pub(crate) use coarse::Codes;
 pub use runs::RunPage;
 pub(crate) use state::State;
 use state::{apply_pages, PageChanges, PageId};
@@ -109,6 +111,13 @@ impl ListBlocks {
     }
     pub(crate) fn insert(&mut self, list: u32, blocks: Vec<(u32, Arc<Block>)>) {
         self.lists.insert(list, blocks);
+    }
+    /// Add one block (kept in block order within its list; a block held already stays).
+    pub(crate) fn add(&mut self, list: u32, block: u32, blk: Arc<Block>) {
+        let v = self.lists.entry(list).or_default();
+        if let Err(i) = v.binary_search_by_key(&block, |x| x.0) {
+            v.insert(i, (block, blk));
+        }
     }
     /// Keep only the blocks `top`'s candidates point into, taking them from `runs` (blocks
     /// read after those already held, in list and block order).
@@ -216,6 +225,9 @@ pub struct TrainParams {
     pub max_memory_mb: Option<usize>,
     /// Give up (with [`CancelReason::TimeLimit`]) once this much time has passed.
     pub time_limit: Option<std::time::Duration>,
+    /// Vector bytes from which a generation gets the 4-bit first pass (`None`: 1 GiB,
+    /// [`coarse::COARSE_MIN_BYTES`]); tests and benchmarks lower it.
+    pub coarse_min_bytes: Option<u64>,
 }
 
 /// Why a training stopped before it finished.
@@ -425,6 +437,17 @@ impl Index {
         self.data.read().runs.iter().map(|r| r.level).collect()
     }
 
+    /// Lists with a coarse quantiser (the 4-bit first pass).
+    #[cfg(test)]
+    pub(crate) fn coarse_lists(&self) -> usize {
+        self.data
+            .read()
+            .lists
+            .iter()
+            .filter(|pl| pl.coarse.is_some())
+            .count()
+    }
+
     /// `(lists with a quantiser, lists, default probes)`.
     #[cfg(test)]
     pub(crate) fn quant_state(&self) -> (usize, usize, u32) {
@@ -438,7 +461,11 @@ impl Index {
     pub fn approx_bytes(&self) -> usize {
         let d = self.data.read();
         let blocks: usize = d.lists.iter().map(|pl| pl.blocks.len()).sum();
-        let quants = d.lists.iter().filter(|pl| pl.quant.is_some()).count();
+        let quants = d
+            .lists
+            .iter()
+            .filter(|pl| pl.quant.is_some() || pl.coarse.is_some())
+            .count();
         let filter = self
             .id_filter
             .try_lock()

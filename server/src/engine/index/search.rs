@@ -44,7 +44,13 @@ impl Index {
             if queries.len() == 1 {
                 // No fork/join for one query: rayon's wake-up costs more than a small probe.
                 Ok(vec![self.search_one(d, &queries[0], p)?])
-            } else if queries.len() >= BATCH_GEMM_MIN && p.filter.is_none() {
+            } else if queries.len() >= BATCH_GEMM_MIN
+                && p.filter.is_none()
+                && !d.lists.iter().any(|pl| pl.coarse.is_some())
+            {
+                // (A generation with the 4-bit first pass answers a batch query by query,
+                // so that a batch reads the blocks of its candidates only, as single
+                // queries do, and ranks as they do.)
                 self.search_batch(d, queries, p)
             } else {
                 queries
@@ -119,6 +125,9 @@ impl Index {
         let q = self.query_view(q, &mut qn);
         let (probes, order) = self.probe_order(d, q, p);
         let probed = &order[..probes.min(order.len())];
+        if p.filter.is_none() && Self::coarse_pass(d, probed) {
+            return self.search_one_coarse(d, q, probed, p);
+        }
         let sq = block::ScanQuery::new(q, self.config.precision);
         // Quantised lists: a first pass over the 8-bit codes keeps RERANK times more
         // candidates, which are then rescored exactly. So does a scan of packed (`tq`)
@@ -396,7 +405,7 @@ impl Index {
     }
 
     /// Replace candidate scores with exact ones (the same kernels as a single scan).
-    fn rescore(&self, blocks: &ListBlocks, q: &[f32], dim: usize, cands: &mut [Cand]) {
+    pub(super) fn rescore(&self, blocks: &ListBlocks, q: &[f32], dim: usize, cands: &mut [Cand]) {
         let angular = self.config.metric.is_angular();
         for c in cands {
             if let Some(blk) = blocks.get(c.list, c.block) {
@@ -411,7 +420,7 @@ impl Index {
     }
 
     /// Candidates to hits, nearest first.
-    fn hits(
+    pub(super) fn hits(
         &self,
         blocks: &ListBlocks,
         dim: usize,
@@ -443,7 +452,7 @@ impl Index {
 }
 
 /// Unfiltered queries that scan at least this many vectors use all cores.
-const PARALLEL_SCAN_MIN: usize = 8_192;
+pub(super) const PARALLEL_SCAN_MIN: usize = 8_192;
 
 /// A filtered query whose indexed conditions leave at most this many candidates scores
 /// them exactly (reading their blocks) instead of probing lists.
@@ -461,18 +470,69 @@ pub(crate) struct TopK {
     k: usize,
     heap: std::collections::BinaryHeap<Cand>,
     scores: Vec<f32>,
+    /// Scratch of the code scans: raw code distances, and 4-bit codes unpacked.
+    raw: Vec<u32>,
+    unpacked: Vec<u8>,
 }
 
 impl TopK {
-    fn new(k: usize) -> Self {
+    pub(super) fn new(k: usize) -> Self {
         Self {
             k,
             heap: std::collections::BinaryHeap::with_capacity(k + 1),
             scores: Vec::new(),
+            raw: Vec::new(),
+            unpacked: Vec::new(),
         }
     }
 
-    fn scan_list(
+    /// The candidates held, in no order.
+    pub(super) fn into_cands(self) -> Vec<Cand> {
+        self.heap.into_vec()
+    }
+
+    /// First pass over one block's 4-bit codes ([`super::coarse`]): `qc` is the query in
+    /// the list's 8-bit code units, `unit` one code unit squared in the metric's units.
+    pub(super) fn scan_codes(
+        &mut self,
+        li: usize,
+        bno: u32,
+        codes: &super::Codes,
+        qc: &[i16],
+        unit: f32,
+        dim: usize,
+    ) {
+        let mut unpacked = std::mem::take(&mut self.unpacked);
+        let mut raw = std::mem::take(&mut self.raw);
+        distance::unpack_coarse(&codes.nibbles, dim, &mut unpacked);
+        distance::quant_scan(qc, &unpacked, &mut raw);
+        self.offer_raw(&raw, unit, li, bno);
+        self.unpacked = unpacked;
+        self.raw = raw;
+    }
+
+    /// Offer one block's raw code distances (row order) to the heap.
+    fn offer_raw(&mut self, raw: &[u32], unit: f32, li: usize, bno: u32) {
+        // Compare in code units first: most rows fail one integer comparison.
+        let mut limit = self.raw_limit(unit);
+        for (pos, &r) in raw.iter().enumerate() {
+            if r > limit {
+                continue;
+            }
+            let s = r as f32 * unit;
+            if self.beats_worst(s) {
+                self.push(Cand {
+                    score: s,
+                    list: li as u32,
+                    block: bno,
+                    pos: pos as u32,
+                });
+                limit = self.raw_limit(unit);
+            }
+        }
+    }
+
+    pub(super) fn scan_list(
         &mut self,
         metric: Metric,
         q: &block::ScanQuery,
@@ -539,35 +599,20 @@ impl TopK {
         };
         let qc = quant.prepare(&q.plain);
         let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
-        let mut raw = Vec::new();
+        let mut raw = std::mem::take(&mut self.raw);
         let mut scores = std::mem::take(&mut self.scores);
         for (bno, blk) in blocks {
             let bno = *bno;
             if blk.codes.len() == blk.len() * dim {
                 distance::quant_scan(&qc, &blk.codes, &mut raw);
-                // Compare in code units first: most rows fail one integer comparison.
-                let mut limit = self.raw_limit(unit);
-                for (pos, &r) in raw.iter().enumerate() {
-                    if r > limit {
-                        continue;
-                    }
-                    let s = r as f32 * unit;
-                    if self.beats_worst(s) {
-                        self.push(Cand {
-                            score: s,
-                            list: li as u32,
-                            block: bno,
-                            pos: pos as u32,
-                        });
-                        limit = self.raw_limit(unit);
-                    }
-                }
+                self.offer_raw(&raw, unit, li, bno);
             } else {
                 blk.scan(metric, q, dim, &mut scores);
                 self.offer_block(&scores, li, bno, blk, None);
             }
         }
         self.scores = scores;
+        self.raw = raw;
     }
 
     /// The largest raw code distance that could still enter the heap, for a list whose code
@@ -596,7 +641,7 @@ impl TopK {
         self.heap.iter().map(|c| (c.list, c.block))
     }
 
-    fn merge(mut self, other: TopK) -> TopK {
+    pub(super) fn merge(mut self, other: TopK) -> TopK {
         for c in other.heap {
             self.push(c);
         }
@@ -605,10 +650,10 @@ impl TopK {
 }
 
 #[derive(PartialEq)]
-struct Cand {
-    score: f32,
-    list: u32,
-    block: u32,
+pub(super) struct Cand {
+    pub(super) score: f32,
+    pub(super) list: u32,
+    pub(super) block: u32,
     pos: u32,
 }
 impl Eq for Cand {}

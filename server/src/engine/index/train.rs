@@ -276,6 +276,7 @@ impl Index {
             k,
             dim,
             params.batch_size,
+            p.coarse_min_bytes.unwrap_or(coarse::COARSE_MIN_BYTES),
             calib,
             &progress,
             &stop,
@@ -289,6 +290,7 @@ impl Index {
         k: usize,
         dim: usize,
         batch: usize,
+        coarse_min_bytes: u64,
         calib: Vec<(String, Vec<f32>)>,
         progress: &Progress,
         stop: &Stopper<'_>,
@@ -408,13 +410,16 @@ impl Index {
         let t_cal = std::time::Instant::now();
         let probes = calib.probes(&centroids, k);
         tracing::debug!(index = %self.name, probes, secs = t_cal.elapsed().as_secs_f32(), "n_probes calibrated");
-        let quants: Option<Vec<Option<Quant>>> =
-            wants_quant(true, probes as u32, k, self.config.precision).then(|| {
-                out.bounds
-                    .drain(..)
-                    .map(distance::QuantBounds::finish)
-                    .collect()
-            });
+        // The first pass: 8-bit codes in the blocks when queries probe many lists, else
+        // 4-bit codes beside them when the generation is large (see `coarse`).
+        let eight = wants_quant(true, probes as u32, k, self.config.precision);
+        let four = coarse::wants_coarse(eight, count, dim, self.config.precision, coarse_min_bytes);
+        let quants: Option<Vec<Option<Quant>>> = (eight || four).then(|| {
+            out.bounds
+                .drain(..)
+                .map(distance::QuantBounds::finish)
+                .collect()
+        });
         // The last moment to stop: after the next write the new generation is the index.
         stop.check()?;
         let mut manifest = std::mem::take(&mut out.manifest);
@@ -438,12 +443,17 @@ impl Index {
         let pages = state::put_all_pages(&self.id, &self.keys, gen, epoch, &manifest, &mut batch);
         batch.delete(fmt::centroids_key(&self.id, old_gen));
         batch.delete(fmt::quant_key(&self.id, old_gen));
+        batch.delete(fmt::coarse_key(&self.id, old_gen));
         let ck = fmt::centroids_key(&self.id, gen);
         let mut raw = Vec::with_capacity(centroids.len() * 4);
         Precision::F32.encode_into(&centroids, dim, &mut raw);
         batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
         if let Some(q) = &quants {
-            let qk = fmt::quant_key(&self.id, gen);
+            let qk = if eight {
+                fmt::quant_key(&self.id, gen)
+            } else {
+                fmt::coarse_key(&self.id, gen)
+            };
             batch.put(
                 qk.clone(),
                 self.keys
@@ -475,7 +485,11 @@ impl Index {
         }
         if let Some(q) = quants {
             for (pl, q) in lists.iter_mut().zip(q) {
-                pl.quant = q.map(Arc::new);
+                if eight {
+                    pl.quant = q.map(Arc::new);
+                } else {
+                    pl.coarse = q.map(Arc::new);
+                }
             }
         }
         {
@@ -498,13 +512,23 @@ impl Index {
         Ok(k)
     }
 
-    /// Give the cached blocks of lists with a quantiser their 8-bit codes (blocks that
-    /// training put into the cache before the quantisers were known).
+    /// Give the cached blocks of lists with a quantiser their 8-bit codes, or their 4-bit
+    /// codes beside them (blocks that training put into the cache before the quantisers
+    /// were known).
     fn code_cached(&self) {
         let d = self.data.read();
         let dim = d.dimension as usize;
         let angular = self.config.metric.is_angular();
         d.lists.par_iter().enumerate().for_each(|(l, pl)| {
+            if let Some(q) = &pl.coarse {
+                for (&b, m) in &pl.blocks {
+                    let key = self.key_at(d.gen, l, b, m.epoch);
+                    if let Some(blk) = self.cache.get(&key) {
+                        let codes = coarse::Codes::of(q, &blk, dim, angular);
+                        self.cache.insert_codes(key, Arc::new(codes));
+                    }
+                }
+            }
             let Some(q) = &pl.quant else { return };
             for (&b, m) in &pl.blocks {
                 let key = self.key_at(d.gen, l, b, m.epoch);
