@@ -121,10 +121,18 @@ impl Precision {
             ));
         }
         Ok(match self {
-            Self::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            Self::F32 => {
+                let mut out = vec![0f32; rows * dim];
+                if cfg!(target_endian = "little") {
+                    // The stored form is the in-memory form: one copy.
+                    bytemuck::cast_slice_mut::<f32, u8>(&mut out).copy_from_slice(raw);
+                } else {
+                    for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+                out
+            }
             Self::F16 => {
                 let h: Vec<f16> = raw
                     .chunks_exact(2)

@@ -193,21 +193,27 @@ fn encode_chunk(y: &[f64], bits: u8, codes: &mut Vec<u32>) -> Step {
     step
 }
 
+/// `H·D` of one chunk (`x`, starting at dimension `start` of its row) into `buf`: the fixed
+/// sign flips, then the unnormalised Walsh-Hadamard transform.
+fn transform_chunk(x: &[f32], start: usize, buf: &mut Vec<f64>) {
+    buf.clear();
+    buf.extend(x.iter().enumerate().map(|(j, &v)| {
+        if negated(start + j) {
+            -(v as f64)
+        } else {
+            v as f64
+        }
+    }));
+    fwht(buf);
+}
+
 /// Append the encoding of `x` (`row_bytes(x.len(), bits)` bytes).
 pub fn encode(x: &[f32], bits: u8, out: &mut Vec<u8>) {
     let mut codes: Vec<u32> = Vec::with_capacity(x.len());
     let mut start = 0;
     let mut buf = Vec::new();
     for n in chunks(x.len(), bits) {
-        buf.clear();
-        buf.extend((start..start + n).map(|i| {
-            if negated(i) {
-                -(x[i] as f64)
-            } else {
-                x[i] as f64
-            }
-        }));
-        fwht(&mut buf);
+        transform_chunk(&x[start..start + n], start, &mut buf);
         let step = encode_chunk(&buf, bits, &mut codes);
         out.extend_from_slice(&step.e.to_le_bytes());
         out.push(step.g);
@@ -268,15 +274,7 @@ pub fn rotate(q: &[f32], bits: u8) -> Vec<f32> {
     let mut start = 0;
     let mut buf = Vec::new();
     for n in chunks(q.len(), bits) {
-        buf.clear();
-        buf.extend((start..start + n).map(|i| {
-            if negated(i) {
-                -(q[i] as f64)
-            } else {
-                q[i] as f64
-            }
-        }));
-        fwht(&mut buf);
+        transform_chunk(&q[start..start + n], start, &mut buf);
         let s = 1.0 / (n as f64).sqrt();
         out.extend(buf.iter().map(|y| (y * s) as f32));
         start += n;

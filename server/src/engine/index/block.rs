@@ -320,7 +320,15 @@ impl Block {
         w.0
     }
 
+    /// [`Block::decode_as`] keeping the rows packed.
     pub(crate) fn decode(buf: &[u8]) -> Result<(Block, usize), EngineError> {
+        Self::decode_as(buf, true)
+    }
+
+    /// Decode a block's plaintext. Float16 and `tq` rows stay packed as stored with
+    /// `packed`, and are decoded to floats without it (more memory, faster scans: what
+    /// the cache holds when the index fits it several times over).
+    pub(crate) fn decode_as(buf: &[u8], packed: bool) -> Result<(Block, usize), EngineError> {
         let mut r = Reader::new(buf, "posting-list block");
         if r.u8()? != 2 {
             return Err(EngineError::Corrupt(
@@ -361,7 +369,7 @@ impl Block {
                 "posting-list block has the wrong length".into(),
             ));
         }
-        if precision != Precision::F32 {
+        if precision != Precision::F32 && packed {
             // Kept packed; every row is decoded once here, to check it and for its norm.
             b.packed = r.rest().to_vec();
             b.held_as = precision;

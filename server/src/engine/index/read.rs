@@ -24,6 +24,7 @@ impl Index {
         want: &[(u32, u32, u64)],
         quant: &(dyn Fn(u32) -> Option<Arc<Quant>> + Sync),
         keep: bool,
+        packed: bool,
     ) -> Result<Vec<Arc<Block>>, EngineError> {
         let key_of = |&(list, block, epoch): &(u32, u32, u64)| BlockKey {
             index: self.id,
@@ -62,7 +63,7 @@ impl Index {
                         ),
                     }
                 })?;
-                let (mut blk, dim) = Block::decode(&plain)?;
+                let (mut blk, dim) = Block::decode_as(&plain, packed)?;
                 blk.epoch = epoch;
                 if let Some(q) = quant(l) {
                     code_block(&q, &mut blk, dim, angular);
@@ -78,6 +79,17 @@ impl Index {
             out[i] = Some(blk);
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Whether blocks read now keep float16 and `tq` rows packed: unless the whole index,
+    /// decoded to float32, would take at most half of what the cache may hold (then scans
+    /// run on floats, as fast as float32's; packed, the cache holds 2 to 7.6 times more
+    /// vectors per byte). Results are the same either way.
+    pub(super) fn hold_packed(&self, d: &Data) -> bool {
+        let decoded = (d.count() as u64)
+            .saturating_mul(d.dimension as u64)
+            .saturating_mul(4);
+        self.config.precision != Precision::F32 && decoded.saturating_mul(2) > self.cache.capacity()
     }
 
     /// Read the blocks `(list, block)` at the epochs the directory `d` holds.
@@ -155,7 +167,7 @@ impl Index {
         if !want.is_empty() {
             let quant = |l: u32| d.lists.get(l as usize).and_then(|pl| pl.quant.clone());
             // read_blocks counts the misses (it finds them missing again).
-            let read = self.read_blocks(d.gen, &want, &quant, keep)?;
+            let read = self.read_blocks(d.gen, &want, &quant, keep, self.hold_packed(d))?;
             for ((i, m), blk) in missing.into_iter().zip(read) {
                 if keep {
                     m.set_hot(&blk);

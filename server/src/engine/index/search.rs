@@ -254,8 +254,12 @@ impl Index {
                 by_list[li].push(qi as u32);
             }
         }
-        let qx = if tq_bits.is_some() { &qr } else { &qm };
-        let q_norms: Vec<f32> = qx.chunks_exact(dim).map(|q| distance::dot(q, q)).collect();
+        let norms = |m: &[f32]| -> Vec<f32> {
+            m.chunks_exact(dim.max(1))
+                .map(|q| distance::dot(q, q))
+                .collect()
+        };
+        let (qm_norms, qr_norms) = (norms(&qm), norms(&qr));
         let work: Vec<(usize, &Vec<u32>)> = by_list
             .iter()
             .enumerate()
@@ -265,13 +269,19 @@ impl Index {
         let tops = work
             .par_iter()
             .try_fold(fresh, |mut tops, &(li, qs)| {
-                let mut sub = Vec::with_capacity(qs.len() * dim);
-                for &qi in qs {
-                    sub.extend_from_slice(&qx[qi as usize * dim..][..dim]);
-                }
-                let Ok(sub) = ndarray::Array2::from_shape_vec((qs.len(), dim), sub) else {
+                let pick = |m: &[f32]| {
+                    let mut sub = Vec::with_capacity(qs.len() * dim);
+                    for &qi in qs {
+                        sub.extend_from_slice(&m[qi as usize * dim..][..dim]);
+                    }
+                    ndarray::Array2::from_shape_vec((qs.len(), dim), sub).ok()
+                };
+                let Some(sub_plain) = pick(&qm) else {
                     return Ok(tops);
                 };
+                // Packed `tq` blocks multiply in the rotated domain (blocks read while the
+                // index fitted the cache hold floats, and take the plain queries).
+                let sub_rot = if tq_bits.is_some() { pick(&qr) } else { None };
                 let refs = Self::list_refs(d, &[li]);
                 self.for_chunks(d, &refs, true, |runs| {
                     for (bno, blk) in runs.iter().flat_map(|(_, r)| r.iter()) {
@@ -280,6 +290,11 @@ impl Index {
                         let Ok(x) = ndarray::ArrayView2::from_shape((n, dim), &rows[..n * dim])
                         else {
                             continue;
+                        };
+                        let rotated = matches!(blk.held_as, Precision::Tq(_));
+                        let (sub, q_norms) = match &sub_rot {
+                            Some(r) if rotated => (r, &qr_norms),
+                            _ => (&sub_plain, &qm_norms),
                         };
                         let dots = sub.dot(&x.t());
                         let x_norms: Vec<f32> = if metric.is_angular() {

@@ -214,7 +214,7 @@ impl Index {
                 stop.check()?;
                 progress.set(Phase::Sampling, ci * per_read, picks.len());
                 let want: Vec<(u32, u32, u64)> = chunk.iter().map(|(w, _)| *w).collect();
-                let blocks = self.read_blocks(d.gen, &want, &no_quant, false)?;
+                let blocks = self.read_blocks(d.gen, &want, &no_quant, false, true)?;
                 for (blk, (_, rows)) in blocks.iter().zip(chunk) {
                     for &pos in rows {
                         let pos = pos as usize;
@@ -359,7 +359,7 @@ impl Index {
         for (ci, chunk) in old_dir.chunks(per_read).enumerate() {
             stop.check()?;
             progress.set(Phase::Assigning, ci * per_read, old_dir.len());
-            let blocks = self.read_blocks(old_gen, chunk, &no_quant, false)?;
+            let blocks = self.read_blocks(old_gen, chunk, &no_quant, false, true)?;
             // Per block: the rows' new lists, and the rows as k-means sees them (unit length
             // for angular metrics; the block's own vectors otherwise).
             let rows: Vec<(Vec<u32>, Option<Vec<f32>>)> = blocks

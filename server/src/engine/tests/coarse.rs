@@ -45,6 +45,27 @@ fn queries() -> Vec<Vec<f32>> {
     (0..16).map(|c| vector(&mut rng, c % 8)).collect()
 }
 
+/// A fresh float32 Euclidean index "c" on `e`, holding `rows`, trained (`coarse`: with the
+/// 4-bit first pass, or never).
+fn filled(e: &Engine, kek: &Kek, rows: Vec<NewItem>, coarse: bool) -> Lease {
+    create(
+        e,
+        "c",
+        kek,
+        cfg(Metric::Euclidean, Precision::F32, DIM as u32),
+    );
+    let ix = e.open("c", Some(kek)).unwrap();
+    ix.upsert(rows).unwrap();
+    train(e, &ix, coarse);
+    assert_eq!(
+        ix.coarse_lists(),
+        if coarse { 48 } else { 0 },
+        "{:?}",
+        ix.quant_state()
+    );
+    ix
+}
+
 fn train(e: &Engine, ix: &Arc<Index>, coarse: bool) {
     e.train_now(
         ix,
@@ -82,21 +103,7 @@ fn a_coarse_generation_answers_the_same_whatever_is_cached() {
     let mut small = engine_with_cache(sa.clone(), Some(256 << 10));
     let mut big = engine_with_cache(sb.clone(), None);
     for e in [&small, &big] {
-        create(
-            e,
-            "c",
-            &kek,
-            cfg(Metric::Euclidean, Precision::F32, DIM as u32),
-        );
-        let ix = e.open("c", Some(&kek)).unwrap();
-        ix.upsert(items(1, 0..N)).unwrap();
-        train(e, &ix, true);
-        assert_eq!(
-            ix.coarse_lists(),
-            48,
-            "every list has a coarse quantiser: {:?}",
-            ix.quant_state()
-        );
+        let ix = filled(e, &kek, items(1, 0..N), true);
         assert_eq!(ix.quant_state().0, 0, "and no 8-bit pass");
     }
     let (a, b) = (
@@ -131,18 +138,8 @@ fn a_coarse_generation_answers_the_same_whatever_is_cached() {
 #[test]
 fn the_coarse_pass_finds_the_true_neighbours_at_their_exact_distances() {
     let e = engine(Arc::new(MemoryStore::new()));
-    let kek = Kek::random();
-    create(
-        &e,
-        "c",
-        &kek,
-        cfg(Metric::Euclidean, Precision::F32, DIM as u32),
-    );
-    let ix = e.open("c", Some(&kek)).unwrap();
     let all = items(1, 0..N);
-    ix.upsert(all.clone()).unwrap();
-    train(&e, &ix, true);
-    assert_eq!(ix.coarse_lists(), 48);
+    let ix = filled(&e, &Kek::random(), all.clone(), true);
     let mut p = params(10);
     p.n_probes = Some(48);
     let (mut found, mut total) = (0, 0);
@@ -182,17 +179,7 @@ fn cached_codes_spare_decrypting_the_probed_blocks() {
     // blocks again on every query, the coarse pass only its candidates' blocks.
     let misses = |coarse: bool| {
         let e = engine_with_cache(Arc::new(MemoryStore::new()), Some(3 << 20));
-        let kek = Kek::random();
-        create(
-            &e,
-            "c",
-            &kek,
-            cfg(Metric::Euclidean, Precision::F32, DIM as u32),
-        );
-        let ix = e.open("c", Some(&kek)).unwrap();
-        ix.upsert(padded(1, 0..N, 256)).unwrap();
-        train(&e, &ix, coarse);
-        assert_eq!(ix.coarse_lists(), if coarse { 48 } else { 0 });
+        let ix = filled(&e, &Kek::random(), padded(1, 0..N, 256), coarse);
         let mut p = params(5);
         p.n_probes = Some(24);
         p.include = Include::default();

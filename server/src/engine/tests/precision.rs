@@ -142,8 +142,8 @@ fn quantized_precisions_store_what_reads_return_through_edits_training_and_reope
 
 #[test]
 fn quantized_blocks_are_cached_packed_and_search_as_their_decoded_vectors() {
-    // A float16 or tq index keeps its blocks packed in the cache (tq scanned in the rotated
-    // domain); what it answers must be what an exact scan of the decoded vectors answers:
+    // A float16 or tq index keeps its blocks packed in a cache it would crowd (tq scanned
+    // in the rotated domain), decoded in one with room to spare; what it answers must be what an exact scan of the decoded vectors answers:
     // the same ids in the same order with the same distances, for single, batched and
     // filtered queries. The cache holds fewer bytes the fewer bits a tier keeps.
     let dim = 64;
@@ -155,7 +155,7 @@ fn quantized_blocks_are_cached_packed_and_search_as_their_decoded_vectors() {
     let queries: Vec<Vec<f32>> = (0..12)
         .map(|_| (0..dim).map(|_| rng.random_range(-1.0..1.0f32)).collect())
         .collect();
-    let mut cached = Vec::new();
+    let (mut cached, mut roomy) = (Vec::new(), Vec::new());
     for metric in [Metric::Euclidean, Metric::Cosine] {
         for precision in [
             Precision::F32,
@@ -177,67 +177,81 @@ fn quantized_blocks_are_cached_packed_and_search_as_their_decoded_vectors() {
                 assert_eq!(ix.quant_state().0, 0, "{what}: no 8-bit codes on top of tq");
             }
             drop(ix);
-            // A fresh engine: its cache holds only what the queries below read.
-            let e = engine(store);
-            let ix = e.open("p", Some(&kek)).unwrap();
-            let decoded: Vec<Vec<f32>> = data
-                .iter()
-                .map(|v| {
-                    let mut v = v.clone();
-                    precision.round_in_place(&mut v);
-                    v
-                })
-                .collect();
-            let mut p = params(10);
-            p.include.contents = false;
-            p.n_probes = Some(8);
-            let model = |q: &[f32]| -> Vec<(String, f32)> {
-                let qn = distance::normalized(q);
-                let mut all: Vec<(f32, usize)> = decoded
+            // A fresh engine: its cache holds only what the queries below read. Under a
+            // budget the decoded index would fill more than half of, blocks stay packed;
+            // with room to spare they are held decoded. The answers are the same.
+            for budget in [Some(1_200_000), None] {
+                let e = engine_with_cache(store.clone(), budget);
+                let ix = e.open("p", Some(&kek)).unwrap();
+                let decoded: Vec<Vec<f32>> = data
                     .iter()
-                    .enumerate()
-                    .map(|(i, x)| {
-                        let s = if metric.is_angular() {
-                            1.0 - distance::dot(&qn, x) * distance::inv_norm(x)
-                        } else {
-                            distance::l2sq(q, x)
-                        };
-                        (s, i)
+                    .map(|v| {
+                        let mut v = v.clone();
+                        precision.round_in_place(&mut v);
+                        v
                     })
                     .collect();
-                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                all.iter()
-                    .take(10)
-                    .map(|&(s, i)| (i.to_string(), metric.finish(s)))
-                    .collect()
-            };
-            let as_pairs = |hits: &[Hit]| -> Vec<(String, f32)> {
-                hits.iter().map(|h| (h.id.clone(), h.distance)).collect()
-            };
-            let batch = ix.search(&queries, &p).unwrap();
-            let mut filtered = p.clone();
-            filtered.filter = crate::engine::filter::Filter::compile(
-                json!({"absent": {"$exists": false}}).as_object().unwrap(),
-            )
-            .unwrap();
-            for (q, b) in queries.iter().zip(&batch) {
-                let want = model(q);
-                let one = ix.search(std::slice::from_ref(q), &p).unwrap().remove(0);
-                assert_eq!(as_pairs(&one), want, "{what}: a single query");
-                assert_eq!(as_pairs(b), want, "{what}: a batched query");
-                let f = ix
-                    .search(std::slice::from_ref(q), &filtered)
-                    .unwrap()
-                    .remove(0);
-                assert_eq!(as_pairs(&f), want, "{what}: a filtered query");
-                let v = one[0].vector.as_deref().unwrap();
-                assert_eq!(v, &decoded[one[0].id.parse::<usize>().unwrap()][..]);
-            }
-            if metric == Metric::Euclidean {
-                cached.push((precision.as_str(), e.cache_stats().bytes));
+                let mut p = params(10);
+                p.include.contents = false;
+                p.n_probes = Some(8);
+                let model = |q: &[f32]| -> Vec<(String, f32)> {
+                    let qn = distance::normalized(q);
+                    let mut all: Vec<(f32, usize)> = decoded
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| {
+                            let s = if metric.is_angular() {
+                                1.0 - distance::dot(&qn, x) * distance::inv_norm(x)
+                            } else {
+                                distance::l2sq(q, x)
+                            };
+                            (s, i)
+                        })
+                        .collect();
+                    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    all.iter()
+                        .take(10)
+                        .map(|&(s, i)| (i.to_string(), metric.finish(s)))
+                        .collect()
+                };
+                let as_pairs = |hits: &[Hit]| -> Vec<(String, f32)> {
+                    hits.iter().map(|h| (h.id.clone(), h.distance)).collect()
+                };
+                let batch = ix.search(&queries, &p).unwrap();
+                let mut filtered = p.clone();
+                filtered.filter = crate::engine::filter::Filter::compile(
+                    json!({"absent": {"$exists": false}}).as_object().unwrap(),
+                )
+                .unwrap();
+                for (q, b) in queries.iter().zip(&batch) {
+                    let want = model(q);
+                    let one = ix.search(std::slice::from_ref(q), &p).unwrap().remove(0);
+                    assert_eq!(as_pairs(&one), want, "{what}: a single query");
+                    assert_eq!(as_pairs(b), want, "{what}: a batched query");
+                    let f = ix
+                        .search(std::slice::from_ref(q), &filtered)
+                        .unwrap()
+                        .remove(0);
+                    assert_eq!(as_pairs(&f), want, "{what}: a filtered query");
+                    let v = one[0].vector.as_deref().unwrap();
+                    assert_eq!(v, &decoded[one[0].id.parse::<usize>().unwrap()][..]);
+                }
+                if metric == Metric::Euclidean {
+                    let bytes = e.cache_stats().bytes;
+                    match budget {
+                        Some(_) => cached.push((precision.as_str(), bytes)),
+                        None => roomy.push((precision.as_str(), bytes)),
+                    }
+                }
             }
         }
     }
+    // With room to spare, every tier's blocks are held as floats (float32's bytes, give or
+    // take the 8-bit codes that only float32 and float16 lists carry).
+    assert!(
+        roomy.iter().all(|r| r.1 * 10 >= roomy[0].1 * 6),
+        "held decoded: {roomy:?}"
+    );
     // Every block was read, so the cache holds the whole index; fewer bits, fewer bytes.
     assert!(cached.windows(2).all(|w| w[1].1 < w[0].1), "{cached:?}");
     assert!(
