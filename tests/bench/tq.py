@@ -8,7 +8,8 @@ the filesystem store: the redb file grows in allocation steps), the server's res
 after the queries (VmRSS), and for SealDB the block cache's bytes then (every block was
 scanned, so the cache holds the whole index decrypted: memory per vector by tier).
 
-Usage: python tests/bench/tq.py --bin target/release/sealdb [--n 20000] [--dim 128]
+Usage: python tests/bench/tq.py --bin target/release/sealdb [--n 20000] [--dim 128] [--cache-mb MB]
+       [--ours-only]
 """
 import json
 import sys
@@ -61,9 +62,12 @@ def upsert(conn, prec, args, data):
 
 def run(label, cmd, port, args, data, queries, exact):
     rows = []
+    # Our server's cache budget (--cache-mb): under a budget the decoded index would fill
+    # more than half of, float16 and tq blocks stay packed in the cache.
+    env = {"SEALDB_INDEX_CACHE_MB": str(args.cache_mb)} if label == "sealdb" and args.cache_mb else None
     for prec in PRECISIONS:
         with tempfile.TemporaryDirectory() as d:
-            p, conn = start(cmd, port, d)
+            p, conn = start(cmd, port, d, env)
             try:
                 base = upsert(conn, prec, args, data)
                 before = 0
@@ -107,7 +111,10 @@ def run(label, cmd, port, args, data, queries, exact):
 
 
 def main():
-    args = bench_args(100).parse_args()
+    ap = bench_args(100)
+    ap.add_argument("--cache-mb", type=int, default=None, help="our --index-cache-mb (default: the server's)")
+    ap.add_argument("--ours-only", action="store_true", help="skip the original (its columns repeat ours' shape)")
+    args = ap.parse_args()
     rng = np.random.default_rng(7)
     centers = rng.standard_normal((64, args.dim)).astype(np.float32) * 3
     data = (centers[rng.integers(0, 64, args.n)] + rng.standard_normal((args.n, args.dim))).astype(np.float32)
@@ -115,7 +122,8 @@ def main():
     d2 = (queries ** 2).sum(1)[:, None] + (data ** 2).sum(1)[None] - 2 * queries @ data.T
     exact = np.argsort(d2, axis=1)[:, :10]
     ours = run("sealdb", [args.bin], 18821, args, data, queries, exact)
-    theirs = run("original", [args.original_python, str(LAUNCH)], 18822, args, data, queries, exact)
+    theirs = ours if args.ours_only else run("original", [args.original_python, str(LAUNCH)], 18822, args, data,
+                                              queries, exact)
     print(f"\n{'precision':10} {'rel err ours/orig':>22} {'recall@10 ours/orig':>22} {'p50 ms ours/orig':>20} "
           f"{'data MB ours/orig':>20} {'records MB ours':>16} {'cache MB ours':>14} {'RSS MB ours/orig':>18}")
     for a, b in zip(ours, theirs):
@@ -124,7 +132,7 @@ def main():
               f"{a['cache_mb']:>14} {a['rss_mb']:>8} / {b['rss_mb']:<8}")
     if args.out:
         with open(args.out, "a") as f:
-            for r in ours + theirs:
+            for r in ours + ([] if args.ours_only else theirs):
                 f.write(json.dumps({**r, "n": args.n, "dim": args.dim}) + "\n")
 
 

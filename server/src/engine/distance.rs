@@ -411,7 +411,7 @@ pub fn unpack_coarse(nibbles: &[u8], dim: usize, out: &mut Vec<u8>) {
     }
     let rows = nibbles.len() / w;
     out.resize(rows * dim, 0);
-    if dim % 2 == 0 {
+    if dim.is_multiple_of(2) {
         // Rows are back to back in both forms: one byte to two codes, straight through
         // (a loop LLVM vectorises).
         for (o, &b) in out.chunks_exact_mut(2).zip(&nibbles[..rows * w]) {

@@ -303,15 +303,20 @@ impl Index {
         let angular = self.config.metric.is_angular();
         // Only writers change the directory, and this one holds the writer lock: a copy of
         // it stays true for the whole pass while queries keep using the index.
-        let (old_dir, old_gen, count, epoch, meta_digest) = {
+        let (old_dir, old_gen, count, epoch, meta_digest, held) = {
             let d = self.data.read();
+            let held = if self.hold_packed(&d) {
+                self.config.precision
+            } else {
+                Precision::F32
+            };
             let dir: Vec<(u32, u32, u64)> = d
                 .lists
                 .iter()
                 .enumerate()
                 .flat_map(|(l, pl)| pl.blocks.iter().map(move |(&b, m)| (l as u32, b, m.epoch)))
                 .collect();
-            (dir, d.gen, d.count(), d.epoch + 1, d.meta_digest)
+            (dir, d.gen, d.count(), d.epoch + 1, d.meta_digest, held)
         };
         let gen = old_gen + 1;
         // Blocks of `gen` enter the cache as they are written; if this training does not
@@ -332,6 +337,7 @@ impl Index {
             epoch,
             dim,
             cap,
+            held,
             open: (0..k).map(|_| Block::default()).collect(),
             open_rows: 0,
             next_bno: vec![0; k],
@@ -553,6 +559,8 @@ struct NewGeneration<'a> {
     epoch: u64,
     dim: usize,
     cap: usize,
+    /// How the new blocks hold their rows (`Index::hold_packed`).
+    held: Precision,
     open: Vec<Block>,
     open_rows: usize,
     next_bno: Vec<u32>,
@@ -571,7 +579,7 @@ struct NewGeneration<'a> {
 impl NewGeneration<'_> {
     fn push(&mut self, l: usize, src: &Block, pos: usize, qrow: &[f32]) {
         if self.open[l].len() == 0 {
-            self.open[l] = Block::with_capacity(self.cap, self.dim, self.ix.config.precision);
+            self.open[l] = Block::with_capacity(self.cap, self.dim, self.held);
         }
         self.open[l].push_from(src, pos, self.dim);
         self.bounds[l].add(qrow);

@@ -93,6 +93,12 @@ impl Index {
             }
             let dim = dimension as usize;
             let cap = Self::block_cap(dim, self.config.precision);
+            // New blocks are held as reads would hold them (`hold_packed`).
+            let held = if self.hold_packed(&d) {
+                precision
+            } else {
+                Precision::F32
+            };
             let epoch = d.epoch + 1;
             let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
             let locators = self.locators(&ids);
@@ -171,7 +177,7 @@ impl Index {
                 let full = touched
                     .entry((list, bno))
                     .or_insert_with(|| {
-                        copy(list, bno).unwrap_or_else(|| Block::with_capacity(cap, dim, precision))
+                        copy(list, bno).unwrap_or_else(|| Block::with_capacity(cap, dim, held))
                     })
                     .len()
                     >= cap;
@@ -190,7 +196,7 @@ impl Index {
                 let has_contents = it.contents.as_deref().is_some_and(|c| !c.is_empty());
                 touched
                     .entry((list, bno))
-                    .or_insert_with(|| Block::with_capacity(cap, dim, precision))
+                    .or_insert_with(|| Block::with_capacity(cap, dim, held))
                     .push(
                         it.id.clone(),
                         &it.vector,
