@@ -345,6 +345,12 @@ impl Quant {
         self.step
     }
 
+    /// One unit of a raw code distance ([`quant_scan`]) in the metric's units: squared L2,
+    /// or `|a-b|^2 / 2 = 1 - cos` for the unit rows of angular metrics.
+    pub fn unit(&self, angular: bool) -> f32 {
+        self.step * self.step * if angular { 0.5 } else { 1.0 }
+    }
+
     /// Codes of `rows` (clamped to 0..=255).
     pub fn encode(&self, rows: &[f32]) -> Vec<u8> {
         let dim = self.min.len();

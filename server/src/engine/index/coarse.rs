@@ -92,18 +92,13 @@ impl Index {
             .iter()
             .filter_map(|&li| {
                 let c = d.lists[li].coarse.as_ref()?;
-                let unit = c.step() * c.step() * if angular { 0.5 } else { 1.0 };
-                Some((li, (c.prepare(q), unit)))
+                Some((li, (c.prepare(q), c.unit(angular))))
             })
             .collect();
         // Blocks read from the store enter the cache only when the whole generation could
         // stay there; otherwise they would only push out the codes, which every query
         // probing their lists needs (a candidate's block is needed by few).
-        let vector_bytes = (d.count() as u64)
-            .saturating_mul(self.config.precision.row_bytes(dim) as u64)
-            .saturating_mul(3)
-            / 2;
-        let keep = vector_bytes <= self.cache.capacity();
+        let keep = Self::decoded_bytes(d).saturating_mul(3) / 2 <= self.cache.capacity();
         let refs = Self::list_refs(d, probed);
         let volume: usize = probed.iter().map(|&li| d.lists[li].len()).sum();
         let workers = 2 * rayon::current_num_threads();

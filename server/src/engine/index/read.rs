@@ -86,10 +86,15 @@ impl Index {
     /// run on floats, as fast as float32's; packed, the cache holds 2 to 7.6 times more
     /// vectors per byte). Results are the same either way.
     pub(super) fn hold_packed(&self, d: &Data) -> bool {
-        let decoded = (d.count() as u64)
+        self.config.precision != Precision::F32
+            && Self::decoded_bytes(d).saturating_mul(2) > self.cache.capacity()
+    }
+
+    /// The index's vectors as float32: what its blocks hold decoded, less ids and metadata.
+    pub(super) fn decoded_bytes(d: &Data) -> u64 {
+        (d.count() as u64)
             .saturating_mul(d.dimension as u64)
-            .saturating_mul(4);
-        self.config.precision != Precision::F32 && decoded.saturating_mul(2) > self.cache.capacity()
+            .saturating_mul(4)
     }
 
     /// Read the blocks `(list, block)` at the epochs the directory `d` holds.

@@ -613,7 +613,7 @@ impl TopK {
             return self.scan_list(metric, q, li, blocks, None, dim);
         };
         let qc = quant.prepare(&q.plain);
-        let unit = quant.step() * quant.step() * if metric.is_angular() { 0.5 } else { 1.0 };
+        let unit = quant.unit(metric.is_angular());
         let mut raw = std::mem::take(&mut self.raw);
         let mut scores = std::mem::take(&mut self.scores);
         for (bno, blk) in blocks {
