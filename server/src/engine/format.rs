@@ -52,6 +52,9 @@ pub mod kind {
     /// `K || index id || gen` -> sealed coarse quantisers of a generation's lists (the
     /// quantiser record's layout); present when the generation has a 4-bit first pass.
     pub const COARSE: u8 = b'K';
+    /// `B || index id || gen || list || block` -> sealed 4-bit codes of one block's rows, at
+    /// the block's epoch (generations whose coarse record is version 2).
+    pub const CODES: u8 = b'B';
 }
 
 pub type IndexId = [u8; INDEX_ID_LEN];
@@ -142,6 +145,20 @@ pub fn quant_key(id: &IndexId, gen: u32) -> Vec<u8> {
 pub fn coarse_key(id: &IndexId, gen: u32) -> Vec<u8> {
     let mut k = scoped_prefix(kind::COARSE, id);
     k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn codes_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::CODES, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+/// The key of block `list/block`'s codes record: the block key's layout under kind `B`.
+pub fn codes_key(id: &IndexId, gen: u32, list: u32, block: u32) -> Vec<u8> {
+    let mut k = codes_gen_prefix(id, gen);
+    k.extend_from_slice(&list.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
     k
 }
 

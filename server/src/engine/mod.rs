@@ -743,6 +743,8 @@ impl Engine {
             format::kind::TERM,
             format::kind::VALUE,
             format::kind::TEXT_STATS,
+            format::kind::COARSE,
+            format::kind::CODES,
         ] {
             batch.delete_prefix(format::scoped_prefix(kind, &ix.id));
         }

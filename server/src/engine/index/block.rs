@@ -330,37 +330,7 @@ impl Block {
     /// the cache holds when the index fits it several times over).
     pub(crate) fn decode_as(buf: &[u8], packed: bool) -> Result<(Block, usize), EngineError> {
         let mut r = Reader::new(buf, "posting-list block");
-        if r.u8()? != 2 {
-            return Err(EngineError::Corrupt(
-                "unknown posting-list block version".into(),
-            ));
-        }
-        let precision = Precision::from_code(r.u8()?)
-            .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
-        let dim = r.u32()? as usize;
-        let n = r.u32()? as usize;
-        // Every row takes at least 16 bytes (two lengths and an epoch): a count the record
-        // cannot hold is corrupt, and must not size an allocation.
-        if n > r.remaining() / 16 {
-            return Err(EngineError::Corrupt(
-                "posting-list block count is too large".into(),
-            ));
-        }
-        let mut b = Block::default();
-        let mut meta_json = 0;
-        for _ in 0..n {
-            b.ids.push(r.str()?.to_owned());
-            let m = r.bytes()?;
-            meta_json += m.len();
-            b.meta.push(if m.is_empty() {
-                None
-            } else {
-                Some(Arc::new(serde_json::from_slice(m).map_err(|_| {
-                    EngineError::Corrupt("bad metadata in posting-list block".into())
-                })?))
-            });
-            b.cepochs.push(r.u64()?);
-        }
+        let (mut b, precision, dim, n, meta_json) = Self::read_head(&mut r)?;
         if dim
             .checked_mul(n)
             .is_none_or(|_| n.saturating_mul(precision.row_bytes(dim)) != r.remaining())
@@ -395,6 +365,57 @@ impl Block {
         }
         b.held = b.held_bytes(meta_json);
         Ok((b, dim))
+    }
+
+    /// The head of a block's plaintext alone (a segmented record's first part): ids,
+    /// metadata and contents epochs, no rows.
+    pub(crate) fn decode_head(buf: &[u8]) -> Result<Block, EngineError> {
+        let mut r = Reader::new(buf, "posting-list block head");
+        let (b, ..) = Self::read_head(&mut r)?;
+        if !r.is_empty() {
+            return Err(EngineError::Corrupt(
+                "posting-list block head has the wrong length".into(),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// Read a block's head: `(block without rows, precision, dim, rows, metadata bytes)`.
+    fn read_head(
+        r: &mut Reader<'_>,
+    ) -> Result<(Block, Precision, usize, usize, usize), EngineError> {
+        if r.u8()? != 2 {
+            return Err(EngineError::Corrupt(
+                "unknown posting-list block version".into(),
+            ));
+        }
+        let precision = Precision::from_code(r.u8()?)
+            .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
+        let dim = r.u32()? as usize;
+        let n = r.u32()? as usize;
+        // Every row takes at least 16 bytes (two lengths and an epoch): a count the record
+        // cannot hold is corrupt, and must not size an allocation.
+        if n > r.remaining() / 16 {
+            return Err(EngineError::Corrupt(
+                "posting-list block count is too large".into(),
+            ));
+        }
+        let mut b = Block::default();
+        let mut meta_json = 0;
+        for _ in 0..n {
+            b.ids.push(r.str()?.to_owned());
+            let m = r.bytes()?;
+            meta_json += m.len();
+            b.meta.push(if m.is_empty() {
+                None
+            } else {
+                Some(Arc::new(serde_json::from_slice(m).map_err(|_| {
+                    EngineError::Corrupt("bad metadata in posting-list block".into())
+                })?))
+            });
+            b.cepochs.push(r.u64()?);
+        }
+        Ok((b, precision, dim, n, meta_json))
     }
 }
 

@@ -14,7 +14,7 @@
 //! what the cache holds: a query's answer is the same whatever is cached, and codes are made
 //! the same way from a block whether it came from the cache or the store.
 
-use super::search::{TopK, PARALLEL_SCAN_MIN};
+use super::search::{Cand, TopK, PARALLEL_SCAN_MIN};
 use super::*;
 
 /// Vector data (rows × stored bytes per row) from which a training gives its generation the
@@ -56,6 +56,33 @@ impl Codes {
     pub fn weight(&self) -> usize {
         std::mem::size_of::<Self>() + self.nibbles.len() + 64
     }
+
+    /// The plaintext of a codes record (docs/FORMAT.md "Codes record"):
+    /// `u8 version (1) || u32 rows || u32 dim || rows × ceil(dim / 2) bytes`.
+    pub(crate) fn encode(&self, dim: usize) -> Vec<u8> {
+        let rows = self.nibbles.len() / dim.div_ceil(2).max(1);
+        let mut w = Writer::with_capacity(9 + self.nibbles.len());
+        w.u8(1).u32(rows as u32).u32(dim as u32).raw(&self.nibbles);
+        w.0
+    }
+
+    /// A codes record's plaintext, which must hold `rows` rows of `dim` codes.
+    pub(crate) fn decode(buf: &[u8], rows: u32, dim: usize) -> Result<Self, EngineError> {
+        let mut r = Reader::new(buf, "codes record");
+        let (version, n, d) = (r.u8()?, r.u32()?, r.u32()? as usize);
+        let nibbles = r.rest();
+        let len = (rows as usize).saturating_mul(dim.div_ceil(2));
+        if version != 1 || n != rows || d != dim || nibbles.len() != len {
+            return Err(EngineError::Corrupt(format!(
+                "codes record of {n} rows x {d} (version {version}, {} bytes) where the \
+                 block holds {rows} x {dim}",
+                nibbles.len()
+            )));
+        }
+        Ok(Self {
+            nibbles: nibbles.to_vec(),
+        })
+    }
 }
 
 /// One probed block in the first pass: its codes, and the block when this query has it.
@@ -67,6 +94,122 @@ struct Piece {
 }
 
 impl Index {
+    /// The sealed codes record of block `l/b` as written at `epoch`, when the generation
+    /// stores codes and the list has a coarse quantiser (`blk` holds its rows).
+    pub(super) fn codes_record(
+        &self,
+        d: &Data,
+        l: u32,
+        b: u32,
+        blk: &Block,
+        epoch: u64,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        if !d.codes_stored {
+            return None;
+        }
+        let q = d.lists.get(l as usize)?.coarse.as_ref()?;
+        let dim = d.dimension as usize;
+        let codes = Codes::of(q, blk, dim, self.config.metric.is_angular());
+        Some(self.seal_codes(d.gen, l, b, &codes, dim, epoch))
+    }
+
+    /// `(key, sealed value)` of a codes record (AAD: the key and the block's epoch).
+    pub(super) fn seal_codes(
+        &self,
+        gen: u32,
+        l: u32,
+        b: u32,
+        codes: &Codes,
+        dim: usize,
+        epoch: u64,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let key = fmt::codes_key(&self.id, gen, l, b);
+        let sealed = self
+            .keys
+            .seal(&fmt::aad_at(&key, epoch), &codes.encode(dim));
+        (key, sealed)
+    }
+
+    /// The codes of blocks `need` (`(list, block)`, each in the directory) from their codes
+    /// records: one batched read, opened at the blocks' epochs, checked against their row
+    /// counts, and cached. No block is read.
+    fn read_codes(&self, d: &Data, need: &[(usize, u32)]) -> Result<Vec<Arc<Codes>>, EngineError> {
+        let dim = d.dimension as usize;
+        let metas: Vec<&BlockMeta> = need
+            .iter()
+            .map(|&(li, b)| {
+                d.lists
+                    .get(li)
+                    .and_then(|pl| pl.blocks.get(&b))
+                    .ok_or_else(|| EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: format!("block {li}/{b} is not in the manifest"),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let keys: Vec<Vec<u8>> = need
+            .iter()
+            .map(|&(li, b)| fmt::codes_key(&self.id, d.gen, li as u32, b))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        self.cache.count(0, need.len());
+        need.par_iter()
+            .zip(metas.par_iter())
+            .zip(keys.par_iter().zip(values.into_par_iter()))
+            .map(|((&(li, b), m), (k, v))| {
+                let bad = |what: String| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what,
+                };
+                let v = v.ok_or_else(|| bad(format!("the codes of block {li}/{b} are missing")))?;
+                let plain = self.keys.open(&fmt::aad_at(k, m.epoch), &v).map_err(|_| {
+                    bad(format!(
+                        "the codes of block {li}/{b} failed authentication at epoch {} \
+                         (altered, swapped or rolled back)",
+                        m.epoch
+                    ))
+                })?;
+                let codes = Codes::decode(&plain, m.rows, dim)
+                    .map_err(|e| bad(format!("block {li}/{b}: {e}")))?;
+                let codes = Arc::new(codes);
+                self.cache
+                    .insert_codes(self.key_at(d.gen, li, b, m.epoch), codes.clone());
+                Ok(codes)
+            })
+            .collect()
+    }
+
+    /// Test support: check that every block of a generation that stores codes has a codes
+    /// record holding exactly the codes made from the block; returns how many were checked.
+    #[cfg(test)]
+    pub(crate) fn check_codes_records(&self) -> Result<usize, EngineError> {
+        let d = self.data.read();
+        let dim = d.dimension as usize;
+        let angular = self.config.metric.is_angular();
+        let refs: Vec<(usize, u32)> = Self::list_refs(&d, &(0..d.lists.len()).collect::<Vec<_>>())
+            .into_iter()
+            .filter(|&(li, _)| d.lists[li].coarse.is_some())
+            .collect();
+        if !d.codes_stored {
+            return Ok(0);
+        }
+        let stored = self.read_codes(&d, &refs)?;
+        let blocks = self.fetch_refs(&d, &refs, false)?;
+        for ((&(li, b), c), blk) in refs.iter().zip(&stored).zip(&blocks) {
+            let q = d.lists[li].coarse.as_ref().expect("filtered");
+            let made = Codes::of(q, blk, dim, angular);
+            if made.nibbles != c.nibbles {
+                return Err(EngineError::Corrupt(format!(
+                    "codes of {li}/{b} differ: stored {} made {} rows {}",
+                    c.nibbles.len(),
+                    made.nibbles.len(),
+                    blk.len()
+                )));
+            }
+        }
+        Ok(refs.len())
+    }
+
     /// Whether an unfiltered query probing `probed` takes the 4-bit first pass.
     pub(super) fn coarse_pass(d: &Data, probed: &[usize]) -> bool {
         probed.iter().any(|&li| d.lists[li].coarse.is_some())
@@ -125,6 +268,19 @@ impl Index {
                 }
             }
             self.cache.count(pieces.len(), 0);
+            // Generations that store codes: read those, not the blocks.
+            let (stored, need): (Vec<(usize, u32)>, Vec<(usize, u32)>) = need
+                .into_iter()
+                .partition(|(li, _)| d.codes_stored && preps.contains_key(li));
+            if !stored.is_empty() {
+                let codes = self.read_codes(d, &stored)?;
+                pieces.extend(stored.iter().zip(codes).map(|(&(li, b), c)| Piece {
+                    list: li,
+                    block: b,
+                    codes: Some(c),
+                    blk: None,
+                }));
+            }
             if !need.is_empty() {
                 let read = self.fetch_refs(d, &need, keep)?;
                 let made: Vec<Piece> = need
@@ -198,20 +354,147 @@ impl Index {
             blocks.keep_referenced(&top, runs);
         }
         let mut cands = top.into_cands();
-        // The blocks of the candidates found by their codes alone: one batched read.
-        let missing: Vec<(u32, u32)> = cands
+        // The blocks of the candidates found by their codes alone: one batched read. Unless
+        // the generation fits the cache (then whole blocks are read, and kept), segmented
+        // records give up only the candidates' rows.
+        let mut missing: Vec<(u32, u32)> = cands
             .iter()
             .map(|c| (c.list, c.block))
             .filter(|&(l, b)| blocks.get(l, b).is_none())
             .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let mut rows: HashMap<(u32, u32), segments::Rows> = HashMap::default();
+        if !missing.is_empty() && !keep {
+            let (read, whole) = self.read_rows(d, &cands, &missing)?;
+            rows = read;
+            missing = whole;
+        }
         if !missing.is_empty() {
             for ((l, b), blk) in self.fetch(d, &missing, keep)? {
                 blocks.add(l, b, blk);
             }
         }
+        // A candidate's row comes from codes made for the block's manifest row count; a
+        // block that holds fewer rows disagrees with its manifest entry.
+        let short = |c: &Cand| match blocks.get(c.list, c.block) {
+            Some(blk) => c.pos() >= blk.len(),
+            None => rows
+                .get(&(c.list, c.block))
+                .is_none_or(|r| r.row(c.pos() as u32).is_none()),
+        };
+        if let Some(c) = cands.iter().find(|c| short(c)) {
+            return Err(self.short_block(c.list, c.block));
+        }
         self.rescore(&blocks, q, dim, &mut cands);
+        for c in cands.iter_mut() {
+            if let Some((v, inv)) = rows
+                .get(&(c.list, c.block))
+                .and_then(|r| r.row(c.pos() as u32))
+            {
+                c.score = if angular {
+                    1.0 - distance::dot(q, v) * inv
+                } else {
+                    distance::l2sq(q, v)
+                };
+            }
+        }
         cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
         cands.truncate(p.top_k);
-        Ok(self.hits(&blocks, dim, cands, p))
+        if rows.is_empty() {
+            return Ok(self.hits(&blocks, dim, cands, p));
+        }
+        // Hits from rows read alone: their blocks' heads (ids, metadata), opened now.
+        let mut heads: HashMap<(u32, u32), Block> = HashMap::default();
+        let mut out = Vec::with_capacity(cands.len());
+        for c in cands {
+            let at = (c.list, c.block);
+            if let Some(blk) = blocks.get(c.list, c.block) {
+                let pos = c.pos();
+                out.push(self.hit_of(blk, pos, c.score, p, || blk.vector(pos, dim).into_owned()));
+                continue;
+            }
+            let Some(r) = rows.get(&at) else { continue };
+            if !heads.contains_key(&at) {
+                let head = r.head(&self.keys).map_err(|what| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {}/{}: {what}", c.list, c.block),
+                })?;
+                heads.insert(at, head);
+            }
+            let head = &heads[&at];
+            if c.pos() >= head.len() {
+                return Err(self.short_block(c.list, c.block));
+            }
+            let v = r
+                .row(c.pos() as u32)
+                .map(|(v, _)| v.clone())
+                .unwrap_or_default();
+            out.push(self.hit_of(head, c.pos(), c.score, p, || v));
+        }
+        Ok(out)
+    }
+
+    fn short_block(&self, l: u32, b: u32) -> EngineError {
+        EngineError::Integrity {
+            index: self.name.clone(),
+            what: format!("block {l}/{b} holds fewer rows than its manifest entry"),
+        }
+    }
+
+    /// The rows of `cands` in blocks `missing` (sorted), read from their records: segmented
+    /// records open only the segments those rows are in. Returns those, and the blocks
+    /// whose records are not segmented (to be read whole).
+    #[allow(clippy::type_complexity)]
+    fn read_rows(
+        &self,
+        d: &Data,
+        cands: &[Cand],
+        missing: &[(u32, u32)],
+    ) -> Result<(HashMap<(u32, u32), segments::Rows>, Vec<(u32, u32)>), EngineError> {
+        let dim = d.dimension as usize;
+        let precision = self.config.precision;
+        let keys: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|&(l, b)| fmt::block_key(&self.id, d.gen, l, b))
+            .collect();
+        let values = self.store.get_many(&keys)?;
+        self.cache.count(0, missing.len());
+        let got: Vec<((u32, u32), Option<segments::Rows>)> = missing
+            .par_iter()
+            .zip(keys.into_par_iter().zip(values.into_par_iter()))
+            .map(|(&(l, b), (k, v))| {
+                let bad = |what: String| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {l}/{b} {what}"),
+                };
+                let m = d
+                    .lists
+                    .get(l as usize)
+                    .and_then(|pl| pl.blocks.get(&b))
+                    .ok_or_else(|| bad("is not in the manifest".into()))?;
+                let v = v.ok_or_else(|| bad("is missing".into()))?;
+                let want: Vec<u32> = cands
+                    .iter()
+                    .filter(|c| (c.list, c.block) == (l, b))
+                    .map(|c| c.pos() as u32)
+                    .collect();
+                let shape = (m.rows as usize, dim, precision);
+                let rows = segments::Rows::read(&self.keys, k, m.epoch, v, &want, shape)
+                    .map_err(|what| bad(format!("at epoch {}: {what}", m.epoch)))?;
+                Ok(((l, b), rows))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let mut rows = HashMap::default();
+        let mut whole = Vec::new();
+        for (at, r) in got {
+            match r {
+                Some(r) => {
+                    rows.insert(at, r);
+                }
+                None => whole.push(at),
+            }
+        }
+        Ok((rows, whole))
     }
 }

@@ -95,7 +95,7 @@ impl Index {
             data.centroids = Precision::F32.decode(&raw, n_lists, dim)?;
             if wants_quant(true, st.default_probes, n_lists, precision) {
                 let raw = open(fmt::quant_key(id, st.gen), "quantiser")?;
-                for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
+                for (l, q) in decode_quants(&raw, n_lists, dim)?.0.into_iter().enumerate() {
                     data.lists[l].quant = q.map(Arc::new);
                 }
             } else if let Some(sealed) = store.get(&fmt::coarse_key(id, st.gen))? {
@@ -105,9 +105,12 @@ impl Index {
                     .map_err(|_| {
                         integrity("the coarse quantiser record failed authentication".into())
                     })?;
-                for (l, q) in decode_quants(&raw, n_lists, dim)?.into_iter().enumerate() {
+                let (quants, version) = decode_quants(&raw, n_lists, dim)?;
+                for (l, q) in quants.into_iter().enumerate() {
                     data.lists[l].coarse = q.map(Arc::new);
                 }
+                // Version 2: every block of the generation has a codes record.
+                data.codes_stored = version == QUANTS_WITH_CODES;
             }
         }
         data.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
@@ -170,8 +173,7 @@ impl Index {
                         what: format!("block {l}/{b} {what}"),
                     };
                     let v = v.ok_or_else(|| fail("is missing"))?;
-                    let plain = keys
-                        .open(&fmt::aad_at(k, e), &v)
+                    let plain = super::segments::open_block(keys, k, e, &v)
                         .map_err(|_| fail("failed authentication"))?;
                     let (blk, _) = Block::decode(&plain)?;
                     let pos = blk
@@ -208,7 +210,7 @@ impl Index {
             let qk = fmt::quant_key(id, st.gen);
             batch.put(
                 qk.clone(),
-                keys.seal(&fmt::aad(&qk), &encode_quants(&qs, dim)),
+                keys.seal(&fmt::aad(&qk), &encode_quants(&qs, dim, 1)),
             );
         }
         batch.put(sk.clone(), keys.seal(&fmt::aad(&sk), &st.encode()));
@@ -275,9 +277,14 @@ const UPGRADE_RUN_ENTRIES: usize = 1 << 20;
 
 /// Plaintext of the quantiser record: per list, a flag, then (when set) the step and the
 /// per-dimension minimum (docs/FORMAT.md "Quantiser record").
-pub(crate) fn encode_quants(lists: &[Option<Quant>], dim: usize) -> Vec<u8> {
+/// The version of a coarse quantiser record whose generation stores every block's codes
+/// (docs/FORMAT.md "Codes record"); version 1 records say nothing of codes.
+pub(crate) const QUANTS_WITH_CODES: u8 = 2;
+
+/// A quantiser record: `version` 1, or [`QUANTS_WITH_CODES`] for a coarse record.
+pub(crate) fn encode_quants(lists: &[Option<Quant>], dim: usize, version: u8) -> Vec<u8> {
     let mut w = Writer::with_capacity(8 + lists.len() * (5 + dim * 4));
-    w.u8(1).u32(lists.len() as u32);
+    w.u8(version).u32(lists.len() as u32);
     for q in lists {
         match q {
             None => {
@@ -299,10 +306,11 @@ pub(super) fn decode_quants(
     buf: &[u8],
     n_lists: usize,
     dim: usize,
-) -> Result<Vec<Option<Quant>>, EngineError> {
+) -> Result<(Vec<Option<Quant>>, u8), EngineError> {
     let bad = || EngineError::Corrupt("bad quantiser record".into());
     let mut r = Reader::new(buf, "quantiser record");
-    if r.u8()? != 1 || r.u32()? as usize != n_lists {
+    let version = r.u8()?;
+    if !(1..=QUANTS_WITH_CODES).contains(&version) || r.u32()? as usize != n_lists {
         return Err(bad());
     }
     let f32_at = |r: &mut Reader<'_>| -> Result<f32, EngineError> {
@@ -310,7 +318,7 @@ pub(super) fn decode_quants(
             r.take(4)?.try_into().map_err(|_| bad())?,
         ))
     };
-    (0..n_lists)
+    let quants = (0..n_lists)
         .map(|_| match r.u8()? {
             0 => Ok(None),
             1 => {
@@ -320,5 +328,6 @@ pub(super) fn decode_quants(
             }
             _ => Err(bad()),
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((quants, version))
 }

@@ -39,6 +39,7 @@ mod load;
 mod read;
 mod runs;
 mod search;
+mod segments;
 mod state;
 mod text;
 mod train;
@@ -73,6 +74,9 @@ pub(crate) struct Data {
     pages: BTreeMap<PageId, u64>,
     /// The live position runs of generation `gen`, newest first (levels ascending).
     runs: Vec<Arc<runs::Run>>,
+    /// Whether every block of `gen` in a list with a coarse quantiser has a codes record
+    /// (the coarse record's version, see [`coarse`]).
+    codes_stored: bool,
 }
 
 impl Data {
@@ -703,6 +707,8 @@ impl Index {
         (BLOCK_BYTES / row).clamp(16, 4096)
     }
 
+    /// `(key, sealed value)` of a block at `epoch`: one sealed record, or with `segmented`
+    /// a head and segments of rows sealed apart ([`segments`]).
     #[allow(clippy::too_many_arguments)]
     fn seal_block(
         &self,
@@ -712,13 +718,25 @@ impl Index {
         block: &mut Block,
         dim: usize,
         epoch: u64,
+        segmented: bool,
     ) -> (Vec<u8>, Vec<u8>) {
         let key = fmt::block_key(&self.id, gen, list, bno);
-        let sealed = self.keys.seal(
-            &fmt::aad_at(&key, epoch),
-            &block.encode(dim, self.config.precision),
-        );
+        let precision = self.config.precision;
+        let plain = block.encode(dim, precision);
+        let sealed = if segmented {
+            let rb = precision.row_bytes(dim);
+            let head = plain.len().saturating_sub(block.len() * rb);
+            segments::seal(&self.keys, &key, epoch, &plain, head, rb)
+        } else {
+            self.keys.seal(&fmt::aad_at(&key, epoch), &plain)
+        };
         (key, sealed)
+    }
+
+    /// Whether writes to generation `d` seal blocks segmented: generations that store
+    /// codes, whose queries rescore candidates row by row.
+    fn segmented(&self, d: &Data) -> bool {
+        d.codes_stored && matches!(self.config.precision, Precision::F32 | Precision::F16)
     }
 
     /// Put the state record for a batch at `epoch` into `batch`.
@@ -782,6 +800,12 @@ pub(crate) fn fuzz_decoders(buf: &[u8]) {
         assert_eq!(b.meta.len(), b.len());
         assert_eq!(b.inv_norms.len(), b.len());
     }
+    if let Some(parts) = segments::parts(buf) {
+        assert!(!parts.is_empty());
+        assert!(parts.iter().map(|p| p.len()).sum::<usize>() <= buf.len());
+    }
+    let _ = Block::decode_head(buf);
+    let _ = Codes::decode(buf, 3, 5);
     let _ = State::decode(buf);
     let _ = state::decode_page(buf, (0, 0));
 }

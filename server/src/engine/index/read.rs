@@ -55,7 +55,7 @@ impl Index {
                     index: self.name.clone(),
                     what: format!("block {l}/{b} is missing"),
                 })?;
-                let plain = self.keys.open(&fmt::aad_at(k, epoch), &v).map_err(|_| {
+                let plain = segments::open_block(&self.keys, k, epoch, &v).map_err(|_| {
                     EngineError::Integrity {
                         index: self.name.clone(),
                         what: format!(

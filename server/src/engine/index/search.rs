@@ -442,27 +442,39 @@ impl Index {
         mut cands: Vec<Cand>,
         p: &SearchParams,
     ) -> Vec<Hit> {
-        let metric = self.config.metric;
         cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));
         cands
             .into_iter()
             .filter_map(|c| {
                 let blk = blocks.get(c.list, c.block)?;
                 let pos = c.pos as usize;
-                Some(Hit {
-                    id: blk.ids[pos].clone(),
-                    distance: metric.finish(c.score),
-                    metadata: p.include.metadata.then(|| {
-                        blk.meta[pos]
-                            .clone()
-                            .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
-                    }),
-                    vector: p.include.vector.then(|| blk.vector(pos, dim).into_owned()),
-                    contents: None,
-                    cepoch: blk.cepochs[pos],
-                })
+                Some(self.hit_of(blk, pos, c.score, p, || blk.vector(pos, dim).into_owned()))
             })
             .collect()
+    }
+
+    /// The hit of row `pos` of `blk` (whose ids, metadata and contents epochs it reads) at
+    /// `score`; `vector` gives the row's vector when the request includes it.
+    pub(super) fn hit_of(
+        &self,
+        blk: &Block,
+        pos: usize,
+        score: f32,
+        p: &SearchParams,
+        vector: impl FnOnce() -> Vec<f32>,
+    ) -> Hit {
+        Hit {
+            id: blk.ids[pos].clone(),
+            distance: self.config.metric.finish(score),
+            metadata: p.include.metadata.then(|| {
+                blk.meta[pos]
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(Value::Object(Default::default())))
+            }),
+            vector: p.include.vector.then(vector),
+            contents: None,
+            cepoch: blk.cepochs[pos],
+        }
     }
 }
 
@@ -670,6 +682,12 @@ pub(super) struct Cand {
     pub(super) list: u32,
     pub(super) block: u32,
     pos: u32,
+}
+impl Cand {
+    /// The candidate's row in its block.
+    pub(super) fn pos(&self) -> usize {
+        self.pos as usize
+    }
 }
 impl Eq for Cand {}
 impl PartialOrd for Cand {

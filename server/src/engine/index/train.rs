@@ -338,6 +338,13 @@ impl Index {
             dim,
             cap,
             held,
+            segmented: coarse::wants_coarse(
+                false,
+                count,
+                dim,
+                self.config.precision,
+                coarse_min_bytes,
+            ),
             open: (0..k).map(|_| Block::default()).collect(),
             open_rows: 0,
             next_bno: vec![0; k],
@@ -426,10 +433,15 @@ impl Index {
                 .map(distance::QuantBounds::finish)
                 .collect()
         });
-        // The last moment to stop: after the next write the new generation is the index.
-        stop.check()?;
         let mut manifest = std::mem::take(&mut out.manifest);
         manifest.sort_unstable();
+        // A generation with the 4-bit pass stores every block's codes beside it, so that a
+        // query reads codes, not blocks, for the lists it probes (see `coarse`).
+        if let (true, Some(q)) = (four, &quants) {
+            self.write_codes(gen, &manifest, q, dim, progress, stop)?;
+        }
+        // The last moment to stop: after the next write the new generation is the index.
+        stop.check()?;
         let all_ids = std::mem::replace(&mut out.all, idfilter::IdFilter::with_capacity(0));
         let (new_runs, mut batch) = std::mem::replace(
             &mut out.runs,
@@ -450,6 +462,7 @@ impl Index {
         batch.delete(fmt::centroids_key(&self.id, old_gen));
         batch.delete(fmt::quant_key(&self.id, old_gen));
         batch.delete(fmt::coarse_key(&self.id, old_gen));
+        batch.delete_prefix(fmt::codes_gen_prefix(&self.id, old_gen));
         let ck = fmt::centroids_key(&self.id, gen);
         let mut raw = Vec::with_capacity(centroids.len() * 4);
         Precision::F32.encode_into(&centroids, dim, &mut raw);
@@ -462,8 +475,18 @@ impl Index {
             };
             batch.put(
                 qk.clone(),
-                self.keys
-                    .seal(&fmt::aad(&qk), &super::load::encode_quants(q, dim)),
+                self.keys.seal(
+                    &fmt::aad(&qk),
+                    &super::load::encode_quants(
+                        q,
+                        dim,
+                        if eight {
+                            1
+                        } else {
+                            super::load::QUANTS_WITH_CODES
+                        },
+                    ),
+                ),
             );
         }
         let st = State {
@@ -509,6 +532,7 @@ impl Index {
             d.count = count;
             d.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
             d.runs = new_runs;
+            d.codes_stored = four && !eight;
         }
         drop(window);
         *self.id_filter.lock() = Some(all_ids);
@@ -516,6 +540,62 @@ impl Index {
         self.code_cached();
         self.compact_runs()?;
         Ok(k)
+    }
+
+    /// Write the codes record of every block of the new generation `gen` (`manifest`:
+    /// `(list, block, epoch, rows)`), a read chunk of blocks at a time (from the cache, where
+    /// training left them, or the store), in batches of about [`TRAIN_WRITE_CHUNK_BYTES`].
+    /// Nothing refers to them before the switch. The codes enter the cache as well.
+    fn write_codes(
+        &self,
+        gen: u32,
+        manifest: &[(u32, u32, u64, u32)],
+        quants: &[Option<Quant>],
+        dim: usize,
+        progress: &Progress,
+        stop: &Stopper<'_>,
+    ) -> Result<(), EngineError> {
+        let angular = self.config.metric.is_angular();
+        let packed = self.config.precision != Precision::F32;
+        let no_quant = |_l: u32| None;
+        let want: Vec<(u32, u32, u64)> = manifest
+            .iter()
+            .filter(|m| quants.get(m.0 as usize).is_some_and(Option::is_some))
+            .map(|&(l, b, e, _)| (l, b, e))
+            .collect();
+        let per_read = (TRAIN_READ_CHUNK_BYTES / BLOCK_BYTES).max(1);
+        let mut batch = WriteBatch::new();
+        let mut bytes = 0usize;
+        for (ci, chunk) in want.chunks(per_read).enumerate() {
+            stop.check()?;
+            progress.set(Phase::Writing, ci * per_read, want.len());
+            let blocks = self.read_blocks(gen, chunk, &no_quant, false, packed)?;
+            let sealed: Vec<(Vec<u8>, Vec<u8>)> = chunk
+                .par_iter()
+                .zip(blocks.par_iter())
+                .filter_map(|(&(l, b, e), blk)| {
+                    let q = quants.get(l as usize)?.as_ref()?;
+                    let codes = coarse::Codes::of(q, blk, dim, angular);
+                    let kv = self.seal_codes(gen, l, b, &codes, dim, e);
+                    self.cache
+                        .insert_codes(self.key_at(gen, l as usize, b, e), Arc::new(codes));
+                    Some(kv)
+                })
+                .collect();
+            drop(blocks);
+            for (k, v) in sealed {
+                bytes += k.len() + v.len();
+                batch.put(k, v);
+            }
+            if bytes >= TRAIN_WRITE_CHUNK_BYTES {
+                self.commit(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            self.commit(batch)?;
+        }
+        Ok(())
     }
 
     /// Give the cached blocks of lists with a quantiser their 8-bit codes, or their 4-bit
@@ -561,6 +641,9 @@ struct NewGeneration<'a> {
     cap: usize,
     /// How the new blocks hold their rows (`Index::hold_packed`).
     held: Precision,
+    /// Whether the new blocks are sealed segmented: a generation large enough for the
+    /// 4-bit pass (decided before the pass knows whether the 8-bit one wins instead).
+    segmented: bool,
     open: Vec<Block>,
     open_rows: usize,
     next_bno: Vec<u32>,
@@ -636,6 +719,7 @@ impl NewGeneration<'_> {
             batch.delete_prefix(fmt::pos_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::run_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::page_gen_prefix(&ix.id, self.gen));
+            batch.delete_prefix(fmt::codes_gen_prefix(&ix.id, self.gen));
         }
         if pending.is_empty() && batch.is_empty() {
             return Ok(());
@@ -645,7 +729,7 @@ impl NewGeneration<'_> {
         let sealed: Vec<Sealed> = pending
             .into_par_iter()
             .map(|(l, b, mut blk)| {
-                let kv = ix.seal_block(gen, l, b, &mut blk, dim, epoch);
+                let kv = ix.seal_block(gen, l, b, &mut blk, dim, epoch, self.segmented);
                 let pos: Vec<runs::PosEntry> = blk
                     .ids
                     .iter()

@@ -239,18 +239,11 @@ impl Index {
             self.put_secondary(&mut batch, &text_changes)?;
             drop(text_changes);
             let gen = d.gen;
-            let sealed: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
+            let sealed: Vec<Sealed> = touched
                 .par_iter_mut()
-                .map(|(&(l, b), blk)| {
-                    if blk.len() == 0 {
-                        (fmt::block_key(&self.id, gen, l, b), None)
-                    } else {
-                        let (k, v) = self.seal_block(gen, l, b, blk, dim, epoch);
-                        (k, Some(v))
-                    }
-                })
+                .map(|(&(l, b), blk)| self.seal_touched(&d, l, b, blk, dim, epoch))
                 .collect();
-            for (k, v) in sealed {
+            for (k, v) in sealed.into_iter().flatten() {
                 match v {
                     Some(v) => batch.put(k, v),
                     None => batch.delete(k),
@@ -333,6 +326,10 @@ impl Index {
                 let blk = Arc::new(blk);
                 meta.set_hot(&blk);
                 pl.blocks.insert(b, meta);
+                if let Some(q) = &pl.coarse {
+                    let codes = Codes::of(q, &blk, dim, angular);
+                    self.cache.insert_codes(key, Arc::new(codes));
+                }
                 self.cache.insert(key, blk);
             }
         }
@@ -385,11 +382,11 @@ impl Index {
                 removed += 1;
             }
             for (&(l, b), blk) in touched.iter_mut() {
-                if blk.len() == 0 {
-                    batch.delete(fmt::block_key(&self.id, d.gen, l, b));
-                } else {
-                    let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch);
-                    batch.put(k, v);
+                for (k, v) in self.seal_touched(&d, l, b, blk, dim, epoch) {
+                    match v {
+                        Some(v) => batch.put(k, v),
+                        None => batch.delete(k),
+                    };
                 }
             }
             self.put_secondary(&mut batch, &text_changes)?;
@@ -421,6 +418,39 @@ impl Index {
         }
         self.compact_runs()?;
         Ok(removed)
+    }
+}
+
+/// Records a write batch puts (`Some`) or deletes (`None`) for one touched block.
+type Sealed = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+impl Index {
+    /// The records of block `l/b` after a write at `epoch`: the block sealed again (or
+    /// deleted when it has no rows left) and, in a generation that stores codes, its codes
+    /// record with it.
+    fn seal_touched(
+        &self,
+        d: &Data,
+        l: u32,
+        b: u32,
+        blk: &mut Block,
+        dim: usize,
+        epoch: u64,
+    ) -> Sealed {
+        let mut out = Vec::with_capacity(2);
+        if blk.len() == 0 {
+            out.push((fmt::block_key(&self.id, d.gen, l, b), None));
+            if d.codes_stored {
+                out.push((fmt::codes_key(&self.id, d.gen, l, b), None));
+            }
+        } else {
+            let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch, self.segmented(d));
+            out.push((k, Some(v)));
+            if let Some((k, v)) = self.codes_record(d, l, b, blk, epoch) {
+                out.push((k, Some(v)));
+            }
+        }
+        out
     }
 }
 

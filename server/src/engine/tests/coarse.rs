@@ -209,3 +209,278 @@ fn cached_codes_spare_decrypting_the_probed_blocks() {
     );
     eprintln!("coarse pass {coarse} block reads, exact pass {exact}");
 }
+
+/// A store (redb on disk) that counts the block and codes records read.
+struct Counting {
+    inner: Arc<dyn IndexStore>,
+    blocks: std::sync::atomic::AtomicUsize,
+    codes: std::sync::atomic::AtomicUsize,
+}
+
+impl Counting {
+    fn tally(&self, k: &[u8]) {
+        use std::sync::atomic::Ordering::SeqCst;
+        match k.first() {
+            Some(&format::kind::LIST) => self.blocks.fetch_add(1, SeqCst),
+            Some(&format::kind::CODES) => self.codes.fetch_add(1, SeqCst),
+            _ => 0,
+        };
+    }
+    fn reads(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.blocks.load(SeqCst), self.codes.load(SeqCst))
+    }
+}
+
+impl IndexStore for Counting {
+    fn backend(&self) -> &str {
+        "counting"
+    }
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tally(k);
+        self.inner.get(k)
+    }
+    fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        for k in keys {
+            self.tally(k);
+        }
+        self.inner.get_many(keys)
+    }
+    fn scan_prefix(&self, p: &[u8]) -> Result<Vec<sealdb_plugin_api::KeyValue>, StoreError> {
+        self.inner.scan_prefix(p)
+    }
+    fn write(&self, b: WriteBatch) -> Result<(), StoreError> {
+        self.inner.write(b)
+    }
+}
+
+/// The codes records of index "c" in `store`, key order.
+fn codes_records(store: &dyn IndexStore) -> Vec<sealdb_plugin_api::KeyValue> {
+    store.scan_prefix(&[format::kind::CODES]).unwrap()
+}
+
+#[test]
+fn a_coarse_generation_stores_each_blocks_codes_and_a_cold_query_reads_codes_not_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = redb(dir.path());
+    let kek = Kek::random();
+    {
+        let e = engine(store.clone());
+        let ix = filled(&e, &kek, items(1, 0..N), true);
+        let n = ix.check_codes_records().unwrap();
+        assert!(n > 48, "every block of the 48 lists: {n}");
+        assert_eq!(codes_records(&*store).len(), n, "one record per block");
+        // Writes re-seal the codes of the blocks they touch; emptied blocks lose theirs.
+        ix.upsert(items(2, 15_000..21_000)).unwrap();
+        let gone: Vec<String> = (0..21_000).step_by(3).map(|i| format!("id{i}")).collect();
+        ix.delete_ids(&gone).unwrap();
+        let n = ix.check_codes_records().unwrap();
+        assert_eq!(codes_records(&*store).len(), n, "none left over");
+    }
+    // Cold: a fresh engine and process-wide cache, the store counting what it is asked for.
+    let counting = Arc::new(Counting {
+        inner: store.clone(),
+        blocks: Default::default(),
+        codes: Default::default(),
+    });
+    let e = engine(counting.clone());
+    let ix = e.open("c", Some(&kek)).unwrap();
+    let mut p = params(10);
+    p.n_probes = Some(12);
+    let before = counting.reads();
+    let cold = ix.search(&queries()[..1], &p).unwrap();
+    let (blocks, codes) = (counting.reads().0 - before.0, counting.reads().1 - before.1);
+    assert!(codes > 12, "the probed blocks' codes: {codes}");
+    assert!(blocks <= 42, "at most one block per candidate: {blocks}");
+    assert!(
+        blocks * 2 < codes,
+        "{blocks} blocks for {codes} codes records"
+    );
+    // Warm: the codes are cached; the answer is what an unbounded exact reading gives.
+    let before = counting.reads();
+    let warm = ix.search(&queries()[..1], &p).unwrap();
+    assert_eq!(format!("{warm:?}"), format!("{cold:?}"));
+    assert_eq!(counting.reads().1, before.1, "codes come from the cache");
+    // Retrained without the pass: the codes records go with the old generation.
+    train(&e, &ix, false);
+    assert!(codes_records(&*store).is_empty());
+    ix.upsert(items(3, 0..100)).unwrap();
+    train(&e, &ix, true);
+    assert!(ix.check_codes_records().unwrap() > 48);
+    drop(ix);
+    e.delete("c", Some(&kek)).unwrap();
+    assert!(
+        store.scan_prefix(b"").unwrap().is_empty(),
+        "deleting the index deletes its codes and coarse records"
+    );
+}
+
+#[test]
+fn codes_records_that_are_altered_swapped_dropped_or_rolled_back_fail_the_query() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    let ix = filled(&e, &kek, items(1, 0..N), true);
+    let mut p = params(10);
+    p.n_probes = Some(48);
+    let want = ix.search(&queries()[..1], &p).unwrap();
+    let before = codes_records(&*store);
+    // Overwrite every item: every block and its codes are sealed again at a later epoch.
+    ix.upsert(items(1, 0..N)).unwrap();
+    drop(ix);
+    let after = codes_records(&*store);
+    // A block that exists before and after, whose earlier codes record is put back.
+    let (k0, v0) = before
+        .into_iter()
+        .find(|(k, v)| after.iter().any(|(k2, v2)| k2 == k && v2 != v))
+        .expect("a block rewritten in place");
+    let k1 = after.iter().find(|(k, _)| *k != k0).unwrap().0.clone();
+    let attacks: Vec<(&str, WriteBatch)> = vec![
+        ("dropped", {
+            let mut b = WriteBatch::new();
+            b.delete(k0.clone());
+            b
+        }),
+        ("swapped", {
+            let mut b = WriteBatch::new();
+            let now = |k: &Vec<u8>| store.get(k).unwrap().unwrap();
+            let (a, c) = (now(&k0), now(&k1));
+            b.put(k0.clone(), c);
+            b.put(k1.clone(), a);
+            b
+        }),
+        ("rolled back", {
+            let mut b = WriteBatch::new();
+            b.put(k0.clone(), v0);
+            b
+        }),
+        ("altered", {
+            let mut b = WriteBatch::new();
+            let mut v = store.get(&k1).unwrap().unwrap();
+            let at = v.len() / 2;
+            v[at] ^= 1;
+            b.put(k1.clone(), v);
+            b
+        }),
+    ];
+    for (what, attack) in attacks {
+        // Keep the true records to put back after each attack.
+        let keep: Vec<(Vec<u8>, Vec<u8>)> = [&k0, &k1]
+            .iter()
+            .map(|k| ((*k).clone(), store.get(k).unwrap().unwrap()))
+            .collect();
+        store.write(attack).unwrap();
+        let e = engine(store.clone());
+        let ix = e.open("c", Some(&kek)).unwrap();
+        let got = ix.search(&queries()[..1], &p);
+        assert!(
+            matches!(got, Err(EngineError::Integrity { .. })),
+            "{what}: {got:?}"
+        );
+        drop(ix);
+        let mut b = WriteBatch::new();
+        for (k, v) in keep {
+            b.put(k, v);
+        }
+        store.write(b).unwrap();
+        let e = engine(store.clone());
+        let ix = e.open("c", Some(&kek)).unwrap();
+        assert_eq!(
+            ix.search(&queries()[..1], &p).unwrap().len(),
+            want.len(),
+            "{what}: restored"
+        );
+    }
+}
+
+/// The parts of a segmented block record (magic, part count, lengths, parts).
+fn frame(v: &[u8]) -> Vec<Vec<u8>> {
+    assert_eq!(&v[..4], b"SDB3", "a segmented record");
+    let n = u32::from_le_bytes(v[4..8].try_into().unwrap()) as usize;
+    let mut at = 8 + 4 * n;
+    (0..n)
+        .map(|i| {
+            let l = u32::from_le_bytes(v[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize;
+            at += l;
+            v[at - l..at].to_vec()
+        })
+        .collect()
+}
+
+fn unframe(parts: &[Vec<u8>]) -> Vec<u8> {
+    let mut v = b"SDB3".to_vec();
+    v.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    for p in parts {
+        v.extend_from_slice(&(p.len() as u32).to_le_bytes());
+    }
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+#[test]
+fn segmented_blocks_answer_as_whole_ones_and_fail_when_their_parts_are_tampered_with() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let want = {
+        let e = engine(store.clone());
+        let ix = filled(&e, &kek, items(1, 0..N), true);
+        answers(&ix)
+    };
+    let blocks = store.scan_prefix(&[format::kind::LIST]).unwrap();
+    assert!(
+        blocks.iter().all(|(_, v)| frame(v).len() >= 2),
+        "head and segments"
+    );
+    assert!(
+        blocks.iter().any(|(_, v)| frame(v).len() > 4),
+        "full blocks: several segments"
+    );
+    // Rows read alone (a cache too small to keep the generation) and whole blocks (room for
+    // all of it) give the answers the training's own engine gave.
+    for cache in [Some(256 << 10), None] {
+        let e = engine_with_cache(store.clone(), cache);
+        assert_eq!(
+            answers(&e.open("c", Some(&kek)).unwrap()),
+            want,
+            "{cache:?}"
+        );
+    }
+    type Attack = fn(&mut Vec<Vec<u8>>, &[u8]);
+    let attacks: [(&str, Attack); 4] = [
+        ("segments reordered", |p, _| p[1..].reverse()),
+        ("last segment dropped", |p, _| {
+            p.pop();
+        }),
+        ("head altered", |p, _| p[0][30] ^= 1),
+        ("segment from another block", |p, other| {
+            p[1] = frame(other)[1].clone()
+        }),
+    ];
+    for (what, attack) in attacks {
+        let mut b = WriteBatch::new();
+        for (i, (k, v)) in blocks.iter().enumerate() {
+            let mut parts = frame(v);
+            attack(&mut parts, &blocks[(i + 1) % blocks.len()].1);
+            b.put(k.clone(), unframe(&parts));
+        }
+        store.write(b).unwrap();
+        for cache in [Some(256 << 10), None] {
+            let e = engine_with_cache(store.clone(), cache);
+            let ix = e.open("c", Some(&kek)).unwrap();
+            let got = ix.search(&queries()[..4], &params(10));
+            assert!(
+                matches!(got, Err(EngineError::Integrity { .. })),
+                "{what}, cache {cache:?}: {got:?}"
+            );
+        }
+        let mut b = WriteBatch::new();
+        for (k, v) in &blocks {
+            b.put(k.clone(), v.clone());
+        }
+        store.write(b).unwrap();
+    }
+    let e = engine_with_cache(store.clone(), Some(256 << 10));
+    assert_eq!(answers(&e.open("c", Some(&kek)).unwrap()), want, "restored");
+}
