@@ -116,11 +116,19 @@ fn quant_vs_f32_scan() {
         distance::quant_scan_portable(&qc, black_box(&codes), &mut raw);
         black_box(&raw);
     });
-    // The 4-bit first pass (`index/coarse.rs`): codes unpacked a block (~100 rows) at a time.
+    // The 4-bit first pass (`index/coarse.rs`), a block (~100 rows) at a time: the fused
+    // kernel, and unpacking to 8-bit codes then the 8-bit kernel (session 11's form).
     let nibbles = quant.encode_coarse(&data);
     let w = dim.div_ceil(2);
-    let mut unpacked = Vec::new();
     let c = per_iter(50, || {
+        let qc = quant.prepare(black_box(&q));
+        for b in black_box(&nibbles).chunks(100 * w) {
+            distance::coarse_scan(&qc, b, &mut raw);
+            black_box(&raw);
+        }
+    });
+    let mut unpacked = Vec::new();
+    let u = per_iter(50, || {
         let qc = quant.prepare(black_box(&q));
         for b in black_box(&nibbles).chunks(100 * w) {
             distance::unpack_coarse(b, dim, &mut unpacked);
@@ -129,13 +137,14 @@ fn quant_vs_f32_scan() {
         }
     });
     println!(
-        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"quant8_portable_us\":{:.1},\"speedup\":{:.2},\"coarse4_us\":{:.1},\"coarse4_speedup\":{:.2}}}",
+        "{{\"bench\":\"scan_40k_rows\",\"dim\":{dim},\"f32_us\":{:.1},\"quant8_us\":{:.1},\"quant8_portable_us\":{:.1},\"speedup\":{:.2},\"coarse4_us\":{:.1},\"coarse4_speedup\":{:.2},\"coarse4_unpack_us\":{:.1}}}",
         f * 1e6,
         s * 1e6,
         p * 1e6,
         f / s,
         c * 1e6,
-        f / c
+        f / c,
+        u * 1e6
     );
 }
 
@@ -392,6 +401,11 @@ fn main() {
         return;
     }
     if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    // `--scans`: the scan kernels alone (seconds, where the whole bench takes minutes).
+    if args.iter().any(|a| a == "--scans") {
+        quant_vs_f32_scan();
         return;
     }
     kernels();

@@ -497,9 +497,8 @@ pub(crate) struct TopK {
     k: usize,
     heap: std::collections::BinaryHeap<Cand>,
     scores: Vec<f32>,
-    /// Scratch of the code scans: raw code distances, and 4-bit codes unpacked.
+    /// Scratch of the code scans: raw code distances.
     raw: Vec<u32>,
-    unpacked: Vec<u8>,
 }
 
 impl TopK {
@@ -509,7 +508,6 @@ impl TopK {
             heap: std::collections::BinaryHeap::with_capacity(k + 1),
             scores: Vec::new(),
             raw: Vec::new(),
-            unpacked: Vec::new(),
         }
     }
 
@@ -529,12 +527,10 @@ impl TopK {
         unit: f32,
         dim: usize,
     ) {
-        let mut unpacked = std::mem::take(&mut self.unpacked);
         let mut raw = std::mem::take(&mut self.raw);
-        distance::unpack_coarse(&codes.nibbles, dim, &mut unpacked);
-        distance::quant_scan(qc, &unpacked, &mut raw);
+        debug_assert_eq!(qc.len(), dim);
+        distance::coarse_scan(qc, &codes.nibbles, &mut raw);
         self.offer_raw(&raw, unit, li, bno);
-        self.unpacked = unpacked;
         self.raw = raw;
     }
 
