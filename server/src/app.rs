@@ -339,6 +339,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
                 Durability::Relaxed => crate::plugins::Durability::Relaxed,
             },
             plugin_timeout: timeout,
+            compact: cfg.compact_on_start,
             s3: sealdb_store_s3::S3Settings {
                 bucket: cfg.s3_bucket.clone().unwrap_or_default(),
                 region: cfg.s3_region.clone(),

@@ -52,6 +52,8 @@ pub enum Durability {
 pub struct StoreSettings<'a> {
     pub disk_path: &'a Path,
     pub durability: Durability,
+    /// Compact the store's file before opening it (`--compact-on-start`; redb only).
+    pub compact: bool,
     /// Longest a plugin call may take.
     pub plugin_timeout: Duration,
     /// The bucket of the `s3` store, and how it behaves.
@@ -138,6 +140,17 @@ impl StoreFactory for S3 {
 
 impl StoreFactory for Redb {
     fn open(&self, s: &StoreSettings<'_>) -> Result<Stores, String> {
+        if s.compact {
+            let t = std::time::Instant::now();
+            let (before, after) = sealdb_store_redb::RedbStore::compact_dir(s.disk_path)
+                .map_err(|e| format!("--compact-on-start: {e}"))?;
+            tracing::info!(
+                before_bytes = before,
+                after_bytes = after,
+                secs = t.elapsed().as_secs_f32(),
+                "store compacted"
+            );
+        }
         let r = Arc::new(
             sealdb_store_redb::RedbStore::open_dir_with(
                 s.disk_path,
