@@ -48,6 +48,7 @@ fn the_store_plugin_passes_the_conformance_suite() {
             &StoreSettings {
                 disk_path: &path,
                 durability: Durability::Sync,
+                compact: false,
                 plugin_timeout: Duration::from_secs(10),
                 s3: Default::default(),
                 s3_options: Default::default(),

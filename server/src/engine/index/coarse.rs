@@ -269,7 +269,8 @@ impl Index {
             }
             self.cache.count(pieces.len(), 0);
             // Generations that store codes: read those, not the blocks.
-            let (stored, need): (Vec<(usize, u32)>, Vec<(usize, u32)>) = need
+            type Refs = Vec<(usize, u32)>;
+            let (stored, need): (Refs, Refs) = need
                 .into_iter()
                 .partition(|(li, _)| d.codes_stored && preps.contains_key(li));
             if !stored.is_empty() {
@@ -415,14 +416,15 @@ impl Index {
                 continue;
             }
             let Some(r) = rows.get(&at) else { continue };
-            if !heads.contains_key(&at) {
-                let head = r.head(&self.keys).map_err(|what| EngineError::Integrity {
-                    index: self.name.clone(),
-                    what: format!("block {}/{}: {what}", c.list, c.block),
-                })?;
-                heads.insert(at, head);
-            }
-            let head = &heads[&at];
+            let head = match heads.entry(at) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(r.head(&self.keys).map_err(|what| EngineError::Integrity {
+                        index: self.name.clone(),
+                        what: format!("block {}/{}: {what}", c.list, c.block),
+                    })?)
+                }
+            };
             if c.pos() >= head.len() {
                 return Err(self.short_block(c.list, c.block));
             }
