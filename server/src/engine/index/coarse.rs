@@ -151,7 +151,7 @@ impl Index {
             .iter()
             .map(|&(li, b)| fmt::codes_key(&self.id, d.gen, li as u32, b))
             .collect();
-        let values = self.store.get_many(&keys)?;
+        let values = self.get_many_par(&keys)?;
         self.cache.count(0, need.len());
         need.par_iter()
             .zip(metas.par_iter())
@@ -460,7 +460,7 @@ impl Index {
             .iter()
             .map(|&(l, b)| fmt::block_key(&self.id, d.gen, l, b))
             .collect();
-        let values = self.store.get_many(&keys)?;
+        let values = self.get_many_par(&keys)?;
         self.cache.count(0, missing.len());
         let got: Vec<((u32, u32), Option<segments::Rows>)> = missing
             .par_iter()

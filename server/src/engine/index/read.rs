@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Fewest keys per share of a parallel store read ([`Index::get_many_par`]).
+const PAR_READ_MIN_KEYS: usize = 8;
+
 impl Index {
     /// The cache key of block `list/block` of generation `gen` at `epoch`.
     pub(super) fn key_at(&self, gen: u32, list: usize, block: u32, epoch: u64) -> BlockKey {
@@ -44,7 +47,7 @@ impl Index {
             .iter()
             .map(|&i| fmt::block_key(&self.id, gen, want[i].0, want[i].1))
             .collect();
-        let values = self.store.get_many(&keys)?;
+        let values = self.get_many_par(&keys)?;
         let angular = self.config.metric.is_angular();
         let read: Vec<Arc<Block>> = missing
             .par_iter()
@@ -79,6 +82,26 @@ impl Index {
             out[i] = Some(blk);
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// [`IndexStore::get_many`] of `keys` in up to one call per core at once, each on its
+    /// own share (a query's few dozen candidates' records, or its codes records: reading and
+    /// copying them out of the store is a good part of the query). Values come back in the
+    /// order of `keys`. Each call is its own read of the store; a view that straddles a
+    /// write is caught like any other (`consistent`).
+    pub(super) fn get_many_par(
+        &self,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        let parts = rayon::current_num_threads().min(keys.len() / PAR_READ_MIN_KEYS);
+        if parts <= 1 {
+            return Ok(self.store.get_many(keys)?);
+        }
+        let got: Vec<Vec<Option<Vec<u8>>>> = keys
+            .par_chunks(keys.len().div_ceil(parts))
+            .map(|part| self.store.get_many(part))
+            .collect::<Result<_, _>>()?;
+        Ok(got.into_iter().flatten().collect())
     }
 
     /// Whether blocks read now keep float16 and `tq` rows packed: unless the whole index,
