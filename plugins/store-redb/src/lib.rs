@@ -73,8 +73,8 @@ impl RedbStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
-        // The server keeps opened indexes decrypted in memory, so redb's page cache would
-        // only duplicate them; a small cache keeps memory proportional to the data once.
+        // The server caches what it decrypted under its own budget and the OS caches the
+        // file; a small redb cache keeps memory from counting the data a third time.
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .create(&path)

@@ -652,44 +652,70 @@ mod avx2 {
                 let d = a2._mm256_sub_epi16(qc, x);
                 a2._mm256_add_epi32(acc, a2._mm256_madd_epi16(d, d))
             };
-            let mut quads = codes.chunks_exact(4 * dim);
-            for quad in &mut quads {
-                let (r0, rest) = quad.split_at(dim);
-                let (r1, rest) = rest.split_at(dim);
-                let (r2, r3) = rest.split_at(dim);
-                let z = a._mm256_setzero_si256();
-                let (mut c0, mut c1, mut c2, mut c3) = (z, z, z, z);
-                for (i, qa) in qv.iter().enumerate() {
-                    let qc: __m256i = bytemuck::cast(*qa);
-                    let o = i * 16;
-                    c0 = step(c0, qc, load(&r0[o..]));
-                    c1 = step(c1, qc, load(&r1[o..]));
-                    c2 = step(c2, qc, load(&r2[o..]));
-                    c3 = step(c3, qc, load(&r3[o..]));
-                }
-                // Horizontal sums of the four accumulators in one vector.
-                let h = a2
-                    ._mm256_hadd_epi32(a2._mm256_hadd_epi32(c0, c1), a2._mm256_hadd_epi32(c2, c3));
-                let sum = s2._mm_add_epi32(
-                    a._mm256_castsi256_si128(h),
-                    a2._mm256_extracti128_si256::<1>(h),
-                );
-                let s: [u32; 4] = bytemuck::cast(sum);
-                out.extend([
-                    s[0] + tail(r0),
-                    s[1] + tail(r1),
-                    s[2] + tail(r2),
-                    s[3] + tail(r3),
-                ]);
+            let qv: Vec<__m256i> = qv.iter().map(|qa| bytemuck::cast(*qa)).collect();
+            rows_by_four(
+                simd,
+                codes,
+                dim,
+                |c, row, i| step(c, qv[i], load(&row[i * 16..])),
+                qv.len(),
+                tail,
+                out,
+            );
+        }
+    }
+
+    /// The driver of both scans: the sums of every row of `rows` (`stride` bytes each), four
+    /// rows at a time so that each query chunk is loaded once and four accumulator chains
+    /// run in parallel. `acc(c, row, i)` adds step `i` of `row` to `c` (`steps` of them),
+    /// `tail(row)` the dimensions the steps leave.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn rows_by_four(
+        simd: V3,
+        rows: &[u8],
+        stride: usize,
+        acc: impl Fn(__m256i, &[u8], usize) -> __m256i,
+        steps: usize,
+        tail: impl Fn(&[u8]) -> u32,
+        out: &mut Vec<u32>,
+    ) {
+        let (a2, a, s2) = (simd.avx2, simd.avx, simd.sse2);
+        let mut quads = rows.chunks_exact(4 * stride);
+        for quad in &mut quads {
+            let (r0, rest) = quad.split_at(stride);
+            let (r1, rest) = rest.split_at(stride);
+            let (r2, r3) = rest.split_at(stride);
+            let z = a._mm256_setzero_si256();
+            let (mut c0, mut c1, mut c2, mut c3) = (z, z, z, z);
+            for i in 0..steps {
+                c0 = acc(c0, r0, i);
+                c1 = acc(c1, r1, i);
+                c2 = acc(c2, r2, i);
+                c3 = acc(c3, r3, i);
             }
-            for row in quads.remainder().chunks_exact(dim) {
-                let mut c = a._mm256_setzero_si256();
-                for (i, qa) in qv.iter().enumerate() {
-                    c = step(c, bytemuck::cast(*qa), load(&row[i * 16..]));
-                }
-                let s: [u32; 8] = bytemuck::cast(c);
-                out.push(s.iter().sum::<u32>() + tail(row));
+            // Horizontal sums of the four accumulators in one vector.
+            let h =
+                a2._mm256_hadd_epi32(a2._mm256_hadd_epi32(c0, c1), a2._mm256_hadd_epi32(c2, c3));
+            let sum = s2._mm_add_epi32(
+                a._mm256_castsi256_si128(h),
+                a2._mm256_extracti128_si256::<1>(h),
+            );
+            let s: [u32; 4] = bytemuck::cast(sum);
+            out.extend([
+                s[0] + tail(r0),
+                s[1] + tail(r1),
+                s[2] + tail(r2),
+                s[3] + tail(r3),
+            ]);
+        }
+        for row in quads.remainder().chunks_exact(stride) {
+            let mut c = a._mm256_setzero_si256();
+            for i in 0..steps {
+                c = acc(c, row, i);
             }
+            let s: [u32; 8] = bytemuck::cast(c);
+            out.push(s.iter().sum::<u32>() + tail(row));
         }
     }
 
@@ -756,43 +782,15 @@ mod avx2 {
                 a2._mm256_add_epi32(acc, a2._mm256_madd_epi16(d1, d1))
             };
             let rows = nibbles.len() / w;
-            let nibbles = &nibbles[..rows * w];
-            let mut quads = nibbles.chunks_exact(4 * w);
-            for quad in &mut quads {
-                let (r0, rest) = quad.split_at(w);
-                let (r1, rest) = rest.split_at(w);
-                let (r2, r3) = rest.split_at(w);
-                let z = a._mm256_setzero_si256();
-                let (mut c0, mut c1, mut c2, mut c3) = (z, z, z, z);
-                for (i, qa) in qv.iter().enumerate() {
-                    let o = i * 16;
-                    c0 = step(c0, qa, load(&r0[o..]));
-                    c1 = step(c1, qa, load(&r1[o..]));
-                    c2 = step(c2, qa, load(&r2[o..]));
-                    c3 = step(c3, qa, load(&r3[o..]));
-                }
-                let h = a2
-                    ._mm256_hadd_epi32(a2._mm256_hadd_epi32(c0, c1), a2._mm256_hadd_epi32(c2, c3));
-                let sum = s2._mm_add_epi32(
-                    a._mm256_castsi256_si128(h),
-                    a2._mm256_extracti128_si256::<1>(h),
-                );
-                let s: [u32; 4] = bytemuck::cast(sum);
-                out.extend([
-                    s[0] + tail(r0),
-                    s[1] + tail(r1),
-                    s[2] + tail(r2),
-                    s[3] + tail(r3),
-                ]);
-            }
-            for row in quads.remainder().chunks_exact(w) {
-                let mut c = a._mm256_setzero_si256();
-                for (i, qa) in qv.iter().enumerate() {
-                    c = step(c, qa, load(&row[i * 16..]));
-                }
-                let s: [u32; 8] = bytemuck::cast(c);
-                out.push(s.iter().sum::<u32>() + tail(row));
-            }
+            rows_by_four(
+                simd,
+                &nibbles[..rows * w],
+                w,
+                |c, row, i| step(c, &qv[i], load(&row[i * 16..])),
+                qv.len(),
+                tail,
+                out,
+            );
         }
     }
 }
