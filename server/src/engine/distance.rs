@@ -642,7 +642,7 @@ mod avx2 {
                     })
                     .sum()
             };
-            let (a2, a, s2) = (simd.avx2, simd.avx, simd.sse2);
+            let a2 = simd.avx2;
             let load = |b: &[u8]| -> __m256i {
                 let x: __m128i = bytemuck::pod_read_unaligned(&b[..16]);
                 a2._mm256_cvtepu8_epi16(x)
@@ -758,7 +758,7 @@ mod avx2 {
                     })
                     .sum()
             };
-            let (a2, a, s2) = (simd.avx2, simd.avx, simd.sse2);
+            let (a2, s2) = (simd.avx2, simd.sse2);
             let low = s2._mm_set1_epi8(0x0f);
             let high = s2._mm_set1_epi8(0xf0u8 as i8);
             // 16 bytes of nibbles: 32 codes as 8-bit units in dimension order. For c < 16,
