@@ -209,6 +209,26 @@ def singles(conn, bodies):
     return lat, found
 
 
+def passes(args):
+    """`--passes N`: a fresh server on the trained data of an earlier run, N timed passes."""
+    truth = np.load(os.path.join(args.work, f"truth-{args.n}-{args.seed}.npy"))
+    key = key_for(args.seed)
+    qbodies = [qbody(key, v) for v in queries(args.seed)]
+    srv = Server(os.path.abspath(args.bin), os.path.join(args.work, "server"), args.port,
+                 ["--index-cache-mb", str(args.cache_mb)])
+    srv.start()
+    conn = Conn(f"http://127.0.0.1:{args.port}", None)
+    out = []
+    for i in range(args.passes):
+        lat, found = singles(conn, qbodies)
+        out.append({"pass": i, "p50_ms": float(np.percentile(lat, 50) * 1e3),
+                    "p99_ms": float(np.percentile(lat, 99) * 1e3), "recall_at_10": recall(found, truth)})
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    conn.c.close()
+    srv.stop()
+    print(json.dumps({"passes": out, "peak_rss_mb": srv.peak_kb / 1024}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
@@ -219,7 +239,12 @@ def main():
     ap.add_argument("--port", type=int, default=18831)
     ap.add_argument("--drop-caches", action="store_true")
     ap.add_argument("--cold-queries", type=int, default=50)
+    ap.add_argument("--passes", type=int, default=0,
+                    help="only start a fresh server on the data an earlier run left under --work and "
+                         "time this many passes over the queries (p50/p99 per pass; the first is cold)")
     args = ap.parse_args()
+    if args.passes:
+        return passes(args)
     os.makedirs(args.work, exist_ok=True)
     out = {"scenario": f"{args.n // 1_000_000}m-128" if args.n >= 1_000_000 else f"{args.n}-128",
            "n": args.n, "cache_mb": args.cache_mb}
