@@ -21,6 +21,9 @@ use super::*;
 /// 4-bit first pass, by default (`--coarse-pass-min-mb`).
 pub(crate) const COARSE_MIN_BYTES: u64 = 1 << 30;
 
+/// A store key and its sealed value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Candidates kept per result by the 4-bit first pass, then rescored exactly.
 const COARSE_RERANK: usize = 4;
 
@@ -94,8 +97,8 @@ struct Piece {
 }
 
 impl Index {
-    /// The sealed codes record of block `l/b` as written at `epoch`, when the generation
-    /// stores codes and the list has a coarse quantiser (`blk` holds its rows).
+    /// The sealed codes record of block `l/b` as written at `epoch`, and the codes, when the
+    /// generation stores codes and the list has a coarse quantiser (`blk` holds its rows).
     pub(super) fn codes_record(
         &self,
         d: &Data,
@@ -103,14 +106,17 @@ impl Index {
         b: u32,
         blk: &Block,
         epoch: u64,
-    ) -> Option<(Vec<u8>, Vec<u8>)> {
+    ) -> Option<(KeyValue, Arc<Codes>)> {
         if !d.codes_stored {
             return None;
         }
         let q = d.lists.get(l as usize)?.coarse.as_ref()?;
         let dim = d.dimension as usize;
         let codes = Codes::of(q, blk, dim, self.config.metric.is_angular());
-        Some(self.seal_codes(d.gen, l, b, &codes, dim, epoch))
+        Some((
+            self.seal_codes(d.gen, l, b, &codes, dim, epoch),
+            Arc::new(codes),
+        ))
     }
 
     /// `(key, sealed value)` of a codes record (AAD: the key and the block's epoch).

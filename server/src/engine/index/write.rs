@@ -239,15 +239,21 @@ impl Index {
             self.put_secondary(&mut batch, &text_changes)?;
             drop(text_changes);
             let gen = d.gen;
-            let sealed: Vec<Sealed> = touched
+            let sealed: Vec<((u32, u32), Sealed)> = touched
                 .par_iter_mut()
-                .map(|(&(l, b), blk)| self.seal_touched(&d, l, b, blk, dim, epoch))
+                .map(|(&(l, b), blk)| ((l, b), self.seal_touched(&d, l, b, blk, dim, epoch)))
                 .collect();
-            for (k, v) in sealed.into_iter().flatten() {
-                match v {
-                    Some(v) => batch.put(k, v),
-                    None => batch.delete(k),
-                };
+            let mut made = MadeCodes::default();
+            for (at, (records, codes)) in sealed {
+                for (k, v) in records {
+                    match v {
+                        Some(v) => batch.put(k, v),
+                        None => batch.delete(k),
+                    };
+                }
+                if let Some(c) = codes {
+                    made.insert(at, c);
+                }
             }
             let run = self.put_run(&mut batch, gen, moved);
             let runs = runs::apply_runs(&d.runs, &run);
@@ -262,6 +268,7 @@ impl Index {
             );
             plan = UpsertPlan {
                 touched,
+                codes: made,
                 pages,
                 runs,
                 added: locators
@@ -287,7 +294,7 @@ impl Index {
         }
         apply_pages(&mut d.pages, &plan.pages);
         d.runs = plan.runs;
-        self.install(&mut d, plan.touched, plan.epoch);
+        self.install(&mut d, plan.touched, plan.epoch, plan.codes);
         let count = d.count();
         drop(d);
         drop(_window);
@@ -296,7 +303,15 @@ impl Index {
     }
 
     /// Record in the directory (and the cache) the blocks a stored batch rewrote.
-    pub(super) fn install(&self, d: &mut Data, touched: HashMap<(u32, u32), Block>, epoch: u64) {
+    /// Install the blocks a stored batch wrote at `epoch` (with the 4-bit codes it made for
+    /// them, `made`; others are made here) in the directory and the cache.
+    pub(super) fn install(
+        &self,
+        d: &mut Data,
+        touched: HashMap<(u32, u32), Block>,
+        epoch: u64,
+        mut made: MadeCodes,
+    ) {
         let dim = d.dimension as usize;
         let angular = self.config.metric.is_angular();
         let gen = d.gen;
@@ -327,8 +342,10 @@ impl Index {
                 meta.set_hot(&blk);
                 pl.blocks.insert(b, meta);
                 if let Some(q) = &pl.coarse {
-                    let codes = Codes::of(q, &blk, dim, angular);
-                    self.cache.insert_codes(key, Arc::new(codes));
+                    let codes = made
+                        .remove(&(l, b))
+                        .unwrap_or_else(|| Arc::new(Codes::of(q, &blk, dim, angular)));
+                    self.cache.insert_codes(key, codes);
                 }
                 self.cache.insert(key, blk);
             }
@@ -344,6 +361,7 @@ impl Index {
         let _w = self.writer.lock();
         self.ensure_live()?;
         let mut batch = WriteBatch::new();
+        let mut made = MadeCodes::default();
         let (touched, pages, runs, epoch, removed) = {
             let d = self.data.read();
             let dim = d.dimension as usize;
@@ -382,11 +400,15 @@ impl Index {
                 removed += 1;
             }
             for (&(l, b), blk) in touched.iter_mut() {
-                for (k, v) in self.seal_touched(&d, l, b, blk, dim, epoch) {
+                let (records, codes) = self.seal_touched(&d, l, b, blk, dim, epoch);
+                for (k, v) in records {
                     match v {
                         Some(v) => batch.put(k, v),
                         None => batch.delete(k),
                     };
+                }
+                if let Some(c) = codes {
+                    made.insert((l, b), c);
                 }
             }
             self.put_secondary(&mut batch, &text_changes)?;
@@ -414,15 +436,19 @@ impl Index {
             d.count -= removed;
             apply_pages(&mut d.pages, &pages);
             d.runs = runs;
-            self.install(&mut d, touched, epoch);
+            self.install(&mut d, touched, epoch, made);
         }
         self.compact_runs()?;
         Ok(removed)
     }
 }
 
-/// Records a write batch puts (`Some`) or deletes (`None`) for one touched block.
-type Sealed = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// Records a write batch puts (`Some`) or deletes (`None`) for one touched block, and the
+/// block's 4-bit codes when its codes record is among them.
+type Sealed = (Vec<(Vec<u8>, Option<Vec<u8>>)>, Option<Arc<Codes>>);
+
+/// The 4-bit codes a write batch made for the blocks it sealed, by `(list, block)`.
+type MadeCodes = HashMap<(u32, u32), Arc<Codes>>;
 
 impl Index {
     /// The records of block `l/b` after a write at `epoch`: the block sealed again (or
@@ -438,6 +464,7 @@ impl Index {
         epoch: u64,
     ) -> Sealed {
         let mut out = Vec::with_capacity(2);
+        let mut made = None;
         if blk.len() == 0 {
             out.push((fmt::block_key(&self.id, d.gen, l, b), None));
             if d.codes_stored {
@@ -446,11 +473,12 @@ impl Index {
         } else {
             let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch, self.segmented(d));
             out.push((k, Some(v)));
-            if let Some((k, v)) = self.codes_record(d, l, b, blk, epoch) {
+            if let Some(((k, v), codes)) = self.codes_record(d, l, b, blk, epoch) {
                 out.push((k, Some(v)));
+                made = Some(codes);
             }
         }
-        out
+        (out, made)
     }
 }
 
@@ -461,6 +489,8 @@ pub(super) fn has_non_finite(v: &[f32]) -> bool {
 
 pub(super) struct UpsertPlan {
     touched: HashMap<(u32, u32), Block>,
+    /// The 4-bit codes made for the blocks sealed (generations that store codes).
+    codes: MadeCodes,
     pages: PageChanges,
     /// The run list after the batch.
     runs: Vec<Arc<runs::Run>>,
