@@ -14,7 +14,7 @@
 //! what the cache holds: a query's answer is the same whatever is cached, and codes are made
 //! the same way from a block whether it came from the cache or the store.
 
-use super::search::{Cand, TopK, PARALLEL_SCAN_MIN};
+use super::search::{exact_score, Cand, TopK, PARALLEL_SCAN_MIN};
 use super::*;
 
 /// Vector data (rows × stored bytes per row) from which a training gives its generation the
@@ -372,7 +372,9 @@ impl Index {
         missing.sort_unstable();
         missing.dedup();
         let mut rows: HashMap<(u32, u32), segments::Rows> = HashMap::default();
-        if !missing.is_empty() && !keep {
+        // (Only generations that store codes were written segmented: on older ones every
+        // record would be read twice.)
+        if !missing.is_empty() && !keep && d.codes_stored {
             let (read, whole) = self.read_rows(d, &cands, &missing)?;
             rows = read;
             missing = whole;
@@ -399,11 +401,7 @@ impl Index {
                 .get(&(c.list, c.block))
                 .and_then(|r| r.row(c.pos() as u32))
             {
-                c.score = if angular {
-                    1.0 - distance::dot(q, v) * inv
-                } else {
-                    distance::l2sq(q, v)
-                };
+                c.score = exact_score(angular, q, v, *inv);
             }
         }
         cands.sort_unstable_by(|a, b| a.score.total_cmp(&b.score));

@@ -425,11 +425,7 @@ impl Index {
         for c in cands {
             if let Some(blk) = blocks.get(c.list, c.block) {
                 let row = blk.vector(c.pos as usize, dim);
-                c.score = if angular {
-                    1.0 - distance::dot(q, &row) * blk.inv_norms[c.pos as usize]
-                } else {
-                    distance::l2sq(q, &row)
-                };
+                c.score = exact_score(angular, q, &row, blk.inv_norms[c.pos as usize]);
             }
         }
     }
@@ -475,6 +471,16 @@ impl Index {
             contents: None,
             cepoch: blk.cepochs[pos],
         }
+    }
+}
+
+/// The exact score of a stored row (`inv`: its inverse norm) for `q` (unit length for
+/// angular metrics), in the units candidates are ranked by.
+pub(super) fn exact_score(angular: bool, q: &[f32], row: &[f32], inv: f32) -> f32 {
+    if angular {
+        1.0 - distance::dot(q, row) * inv
+    } else {
+        distance::l2sq(q, row)
     }
 }
 
