@@ -55,6 +55,10 @@ pub mod kind {
     /// `B || index id || gen || list || block` -> sealed 4-bit codes of one block's rows, at
     /// the block's epoch (generations whose coarse record is version 2).
     pub const CODES: u8 = b'B';
+    /// `G || index id || gen || list || block || segment` -> sealed rows of one segment of
+    /// a split block (generations whose quantiser record is version 3; docs/FORMAT.md
+    /// "Split block").
+    pub const ROWS: u8 = b'G';
 }
 
 pub type IndexId = [u8; INDEX_ID_LEN];
@@ -159,6 +163,22 @@ pub fn codes_key(id: &IndexId, gen: u32, list: u32, block: u32) -> Vec<u8> {
     let mut k = codes_gen_prefix(id, gen);
     k.extend_from_slice(&list.to_be_bytes());
     k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+pub fn rows_gen_prefix(id: &IndexId, gen: u32) -> Vec<u8> {
+    let mut k = scoped_prefix(kind::ROWS, id);
+    k.extend_from_slice(&gen.to_be_bytes());
+    k
+}
+
+/// The key of row segment `seg` of block `list/block`: the block key's layout under kind
+/// `G`, then the segment number.
+pub fn rows_key(id: &IndexId, gen: u32, list: u32, block: u32, seg: u32) -> Vec<u8> {
+    let mut k = rows_gen_prefix(id, gen);
+    k.extend_from_slice(&list.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k.extend_from_slice(&seg.to_be_bytes());
     k
 }
 

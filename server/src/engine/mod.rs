@@ -745,6 +745,7 @@ impl Engine {
             format::kind::TEXT_STATS,
             format::kind::COARSE,
             format::kind::CODES,
+            format::kind::ROWS,
         ] {
             batch.delete_prefix(format::scoped_prefix(kind, &ix.id));
         }

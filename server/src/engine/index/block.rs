@@ -330,6 +330,11 @@ impl Block {
     /// the cache holds when the index fits it several times over).
     pub(crate) fn decode_as(buf: &[u8], packed: bool) -> Result<(Block, usize), EngineError> {
         let mut r = Reader::new(buf, "posting-list block");
+        if buf.first() == Some(&segments::SPLIT_HEAD) {
+            return Err(EngineError::Corrupt(
+                "posting-list block head without its rows".into(),
+            ));
+        }
         let (mut b, precision, dim, n, meta_json) = Self::read_head(&mut r)?;
         if dim
             .checked_mul(n)
@@ -367,8 +372,8 @@ impl Block {
         Ok((b, dim))
     }
 
-    /// The head of a block's plaintext alone (a segmented record's first part): ids,
-    /// metadata and contents epochs, no rows.
+    /// The head of a block alone (a split block's record, or a segmented record's first
+    /// part): ids, metadata and contents epochs, no rows.
     pub(crate) fn decode_head(buf: &[u8]) -> Result<Block, EngineError> {
         let mut r = Reader::new(buf, "posting-list block head");
         let (b, ..) = Self::read_head(&mut r)?;
@@ -380,11 +385,20 @@ impl Block {
         Ok(b)
     }
 
+    /// `(precision, dim, rows)` of a block's plaintext or head, from its first 10 bytes.
+    pub(crate) fn shape(buf: &[u8]) -> Result<(Precision, usize, usize), EngineError> {
+        let mut r = Reader::new(buf, "posting-list block");
+        let _version = r.u8()?;
+        let precision = Precision::from_code(r.u8()?)
+            .ok_or_else(|| EngineError::Corrupt("unknown storage precision in block".into()))?;
+        Ok((precision, r.u32()? as usize, r.u32()? as usize))
+    }
+
     /// Read a block's head: `(block without rows, precision, dim, rows, metadata bytes)`.
     fn read_head(
         r: &mut Reader<'_>,
     ) -> Result<(Block, Precision, usize, usize, usize), EngineError> {
-        if r.u8()? != 2 {
+        if !matches!(r.u8()?, 2 | segments::SPLIT_HEAD) {
             return Err(EngineError::Corrupt(
                 "unknown posting-list block version".into(),
             ));

@@ -361,9 +361,9 @@ impl Index {
             blocks.keep_referenced(&top, runs);
         }
         let mut cands = top.into_cands();
-        // The blocks of the candidates found by their codes alone: one batched read. Unless
-        // the generation fits the cache (then whole blocks are read, and kept), segmented
-        // records give up only the candidates' rows.
+        // The blocks of the candidates found by their codes alone. Unless the generation
+        // fits the cache (then whole blocks are read, and kept), a split generation gives up
+        // only the candidates' row records: one batched read.
         let mut missing: Vec<(u32, u32)> = cands
             .iter()
             .map(|c| (c.list, c.block))
@@ -371,13 +371,10 @@ impl Index {
             .collect();
         missing.sort_unstable();
         missing.dedup();
-        let mut rows: HashMap<(u32, u32), segments::Rows> = HashMap::default();
-        // (Only generations that store codes were written segmented: on older ones every
-        // record would be read twice.)
-        if !missing.is_empty() && !keep && d.codes_stored {
-            let (read, whole) = self.read_rows(d, &cands, &missing)?;
-            rows = read;
-            missing = whole;
+        let mut rows: RowsRead = HashMap::default();
+        if !missing.is_empty() && !keep && d.split_rows {
+            rows = self.read_rows(d, &cands, &missing)?;
+            missing.clear();
         }
         if !missing.is_empty() {
             for ((l, b), blk) in self.fetch(d, &missing, keep)? {
@@ -388,19 +385,14 @@ impl Index {
         // block that holds fewer rows disagrees with its manifest entry.
         let short = |c: &Cand| match blocks.get(c.list, c.block) {
             Some(blk) => c.pos() >= blk.len(),
-            None => rows
-                .get(&(c.list, c.block))
-                .is_none_or(|r| r.row(c.pos() as u32).is_none()),
+            None => !rows.contains_key(&(c.list, c.block, c.pos() as u32)),
         };
         if let Some(c) = cands.iter().find(|c| short(c)) {
             return Err(self.short_block(c.list, c.block));
         }
         self.rescore(&blocks, q, dim, &mut cands);
         for c in cands.iter_mut() {
-            if let Some((v, inv)) = rows
-                .get(&(c.list, c.block))
-                .and_then(|r| r.row(c.pos() as u32))
-            {
+            if let Some((v, inv)) = rows.get(&(c.list, c.block, c.pos() as u32)) {
                 c.score = exact_score(angular, q, v, *inv);
             }
         }
@@ -409,34 +401,29 @@ impl Index {
         if rows.is_empty() {
             return Ok(self.hits(&blocks, dim, cands, p));
         }
-        // Hits from rows read alone: their blocks' heads (ids, metadata), opened now.
-        let mut heads: HashMap<(u32, u32), Block> = HashMap::default();
+        // Hits from row records: their blocks' heads (ids, metadata), read now.
+        let mut need: Vec<(u32, u32)> = cands
+            .iter()
+            .map(|c| (c.list, c.block))
+            .filter(|&(l, b)| blocks.get(l, b).is_none())
+            .collect();
+        need.sort_unstable();
+        need.dedup();
+        let heads = self.read_heads(d, &need)?;
         let mut out = Vec::with_capacity(cands.len());
         for c in cands {
-            let at = (c.list, c.block);
+            let pos = c.pos();
             if let Some(blk) = blocks.get(c.list, c.block) {
-                let pos = c.pos();
                 out.push(self.hit_of(blk, pos, c.score, p, || blk.vector(pos, dim).into_owned()));
                 continue;
             }
-            let Some(r) = rows.get(&at) else { continue };
-            let head = match heads.entry(at) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(r.head(&self.keys).map_err(|what| EngineError::Integrity {
-                        index: self.name.clone(),
-                        what: format!("block {}/{}: {what}", c.list, c.block),
-                    })?)
-                }
+            let (Some(head), Some((v, _))) = (
+                heads.get(&(c.list, c.block)),
+                rows.get(&(c.list, c.block, pos as u32)),
+            ) else {
+                continue;
             };
-            if c.pos() >= head.len() {
-                return Err(self.short_block(c.list, c.block));
-            }
-            let v = r
-                .row(c.pos() as u32)
-                .map(|(v, _)| v.clone())
-                .unwrap_or_default();
-            out.push(self.hit_of(head, c.pos(), c.score, p, || v));
+            out.push(self.hit_of(head, pos, c.score, p, || v.clone()));
         }
         Ok(out)
     }
@@ -448,27 +435,84 @@ impl Index {
         }
     }
 
-    /// The rows of `cands` in blocks `missing` (sorted), read from their records: segmented
-    /// records open only the segments those rows are in. Returns those, and the blocks
-    /// whose records are not segmented (to be read whole).
-    #[allow(clippy::type_complexity)]
+    /// The rows of `cands` in the split blocks `missing` (sorted): the row records they
+    /// are in, read in one batch and opened at their blocks' epochs.
     fn read_rows(
         &self,
         d: &Data,
         cands: &[Cand],
         missing: &[(u32, u32)],
-    ) -> Result<(HashMap<(u32, u32), segments::Rows>, Vec<(u32, u32)>), EngineError> {
+    ) -> Result<RowsRead, EngineError> {
         let dim = d.dimension as usize;
         let precision = self.config.precision;
-        let keys: Vec<Vec<u8>> = missing
+        let rb = precision.row_bytes(dim);
+        let per = segments::segment_rows(rb) as u32;
+        // Per row record: the candidates' rows in it.
+        let mut want: BTreeMap<(u32, u32, u32), Vec<u32>> = BTreeMap::new();
+        for c in cands {
+            let (l, b) = (c.list, c.block);
+            if missing.binary_search(&(l, b)).is_ok() {
+                let pos = c.pos() as u32;
+                want.entry((l, b, pos / per)).or_default().push(pos);
+            }
+        }
+        let segs: Vec<((u32, u32, u32), Vec<u32>)> = want.into_iter().collect();
+        let keys: Vec<Vec<u8>> = segs
+            .iter()
+            .map(|&((l, b, s), _)| fmt::rows_key(&self.id, d.gen, l, b, s))
+            .collect();
+        let values = self.get_many_par(&keys)?;
+        self.cache.count(0, segs.len());
+        let got: Vec<Vec<RowRead>> = segs
+            .par_iter()
+            .zip(keys.par_iter().zip(values.into_par_iter()))
+            .map(|(((l, b, s), pos), (k, v))| {
+                let (l, b, s) = (*l, *b, *s);
+                let bad = |what: String| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {l}/{b}: {what}"),
+                };
+                let m = d
+                    .lists
+                    .get(l as usize)
+                    .and_then(|pl| pl.blocks.get(&b))
+                    .ok_or_else(|| bad("is not in the manifest".into()))?;
+                let rows = m.rows as usize;
+                if pos.iter().any(|&p| p as usize >= rows) {
+                    return Err(self.short_block(l, b));
+                }
+                let v = v.ok_or_else(|| bad(format!("row record {s} is missing")))?;
+                let plain = segments::open_rows(&self.keys, k, m.epoch, &v, (s as usize, rows, rb))
+                    .map_err(bad)?;
+                pos.iter()
+                    .map(|&p| {
+                        let at = (p - s * per) as usize * rb;
+                        let v = precision
+                            .decode(&plain[at..at + rb], 1, dim)
+                            .map_err(|e| bad(e.to_string()))?;
+                        let inv = distance::inv_norm(&v);
+                        Ok(((l, b, p), (v, inv)))
+                    })
+                    .collect()
+            })
+            .collect::<Result<_, EngineError>>()?;
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    /// The heads of the split blocks `at` (ids, metadata, contents epochs), read in one
+    /// batch, each checked against its manifest entry.
+    fn read_heads(
+        &self,
+        d: &Data,
+        at: &[(u32, u32)],
+    ) -> Result<HashMap<(u32, u32), Block>, EngineError> {
+        let keys: Vec<Vec<u8>> = at
             .iter()
             .map(|&(l, b)| fmt::block_key(&self.id, d.gen, l, b))
             .collect();
         let values = self.get_many_par(&keys)?;
-        self.cache.count(0, missing.len());
-        let got: Vec<((u32, u32), Option<segments::Rows>)> = missing
-            .par_iter()
-            .zip(keys.into_par_iter().zip(values.into_par_iter()))
+        at.par_iter()
+            .zip(keys.par_iter().zip(values.into_par_iter()))
             .map(|(&(l, b), (k, v))| {
                 let bad = |what: String| EngineError::Integrity {
                     index: self.name.clone(),
@@ -480,27 +524,27 @@ impl Index {
                     .and_then(|pl| pl.blocks.get(&b))
                     .ok_or_else(|| bad("is not in the manifest".into()))?;
                 let v = v.ok_or_else(|| bad("is missing".into()))?;
-                let want: Vec<u32> = cands
-                    .iter()
-                    .filter(|c| (c.list, c.block) == (l, b))
-                    .map(|c| c.pos() as u32)
-                    .collect();
-                let shape = (m.rows as usize, dim, precision);
-                let rows = segments::Rows::read(&self.keys, k, m.epoch, v, &want, shape)
-                    .map_err(|what| bad(format!("at epoch {}: {what}", m.epoch)))?;
-                Ok(((l, b), rows))
-            })
-            .collect::<Result<_, EngineError>>()?;
-        let mut rows = HashMap::default();
-        let mut whole = Vec::new();
-        for (at, r) in got {
-            match r {
-                Some(r) => {
-                    rows.insert(at, r);
+                let plain = self.keys.open(&fmt::aad_at(k, m.epoch), &v).map_err(|_| {
+                    bad(format!(
+                        "failed authentication at epoch {} (altered, swapped or rolled back)",
+                        m.epoch
+                    ))
+                })?;
+                if !segments::is_split(&plain) {
+                    return Err(bad("is not a split block's head".into()));
                 }
-                None => whole.push(at),
-            }
-        }
-        Ok((rows, whole))
+                let head = Block::decode_head(&plain).map_err(|e| bad(e.to_string()))?;
+                if head.len() != m.rows as usize {
+                    return Err(self.short_block(l, b));
+                }
+                Ok(((l, b), head))
+            })
+            .collect()
     }
 }
+
+/// A row read for a rescoring: `(list, block, position)` and `(vector, inverse norm)`.
+type RowRead = ((u32, u32, u32), (Vec<f32>, f32));
+
+/// Rows read for a rescoring, by `(list, block, position)`.
+type RowsRead = HashMap<(u32, u32, u32), (Vec<f32>, f32)>;

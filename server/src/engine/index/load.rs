@@ -95,9 +95,12 @@ impl Index {
             data.centroids = Precision::F32.decode(&raw, n_lists, dim)?;
             if wants_quant(true, st.default_probes, n_lists, precision) {
                 let raw = open(fmt::quant_key(id, st.gen), "quantiser")?;
-                for (l, q) in decode_quants(&raw, n_lists, dim)?.0.into_iter().enumerate() {
+                let (quants, version) = decode_quants(&raw, n_lists, dim)?;
+                for (l, q) in quants.into_iter().enumerate() {
                     data.lists[l].quant = q.map(Arc::new);
                 }
+                // Version 3: the generation's blocks were written split.
+                data.split_rows = version == QUANTS_SPLIT;
             } else if let Some(sealed) = store.get(&fmt::coarse_key(id, st.gen))? {
                 // A generation trained with the 4-bit first pass (see `coarse`).
                 let raw = keys
@@ -109,8 +112,10 @@ impl Index {
                 for (l, q) in quants.into_iter().enumerate() {
                     data.lists[l].coarse = q.map(Arc::new);
                 }
-                // Version 2: every block of the generation has a codes record.
-                data.codes_stored = version == QUANTS_WITH_CODES;
+                // Version 2: every block of the generation has a codes record; 3: and the
+                // blocks were written split.
+                data.codes_stored = version >= QUANTS_WITH_CODES;
+                data.split_rows = version == QUANTS_SPLIT;
             }
         }
         data.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
@@ -281,7 +286,13 @@ const UPGRADE_RUN_ENTRIES: usize = 1 << 20;
 /// (docs/FORMAT.md "Codes record"); version 1 records say nothing of codes.
 pub(crate) const QUANTS_WITH_CODES: u8 = 2;
 
-/// A quantiser record: `version` 1, or [`QUANTS_WITH_CODES`] for a coarse record.
+/// The version of a quantiser or coarse quantiser record whose generation was written as
+/// split blocks (docs/FORMAT.md "Split block"); a coarse record of this version also says
+/// that every block has a codes record.
+pub(crate) const QUANTS_SPLIT: u8 = 3;
+
+/// A quantiser record: `version` 1 (or [`QUANTS_SPLIT`]), or [`QUANTS_WITH_CODES`] (or
+/// [`QUANTS_SPLIT`]) for a coarse record.
 pub(crate) fn encode_quants(lists: &[Option<Quant>], dim: usize, version: u8) -> Vec<u8> {
     let mut w = Writer::with_capacity(8 + lists.len() * (5 + dim * 4));
     w.u8(version).u32(lists.len() as u32);
@@ -310,7 +321,7 @@ pub(super) fn decode_quants(
     let bad = || EngineError::Corrupt("bad quantiser record".into());
     let mut r = Reader::new(buf, "quantiser record");
     let version = r.u8()?;
-    if !(1..=QUANTS_WITH_CODES).contains(&version) || r.u32()? as usize != n_lists {
+    if !(1..=QUANTS_SPLIT).contains(&version) || r.u32()? as usize != n_lists {
         return Err(bad());
     }
     let f32_at = |r: &mut Reader<'_>| -> Result<f32, EngineError> {

@@ -77,6 +77,9 @@ pub(crate) struct Data {
     /// Whether every block of `gen` in a list with a coarse quantiser has a codes record
     /// (the coarse record's version, see [`coarse`]).
     codes_stored: bool,
+    /// Whether `gen` was written as split blocks ([`segments`]; the quantiser or coarse
+    /// record's version 3): writes keep sealing its blocks that way.
+    split_rows: bool,
 }
 
 impl Data {
@@ -452,6 +455,16 @@ impl Index {
             .count()
     }
 
+    /// The row count of every block in the manifest.
+    #[cfg(test)]
+    pub(crate) fn block_rows(&self) -> Vec<u32> {
+        let d = self.data.read();
+        d.lists
+            .iter()
+            .flat_map(|pl| pl.blocks.values().map(|m| m.rows))
+            .collect()
+    }
+
     /// `(lists with a quantiser, lists, default probes)`.
     #[cfg(test)]
     pub(crate) fn quant_state(&self) -> (usize, usize, u32) {
@@ -707,8 +720,8 @@ impl Index {
         (BLOCK_BYTES / row).clamp(16, 4096)
     }
 
-    /// `(key, sealed value)` of a block at `epoch`: one sealed record, or with `segmented`
-    /// a head and segments of rows sealed apart ([`segments`]).
+    /// The records of a block at `epoch`: one sealed record, or with `split` the block
+    /// record (its head) and its row records ([`segments`]). The block record comes first.
     #[allow(clippy::too_many_arguments)]
     fn seal_block(
         &self,
@@ -718,25 +731,41 @@ impl Index {
         block: &mut Block,
         dim: usize,
         epoch: u64,
-        segmented: bool,
-    ) -> (Vec<u8>, Vec<u8>) {
-        let key = fmt::block_key(&self.id, gen, list, bno);
+        split: bool,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
         let precision = self.config.precision;
         let plain = block.encode(dim, precision);
-        let sealed = if segmented {
+        if split {
             let rb = precision.row_bytes(dim);
             let head = plain.len().saturating_sub(block.len() * rb);
-            segments::seal(&self.keys, &key, epoch, &plain, head, rb)
-        } else {
-            self.keys.seal(&fmt::aad_at(&key, epoch), &plain)
-        };
-        (key, sealed)
+            return segments::seal_split(
+                &self.keys,
+                &self.id,
+                (gen, list, bno),
+                epoch,
+                &plain,
+                head,
+                rb,
+            );
+        }
+        let key = fmt::block_key(&self.id, gen, list, bno);
+        let sealed = self.keys.seal(&fmt::aad_at(&key, epoch), &plain);
+        vec![(key, sealed)]
     }
 
-    /// Whether writes to generation `d` seal blocks segmented: generations that store
-    /// codes, whose queries rescore candidates row by row.
-    fn segmented(&self, d: &Data) -> bool {
-        d.codes_stored && matches!(self.config.precision, Precision::F32 | Precision::F16)
+    /// Whether writes to generation `d` seal split blocks: generations written that way
+    /// (large ones, whose queries rescore candidates row by row).
+    fn split(&self, d: &Data) -> bool {
+        d.split_rows && matches!(self.config.precision, Precision::F32 | Precision::F16)
+    }
+
+    /// Rows per block in generation `d`.
+    fn cap_of(&self, d: &Data, dim: usize) -> usize {
+        if self.split(d) {
+            segments::block_cap(self.config.precision.row_bytes(dim))
+        } else {
+            Self::block_cap(dim, self.config.precision)
+        }
     }
 
     /// Put the state record for a batch at `epoch` into `batch`.

@@ -49,7 +49,7 @@ impl Index {
             .collect();
         let values = self.get_many_par(&keys)?;
         let angular = self.config.metric.is_angular();
-        let read: Vec<Arc<Block>> = missing
+        let plains: Vec<Vec<u8>> = missing
             .par_iter()
             .zip(keys.par_iter().zip(values.into_par_iter()))
             .map(|(&i, (k, v))| {
@@ -58,14 +58,23 @@ impl Index {
                     index: self.name.clone(),
                     what: format!("block {l}/{b} is missing"),
                 })?;
-                let plain = segments::open_block(&self.keys, k, epoch, &v).map_err(|_| {
+                segments::open_block(&self.keys, k, epoch, &v).map_err(|_| {
                     EngineError::Integrity {
                         index: self.name.clone(),
                         what: format!(
                             "block {l}/{b} failed authentication at epoch {epoch} (altered, swapped or rolled back)"
                         ),
                     }
-                })?;
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let at: Vec<(u32, u32, u64)> = missing.iter().map(|&i| want[i]).collect();
+        let plains = self.join_split(gen, &at, plains)?;
+        let read: Vec<Arc<Block>> = missing
+            .par_iter()
+            .zip(plains.into_par_iter())
+            .map(|(&i, plain)| {
+                let (l, _, epoch) = want[i];
                 let (mut blk, dim) = Block::decode_as(&plain, packed)?;
                 blk.epoch = epoch;
                 if let Some(q) = quant(l) {
@@ -82,6 +91,62 @@ impl Index {
             out[i] = Some(blk);
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The whole plaintexts of blocks `at` (`(list, block, epoch)` of generation `gen`)
+    /// from their opened block records `plains`: split heads get their row records, read in
+    /// one batch, checked and joined; other plaintexts are whole already.
+    pub(super) fn join_split(
+        &self,
+        gen: u32,
+        at: &[(u32, u32, u64)],
+        mut plains: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        // Per split head: (its place, its first row key, rows, row bytes).
+        let mut heads: Vec<(usize, usize, usize, usize)> = Vec::new();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for (i, p) in plains.iter().enumerate() {
+            if !segments::is_split(p) {
+                continue;
+            }
+            let (precision, dim, rows) = Block::shape(p)?;
+            let rb = precision.row_bytes(dim);
+            heads.push((i, keys.len(), rows, rb));
+            let (l, b, _) = at[i];
+            keys.extend(segments::row_keys(&self.id, (gen, l, b), rows, rb));
+        }
+        if heads.is_empty() {
+            return Ok(plains);
+        }
+        let values = self.get_many_par(&keys)?;
+        // The block each row key belongs to, to open it at that block's epoch.
+        let mut owner = vec![0usize; keys.len()];
+        for (h, &(_, first, rows, rb)) in heads.iter().enumerate() {
+            let n = segments::segments_of(rows, rb);
+            owner[first..first + n].fill(h);
+        }
+        let opened: Vec<Vec<u8>> = keys
+            .par_iter()
+            .zip(values.into_par_iter())
+            .enumerate()
+            .map(|(j, (k, v))| {
+                let (i, first, rows, rb) = heads[owner[j]];
+                let (l, b, epoch) = at[i];
+                let bad = |what: String| EngineError::Integrity {
+                    index: self.name.clone(),
+                    what: format!("block {l}/{b}: {what}"),
+                };
+                let v = v.ok_or_else(|| bad(format!("row record {} is missing", j - first)))?;
+                segments::open_rows(&self.keys, k, epoch, &v, (j - first, rows, rb)).map_err(bad)
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let mut opened = opened.into_iter();
+        for &(i, _, rows, rb) in &heads {
+            let n = segments::segments_of(rows, rb);
+            let parts: Vec<Vec<u8>> = opened.by_ref().take(n).collect();
+            plains[i] = segments::join(std::mem::take(&mut plains[i]), parts);
+        }
+        Ok(plains)
     }
 
     /// [`IndexStore::get_many`] of `keys` in up to one call per core at once, each on its

@@ -299,7 +299,6 @@ impl Index {
         self.ensure_live()?;
         stop.check()?;
         let stopped = || stop.stopped();
-        let cap = Self::block_cap(dim, self.config.precision);
         let angular = self.config.metric.is_angular();
         // Only writers change the directory, and this one holds the writer lock: a copy of
         // it stays true for the whole pass while queries keep using the index.
@@ -331,6 +330,15 @@ impl Index {
             }
         }
         let mut unswitched = Unswitched(self, gen, false);
+        // Generations large enough for the 4-bit pass are written as split blocks (decided
+        // before training knows whether the 8-bit pass wins: either reads them).
+        let segmented =
+            coarse::wants_coarse(false, count, dim, self.config.precision, coarse_min_bytes);
+        let cap = if segmented {
+            segments::block_cap(self.config.precision.row_bytes(dim))
+        } else {
+            Self::block_cap(dim, self.config.precision)
+        };
         let mut out = NewGeneration {
             ix: self,
             gen,
@@ -338,13 +346,7 @@ impl Index {
             dim,
             cap,
             held,
-            segmented: coarse::wants_coarse(
-                false,
-                count,
-                dim,
-                self.config.precision,
-                coarse_min_bytes,
-            ),
+            segmented,
             open: (0..k).map(|_| Block::default()).collect(),
             open_rows: 0,
             next_bno: vec![0; k],
@@ -463,10 +465,14 @@ impl Index {
         batch.delete(fmt::quant_key(&self.id, old_gen));
         batch.delete(fmt::coarse_key(&self.id, old_gen));
         batch.delete_prefix(fmt::codes_gen_prefix(&self.id, old_gen));
+        batch.delete_prefix(fmt::rows_gen_prefix(&self.id, old_gen));
         let ck = fmt::centroids_key(&self.id, gen);
         let mut raw = Vec::with_capacity(centroids.len() * 4);
         Precision::F32.encode_into(&centroids, dim, &mut raw);
         batch.put(ck.clone(), self.keys.seal(&fmt::aad(&ck), &raw));
+        // The record of the split form (version 3): a split generation always has a first
+        // pass (an 8-bit one or, failing that, the 4-bit one it was split for).
+        let quants_written = quants.is_some();
         if let Some(q) = &quants {
             let qk = if eight {
                 fmt::quant_key(&self.id, gen)
@@ -480,10 +486,10 @@ impl Index {
                     &super::load::encode_quants(
                         q,
                         dim,
-                        if eight {
-                            1
-                        } else {
-                            super::load::QUANTS_WITH_CODES
+                        match (out.segmented, eight) {
+                            (true, _) => super::load::QUANTS_SPLIT,
+                            (false, true) => 1,
+                            (false, false) => super::load::QUANTS_WITH_CODES,
                         },
                     ),
                 ),
@@ -533,6 +539,7 @@ impl Index {
             d.pages = st.pages.iter().map(|&(lg, bg, e)| ((lg, bg), e)).collect();
             d.runs = new_runs;
             d.codes_stored = four && !eight;
+            d.split_rows = out.segmented && quants_written;
         }
         drop(window);
         *self.id_filter.lock() = Some(all_ids);
@@ -720,16 +727,17 @@ impl NewGeneration<'_> {
             batch.delete_prefix(fmt::run_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::page_gen_prefix(&ix.id, self.gen));
             batch.delete_prefix(fmt::codes_gen_prefix(&ix.id, self.gen));
+            batch.delete_prefix(fmt::rows_gen_prefix(&ix.id, self.gen));
         }
         if pending.is_empty() && batch.is_empty() {
             return Ok(());
         }
         let (gen, epoch, dim) = (self.gen, self.epoch, self.dim);
-        type Sealed = ((Vec<u8>, Vec<u8>), u32, Vec<runs::PosEntry>);
+        type Sealed = (u32, u32, Vec<(Vec<u8>, Vec<u8>)>, u32, Vec<runs::PosEntry>);
         let sealed: Vec<Sealed> = pending
             .into_par_iter()
             .map(|(l, b, mut blk)| {
-                let kv = ix.seal_block(gen, l, b, &mut blk, dim, epoch, self.segmented);
+                let kvs = ix.seal_block(gen, l, b, &mut blk, dim, epoch, self.segmented);
                 let pos: Vec<runs::PosEntry> = blk
                     .ids
                     .iter()
@@ -750,15 +758,15 @@ impl NewGeneration<'_> {
                     },
                     Arc::new(blk),
                 );
-                (kv, rows, pos)
+                (l, b, kvs, rows, pos)
             })
             .collect();
         let mut positions = Vec::new();
-        for ((k, v), rows, pos) in sealed {
-            if let Some((l, b)) = fmt::parse_block_key(&k) {
-                self.manifest.push((l, b, epoch, rows));
+        for (l, b, kvs, rows, pos) in sealed {
+            self.manifest.push((l, b, epoch, rows));
+            for (k, v) in kvs {
+                batch.put(k, v);
             }
-            batch.put(k, v);
             positions.push(pos);
         }
         ix.commit(batch)?;

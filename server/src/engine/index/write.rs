@@ -92,7 +92,7 @@ impl Index {
                 }
             }
             let dim = dimension as usize;
-            let cap = Self::block_cap(dim, self.config.precision);
+            let cap = self.cap_of(&d, dim);
             // New blocks are held as reads would hold them (`hold_packed`).
             let held = if self.hold_packed(&d) {
                 precision
@@ -465,14 +465,33 @@ impl Index {
     ) -> Sealed {
         let mut out = Vec::with_capacity(2);
         let mut made = None;
+        // A split block's row records beyond what it holds now are deleted with it.
+        let split = self.split(d);
+        let rb = self.config.precision.row_bytes(dim);
+        let old_rows = d
+            .lists
+            .get(l as usize)
+            .and_then(|pl| pl.blocks.get(&b))
+            .map_or(0, |m| m.rows as usize);
+        let stale = |from: usize| {
+            let to = if split {
+                segments::segments_of(old_rows, rb)
+            } else {
+                0
+            };
+            (from..to).map(move |s| (fmt::rows_key(&self.id, d.gen, l, b, s as u32), None))
+        };
         if blk.len() == 0 {
             out.push((fmt::block_key(&self.id, d.gen, l, b), None));
             if d.codes_stored {
                 out.push((fmt::codes_key(&self.id, d.gen, l, b), None));
             }
+            out.extend(stale(0));
         } else {
-            let (k, v) = self.seal_block(d.gen, l, b, blk, dim, epoch, self.segmented(d));
-            out.push((k, Some(v)));
+            for (k, v) in self.seal_block(d.gen, l, b, blk, dim, epoch, split) {
+                out.push((k, Some(v)));
+            }
+            out.extend(stale(segments::segments_of(blk.len(), rb)));
             if let Some(((k, v), codes)) = self.codes_record(d, l, b, blk, epoch) {
                 out.push((k, Some(v)));
                 made = Some(codes);

@@ -210,11 +210,12 @@ fn cached_codes_spare_decrypting_the_probed_blocks() {
     eprintln!("coarse pass {coarse} block reads, exact pass {exact}");
 }
 
-/// A store (redb on disk) that counts the block and codes records read.
+/// A store (redb on disk) that counts the block, codes and row records read.
 struct Counting {
     inner: Arc<dyn IndexStore>,
     blocks: std::sync::atomic::AtomicUsize,
     codes: std::sync::atomic::AtomicUsize,
+    rows: std::sync::atomic::AtomicUsize,
 }
 
 impl Counting {
@@ -223,12 +224,17 @@ impl Counting {
         match k.first() {
             Some(&format::kind::LIST) => self.blocks.fetch_add(1, SeqCst),
             Some(&format::kind::CODES) => self.codes.fetch_add(1, SeqCst),
+            Some(&format::kind::ROWS) => self.rows.fetch_add(1, SeqCst),
             _ => 0,
         };
     }
-    fn reads(&self) -> (usize, usize) {
+    fn reads(&self) -> (usize, usize, usize) {
         use std::sync::atomic::Ordering::SeqCst;
-        (self.blocks.load(SeqCst), self.codes.load(SeqCst))
+        (
+            self.blocks.load(SeqCst),
+            self.codes.load(SeqCst),
+            self.rows.load(SeqCst),
+        )
     }
 }
 
@@ -282,19 +288,27 @@ fn a_coarse_generation_stores_each_blocks_codes_and_a_cold_query_reads_codes_not
         inner: store.clone(),
         blocks: Default::default(),
         codes: Default::default(),
+        rows: Default::default(),
     });
-    let e = engine(counting.clone());
+    // (A cache of 4 MiB holds the codes, 1.3 MB, but not the 10 MB of vectors: candidates'
+    // rows are read alone.)
+    let e = engine_with_cache(counting.clone(), Some(4 << 20));
     let ix = e.open("c", Some(&kek)).unwrap();
     let mut p = params(10);
     p.n_probes = Some(12);
     let before = counting.reads();
     let cold = ix.search(&queries()[..1], &p).unwrap();
-    let (blocks, codes) = (counting.reads().0 - before.0, counting.reads().1 - before.1);
+    let now = counting.reads();
+    let (blocks, codes, rows) = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
     assert!(codes > 12, "the probed blocks' codes: {codes}");
-    assert!(blocks <= 42, "at most one block per candidate: {blocks}");
+    // Split blocks: one row record per candidate at most, one head per hit at most.
     assert!(
-        blocks * 2 < codes,
-        "{blocks} blocks for {codes} codes records"
+        (1..=42).contains(&rows),
+        "at most one row record per candidate: {rows}"
+    );
+    assert!(
+        (1..=10).contains(&blocks),
+        "at most one head per hit: {blocks}"
     );
     // Warm: the codes are cached; the answer is what an unbounded exact reading gives.
     let before = counting.reads();
@@ -393,34 +407,8 @@ fn codes_records_that_are_altered_swapped_dropped_or_rolled_back_fail_the_query(
     }
 }
 
-/// The parts of a segmented block record (magic, part count, lengths, parts).
-fn frame(v: &[u8]) -> Vec<Vec<u8>> {
-    assert_eq!(&v[..4], b"SDB3", "a segmented record");
-    let n = u32::from_le_bytes(v[4..8].try_into().unwrap()) as usize;
-    let mut at = 8 + 4 * n;
-    (0..n)
-        .map(|i| {
-            let l = u32::from_le_bytes(v[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize;
-            at += l;
-            v[at - l..at].to_vec()
-        })
-        .collect()
-}
-
-fn unframe(parts: &[Vec<u8>]) -> Vec<u8> {
-    let mut v = b"SDB3".to_vec();
-    v.extend_from_slice(&(parts.len() as u32).to_le_bytes());
-    for p in parts {
-        v.extend_from_slice(&(p.len() as u32).to_le_bytes());
-    }
-    for p in parts {
-        v.extend_from_slice(p);
-    }
-    v
-}
-
 #[test]
-fn segmented_blocks_answer_as_whole_ones_and_fail_when_their_parts_are_tampered_with() {
+fn split_blocks_answer_as_whole_ones_and_fail_when_their_records_are_tampered_with() {
     let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
     let kek = Kek::random();
     let want = {
@@ -428,14 +416,25 @@ fn segmented_blocks_answer_as_whole_ones_and_fail_when_their_parts_are_tampered_
         let ix = filled(&e, &kek, items(1, 0..N), true);
         answers(&ix)
     };
-    let blocks = store.scan_prefix(&[format::kind::LIST]).unwrap();
+    let heads = store.scan_prefix(&[format::kind::LIST]).unwrap();
+    let rows = store.scan_prefix(&[format::kind::ROWS]).unwrap();
+    let per = 31; // float32 x 128 (segments::segment_rows)
+    let full = rows
+        .iter()
+        .filter(|(_, v)| v.len() == per * DIM * 4 + 44)
+        .count();
     assert!(
-        blocks.iter().all(|(_, v)| frame(v).len() >= 2),
-        "head and segments"
+        full >= N / per - 2 * 48,
+        "{full} full row records of {}",
+        rows.len()
     );
     assert!(
-        blocks.iter().any(|(_, v)| frame(v).len() > 4),
-        "full blocks: several segments"
+        rows.iter().all(|(_, v)| v.len() <= per * DIM * 4 + 44),
+        "no row record holds more than 31 rows"
+    );
+    assert!(
+        heads.iter().all(|(_, v)| v.len() < 124 * 64),
+        "heads hold no rows"
     );
     // Rows read alone (a cache too small to keep the generation) and whole blocks (room for
     // all of it) give the answers the training's own engine gave.
@@ -447,40 +446,96 @@ fn segmented_blocks_answer_as_whole_ones_and_fail_when_their_parts_are_tampered_
             "{cache:?}"
         );
     }
-    type Attack = fn(&mut Vec<Vec<u8>>, &[u8]);
-    let attacks: [(&str, Attack); 4] = [
-        ("segments reordered", |p, _| p[1..].reverse()),
-        ("last segment dropped", |p, _| {
-            p.pop();
+    // Each attack on every record of a kind, then everything put back.
+    type Attack = fn(&[(Vec<u8>, Vec<u8>)], usize) -> Option<Vec<u8>>;
+    let attacks: [(&str, u8, Attack); 6] = [
+        ("row records swapped", format::kind::ROWS, |r, i| {
+            Some(r[(i + 1) % r.len()].1.clone())
         }),
-        ("head altered", |p, _| p[0][30] ^= 1),
-        ("segment from another block", |p, other| {
-            p[1] = frame(other)[1].clone()
+        ("row records dropped", format::kind::ROWS, |_, _| None),
+        ("row records altered", format::kind::ROWS, |r, i| {
+            let mut v = r[i].1.clone();
+            v[60] ^= 1;
+            Some(v)
         }),
+        ("heads swapped", format::kind::LIST, |r, i| {
+            Some(r[(i + 1) % r.len()].1.clone())
+        }),
+        ("heads altered", format::kind::LIST, |r, i| {
+            let mut v = r[i].1.clone();
+            v[30] ^= 1;
+            Some(v)
+        }),
+        ("heads dropped", format::kind::LIST, |_, _| None),
     ];
-    for (what, attack) in attacks {
+    for (what, kind, attack) in attacks {
+        let recs = if kind == format::kind::ROWS {
+            &rows
+        } else {
+            &heads
+        };
         let mut b = WriteBatch::new();
-        for (i, (k, v)) in blocks.iter().enumerate() {
-            let mut parts = frame(v);
-            attack(&mut parts, &blocks[(i + 1) % blocks.len()].1);
-            b.put(k.clone(), unframe(&parts));
+        for (i, (k, _)) in recs.iter().enumerate() {
+            match attack(recs, i) {
+                Some(v) => b.put(k.clone(), v),
+                None => b.delete(k.clone()),
+            };
         }
         store.write(b).unwrap();
         for cache in [Some(256 << 10), None] {
             let e = engine_with_cache(store.clone(), cache);
-            let ix = e.open("c", Some(&kek)).unwrap();
-            let got = ix.search(&queries()[..4], &params(10));
+            let got = e
+                .open("c", Some(&kek))
+                .and_then(|ix| ix.search(&queries()[..4], &params(10)));
             assert!(
                 matches!(got, Err(EngineError::Integrity { .. })),
                 "{what}, cache {cache:?}: {got:?}"
             );
         }
         let mut b = WriteBatch::new();
-        for (k, v) in &blocks {
+        for (k, v) in recs {
             b.put(k.clone(), v.clone());
         }
         store.write(b).unwrap();
     }
     let e = engine_with_cache(store.clone(), Some(256 << 10));
     assert_eq!(answers(&e.open("c", Some(&kek)).unwrap()), want, "restored");
+}
+
+#[test]
+fn writes_to_a_split_generation_keep_one_row_record_per_31_rows_and_drop_the_rest() {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    let ix = filled(&e, &kek, items(1, 0..N), true);
+    // Grow blocks, then shrink some to nothing and others by a few rows.
+    ix.upsert(items(5, N..N + 3_000)).unwrap();
+    let gone: Vec<String> = (0..N + 3_000)
+        .filter(|i| i % 2 == 0 || (5_000..9_000).contains(i))
+        .map(|i| format!("id{i}"))
+        .collect();
+    ix.delete_ids(&gone).unwrap();
+    let want = answers(&ix);
+    // One row record per started 31 rows of every block, none other.
+    let rows = ix.block_rows();
+    assert!(rows.iter().any(|&r| r > 124 - 31), "full blocks");
+    assert!(
+        rows.iter().all(|&r| r <= 124),
+        "at most four records per block"
+    );
+    let expect: usize = rows.iter().map(|&r| (r as usize).div_ceil(31)).sum();
+    assert_eq!(
+        store.scan_keys(&[format::kind::ROWS]).unwrap().len(),
+        expect
+    );
+    drop(ix);
+    // The same answers from a fresh engine reading rows alone, and reading whole blocks.
+    for cache in [Some(256 << 10), None] {
+        let e = engine_with_cache(store.clone(), cache);
+        assert_eq!(
+            answers(&e.open("c", Some(&kek)).unwrap()),
+            want,
+            "{cache:?}"
+        );
+    }
 }
