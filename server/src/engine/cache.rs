@@ -187,6 +187,18 @@ impl BlockCache {
         }
     }
 
+    /// Drop one decrypted block (its codes, if cached, stay).
+    pub(crate) fn remove(&self, key: &BlockKey) {
+        if let Some(c) = &self.inner {
+            c.remove(&Key::Block(*key));
+        }
+    }
+
+    /// The whole budget, whatever is lent out now.
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget
+    }
+
     /// Keep a block (a block heavier than the cache's share for it is not kept).
     pub(crate) fn insert(&self, key: BlockKey, block: Arc<Block>) {
         if let Some(c) = &self.inner {
@@ -224,6 +236,21 @@ impl BlockCache {
     pub(crate) fn cached_of(&self, index: &IndexId, gen: u32) -> usize {
         self.inner.as_ref().map_or(0, |c| {
             c.iter().filter(|(k, _)| k.of() == (index, gen)).count()
+        })
+    }
+
+    /// Cached whole blocks and cached codes of generation `gen` of an index.
+    #[cfg(test)]
+    pub(crate) fn cached_kinds_of(&self, index: &IndexId, gen: u32) -> (usize, usize) {
+        self.inner.as_ref().map_or((0, 0), |c| {
+            c.iter().filter(|(k, _)| k.of() == (index, gen)).fold(
+                (0, 0),
+                |(b, n), (k, _)| match k {
+                    Key::Block(_) => (b + 1, n),
+                    Key::Codes(_) => (b, n + 1),
+                    Key::Run(_) => (b, n),
+                },
+            )
         })
     }
 

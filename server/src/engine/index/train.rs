@@ -552,7 +552,10 @@ impl Index {
     /// Write the codes record of every block of the new generation `gen` (`manifest`:
     /// `(list, block, epoch, rows)`), a read chunk of blocks at a time (from the cache, where
     /// training left them, or the store), in batches of about [`TRAIN_WRITE_CHUNK_BYTES`].
-    /// Nothing refers to them before the switch. The codes enter the cache as well.
+    /// Nothing refers to them before the switch. The codes enter the cache as well; unless
+    /// the generation will be read whole (it fits the budget: `coarse`'s `keep`), the whole
+    /// blocks training left there leave it, so that the codes queries scan are what the
+    /// cache holds once training ends, not blocks that queries would never ask for.
     fn write_codes(
         &self,
         gen: u32,
@@ -570,6 +573,8 @@ impl Index {
             .filter(|m| quants.get(m.0 as usize).is_some_and(Option::is_some))
             .map(|&(l, b, e, _)| (l, b, e))
             .collect();
+        let rows: u64 = manifest.iter().map(|m| m.3 as u64).sum();
+        let kept = rows.saturating_mul(dim as u64 * 4).saturating_mul(3) / 2 <= self.cache.budget();
         let per_read = (TRAIN_READ_CHUNK_BYTES / BLOCK_BYTES).max(1);
         let mut batch = WriteBatch::new();
         let mut bytes = 0usize;
@@ -584,8 +589,11 @@ impl Index {
                     let q = quants.get(l as usize)?.as_ref()?;
                     let codes = coarse::Codes::of(q, blk, dim, angular);
                     let kv = self.seal_codes(gen, l, b, &codes, dim, e);
-                    self.cache
-                        .insert_codes(self.key_at(gen, l as usize, b, e), Arc::new(codes));
+                    let key = self.key_at(gen, l as usize, b, e);
+                    if !kept {
+                        self.cache.remove(&key);
+                    }
+                    self.cache.insert_codes(key, Arc::new(codes));
                     Some(kv)
                 })
                 .collect();

@@ -330,6 +330,49 @@ fn a_coarse_generation_stores_each_blocks_codes_and_a_cold_query_reads_codes_not
 }
 
 #[test]
+fn a_training_too_large_for_the_cache_leaves_it_holding_codes_not_whole_blocks() {
+    // 4 MiB holds the new generation's codes (1.3 MB) but not its 10 MB of vectors: training
+    // passes its blocks through the cache, and what stays is what queries scan.
+    let dir = tempfile::tempdir().unwrap();
+    let counting = Arc::new(Counting {
+        inner: redb(dir.path()),
+        blocks: Default::default(),
+        codes: Default::default(),
+        rows: Default::default(),
+    });
+    let e = engine_with_cache(counting.clone(), Some(4 << 20));
+    let kek = Kek::random();
+    let ix = filled(&e, &kek, items(1, 0..N), true);
+    let gen = ix.read().gen;
+    let blocks = ix.check_codes_records().unwrap();
+    let (whole, codes) = e.blocks.cached_kinds_of(&ix.id, gen);
+    assert_eq!(whole, 0, "whole blocks left in the cache");
+    assert_eq!(codes, blocks, "every block's codes cached");
+    check_budget(&e);
+    // So the first query after training reads no codes record, as a warm one.
+    let mut p = params(10);
+    p.n_probes = Some(12);
+    let before = counting.reads();
+    let first = ix.search(&queries()[..1], &p).unwrap();
+    assert_eq!(counting.reads().1, before.1, "codes read from the store");
+    // And answers what an unbounded cache answers.
+    drop(ix);
+    let unbounded = engine_with_cache(counting.clone(), None);
+    let ix = unbounded.open("c", Some(&kek)).unwrap();
+    assert_eq!(
+        format!("{:?}", ix.search(&queries()[..1], &p).unwrap()),
+        format!("{first:?}")
+    );
+    // A generation that fits the budget keeps its whole blocks (queries read them whole).
+    drop(ix);
+    e.delete("c", Some(&kek)).unwrap();
+    let roomy = engine_with_cache(counting.clone(), Some(1 << 30));
+    let ix = filled(&roomy, &kek, items(1, 0..N), true);
+    let (whole, _) = roomy.blocks.cached_kinds_of(&ix.id, ix.read().gen);
+    assert!(whole > 0, "a generation that fits keeps its blocks cached");
+}
+
+#[test]
 fn codes_records_that_are_altered_swapped_dropped_or_rolled_back_fail_the_query() {
     let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
     let kek = Kek::random();
