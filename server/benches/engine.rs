@@ -374,6 +374,33 @@ fn read_f32(path: &std::path::Path) -> Vec<f32> {
         .collect()
 }
 
+/// Sealing and opening a 56 KiB record (a block's size) with a record key of its own, as
+/// every block write and read does: microseconds per record and GB/s.
+fn seal_open() {
+    use sealdb_server::keys::{Dek, IndexKeys};
+    let keys = IndexKeys::derive(&Dek::random());
+    let plain: Vec<u8> = (0..56 * 1024).map(|i| (i * 31 % 251) as u8).collect();
+    let aad = b"bench/aad";
+    let reps = 4000;
+    let t = Instant::now();
+    let mut last = Vec::new();
+    for _ in 0..reps {
+        last = black_box(keys.seal(aad, black_box(&plain)));
+    }
+    let seal_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(keys.open(aad, black_box(&last)).expect("opens"));
+    }
+    let open_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let gbs = |us: f64| plain.len() as f64 / us / 1e3;
+    println!(
+        "{{\"bench\": \"seal_open_56k\", \"seal_us\": {seal_us:.2}, \"seal_gb_s\": {:.2}, \"open_us\": {open_us:.2}, \"open_gb_s\": {:.2}}}",
+        gbs(seal_us),
+        gbs(open_us)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
@@ -401,6 +428,11 @@ fn main() {
         return;
     }
     if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    // `--seal`: sealing and opening one block record (a write seals every block it touches).
+    if args.iter().any(|a| a == "--seal") {
+        seal_open();
         return;
     }
     // `--scans`: the scan kernels alone (seconds, where the whole bench takes minutes).

@@ -24,7 +24,7 @@
 //! Invariant: key material lives in [`Kek`]/[`Dek`] newtypes that zeroize on drop and whose
 //! `Debug` prints nothing secret, so a key cannot end up in a log by accident.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -139,20 +139,23 @@ fn hkdf(ikm: &[u8], info: &[u8]) -> [u8; KEY_LEN] {
 
 /// Seal `plaintext` under `cipher` with associated data `aad`: `nonce || ciphertext || tag`.
 pub fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    seal_after(cipher, aad, &[], plaintext)
+}
+
+/// `prefix || nonce || ciphertext || tag` in one buffer: the plaintext is copied once, into
+/// its place there, and encrypted where it lies.
+fn seal_after(cipher: &Aes256Gcm, aad: &[u8], prefix: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
-    let ct = cipher
-        .encrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .expect("AES-GCM encryption cannot fail for in-range lengths");
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    let start = prefix.len() + NONCE_LEN;
+    let mut out = Vec::with_capacity(start + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(prefix);
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(plaintext);
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::from(nonce), aad, (&mut out[start..]).into())
+        .expect("AES-GCM encryption cannot fail for in-range lengths");
+    out.extend_from_slice(&tag);
     out
 }
 
@@ -271,11 +274,7 @@ impl IndexKeys {
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut salt = [0u8; SALT_LEN];
         rand::rng().fill_bytes(&mut salt);
-        let sealed = seal_with(&self.record_cipher(&salt), aad, plaintext);
-        let mut out = Vec::with_capacity(SALT_LEN + sealed.len());
-        out.extend_from_slice(&salt);
-        out.extend_from_slice(&sealed);
-        out
+        seal_after(&self.record_cipher(&salt), aad, &salt, plaintext)
     }
 
     /// Open a record sealed with the same associated data.

@@ -66,6 +66,24 @@ fn filled(e: &Engine, kek: &Kek, rows: Vec<NewItem>, coarse: bool) -> Lease {
     ix
 }
 
+/// Index "c" of [`filled`] with the 4-bit pass, over a fresh in-memory store.
+fn in_memory() -> (Arc<dyn IndexStore>, Kek, Arc<Engine>, Lease) {
+    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
+    let kek = Kek::random();
+    let e = engine(store.clone());
+    let ix = filled(&e, &kek, items(1, 0..N), true);
+    (store, kek, e, ix)
+}
+
+/// A fresh engine over `store` answers `want` for index "c", reading rows alone (a cache
+/// too small for the generation) and reading whole blocks (room for all of it).
+fn same_from_fresh_engines(store: &Arc<dyn IndexStore>, kek: &Kek, want: &str) {
+    for cache in [Some(256 << 10), None] {
+        let e = engine_with_cache(store.clone(), cache);
+        assert_eq!(answers(&e.open("c", Some(kek)).unwrap()), want, "{cache:?}");
+    }
+}
+
 fn train(e: &Engine, ix: &Arc<Index>, coarse: bool) {
     e.train_now(
         ix,
@@ -219,6 +237,14 @@ struct Counting {
 }
 
 impl Counting {
+    fn over(inner: Arc<dyn IndexStore>) -> Arc<Self> {
+        Arc::new(Counting {
+            inner,
+            blocks: Default::default(),
+            codes: Default::default(),
+            rows: Default::default(),
+        })
+    }
     fn tally(&self, k: &[u8]) {
         use std::sync::atomic::Ordering::SeqCst;
         match k.first() {
@@ -284,12 +310,7 @@ fn a_coarse_generation_stores_each_blocks_codes_and_a_cold_query_reads_codes_not
         assert_eq!(codes_records(&*store).len(), n, "none left over");
     }
     // Cold: a fresh engine and process-wide cache, the store counting what it is asked for.
-    let counting = Arc::new(Counting {
-        inner: store.clone(),
-        blocks: Default::default(),
-        codes: Default::default(),
-        rows: Default::default(),
-    });
+    let counting = Counting::over(store.clone());
     // (A cache of 4 MiB holds the codes, 1.3 MB, but not the 10 MB of vectors: candidates'
     // rows are read alone.)
     let e = engine_with_cache(counting.clone(), Some(4 << 20));
@@ -334,12 +355,7 @@ fn a_training_too_large_for_the_cache_leaves_it_holding_codes_not_whole_blocks()
     // 4 MiB holds the new generation's codes (1.3 MB) but not its 10 MB of vectors: training
     // passes its blocks through the cache, and what stays is what queries scan.
     let dir = tempfile::tempdir().unwrap();
-    let counting = Arc::new(Counting {
-        inner: redb(dir.path()),
-        blocks: Default::default(),
-        codes: Default::default(),
-        rows: Default::default(),
-    });
+    let counting = Counting::over(redb(dir.path()));
     let e = engine_with_cache(counting.clone(), Some(4 << 20));
     let kek = Kek::random();
     let ix = filled(&e, &kek, items(1, 0..N), true);
@@ -374,10 +390,7 @@ fn a_training_too_large_for_the_cache_leaves_it_holding_codes_not_whole_blocks()
 
 #[test]
 fn codes_records_that_are_altered_swapped_dropped_or_rolled_back_fail_the_query() {
-    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
-    let kek = Kek::random();
-    let e = engine(store.clone());
-    let ix = filled(&e, &kek, items(1, 0..N), true);
+    let (store, kek, _e, ix) = in_memory();
     let mut p = params(10);
     p.n_probes = Some(48);
     let want = ix.search(&queries()[..1], &p).unwrap();
@@ -481,14 +494,7 @@ fn split_blocks_answer_as_whole_ones_and_fail_when_their_records_are_tampered_wi
     );
     // Rows read alone (a cache too small to keep the generation) and whole blocks (room for
     // all of it) give the answers the training's own engine gave.
-    for cache in [Some(256 << 10), None] {
-        let e = engine_with_cache(store.clone(), cache);
-        assert_eq!(
-            answers(&e.open("c", Some(&kek)).unwrap()),
-            want,
-            "{cache:?}"
-        );
-    }
+    same_from_fresh_engines(&store, &kek, &want);
     // Each attack on every record of a kind, then everything put back.
     type Attack = fn(&[(Vec<u8>, Vec<u8>)], usize) -> Option<Vec<u8>>;
     let attacks: [(&str, u8, Attack); 6] = [
@@ -547,10 +553,7 @@ fn split_blocks_answer_as_whole_ones_and_fail_when_their_records_are_tampered_wi
 
 #[test]
 fn writes_to_a_split_generation_keep_one_row_record_per_31_rows_and_drop_the_rest() {
-    let store: Arc<dyn IndexStore> = Arc::new(MemoryStore::new());
-    let kek = Kek::random();
-    let e = engine(store.clone());
-    let ix = filled(&e, &kek, items(1, 0..N), true);
+    let (store, kek, _e, ix) = in_memory();
     // Grow blocks, then shrink some to nothing and others by a few rows.
     ix.upsert(items(5, N..N + 3_000)).unwrap();
     let gone: Vec<String> = (0..N + 3_000)
@@ -573,12 +576,5 @@ fn writes_to_a_split_generation_keep_one_row_record_per_31_rows_and_drop_the_res
     );
     drop(ix);
     // The same answers from a fresh engine reading rows alone, and reading whole blocks.
-    for cache in [Some(256 << 10), None] {
-        let e = engine_with_cache(store.clone(), cache);
-        assert_eq!(
-            answers(&e.open("c", Some(&kek)).unwrap()),
-            want,
-            "{cache:?}"
-        );
-    }
+    same_from_fresh_engines(&store, &kek, &want);
 }
