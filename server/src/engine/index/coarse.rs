@@ -143,15 +143,7 @@ impl Index {
         let dim = d.dimension as usize;
         let metas: Vec<&BlockMeta> = need
             .iter()
-            .map(|&(li, b)| {
-                d.lists
-                    .get(li)
-                    .and_then(|pl| pl.blocks.get(&b))
-                    .ok_or_else(|| EngineError::Integrity {
-                        index: self.name.clone(),
-                        what: format!("block {li}/{b} is not in the manifest"),
-                    })
-            })
+            .map(|&(li, b)| self.manifest_entry(d, li as u32, b))
             .collect::<Result<_, _>>()?;
         let keys: Vec<Vec<u8>> = need
             .iter()
@@ -472,11 +464,7 @@ impl Index {
                     index: self.name.clone(),
                     what: format!("block {l}/{b}: {what}"),
                 };
-                let m = d
-                    .lists
-                    .get(l as usize)
-                    .and_then(|pl| pl.blocks.get(&b))
-                    .ok_or_else(|| bad("is not in the manifest".into()))?;
+                let m = self.manifest_entry(d, l, b)?;
                 let rows = m.rows as usize;
                 if pos.iter().any(|&p| p as usize >= rows) {
                     return Err(self.short_block(l, b));
@@ -518,11 +506,7 @@ impl Index {
                     index: self.name.clone(),
                     what: format!("block {l}/{b} {what}"),
                 };
-                let m = d
-                    .lists
-                    .get(l as usize)
-                    .and_then(|pl| pl.blocks.get(&b))
-                    .ok_or_else(|| bad("is not in the manifest".into()))?;
+                let m = self.manifest_entry(d, l, b)?;
                 let v = v.ok_or_else(|| bad("is missing".into()))?;
                 let plain = self.keys.open(&fmt::aad_at(k, m.epoch), &v).map_err(|_| {
                     bad(format!(

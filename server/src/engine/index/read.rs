@@ -216,14 +216,7 @@ impl Index {
         let mut missing: Vec<(usize, &BlockMeta)> = Vec::new();
         let mut want: Vec<(u32, u32, u64)> = Vec::new();
         for (i, &(li, b)) in refs.iter().enumerate() {
-            let m = d
-                .lists
-                .get(li)
-                .and_then(|pl| pl.blocks.get(&b))
-                .ok_or_else(|| EngineError::Integrity {
-                    index: self.name.clone(),
-                    what: format!("block {li}/{b} is not in the manifest"),
-                })?;
+            let m = self.manifest_entry(d, li as u32, b)?;
             let key = BlockKey {
                 index: self.id,
                 gen: d.gen,
@@ -365,6 +358,23 @@ impl Index {
             .with_min_len(256)
             .map(|id| self.keys.id_locator(id))
             .collect()
+    }
+
+    /// The manifest entry of block `b` of list `l` in `d`: a block a reference names but the
+    /// directory does not hold is an integrity error.
+    pub(super) fn manifest_entry<'d>(
+        &self,
+        d: &'d Data,
+        l: u32,
+        b: u32,
+    ) -> Result<&'d BlockMeta, EngineError> {
+        d.lists
+            .get(l as usize)
+            .and_then(|pl| pl.blocks.get(&b))
+            .ok_or_else(|| EngineError::Integrity {
+                index: self.name.clone(),
+                what: format!("block {l}/{b} is not in the manifest"),
+            })
     }
 
     /// An item that a position record puts in a block without it: the record or the block
