@@ -231,6 +231,7 @@ fn build_with(
             cache_limit_bytes: None,
             train_time_limit: None,
             coarse_min_bytes: None,
+            background_merges: true,
         },
     );
     let kek = Kek::random();

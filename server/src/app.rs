@@ -26,6 +26,7 @@ pub fn state(cfg: &Config, stores: Stores, kms: Arc<Kms>) -> Result<Arc<AppState
             cache_limit_bytes: Some(cfg.cache_budget_bytes()),
             train_time_limit: cfg.limits().train_time_limit(),
             coarse_min_bytes: Some(cfg.limits().coarse_min_bytes()),
+            background_merges: true,
         },
     );
     Ok(Arc::new(AppState {
@@ -406,6 +407,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         }
     };
     let engine = state.engine.clone();
+    let settle = state.engine.clone();
     let grace = std::time::Duration::from_secs(cfg.shutdown_timeout_seconds);
     let served = poem::Server::new(listener)
         .run_with_graceful_shutdown(
@@ -420,6 +422,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         )
         .await
         .map_err(|e| format!("server on {addr} failed: {e}"));
+    // Background merges stop at their next batch once shutdown began; let them end before
+    // the store closes.
+    let _ = tokio::task::spawn_blocking(move || settle.settle_merges()).await;
     tracing::info!("requests drained; store closing");
     served
 }

@@ -683,6 +683,7 @@ mod tests {
                 cache_limit_bytes: None,
                 train_time_limit: None,
                 coarse_min_bytes: None,
+                background_merges: false,
             },
         );
         let kek = Kek::random();

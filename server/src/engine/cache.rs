@@ -1,5 +1,5 @@
-//! The shared cache of decrypted posting-list blocks, their 4-bit codes and position-run
-//! pages (`--index-cache-mb`).
+//! The shared cache of decrypted posting-list blocks, their 4-bit codes, the row records
+//! and heads of split blocks, and position-run pages (`--index-cache-mb`).
 //!
 //! One cache serves every open index. Entries are keyed by the block's full identity
 //! `(index, generation, list, block, epoch)`, so a rewritten block is a new entry and a stale
@@ -39,12 +39,16 @@ enum Key {
     Run(RunKey),
     /// The 4-bit codes of a block (its identity, as the block's).
     Codes(BlockKey),
+    /// One opened row record of a split block: the block's identity and the record's number.
+    Rows(BlockKey, u32),
+    /// The head of a split block (ids, metadata, contents epochs; no rows).
+    Head(BlockKey),
 }
 
 impl Key {
     fn of(&self) -> (&IndexId, u32) {
         match self {
-            Key::Block(k) | Key::Codes(k) => (&k.index, k.gen),
+            Key::Block(k) | Key::Codes(k) | Key::Rows(k, _) | Key::Head(k) => (&k.index, k.gen),
             Key::Run(k) => (&k.index, k.gen),
         }
     }
@@ -55,6 +59,7 @@ enum Val {
     Block(Arc<Block>),
     Run(Arc<RunPage>),
     Codes(Arc<Codes>),
+    Rows(Arc<Vec<u8>>),
 }
 
 #[derive(Clone)]
@@ -67,6 +72,7 @@ impl quick_cache::Weighter<Key, Val> for ByWeight {
             Val::Block(b) => b.weight().max(1) as u64,
             Val::Run(p) => p.weight().max(1) as u64,
             Val::Codes(c) => c.weight().max(1) as u64,
+            Val::Rows(r) => r.len() as u64 + 64,
         }
     }
 }
@@ -171,6 +177,36 @@ impl BlockCache {
         }
     }
 
+    /// A cached row record of a split block: its plaintext rows.
+    pub(crate) fn get_rows(&self, key: &BlockKey, record: u32) -> Option<Arc<Vec<u8>>> {
+        match self.inner.as_ref()?.get(&Key::Rows(*key, record))? {
+            Val::Rows(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Keep an opened row record of a split block.
+    pub(crate) fn insert_rows(&self, key: BlockKey, record: u32, rows: Arc<Vec<u8>>) {
+        if let Some(c) = &self.inner {
+            c.insert(Key::Rows(key, record), Val::Rows(rows));
+        }
+    }
+
+    /// The cached head of a split block.
+    pub(crate) fn get_head(&self, key: &BlockKey) -> Option<Arc<Block>> {
+        match self.inner.as_ref()?.get(&Key::Head(*key))? {
+            Val::Block(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Keep the head of a split block.
+    pub(crate) fn insert_head(&self, key: BlockKey, head: Arc<Block>) {
+        if let Some(c) = &self.inner {
+            c.insert(Key::Head(key), Val::Block(head));
+        }
+    }
+
     /// Keep a page of a position run.
     pub(crate) fn insert_run(&self, key: RunKey, page: Arc<RunPage>) {
         if let Some(c) = &self.inner {
@@ -248,7 +284,7 @@ impl BlockCache {
                 |(b, n), (k, _)| match k {
                     Key::Block(_) => (b + 1, n),
                     Key::Codes(_) => (b, n + 1),
-                    Key::Run(_) => (b, n),
+                    Key::Run(_) | Key::Rows(..) | Key::Head(_) => (b, n),
                 },
             )
         })

@@ -265,6 +265,11 @@ pub struct EngineConfig {
     /// Vector bytes from which background trainings give a generation the 4-bit first pass
     /// (`None`: 1 GiB).
     pub coarse_min_bytes: Option<u64>,
+    /// Merge position runs in background threads, off the write path (on a store of its
+    /// own; a shared store always merges in line). Off: every write that leaves a merge due
+    /// does it before it returns, which keeps the store's contents a function of the
+    /// requests alone (the engine's unit tests).
+    pub background_merges: bool,
 }
 
 /// Check an index name: 1-255 bytes, no control characters, not the reserved `default`.
@@ -421,6 +426,23 @@ impl Engine {
         self.shutdown
             .store(true, std::sync::atomic::Ordering::Release);
         self.trainer.stop();
+    }
+
+    /// Wait until no open index has a position-run merge running in the background (after
+    /// [`Self::begin_shutdown`] they stop at their next batch; tests wait for them to end
+    /// before they look at the store).
+    pub fn settle_merges(&self) {
+        let open: Vec<Arc<Index>> = {
+            let slots = self.cache.slots.lock();
+            slots
+                .values()
+                // A slot being loaded has no merger yet.
+                .filter_map(|slot| slot.index.try_read()?.clone())
+                .collect()
+        };
+        for ix in open {
+            ix.settle_merges();
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -706,18 +728,22 @@ impl Engine {
             config.precision,
             digest,
         )?;
-        Ok(Arc::new(Index::assemble(
-            name.to_owned(),
-            meta.id,
-            config,
-            dek,
-            key_check,
-            self.store.clone(),
-            self.blocks.clone(),
-            data,
-            self.shutdown.clone(),
-            seen,
-        )))
+        Ok(Arc::new_cyclic(|me| {
+            Index::assemble(
+                name.to_owned(),
+                meta.id,
+                config,
+                dek,
+                key_check,
+                self.store.clone(),
+                self.blocks.clone(),
+                data,
+                self.shutdown.clone(),
+                seen,
+                self.config.background_merges,
+                me.clone(),
+            )
+        }))
     }
 
     /// Delete an index and everything it stores, atomically. Returns the deleted index's id.

@@ -22,6 +22,14 @@ fn engine(store: Arc<dyn IndexStore>) -> Arc<Engine> {
 }
 
 fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize>) -> Arc<Engine> {
+    engine_with(store, cache_limit_bytes, false)
+}
+
+fn engine_with(
+    store: Arc<dyn IndexStore>,
+    cache_limit_bytes: Option<usize>,
+    background_merges: bool,
+) -> Arc<Engine> {
     Engine::new(
         store,
         EngineConfig {
@@ -30,6 +38,7 @@ fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize
             cache_limit_bytes,
             train_time_limit: None,
             coarse_min_bytes: None,
+            background_merges,
         },
     )
 }
@@ -641,6 +650,131 @@ fn position_runs_merge_and_answer_as_a_map() {
     check(&ix2, &model);
 }
 
+/// Position runs merged in the background (as the server runs): writers on four threads,
+/// readers beside them, a training in the middle and a bounded cache. Once the mergers
+/// settle, the levels are what in-line merges leave (fewer than `FANOUT` runs a level) and
+/// every lookup answers as a plain map of the writes does, before and after a reopen; a
+/// deleted index leaves no run behind.
+#[test]
+fn background_merges_answer_as_a_map() {
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn IndexStore> =
+        Arc::new(sealdb_store_redb::RedbStore::open_dir(dir.path()).unwrap());
+    let kek = Kek::random();
+    let e = engine_with(store.clone(), Some(4 << 20), true);
+    create(&e, "bg", &kek, cfg(Metric::Euclidean, Precision::F32, 4));
+    let ix = e.open("bg", Some(&kek)).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let models: Vec<BTreeMap<String, f32>> = std::thread::scope(|sc| {
+        let writers: Vec<_> = (0..4u32)
+            .map(|t| {
+                let ix = &ix;
+                let e = &e;
+                sc.spawn(move || {
+                    let mut model = BTreeMap::new();
+                    let mut rng = StdRng::seed_from_u64(100 + t as u64);
+                    for round in 0..90u32 {
+                        let id = |rng: &mut StdRng| format!("{t}-{}", rng.random_range(0..600u32));
+                        if round % 9 == 8 {
+                            let ids: Vec<String> = (0..20).map(|_| id(&mut rng)).collect();
+                            let want = ids
+                                .iter()
+                                .collect::<std::collections::BTreeSet<_>>()
+                                .iter()
+                                .filter(|i| model.remove(i.as_str()).is_some())
+                                .count();
+                            assert_eq!(ix.delete_ids(&ids).unwrap(), want, "{t}/{round}");
+                        } else {
+                            let items: Vec<NewItem> = (0..40)
+                                .map(|j| {
+                                    let i = id(&mut rng);
+                                    let x = (round * 100 + j) as f32;
+                                    model.insert(i.clone(), x);
+                                    item(&i, vec![x, t as f32, 1.0, -1.0], json!({}))
+                                })
+                                .collect();
+                            ix.upsert(items).unwrap();
+                        }
+                        if t == 0 && round == 45 {
+                            train_lists(e, ix, 8);
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        let ix = &ix;
+        let done = &done;
+        sc.spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let ids: Vec<String> = (0..50).map(|i| format!("1-{i}")).collect();
+                for f in ix.get(&ids, Include::STORED).unwrap() {
+                    assert!(f.id.starts_with("1-"));
+                }
+                ix.search(&[vec![1.0, 1.0, 1.0, -1.0]], &params(5)).unwrap();
+            }
+        });
+        let models = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        models
+    });
+    let model: BTreeMap<String, f32> = models.into_iter().flatten().collect();
+    ix.settle_merges();
+    let levels = ix.run_levels();
+    assert!(levels.iter().any(|&l| l > 0), "merges happened: {levels:?}");
+    assert!(levels.windows(2).all(|w| w[0] <= w[1]), "{levels:?}");
+    for level in 0..=*levels.iter().max().unwrap() {
+        assert!(
+            levels.iter().filter(|&&l| l == level).count() < 8,
+            "{levels:?}"
+        );
+    }
+    let check = |ix: &Index| {
+        let ids: Vec<String> = (0..4)
+            .flat_map(|t| (0..600).map(move |i| format!("{t}-{i}")))
+            .collect();
+        let have: BTreeMap<String, f32> = ix
+            .get(&ids, Include::STORED)
+            .unwrap()
+            .iter()
+            .map(|f| (f.id.clone(), f.vector.as_ref().unwrap()[0]))
+            .collect();
+        assert_eq!(have, model);
+        let mut listed = ix.list_ids().unwrap();
+        listed.sort();
+        assert_eq!(listed, model.keys().cloned().collect::<Vec<_>>());
+    };
+    check(&ix);
+    let id = ix.id;
+    drop(ix);
+    drop(e);
+    let e2 = engine_with(store.clone(), Some(4 << 20), true);
+    let ix2 = e2.open("bg", Some(&kek)).unwrap();
+    check(&ix2);
+    // Writes that leave merges due, then the index deleted at once: whatever the mergers
+    // had under way is dropped, and nothing of the index stays in the store.
+    for round in 0..12u32 {
+        let items: Vec<NewItem> = (0..300)
+            .map(|j| {
+                item(
+                    &format!("x{round}-{j}"),
+                    vec![j as f32, 0.0, 0.0, 0.0],
+                    json!({}),
+                )
+            })
+            .collect();
+        ix2.upsert(items).unwrap();
+    }
+    drop(ix2);
+    e2.delete("bg", Some(&kek)).unwrap();
+    e2.settle_merges();
+    let left = store
+        .scan_keys(&format::scoped_prefix(format::kind::RUN, &id))
+        .unwrap();
+    assert!(left.is_empty(), "{} run records left", left.len());
+}
+
 /// Hostile-store attacks on redb and the filesystem store (`tests/tamper.rs`).
 mod tamper;
 
@@ -868,6 +1002,7 @@ fn background_training_survives_a_panic() {
             cache_limit_bytes: None,
             train_time_limit: None,
             coarse_min_bytes: None,
+            background_merges: false,
         },
     );
     let kek = Kek::random();

@@ -428,7 +428,8 @@ impl Index {
     }
 
     /// The rows of `cands` in the split blocks `missing` (sorted): the row records they
-    /// are in, read in one batch and opened at their blocks' epochs.
+    /// are in, from the cache or else read in one batch and opened at their blocks' epochs
+    /// (and then cached: a row record is 16 KiB, a block 56 KiB).
     fn read_rows(
         &self,
         d: &Data,
@@ -449,35 +450,68 @@ impl Index {
             }
         }
         let segs: Vec<((u32, u32, u32), Vec<u32>)> = want.into_iter().collect();
-        let keys: Vec<Vec<u8>> = segs
+        let bad = |l: u32, b: u32, what: String| EngineError::Integrity {
+            index: self.name.clone(),
+            what: format!("block {l}/{b}: {what}"),
+        };
+        // Each record's block identity (its manifest epoch) and row count.
+        let at: Vec<(BlockKey, usize)> = segs
             .iter()
-            .map(|&((l, b, s), _)| fmt::rows_key(&self.id, d.gen, l, b, s))
-            .collect();
-        let values = self.get_many_par(&keys)?;
-        self.cache.count(0, segs.len());
-        let got: Vec<Vec<RowRead>> = segs
-            .par_iter()
-            .zip(keys.par_iter().zip(values.into_par_iter()))
-            .map(|(((l, b, s), pos), (k, v))| {
-                let (l, b, s) = (*l, *b, *s);
-                let bad = |what: String| EngineError::Integrity {
-                    index: self.name.clone(),
-                    what: format!("block {l}/{b}: {what}"),
-                };
+            .map(|&((l, b, _), ref pos)| {
                 let m = self.manifest_entry(d, l, b)?;
                 let rows = m.rows as usize;
                 if pos.iter().any(|&p| p as usize >= rows) {
                     return Err(self.short_block(l, b));
                 }
-                let v = v.ok_or_else(|| bad(format!("row record {s} is missing")))?;
-                let plain = segments::open_rows(&self.keys, k, m.epoch, &v, (s as usize, rows, rb))
-                    .map_err(bad)?;
+                Ok((self.key_at(d.gen, l as usize, b, m.epoch), rows))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let mut plains: Vec<Option<Arc<Vec<u8>>>> = segs
+            .iter()
+            .zip(&at)
+            .map(|(&((_, _, s), _), (k, _))| self.cache.get_rows(k, s))
+            .collect();
+        let miss: Vec<usize> = (0..segs.len()).filter(|&i| plains[i].is_none()).collect();
+        let keys: Vec<Vec<u8>> = miss
+            .iter()
+            .map(|&i| {
+                let (l, b, s) = segs[i].0;
+                fmt::rows_key(&self.id, d.gen, l, b, s)
+            })
+            .collect();
+        let values = self.get_many_par(&keys)?;
+        self.cache.count(segs.len() - miss.len(), miss.len());
+        let opened: Vec<Arc<Vec<u8>>> = miss
+            .par_iter()
+            .zip(keys.par_iter().zip(values.into_par_iter()))
+            .map(|(&i, (k, v))| {
+                let (l, b, s) = segs[i].0;
+                let (bk, rows) = &at[i];
+                let v = v.ok_or_else(|| bad(l, b, format!("row record {s} is missing")))?;
+                segments::open_rows(&self.keys, k, bk.epoch, &v, (s as usize, *rows, rb))
+                    .map(Arc::new)
+                    .map_err(|e| bad(l, b, e))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        for (&i, plain) in miss.iter().zip(opened) {
+            self.cache.insert_rows(at[i].0, segs[i].0 .2, plain.clone());
+            plains[i] = Some(plain);
+        }
+        let got: Vec<Vec<RowRead>> = segs
+            .par_iter()
+            .zip(plains.into_par_iter())
+            .map(|(((l, b, s), pos), plain)| {
+                let (l, b, s) = (*l, *b, *s);
+                let plain = plain.unwrap_or_default();
                 pos.iter()
                     .map(|&p| {
                         let at = (p - s * per) as usize * rb;
+                        let row = plain
+                            .get(at..at + rb)
+                            .ok_or_else(|| bad(l, b, format!("row record {s} is short")))?;
                         let v = precision
-                            .decode(&plain[at..at + rb], 1, dim)
-                            .map_err(|e| bad(e.to_string()))?;
+                            .decode(row, 1, dim)
+                            .map_err(|e| bad(l, b, e.to_string()))?;
                         let inv = distance::inv_norm(&v);
                         Ok(((l, b, p), (v, inv)))
                     })
@@ -487,21 +521,39 @@ impl Index {
         Ok(got.into_iter().flatten().collect())
     }
 
-    /// The heads of the split blocks `at` (ids, metadata, contents epochs), read in one
-    /// batch, each checked against its manifest entry.
+    /// The heads of the split blocks `at` (ids, metadata, contents epochs), from the cache
+    /// or else read in one batch, each checked against its manifest entry (and then cached).
     fn read_heads(
         &self,
         d: &Data,
         at: &[(u32, u32)],
-    ) -> Result<HashMap<(u32, u32), Block>, EngineError> {
-        let keys: Vec<Vec<u8>> = at
+    ) -> Result<HashMap<(u32, u32), Arc<Block>>, EngineError> {
+        let bkeys: Vec<BlockKey> = at
             .iter()
-            .map(|&(l, b)| fmt::block_key(&self.id, d.gen, l, b))
+            .map(|&(l, b)| {
+                Ok(self.key_at(d.gen, l as usize, b, self.manifest_entry(d, l, b)?.epoch))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let mut out: HashMap<(u32, u32), Arc<Block>> = HashMap::default();
+        let mut miss: Vec<usize> = Vec::new();
+        for (i, k) in bkeys.iter().enumerate() {
+            match self.cache.get_head(k) {
+                Some(h) => {
+                    out.insert(at[i], h);
+                }
+                None => miss.push(i),
+            }
+        }
+        let keys: Vec<Vec<u8>> = miss
+            .iter()
+            .map(|&i| fmt::block_key(&self.id, d.gen, at[i].0, at[i].1))
             .collect();
         let values = self.get_many_par(&keys)?;
-        at.par_iter()
+        let read: Vec<(usize, Arc<Block>)> = miss
+            .par_iter()
             .zip(keys.par_iter().zip(values.into_par_iter()))
-            .map(|(&(l, b), (k, v))| {
+            .map(|(&i, (k, v))| {
+                let (l, b) = at[i];
                 let bad = |what: String| EngineError::Integrity {
                     index: self.name.clone(),
                     what: format!("block {l}/{b} {what}"),
@@ -521,9 +573,14 @@ impl Index {
                 if head.len() != m.rows as usize {
                     return Err(self.short_block(l, b));
                 }
-                Ok(((l, b), head))
+                Ok((i, Arc::new(head)))
             })
-            .collect()
+            .collect::<Result<_, EngineError>>()?;
+        for (i, head) in read {
+            self.cache.insert_head(bkeys[i], head.clone());
+            out.insert(at[i], head);
+        }
+        Ok(out)
     }
 }
 

@@ -241,7 +241,14 @@ impl Index {
             b.delete_prefix(fmt::run_gen_prefix(id, st.gen));
             b
         })?;
-        let mut w = runs::RunWriter::new(*id, keys, st.gen);
+        // Count the records first (keys only, 1/256 at a time), to size the run's filter.
+        let mut expected = 0usize;
+        for byte in 0..=255u8 {
+            let mut p = prefix.clone();
+            p.push(byte);
+            expected += store.scan_keys(&p)?.len();
+        }
+        let mut w = runs::RunWriter::new(*id, keys, st.gen, expected);
         for byte in 0..=255u8 {
             let mut p = prefix.clone();
             p.push(byte);

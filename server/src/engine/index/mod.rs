@@ -36,6 +36,7 @@ mod coarse;
 mod idfilter;
 mod items;
 mod load;
+mod merge;
 mod read;
 mod runs;
 mod search;
@@ -312,6 +313,12 @@ pub struct Index {
     /// its version as of the data this process holds (see [`Index::commit`]).
     scope: Option<Vec<u8>>,
     seen: AtomicU64,
+    /// The background position-run mergers (see `merge`), and this index's own handle
+    /// that they hold while they run.
+    mergers: merge::Mergers,
+    /// Whether position runs merge in the background (see `merge`).
+    merge_behind: bool,
+    me: std::sync::Weak<Index>,
 }
 
 /// Where an index's batches go: through the index (guarded on a shared store), or straight
@@ -381,8 +388,11 @@ impl Index {
         data: Data,
         shutdown: Arc<AtomicBool>,
         seen: Option<u64>,
+        background_merges: bool,
+        me: std::sync::Weak<Index>,
     ) -> Self {
         Self {
+            merge_behind: background_merges && seen.is_none(),
             scope: seen.map(|_| fmt::index_scope(&id)),
             seen: AtomicU64::new(seen.unwrap_or(0)),
             name,
@@ -402,6 +412,8 @@ impl Index {
             id_filter: Mutex::new(None),
             deleted: AtomicBool::new(false),
             progress: Mutex::new(None),
+            mergers: merge::Mergers::default(),
+            me,
         }
     }
 

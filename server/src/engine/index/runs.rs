@@ -190,13 +190,16 @@ pub(crate) struct RunWriter<'a> {
     page: Vec<PosEntry>,
     fences: Vec<[u8; 16]>,
     entries: u64,
-    locs: Vec<[u8; 16]>,
+    /// The run's filter, filled as entries are pushed (sized for the entries expected).
+    filter: IdFilter,
     pub(crate) batch: WriteBatch,
     bytes: usize,
 }
 
 impl<'a> RunWriter<'a> {
-    pub(crate) fn new(index: IndexId, keys: &'a IndexKeys, gen: u32) -> Self {
+    /// A writer for a run of about `expected` entries (what its filter is sized for: more
+    /// only raise its false-positive rate).
+    pub(crate) fn new(index: IndexId, keys: &'a IndexKeys, gen: u32, expected: usize) -> Self {
         Self {
             index,
             keys,
@@ -205,7 +208,7 @@ impl<'a> RunWriter<'a> {
             page: Vec::with_capacity(PAGE_ENTRIES),
             fences: Vec::new(),
             entries: 0,
-            locs: Vec::new(),
+            filter: IdFilter::with_capacity(expected),
             batch: WriteBatch::new(),
             bytes: 0,
         }
@@ -221,7 +224,7 @@ impl<'a> RunWriter<'a> {
         if self.page.is_empty() {
             self.fences.push(e.0);
         }
-        self.locs.push(e.0);
+        self.filter.insert(&e.0);
         self.page.push(e);
         self.entries += 1;
         if self.page.len() == PAGE_ENTRIES {
@@ -268,16 +271,12 @@ impl<'a> RunWriter<'a> {
             self.keys
                 .seal(&fmt::aad(&key), &encode_header(self.entries, &self.fences)),
         );
-        let mut f = IdFilter::with_capacity(self.locs.len());
-        for l in &self.locs {
-            f.insert(l);
-        }
         let run = Run {
             id: self.id,
             level,
             entries: self.entries,
             fences: self.fences,
-            filter: Mutex::new(Some(Arc::new(f))),
+            filter: Mutex::new(Some(Arc::new(self.filter))),
         };
         (Some(Arc::new(run)), self.batch, self.bytes)
     }
@@ -491,7 +490,7 @@ impl Index {
     ) -> RunChange {
         changes.sort_unstable_by_key(|e| e.0);
         changes.dedup_by(|a, b| a.0 == b.0);
-        let mut w = RunWriter::new(self.id, &self.keys, gen);
+        let mut w = RunWriter::new(self.id, &self.keys, gen, changes.len());
         for e in changes {
             w.push(e);
         }
@@ -503,82 +502,192 @@ impl Index {
         }
     }
 
-    /// Merge runs while some level holds [`FANOUT`] of them. Call with the writer lock held,
-    /// after a batch is installed. Each merge stores its run's pages in bounded batches, then
-    /// one batch with the state record that swaps the merged runs for it and deletes them.
-    pub(super) fn compact_runs(&self) -> Result<(), EngineError> {
+    /// Merge runs while some level of `lane` (`None`: every level) holds [`FANOUT`] of them.
+    /// Each merge stores its run's pages in bounded batches, then one batch with the state
+    /// record that swaps the merged runs for it and deletes them.
+    ///
+    /// `locked`: the caller holds the writer lock (a shared store's writes, which merge in
+    /// line). Otherwise (the background merger, see `merge`) the merge reads and seals
+    /// without it and takes it only to store each batch, after checking that the index is
+    /// still live, still at the generation the merge read, and, for the last batch, still
+    /// lists every run merged; if not, it drops what it wrote and stops (`Ok(())`).
+    pub(super) fn compact_runs(&self, lane: Option<Lane>, locked: bool) -> Result<(), EngineError> {
         loop {
             let (gen, inputs, oldest) = {
                 let d = self.data.read();
-                let mut pick = None;
-                let mut i = 0;
-                while i < d.runs.len() {
-                    let level = d.runs[i].level;
-                    let j = i + d.runs[i..].iter().take_while(|r| r.level == level).count();
-                    if j - i >= FANOUT {
-                        pick = Some((i, j));
-                        break;
-                    }
-                    i = j;
-                }
-                let Some((i, j)) = pick else { return Ok(()) };
+                let Some((i, j)) = pick(&d.runs, lane) else {
+                    return Ok(());
+                };
                 (d.gen, d.runs[i..j].to_vec(), j == d.runs.len())
             };
-            let level = inputs[0].level.saturating_add(1);
-            let t = std::time::Instant::now();
-            let mut w = RunWriter::new(self.id, &self.keys, gen);
-            let mut cursors: Vec<Cursor> = inputs.iter().map(|r| Cursor::new(r.clone())).collect();
-            loop {
-                // The smallest locator among the cursors; the newest run holding it wins.
-                let mut best: Option<(usize, [u8; 16])> = None;
-                for (ci, c) in cursors.iter_mut().enumerate() {
-                    if let Some(loc) = c.peek(self, gen)? {
-                        if best.is_none_or(|(_, b)| loc < b) {
-                            best = Some((ci, loc));
-                        }
-                    }
-                }
-                let Some((ci, loc)) = best else { break };
-                let e = cursors[ci].take();
-                for c in cursors.iter_mut().skip(ci + 1) {
-                    if c.peek(self, gen)? == Some(loc) {
-                        c.take();
-                    }
-                }
-                // Nothing older than the oldest run: its tombstones have nothing to hide.
-                if !(oldest && (e.1, e.2) == TOMB) {
-                    w.push(e);
-                }
-                if let Some(b) = w.take_full() {
-                    self.commit(b)?;
-                }
+            if !self.merge_group(gen, &inputs, oldest, locked)? {
+                return Ok(());
             }
-            let (run, mut batch) = w.finish(level);
-            let change = RunChange {
-                added: run.into_iter().collect(),
-                removed: inputs.iter().map(|r| r.id).collect(),
-            };
-            for r in &inputs {
-                batch.delete_prefix(fmt::run_prefix(&self.id, gen, r.id));
-            }
-            let (epoch, runs) = {
-                let d = self.data.read();
-                let epoch = d.epoch + 1;
-                let runs = apply_runs(&d.runs, &change);
-                let st = State::of(&d, d.dimension, epoch, d.meta_digest, &d.pages, &runs);
-                self.put_state(&mut batch, &st);
-                (epoch, runs)
-            };
-            let _window = self.write_window();
-            self.commit(batch)?;
-            {
-                let mut d = self.data.write();
-                d.epoch = epoch;
-                d.runs = runs;
-            }
-            tracing::debug!(index = %self.name, level, runs = inputs.len(), secs = t.elapsed().as_secs_f32(), "position runs merged");
         }
     }
+
+    /// Merge `inputs` (consecutive runs of generation `gen`; `oldest`: nothing older exists)
+    /// into one run of the next level. `Ok(false)`: the index moved on and nothing was kept.
+    fn merge_group(
+        &self,
+        gen: u32,
+        inputs: &[Arc<Run>],
+        oldest: bool,
+        locked: bool,
+    ) -> Result<bool, EngineError> {
+        let level = inputs[0].level.saturating_add(1);
+        let t = std::time::Instant::now();
+        let expected: u64 = inputs.iter().map(|r| r.entries).sum();
+        let mut w = RunWriter::new(self.id, &self.keys, gen, expected as usize);
+        let new_id = w.id;
+        // Whether the index is still where the merge found it, checked under the writer
+        // lock (the caller's, or taken here); `last` also needs every input still listed.
+        let current = |last: bool| -> bool {
+            let d = self.data.read();
+            !self.deleted.load(Ordering::Acquire)
+                && (locked || !self.shutdown.load(Ordering::Acquire))
+                && d.gen == gen
+                && (!last || inputs.iter().all(|r| d.runs.iter().any(|x| x.id == r.id)))
+        };
+        let mut stored_any = false;
+        let mut cursors: Vec<Cursor> = inputs.iter().map(|r| Cursor::new(r.clone())).collect();
+        loop {
+            // The smallest locator among the cursors; the newest run holding it wins.
+            let mut best: Option<(usize, [u8; 16])> = None;
+            for (ci, c) in cursors.iter_mut().enumerate() {
+                if let Some(loc) = c.peek(self, gen)? {
+                    if best.is_none_or(|(_, b)| loc < b) {
+                        best = Some((ci, loc));
+                    }
+                }
+            }
+            let Some((ci, loc)) = best else { break };
+            let e = cursors[ci].take();
+            for c in cursors.iter_mut().skip(ci + 1) {
+                if c.peek(self, gen)? == Some(loc) {
+                    c.take();
+                }
+            }
+            // Nothing older than the oldest run: its tombstones have nothing to hide.
+            if !(oldest && (e.1, e.2) == TOMB) {
+                w.push(e);
+            }
+            if let Some(b) = w.take_full() {
+                let _w = (!locked).then(|| self.writer.lock());
+                if !current(false) {
+                    drop(_w);
+                    return self.drop_merged(gen, new_id, stored_any, locked);
+                }
+                self.commit(b)?;
+                stored_any = true;
+            }
+        }
+        let (run, mut batch) = w.finish(level);
+        let change = RunChange {
+            added: run.into_iter().collect(),
+            removed: inputs.iter().map(|r| r.id).collect(),
+        };
+        for r in inputs {
+            batch.delete_prefix(fmt::run_prefix(&self.id, gen, r.id));
+        }
+        let _w = (!locked).then(|| self.writer.lock());
+        if !current(true) {
+            drop(_w);
+            return self.drop_merged(gen, new_id, stored_any, locked);
+        }
+        let (epoch, runs) = {
+            let d = self.data.read();
+            let epoch = d.epoch + 1;
+            let runs = apply_runs(&d.runs, &change);
+            let st = State::of(&d, d.dimension, epoch, d.meta_digest, &d.pages, &runs);
+            self.put_state(&mut batch, &st);
+            (epoch, runs)
+        };
+        let _window = self.write_window();
+        self.commit(batch)?;
+        {
+            let mut d = self.data.write();
+            d.epoch = epoch;
+            d.runs = runs;
+        }
+        tracing::debug!(index = %self.name, level, runs = inputs.len(), secs = t.elapsed().as_secs_f32(), "position runs merged");
+        Ok(true)
+    }
+
+    /// A merge the index moved past: delete the pages it stored (nothing lists them), if
+    /// the index still exists to hold them. Always `Ok(false)`.
+    fn drop_merged(
+        &self,
+        gen: u32,
+        run: u64,
+        stored_any: bool,
+        locked: bool,
+    ) -> Result<bool, EngineError> {
+        if stored_any {
+            let _w = (!locked).then(|| self.writer.lock());
+            if !self.deleted.load(Ordering::Acquire) {
+                let mut b = WriteBatch::new();
+                b.delete_prefix(fmt::run_prefix(&self.id, gen, run));
+                self.commit(b)?;
+            }
+        }
+        tracing::debug!(index = %self.name, "position-run merge dropped: the index changed under it");
+        Ok(false)
+    }
+}
+
+/// Which merges a merger takes. Small ones (inputs at levels 0 and 1: at most tens of
+/// thousands of entries, milliseconds) are kept apart from big ones (level 2 and up: up to
+/// millions of entries, seconds at 10M), so that a big merge in the background never holds
+/// back the small merges that every few write batches ask for. The two never share an
+/// input, and each puts its run where its inputs were, so they may run at once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Lane {
+    Small = 0,
+    Big = 1,
+}
+
+impl Lane {
+    pub(crate) const BOTH: [Lane; 2] = [Lane::Small, Lane::Big];
+
+    fn takes(self, level: u8) -> bool {
+        (level >= 2) == (self == Lane::Big)
+    }
+
+    /// How many runs one level of this lane may pile up to while its merger is behind,
+    /// before writers wait for it (see `merge`): what bounds the runs a lookup goes through.
+    fn backlog(self) -> usize {
+        match self {
+            Lane::Small => 4 * FANOUT,
+            Lane::Big => 3 * FANOUT,
+        }
+    }
+}
+
+/// The first group of consecutive runs at one level (of `lane`'s levels; `None`: any) that
+/// holds at least [`FANOUT`] runs, as a range of `runs`.
+pub(crate) fn pick(runs: &[Arc<Run>], lane: Option<Lane>) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i < runs.len() {
+        let level = runs[i].level;
+        let j = i + runs[i..].iter().take_while(|r| r.level == level).count();
+        if j - i >= FANOUT && lane.is_none_or(|l| l.takes(level)) {
+            return Some((i, j));
+        }
+        i = j;
+    }
+    None
+}
+
+/// Whether some level of `lane` holds more runs than its backlog allows.
+pub(crate) fn crowded(runs: &[Arc<Run>], lane: Lane) -> bool {
+    let mut per_level = [0usize; 32];
+    for r in runs {
+        if lane.takes(r.level) {
+            per_level[(r.level as usize).min(31)] += 1;
+        }
+    }
+    per_level.iter().any(|&n| n > lane.backlog())
 }
 
 /// A merge's read position in one input run.
@@ -681,7 +790,7 @@ impl<'a> BulkRuns<'a> {
         buf.par_sort_unstable_by_key(|e| e.0);
         buf.dedup_by(|a, b| a.0 == b.0);
         let level = level_for(buf.len() as u64);
-        let mut w = RunWriter::new(self.index, self.keys, self.gen);
+        let mut w = RunWriter::new(self.index, self.keys, self.gen, buf.len());
         for e in buf {
             w.push(e);
             if let Some(b) = w.take_full() {

@@ -545,7 +545,7 @@ impl Index {
         *self.id_filter.lock() = Some(all_ids);
         self.cache.forget(&self.id, Some(old_gen));
         self.code_cached();
-        self.compact_runs()?;
+        self.merge_due()?;
         Ok(k)
     }
 

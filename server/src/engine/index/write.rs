@@ -7,6 +7,7 @@ impl Index {
     /// Insert or overwrite items. All items are validated first; on any error nothing is
     /// written. Returns the number of vectors the index now holds.
     pub fn upsert(&self, items: Vec<NewItem>) -> Result<usize, EngineError> {
+        self.merge_backpressure()?;
         self.retrying(items, |i| i.clone(), |i| self.upsert_once(i))
     }
 
@@ -298,7 +299,7 @@ impl Index {
         let count = d.count();
         drop(d);
         drop(_window);
-        self.compact_runs()?;
+        self.merge_due()?;
         Ok(count)
     }
 
@@ -354,6 +355,7 @@ impl Index {
 
     /// Delete items by id; unknown ids are skipped. Returns how many were deleted.
     pub fn delete_ids(&self, ids: &[String]) -> Result<usize, EngineError> {
+        self.merge_backpressure()?;
         self.retrying((), |_| (), |_| self.delete_once(ids))
     }
 
@@ -438,7 +440,7 @@ impl Index {
             d.runs = runs;
             self.install(&mut d, touched, epoch, made);
         }
-        self.compact_runs()?;
+        self.merge_due()?;
         Ok(removed)
     }
 }

@@ -335,7 +335,14 @@ fn a_coarse_generation_stores_each_blocks_codes_and_a_cold_query_reads_codes_not
     let before = counting.reads();
     let warm = ix.search(&queries()[..1], &p).unwrap();
     assert_eq!(format!("{warm:?}"), format!("{cold:?}"));
-    assert_eq!(counting.reads().1, before.1, "codes come from the cache");
+    let now = counting.reads();
+    assert_eq!(now.1, before.1, "codes come from the cache");
+    // So do the candidates' row records and the hits' heads, read once by the cold query.
+    assert_eq!(
+        (now.0, now.2),
+        (before.0, before.2),
+        "rows and heads are cached"
+    );
     // Retrained without the pass: the codes records go with the old generation.
     train(&e, &ix, false);
     assert!(codes_records(&*store).is_empty());
