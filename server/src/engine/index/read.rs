@@ -6,6 +6,19 @@ use super::*;
 /// Fewest keys per share of a parallel store read ([`Index::get_many_par`]).
 const PAR_READ_MIN_KEYS: usize = 8;
 
+/// Store reads in flight at once for one batched read ([`Index::get_many_par`]).
+const READ_THREADS: usize = 8;
+
+/// The threads batched store reads run on: more than the cores, since a read that misses
+/// the OS page cache waits for the disk, and the disk serves several reads at once.
+static READ_POOL: std::sync::LazyLock<Option<rayon::ThreadPool>> = std::sync::LazyLock::new(|| {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(READ_THREADS)
+        .thread_name(|i| format!("sealdb-read-{i}"))
+        .build()
+        .ok()
+});
+
 impl Index {
     /// The cache key of block `list/block` of generation `gen` at `epoch`.
     pub(super) fn key_at(&self, gen: u32, list: usize, block: u32, epoch: u64) -> BlockKey {
@@ -158,14 +171,15 @@ impl Index {
         &self,
         keys: &[Vec<u8>],
     ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-        let parts = rayon::current_num_threads().min(keys.len() / PAR_READ_MIN_KEYS);
-        if parts <= 1 {
+        let parts = READ_THREADS.min(keys.len() / PAR_READ_MIN_KEYS);
+        let Some(pool) = READ_POOL.as_ref().filter(|_| parts > 1) else {
             return Ok(self.store.get_many(keys)?);
-        }
-        let got: Vec<Vec<Option<Vec<u8>>>> = keys
-            .par_chunks(keys.len().div_ceil(parts))
-            .map(|part| self.store.get_many(part))
-            .collect::<Result<_, _>>()?;
+        };
+        let got: Vec<Vec<Option<Vec<u8>>>> = pool.install(|| {
+            keys.par_chunks(keys.len().div_ceil(parts))
+                .map(|part| self.store.get_many(part))
+                .collect::<Result<_, _>>()
+        })?;
         Ok(got.into_iter().flatten().collect())
     }
 

@@ -520,8 +520,15 @@ impl Index {
                 };
                 (d.gen, d.runs[i..j].to_vec(), j == d.runs.len())
             };
-            if !self.merge_group(gen, &inputs, oldest, locked)? {
-                return Ok(());
+            match self.merge_group(gen, &inputs, oldest, locked) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                // A training or a delete removed the runs the merge was reading.
+                Err(e) if !locked && self.moved_past(gen) => {
+                    tracing::debug!(index = %self.name, error = %e, "position-run merge dropped: the index changed under it");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -612,6 +619,11 @@ impl Index {
         }
         tracing::debug!(index = %self.name, level, runs = inputs.len(), secs = t.elapsed().as_secs_f32(), "position runs merged");
         Ok(true)
+    }
+
+    /// Whether generation `gen` of the index is gone (retrained or deleted).
+    fn moved_past(&self, gen: u32) -> bool {
+        self.deleted.load(Ordering::Acquire) || self.data.read().gen != gen
     }
 
     /// A merge the index moved past: delete the pages it stored (nothing lists them), if
