@@ -4,7 +4,7 @@ an index far larger than the budget, data generated in seeded chunks so this cli
 holds it all.
 
     big.py --bin target/release/sealdb --work /tmp/big [--n 10000000] [--cache-mb 1024]
-           [--drop-caches]
+           [--drop-caches] [--passes N | --only upsert | --only cold]
 
 Phases, each printed as it finishes and all together as one JSON line at the end:
   1. generate: request bodies (batches of 1000, binary upsert) written once under --work and
@@ -229,6 +229,57 @@ def passes(args):
     print(json.dumps({"passes": out, "peak_rss_mb": srv.peak_kb / 1024}))
 
 
+def server_cpu_s(srv):
+    with open(f"/proc/{srv.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def upsert_only(args):
+    """`--only upsert`: phase 2 alone, into `--work`/upsert (replaced)."""
+    bodies_dir, _ = generate(args.work, args.n, args.seed)
+    data = os.path.join(args.work, "upsert")
+    subprocess.run(["rm", "-rf", data], check=True)
+    os.makedirs(data)
+    srv = Server(os.path.abspath(args.bin), data, args.port, ["--index-cache-mb", str(args.cache_mb)])
+    srv.start()
+    conn = Conn(f"http://127.0.0.1:{args.port}", None)
+    conn.post("/v1/indexes/create", json.dumps({"index_name": NAME, "index_key": key_for(args.seed),
+                                                "dimension": DIM, "metric": "euclidean"}).encode())
+    files = sorted(os.listdir(bodies_dir))
+    cpu0, t0 = server_cpu_s(srv), time.perf_counter()
+    for f in files:
+        with open(os.path.join(bodies_dir, f), "rb") as fh:
+            conn.post("/v1/vectors/upsert_binary", fh.read())
+    dt = time.perf_counter() - t0
+    cores = (server_cpu_s(srv) - cpu0) / dt
+    conn.c.close()
+    srv.stop()
+    print(json.dumps({"upsert_binary_vps": args.n / dt, "server_cores": cores,
+                      "peak_rss_mb": srv.peak_kb / 1024}))
+
+
+def cold_only(args):
+    """`--only cold`: phase 5 alone, on the trained data of an earlier run."""
+    truth = np.load(os.path.join(args.work, f"truth-{args.n}-{args.seed}.npy"))
+    key = key_for(args.seed)
+    qbodies = [qbody(key, v) for v in queries(args.seed)][:args.cold_queries]
+    if args.drop_caches:
+        drop_caches()
+    srv = Server(os.path.abspath(args.bin), os.path.join(args.work, "server"), args.port,
+                 ["--index-cache-mb", str(args.cache_mb)])
+    srv.start()
+    conn = Conn(f"http://127.0.0.1:{args.port}", None)
+    io0 = srv.io()
+    lat, found = singles(conn, qbodies)
+    io1 = srv.io()
+    conn.c.close()
+    srv.stop()
+    print(json.dumps({"cold_p50_ms": float(np.percentile(lat, 50) * 1e3),
+                      "disk_bytes_per_query": (io1["read_bytes"] - io0["read_bytes"]) / len(lat),
+                      "recall_at_10": recall(found, truth[:len(lat)])}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
@@ -242,9 +293,18 @@ def main():
     ap.add_argument("--passes", type=int, default=0,
                     help="only start a fresh server on the data an earlier run left under --work and "
                          "time this many passes over the queries (p50/p99 per pass; the first is cold)")
+    ap.add_argument("--only", choices=["upsert", "cold"],
+                    help="upsert: only upsert every body into a fresh data directory under --work "
+                         "(vectors/s, server cores, peak RSS; it leaves the index untrained); "
+                         "cold: only the cold phase on the trained data an earlier run left there "
+                         "(with --drop-caches, the page cache dropped first)")
     args = ap.parse_args()
     if args.passes:
         return passes(args)
+    if args.only == "upsert":
+        return upsert_only(args)
+    if args.only == "cold":
+        return cold_only(args)
     os.makedirs(args.work, exist_ok=True)
     out = {"scenario": f"{args.n // 1_000_000}m-128" if args.n >= 1_000_000 else f"{args.n}-128",
            "n": args.n, "cache_mb": args.cache_mb}

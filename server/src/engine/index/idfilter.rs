@@ -16,9 +16,18 @@ pub(crate) struct IdFilter {
 }
 
 impl IdFilter {
+    fn bits_for(items: usize) -> usize {
+        (items.max(8192) * BITS_PER_ITEM).next_power_of_two()
+    }
+
+    /// The bytes of a filter sized for `items`.
+    pub(crate) fn bytes_for(items: usize) -> usize {
+        Self::bits_for(items) / 8
+    }
+
     /// An empty filter sized for `items`.
     pub(crate) fn with_capacity(items: usize) -> Self {
-        let nbits = (items.max(8192) * BITS_PER_ITEM).next_power_of_two();
+        let nbits = Self::bits_for(items);
         Self {
             bits: vec![0; nbits / 64],
             mask: nbits as u64 - 1,

@@ -545,6 +545,11 @@ impl Index {
         let level = inputs[0].level.saturating_add(1);
         let t = std::time::Instant::now();
         let expected: u64 = inputs.iter().map(|r| r.entries).sum();
+        // A big merge's working set (its run's filter, a write batch being filled and one
+        // being stored) is lent from the cache budget, as a training's is; small merges
+        // (levels 0-1: under a megabyte) are not worth resizing the cache for.
+        let working = IdFilter::bytes_for(expected as usize) + 2 * WRITE_CHUNK_BYTES;
+        let _lent = (expected >= 1 << 16).then(|| self.cache.reserve(working as u64));
         let mut w = RunWriter::new(self.id, &self.keys, gen, expected as usize);
         let new_id = w.id;
         // Whether the index is still where the merge found it, checked under the writer

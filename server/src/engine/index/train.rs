@@ -545,7 +545,10 @@ impl Index {
         *self.id_filter.lock() = Some(all_ids);
         self.cache.forget(&self.id, Some(old_gen));
         self.code_cached();
-        self.merge_due()?;
+        // The new generation's runs (one per 2^20 positions sorted) are merged before the
+        // training returns, under its writer lock: a training ends with the index settled,
+        // not with a merge of millions of positions competing with the first queries.
+        self.compact_runs(None, true)?;
         Ok(k)
     }
 
