@@ -229,6 +229,18 @@ def passes(args):
     print(json.dumps({"passes": out, "peak_rss_mb": srv.peak_kb / 1024}))
 
 
+def fresh_server(args, data):
+    """A server on an emptied data directory `data`, with the benchmark's index created."""
+    subprocess.run(["rm", "-rf", data], check=True)
+    os.makedirs(data)
+    srv = Server(os.path.abspath(args.bin), data, args.port, ["--index-cache-mb", str(args.cache_mb)])
+    srv.start()
+    conn = Conn(f"http://127.0.0.1:{args.port}", None)
+    conn.post("/v1/indexes/create", json.dumps({"index_name": NAME, "index_key": key_for(args.seed),
+                                                "dimension": DIM, "metric": "euclidean"}).encode())
+    return srv, conn
+
+
 def server_cpu_s(srv):
     with open(f"/proc/{srv.proc.pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -238,14 +250,7 @@ def server_cpu_s(srv):
 def upsert_only(args):
     """`--only upsert`: phase 2 alone, into `--work`/upsert (replaced)."""
     bodies_dir, _ = generate(args.work, args.n, args.seed)
-    data = os.path.join(args.work, "upsert")
-    subprocess.run(["rm", "-rf", data], check=True)
-    os.makedirs(data)
-    srv = Server(os.path.abspath(args.bin), data, args.port, ["--index-cache-mb", str(args.cache_mb)])
-    srv.start()
-    conn = Conn(f"http://127.0.0.1:{args.port}", None)
-    conn.post("/v1/indexes/create", json.dumps({"index_name": NAME, "index_key": key_for(args.seed),
-                                                "dimension": DIM, "metric": "euclidean"}).encode())
+    srv, conn = fresh_server(args, os.path.join(args.work, "upsert"))
     files = sorted(os.listdir(bodies_dir))
     cpu0, t0 = server_cpu_s(srv), time.perf_counter()
     for f in files:
@@ -321,13 +326,7 @@ def main():
     qbodies = [qbody(key, v) for v in q]
 
     data = os.path.join(args.work, "server")
-    subprocess.run(["rm", "-rf", data], check=True)
-    os.makedirs(data)
-    srv = Server(os.path.abspath(args.bin), data, args.port, ["--index-cache-mb", str(args.cache_mb)])
-    srv.start()
-    conn = Conn(f"http://127.0.0.1:{args.port}", None)
-    conn.post("/v1/indexes/create", json.dumps({"index_name": NAME, "index_key": key, "dimension": DIM,
-                                                "metric": "euclidean"}).encode())
+    srv, conn = fresh_server(args, data)
     files = sorted(os.listdir(bodies_dir))
     # Read the bodies once so that the timed loop sends from the page cache, not the disk
     # (an earlier --drop-caches run leaves them cold).

@@ -4,7 +4,7 @@ use rand::{Rng, SeedableRng};
 use sealdb_store_memory::MemoryStore;
 use serde_json::json;
 
-fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
+pub(crate) fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig {
     IndexConfig {
         metric,
         precision,
@@ -25,7 +25,7 @@ fn engine_with_cache(store: Arc<dyn IndexStore>, cache_limit_bytes: Option<usize
     engine_with(store, cache_limit_bytes, false)
 }
 
-fn engine_with(
+pub(crate) fn engine_with(
     store: Arc<dyn IndexStore>,
     cache_limit_bytes: Option<usize>,
     background_merges: bool,
@@ -43,7 +43,7 @@ fn engine_with(
     )
 }
 
-fn create(e: &Engine, name: &str, kek: &Kek, config: IndexConfig) {
+pub(crate) fn create(e: &Engine, name: &str, kek: &Kek, config: IndexConfig) {
     e.create(CreateSpec {
         name: name.into(),
         id: crate::engine::new_index_id(),

@@ -130,42 +130,17 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CreateSpec, Engine, EngineConfig, NewItem};
+    use crate::engine::tests::{cfg, create, engine_with};
+    use crate::engine::NewItem;
 
     /// A merge whose index was deleted while it read stores nothing and changes nothing,
     /// and the same merge on a live index goes through.
     #[test]
     fn a_merge_the_index_moved_past_is_dropped() {
         let store: Arc<dyn IndexStore> = Arc::new(sealdb_store_memory::MemoryStore::new());
-        let e = Engine::new(
-            store.clone(),
-            EngineConfig {
-                auto_train_min_vectors: usize::MAX,
-                auto_train: false,
-                cache_limit_bytes: None,
-                train_time_limit: None,
-                coarse_min_bytes: None,
-                background_merges: true,
-            },
-        );
+        let e = engine_with(store.clone(), None, true);
         let kek = Kek::random();
-        e.create(CreateSpec {
-            name: "m".into(),
-            id: crate::engine::new_index_id(),
-            envelope: None,
-            kek: kek.clone(),
-            config: IndexConfig {
-                metric: Metric::Euclidean,
-                precision: Precision::F32,
-                embedding_model: None,
-                declared_dimension: 2,
-                created_at: 0,
-                metadata_schema: Vec::new(),
-                bm25: Default::default(),
-                value_index: true,
-            },
-        })
-        .unwrap();
+        create(&e, "m", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
         let ix = e.open("m", Some(&kek)).unwrap();
         // Stand in for a running small-lane merger, so that the writes leave the merge due.
         ix.mergers.running.lock()[Lane::Small as usize] = true;
