@@ -3,7 +3,8 @@
 //! the shared [`BlockCache`]; an item's block is found through its position record.
 //!
 //! Concurrency: `writer` serialises everything that changes the index (upsert, delete, the
-//! final step of training, deleting the index). A writer prepares its change under a *read*
+//! final step of training, deleting the index, and each store write of a background merge
+//! of position runs, see `merge`). A writer prepares its change under a *read*
 //! lock of `data` (queries keep running), writes it to the store in one atomic batch, and only
 //! then takes the write lock for the moment it needs to install the change in memory. So a
 //! failed store write leaves memory untouched, and memory never shows what the store lacks.
