@@ -528,12 +528,16 @@ impl Index {
         d: &Data,
         at: &[(u32, u32)],
     ) -> Result<HashMap<(u32, u32), Arc<Block>>, EngineError> {
+        // Each head's manifest entry: its epoch (the cache key, the AAD) and row count.
+        let metas: Vec<&BlockMeta> = at
+            .iter()
+            .map(|&(l, b)| self.manifest_entry(d, l, b))
+            .collect::<Result<_, EngineError>>()?;
         let bkeys: Vec<BlockKey> = at
             .iter()
-            .map(|&(l, b)| {
-                Ok(self.key_at(d.gen, l as usize, b, self.manifest_entry(d, l, b)?.epoch))
-            })
-            .collect::<Result<_, EngineError>>()?;
+            .zip(&metas)
+            .map(|(&(l, b), m)| self.key_at(d.gen, l as usize, b, m.epoch))
+            .collect();
         let mut out: HashMap<(u32, u32), Arc<Block>> = HashMap::default();
         let mut miss: Vec<usize> = Vec::new();
         for (i, k) in bkeys.iter().enumerate() {
@@ -558,7 +562,7 @@ impl Index {
                     index: self.name.clone(),
                     what: format!("block {l}/{b} {what}"),
                 };
-                let m = self.manifest_entry(d, l, b)?;
+                let m = metas[i];
                 let v = v.ok_or_else(|| bad("is missing".into()))?;
                 let plain = self.keys.open(&fmt::aad_at(k, m.epoch), &v).map_err(|_| {
                     bad(format!(

@@ -55,8 +55,7 @@ impl Index {
         Ok(())
     }
 
-    /// After a write (or a training) is installed, under its writer lock: merge what is
-    /// due. In line (a shared store, or background merges off) that happens here; otherwise
+    /// After a write is installed, under its writer lock: merge what is due. In line (a shared store, or background merges off) that happens here; otherwise
     /// it starts the lanes' mergers and returns.
     pub(super) fn merge_due(&self) -> Result<(), EngineError> {
         if !self.merge_behind {

@@ -555,11 +555,12 @@ impl Index {
         // Whether the index is still where the merge found it, checked under the writer
         // lock (the caller's, or taken here); `last` also needs every input still listed.
         let current = |last: bool| -> bool {
-            let d = self.data.read();
-            !self.deleted.load(Ordering::Acquire)
+            !self.moved_past(gen)
                 && (locked || !self.shutdown.load(Ordering::Acquire))
-                && d.gen == gen
-                && (!last || inputs.iter().all(|r| d.runs.iter().any(|x| x.id == r.id)))
+                && (!last || {
+                    let d = self.data.read();
+                    inputs.iter().all(|r| d.runs.iter().any(|x| x.id == r.id))
+                })
         };
         let mut stored_any = false;
         let mut cursors: Vec<Cursor> = inputs.iter().map(|r| Cursor::new(r.clone())).collect();
@@ -587,8 +588,7 @@ impl Index {
             if let Some(b) = w.take_full() {
                 let _w = (!locked).then(|| self.writer.lock());
                 if !current(false) {
-                    drop(_w);
-                    return self.drop_merged(gen, new_id, stored_any, locked);
+                    return self.drop_merged(gen, new_id, stored_any);
                 }
                 self.commit(b)?;
                 stored_any = true;
@@ -604,8 +604,7 @@ impl Index {
         }
         let _w = (!locked).then(|| self.writer.lock());
         if !current(true) {
-            drop(_w);
-            return self.drop_merged(gen, new_id, stored_any, locked);
+            return self.drop_merged(gen, new_id, stored_any);
         }
         let (epoch, runs) = {
             let d = self.data.read();
@@ -632,21 +631,13 @@ impl Index {
     }
 
     /// A merge the index moved past: delete the pages it stored (nothing lists them), if
-    /// the index still exists to hold them. Always `Ok(false)`.
-    fn drop_merged(
-        &self,
-        gen: u32,
-        run: u64,
-        stored_any: bool,
-        locked: bool,
-    ) -> Result<bool, EngineError> {
-        if stored_any {
-            let _w = (!locked).then(|| self.writer.lock());
-            if !self.deleted.load(Ordering::Acquire) {
-                let mut b = WriteBatch::new();
-                b.delete_prefix(fmt::run_prefix(&self.id, gen, run));
-                self.commit(b)?;
-            }
+    /// the index still exists to hold them. Call with the writer lock held. Always
+    /// `Ok(false)`.
+    fn drop_merged(&self, gen: u32, run: u64, stored_any: bool) -> Result<bool, EngineError> {
+        if stored_any && !self.deleted.load(Ordering::Acquire) {
+            let mut b = WriteBatch::new();
+            b.delete_prefix(fmt::run_prefix(&self.id, gen, run));
+            self.commit(b)?;
         }
         tracing::debug!(index = %self.name, "position-run merge dropped: the index changed under it");
         Ok(false)
