@@ -1,6 +1,8 @@
-//! The default, embedded [`IndexStore`]: a redb file on local disk behind a write-ahead log.
+//! The default, embedded [`IndexStore`]: redb files on local disk behind a write-ahead log.
 //!
-//! All records live in a single redb table keyed by the server's byte keys. A [`WriteBatch`]
+//! Records live in a redb table keyed by the server's byte keys: in the main file, or, for
+//! key families the [`Grouping`] names, in a file per group that a prefix delete of the
+//! group removes whole (see [`files`]). A [`WriteBatch`]
 //! is appended to the log as one checksummed record (made durable with `fdatasync` under
 //! [`Durability::Sync`], the default) and is visible to readers at once; a background thread
 //! moves the log into redb in large durable transactions (see [`wal`]). After a crash the log
@@ -10,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, TableDefinition};
 use sealdb_plugin_api::store::prefix_upper_bound;
 use sealdb_plugin_api::{IndexStore, KeyValue, StoreError, UserStore, UserStoreError, WriteBatch};
 
+pub mod files;
 pub mod wal;
+pub use files::Grouping;
 pub use wal::{Durability, WalOptions};
 
 pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
@@ -26,10 +30,10 @@ pub const CACHE_BYTES: usize = 8 << 20;
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "sealdb.redb";
 
-/// An [`IndexStore`] backed by a redb database file and a write-ahead log in the same
+/// An [`IndexStore`] backed by redb database files and a write-ahead log in the same
 /// directory.
 pub struct RedbStore {
-    db: Arc<Database>,
+    files: Arc<files::Files>,
     wal: Arc<wal::Wal>,
     checkpointer: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -46,25 +50,33 @@ impl RedbStore {
     }
 
     /// Compact the store in directory `dir`, which no process may have open: replay any
-    /// log left behind, then let redb move the live pages to the front of the file and
-    /// truncate it (what trainings and deletes freed is otherwise kept for reuse, never
-    /// returned). Returns the file's size before and after.
-    pub fn compact_dir(dir: &Path) -> Result<(u64, u64), StoreError> {
+    /// log left behind, move every record to the file `grouping` puts it in (a store laid
+    /// out otherwise, e.g. created before groups, takes `grouping` from then on), then let
+    /// redb move the live pages of each file to its front and truncate it (what deletes
+    /// inside a file freed is otherwise kept for reuse, never returned). Returns the files'
+    /// total size before and after.
+    pub fn compact_dir(dir: &Path, grouping: Grouping) -> Result<(u64, u64), StoreError> {
         drop(Self::open_dir(dir)?);
-        let path = dir.join(FILE_NAME);
-        let size = || {
-            std::fs::metadata(&path)
+        let main = dir.join(FILE_NAME);
+        let paths = |dir: &Path| [vec![main.clone()], files::group_paths(dir)].concat();
+        let size = |p: &Path| {
+            std::fs::metadata(p)
                 .map(|m| m.len())
-                .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))
+                .map_err(|e| StoreError::Io(format!("{}: {e}", p.display())))
         };
-        let before = size()?;
-        let mut db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .open(&path)
-            .map_err(|e| StoreError::Io(format!("cannot open {}: {e}", path.display())))?;
-        db.compact().map_err(io)?;
-        drop(db);
-        Ok((before, size()?))
+        let mut before = 0;
+        for path in paths(dir) {
+            before += size(&path)?;
+        }
+        files::regroup(dir, files::open_db(&main, CACHE_BYTES, false)?, grouping)?;
+        let mut after = 0;
+        for path in paths(dir) {
+            let mut db = files::open_db(&path, CACHE_BYTES, false)?;
+            db.compact().map_err(io)?;
+            drop(db);
+            after += size(&path)?;
+        }
+        Ok((before, after))
     }
 
     /// Open (creating if needed) the store in directory `dir`. Log segments left by a crash
@@ -74,43 +86,34 @@ impl RedbStore {
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         // The server caches what it decrypted under its own budget and the OS caches the
-        // file; a small redb cache keeps memory from counting the data a third time.
+        // files; small redb caches keep memory from counting the data a third time.
         // The kernel's readahead stays on: it reads about three times the bytes a cold
         // query asks for (10M x 128: 12.5 MB from the disk for 3.9 MB of values), yet with
         // POSIX_FADV_RANDOM the same queries took 39-40 ms instead of 19-26 ms with the page
         // cache dropped, as neighbouring records (a list's codes, a block's row records)
         // then cost a read each.
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                    "{} is already open in another process",
-                    path.display()
-                )),
-                other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
-            })?;
+        let db = files::open_db(&path, CACHE_BYTES, true)?;
         // Create the tables so that readers never see "table does not exist".
         let tx = db.begin_write().map_err(io)?;
         tx.open_table(RECORDS).map_err(io)?;
         tx.open_table(USERS).map_err(io)?;
         tx.commit().map_err(io)?;
-        let db = Arc::new(db);
-        let wal = Arc::new(wal::Wal::open(db.clone(), dir, opts)?);
+        let files = Arc::new(files::Files::open(dir, db, opts.grouping)?);
+        let wal = Arc::new(wal::Wal::open(files.clone(), dir, opts)?);
         let worker = wal.clone();
         let checkpointer = std::thread::Builder::new()
             .name("redb-checkpoint".into())
             .spawn(move || worker.run_checkpointer())
             .map_err(io)?;
         Ok(Self {
-            db,
+            files,
             wal,
             checkpointer: Some(checkpointer),
             path,
         })
     }
 
-    /// The database file.
+    /// The main database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -195,7 +198,7 @@ fn user_prefix(index_id: &[u8]) -> Vec<u8> {
 /// Users live in their own table of the same file, keyed `len(index id) || index id || user id`.
 impl UserStore for RedbStore {
     fn put(&self, index_id: &[u8], user_id: &[u8], record: &[u8]) -> Result<(), UserStoreError> {
-        let tx = self.db.begin_write().map_err(uio)?;
+        let tx = self.files.main.begin_write().map_err(uio)?;
         {
             let mut t = tx.open_table(USERS).map_err(uio)?;
             t.insert(user_key(index_id, user_id).as_slice(), record)
@@ -205,7 +208,7 @@ impl UserStore for RedbStore {
     }
 
     fn get(&self, index_id: &[u8], user_id: &[u8]) -> Result<Option<Vec<u8>>, UserStoreError> {
-        let tx = self.db.begin_read().map_err(uio)?;
+        let tx = self.files.main.begin_read().map_err(uio)?;
         let t = tx.open_table(USERS).map_err(uio)?;
         Ok(t.get(user_key(index_id, user_id).as_slice())
             .map_err(uio)?
@@ -213,7 +216,7 @@ impl UserStore for RedbStore {
     }
 
     fn list(&self, index_id: &[u8]) -> Result<Vec<KeyValue>, UserStoreError> {
-        let tx = self.db.begin_read().map_err(uio)?;
+        let tx = self.files.main.begin_read().map_err(uio)?;
         let t = tx.open_table(USERS).map_err(uio)?;
         let prefix = user_prefix(index_id);
         let mut out = Vec::new();
@@ -230,7 +233,7 @@ impl UserStore for RedbStore {
     }
 
     fn delete(&self, index_id: &[u8], user_id: &[u8]) -> Result<bool, UserStoreError> {
-        let tx = self.db.begin_write().map_err(uio)?;
+        let tx = self.files.main.begin_write().map_err(uio)?;
         let existed = {
             let mut t = tx.open_table(USERS).map_err(uio)?;
             let existed = t
@@ -245,7 +248,7 @@ impl UserStore for RedbStore {
 
     fn delete_index(&self, index_id: &[u8]) -> Result<(), UserStoreError> {
         let ids: Vec<Vec<u8>> = self.list(index_id)?.into_iter().map(|(k, _)| k).collect();
-        let tx = self.db.begin_write().map_err(uio)?;
+        let tx = self.files.main.begin_write().map_err(uio)?;
         {
             let mut t = tx.open_table(USERS).map_err(uio)?;
             for id in ids {
@@ -284,7 +287,7 @@ mod tests {
         }
         s.write(b).unwrap();
         drop(s);
-        let (before, after) = RedbStore::compact_dir(dir.path()).unwrap();
+        let (before, after) = RedbStore::compact_dir(dir.path(), Grouping::NONE).unwrap();
         assert!(before > 20 << 20, "{before}");
         assert!(after * 3 < before, "{before} -> {after}");
         assert_eq!(
@@ -302,7 +305,7 @@ mod tests {
         drop(s);
         // A store open elsewhere is not compacted under it.
         let _open = RedbStore::open_dir(dir.path()).unwrap();
-        assert!(RedbStore::compact_dir(dir.path()).is_err());
+        assert!(RedbStore::compact_dir(dir.path(), Grouping::NONE).is_err());
     }
 
     #[test]
@@ -346,8 +349,15 @@ mod tests {
             durability,
             segment_bytes: 300,
             segment_keys: 8,
+            grouping: Grouping::NONE,
         }
     }
+
+    /// Keys `<kind><sub>/<n>`: kinds 0 and 1 grouped by their first two bytes.
+    const TEST_GROUPS: Grouping = Grouping {
+        kinds: b"01",
+        prefix_len: 2,
+    };
 
     fn put(s: &RedbStore, k: &str, v: &str) {
         let mut b = WriteBatch::new();
@@ -423,28 +433,46 @@ mod tests {
     }
 
     /// Random batches against a BTreeMap model while tiny segments force constant
-    /// checkpoints in the background; reads must always match the model.
+    /// checkpoints in the background; reads must always match the model. Keys fall into
+    /// groups (kinds 0 and 1) and the main file (2 and 3); prefix deletes cover a kind (many
+    /// whole groups), one group, or part of one; put back afterwards in the same batch.
     #[test]
     fn reads_match_a_model_across_checkpoints_and_reopen() {
+        for grouping in [Grouping::NONE, TEST_GROUPS] {
+            model_run(grouping);
+        }
+    }
+
+    fn model_run(grouping: Grouping) {
         use rand::{Rng, SeedableRng};
         use std::collections::BTreeMap;
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        let opts = small_segments(Durability::Relaxed);
+        let opts = WalOptions {
+            grouping,
+            ..small_segments(Durability::Relaxed)
+        };
         let mut s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
-        for round in 0..400 {
+        let mut drops = 0;
+        for round in 0..600 {
             let mut b = WriteBatch::new();
-            for _ in 0..rng.random_range(1..5) {
-                let k =
-                    format!("{}/{}", rng.random_range(0..4), rng.random_range(0..30)).into_bytes();
-                match rng.random_range(0..10) {
-                    0 => {
-                        let p = k[..2].to_vec();
+            for _ in 0..rng.random_range(1..6) {
+                let k = format!(
+                    "{}{}/{}",
+                    rng.random_range(0..4),
+                    rng.random_range(0..3),
+                    rng.random_range(0..20)
+                )
+                .into_bytes();
+                match rng.random_range(0..12) {
+                    0..=1 => {
+                        let p = k[..rng.random_range(1..4)].to_vec();
+                        drops += usize::from(p.len() <= 2 && k[0] <= b'1');
                         model.retain(|key, _| !key.starts_with(&p));
                         b.delete_prefix(p);
                     }
-                    1..=3 => {
+                    2..=4 => {
                         model.remove(&k);
                         b.delete(k);
                     }
@@ -456,15 +484,32 @@ mod tests {
                 }
             }
             s.write(b).unwrap();
-            let p = format!("{}/", rng.random_range(0..4)).into_bytes();
+            let p = format!("{}", rng.random_range(0..4)).into_bytes();
+            let p = match rng.random_range(0..3) {
+                0 => p,
+                1 => [p, format!("{}", rng.random_range(0..3)).into_bytes()].concat(),
+                _ => Vec::new(),
+            };
             let want: Vec<KeyValue> = model
                 .iter()
                 .filter(|(k, _)| k.starts_with(&p))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             assert_eq!(s.scan_prefix(&p).unwrap(), want, "round {round}");
-            let k = format!("{}/{}", rng.random_range(0..4), rng.random_range(0..30)).into_bytes();
-            assert_eq!(IndexStore::get(&s, &k).unwrap(), model.get(&k).cloned());
+            let keys: Vec<Vec<u8>> = (0..3)
+                .map(|_| {
+                    format!(
+                        "{}{}/{}",
+                        rng.random_range(0..4),
+                        rng.random_range(0..3),
+                        rng.random_range(0..20)
+                    )
+                    .into_bytes()
+                })
+                .collect();
+            let want: Vec<Option<Vec<u8>>> = keys.iter().map(|k| model.get(k).cloned()).collect();
+            assert_eq!(IndexStore::get(&s, &keys[0]).unwrap(), want[0]);
+            assert_eq!(s.get_many(&keys).unwrap(), want);
             if round % 100 == 99 {
                 if round % 200 == 199 {
                     s.crash();
@@ -475,6 +520,143 @@ mod tests {
                 let all: Vec<KeyValue> = model.clone().into_iter().collect();
                 assert_eq!(s.scan_prefix(b"").unwrap(), all, "after reopen at {round}");
             }
+        }
+        drop(s);
+        // Group files exist exactly for the groups that hold keys (or held some since their
+        // last drop), and never for the main file's kinds.
+        let files = files::group_paths(dir.path());
+        if grouping == Grouping::NONE {
+            assert!(files.is_empty());
+        } else {
+            assert!(drops > 20, "{drops}");
+            let live: std::collections::BTreeSet<Vec<u8>> = model
+                .keys()
+                .filter(|k| k[0] <= b'1')
+                .map(|k| k[..2].to_vec())
+                .collect();
+            assert!(files.len() >= live.len() && !live.is_empty(), "{files:?}");
+        }
+    }
+
+    /// A prefix delete of a whole group deletes its file: the space comes back at once,
+    /// through the log, a crash before the checkpoint, and the replay.
+    #[test]
+    fn dropping_a_group_returns_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            grouping: TEST_GROUPS,
+            ..WalOptions::default()
+        };
+        // 15 KiB: a value and its key fill one 16 KiB redb page.
+        let value = |i: u32| vec![(i % 251) as u8; 15 << 10];
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        for chunk in (0..1200u32).collect::<Vec<_>>().chunks(100) {
+            let mut b = WriteBatch::new();
+            for &i in chunk {
+                b.put(format!("0{}/{i:05}", i % 2), value(i));
+                b.put(format!("2{}/{i:05}", i % 2), b"small".to_vec());
+            }
+            s.write(b).unwrap();
+        }
+        drop(s);
+        let groups = files::group_paths(dir.path());
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        // Bytes the files take on disk (redb grows a file ahead of need, sparsely).
+        let group_bytes = |d: &Path| -> u64 {
+            use std::os::unix::fs::MetadataExt;
+            files::group_paths(d)
+                .iter()
+                .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+                .sum()
+        };
+        assert!(group_bytes(dir.path()) > 18 << 20);
+        let main_before = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
+        // Drop group "00" and put one key back in it in the same batch; crash before any
+        // checkpoint, so the replay carries out the drop.
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        let mut b = WriteBatch::new();
+        b.delete_prefix(b"00".to_vec())
+            .put(b"00/again".to_vec(), b"x".to_vec());
+        s.write(b).unwrap();
+        assert_eq!(s.scan_keys(b"00").unwrap(), vec![b"00/again".to_vec()]);
+        assert_eq!(s.scan_keys(b"01").unwrap().len(), 600);
+        s.crash();
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        assert_eq!(s.scan_keys(b"00").unwrap(), vec![b"00/again".to_vec()]);
+        assert!(
+            group_bytes(dir.path()) < 12 << 20,
+            "{}",
+            group_bytes(dir.path())
+        );
+        // Dropping a whole kind removes every group of it; the main file's keys are untouched.
+        let mut b = WriteBatch::new();
+        b.delete_prefix(b"0".to_vec());
+        s.write(b).unwrap();
+        assert!(s.scan_keys(b"0").unwrap().is_empty());
+        drop(s);
+        assert!(files::group_paths(dir.path()).is_empty());
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        assert_eq!(s.scan_keys(b"2").unwrap().len(), 1200);
+        assert!(std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len() <= main_before);
+    }
+
+    /// A store keeps the grouping it was created with: one written without groups is read
+    /// whole when opened with a grouping, and the other way round, until a compaction moves
+    /// its records (in many small steps here) to the layout it is asked for.
+    #[test]
+    fn a_store_keeps_the_grouping_it_was_created_with() {
+        for (first, then) in [(Grouping::NONE, TEST_GROUPS), (TEST_GROUPS, Grouping::NONE)] {
+            let dir = tempfile::tempdir().unwrap();
+            let with = |grouping| WalOptions {
+                grouping,
+                ..WalOptions::default()
+            };
+            let s = RedbStore::open_dir_with(dir.path(), with(first)).unwrap();
+            put(&s, "00/a", "1");
+            put(&s, "20/b", "2");
+            drop(s);
+            let grouped = !files::group_paths(dir.path()).is_empty();
+            assert_eq!(grouped, first == TEST_GROUPS);
+            let s = RedbStore::open_dir_with(dir.path(), with(then)).unwrap();
+            put(&s, "01/c", "3");
+            let mut b = WriteBatch::new();
+            b.delete_prefix(b"00".to_vec());
+            s.write(b).unwrap();
+            assert_eq!(
+                s.scan_keys(b"").unwrap(),
+                vec![b"01/c".to_vec(), b"20/b".to_vec()]
+            );
+            drop(s);
+            let s = RedbStore::open_dir_with(dir.path(), with(then)).unwrap();
+            assert_eq!(
+                s.scan_keys(b"").unwrap(),
+                vec![b"01/c".to_vec(), b"20/b".to_vec()]
+            );
+            assert_eq!(!files::group_paths(dir.path()).is_empty(), grouped);
+            // Compaction moves the records to the asked-for layout, which then holds.
+            for i in 0..300 {
+                put(
+                    &s,
+                    &format!("{}{}/{i:03}", i % 4, i % 3),
+                    &format!("{i:0100}"),
+                );
+            }
+            let want = s.scan_prefix(b"").unwrap();
+            drop(s);
+            RedbStore::compact_dir(dir.path(), then).unwrap();
+            let groups = files::group_paths(dir.path());
+            assert_eq!(groups.len(), if then == TEST_GROUPS { 6 } else { 0 });
+            let s = RedbStore::open_dir_with(dir.path(), with(first)).unwrap();
+            assert_eq!(s.scan_prefix(b"").unwrap(), want);
+            let mut b = WriteBatch::new();
+            b.delete_prefix(b"0".to_vec());
+            s.write(b).unwrap();
+            drop(s);
+            let groups = files::group_paths(dir.path());
+            assert_eq!(groups.len(), if then == TEST_GROUPS { 3 } else { 0 });
+            let s = RedbStore::open_dir_with(dir.path(), with(first)).unwrap();
+            let left: Vec<KeyValue> = want.into_iter().filter(|(k, _)| k[0] != b'0').collect();
+            assert_eq!(s.scan_prefix(b"").unwrap(), left);
         }
     }
 
@@ -487,6 +669,11 @@ mod tests {
             durability: Durability::Relaxed,
             segment_bytes: 2048,
             segment_keys: 16,
+            // Writer t's keys are group "wt": every file is written by several checkpoints.
+            grouping: Grouping {
+                kinds: b"w",
+                prefix_len: 2,
+            },
         };
         let s = std::sync::Arc::new(RedbStore::open_dir_with(dir.path(), opts).unwrap());
         let writers: Vec<_> = (0..4u32)
@@ -595,6 +782,23 @@ mod conformance_tests {
         let p = dir.path().to_path_buf();
         sealdb_plugin_api::conformance::run_all(&move || {
             Arc::new(super::RedbStore::open_dir(&p).unwrap())
+        });
+    }
+
+    /// The same contract with most of the suite's keys in group files.
+    #[test]
+    fn conforms_to_the_store_contract_with_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_path_buf();
+        let opts = super::WalOptions {
+            grouping: super::Grouping {
+                kinds: b"LMkscb\x01\x02",
+                prefix_len: 2,
+            },
+            ..Default::default()
+        };
+        sealdb_plugin_api::conformance::run_all(&move || {
+            Arc::new(super::RedbStore::open_dir_with(&p, opts).unwrap())
         });
     }
 }

@@ -63,6 +63,15 @@ pub mod kind {
 
 pub type IndexId = [u8; INDEX_ID_LEN];
 
+/// The record kinds that belong to one generation and make up nearly all of its bytes
+/// (blocks, row records, codes, position runs): each is written in bulk by a training and
+/// deleted whole, by one prefix delete of `kind || index id || gen`, when the next one
+/// replaces it. A store may keep each such prefix apart (the redb store gives it a file of
+/// its own) so that the delete returns the space.
+pub const GENERATION_KINDS: &[u8] = &[kind::LIST, kind::ROWS, kind::CODES, kind::RUN];
+/// Length of the prefix `kind || index id || gen (u32 BE)` of those kinds' keys.
+pub const GENERATION_PREFIX_LEN: usize = 1 + INDEX_ID_LEN + 4;
+
 /// The scope of an index's own records in a shared store ([`IndexStore::version`]): every
 /// batch that changes the index names it, so a server sees another's writes and two
 /// servers' writes to one index never interleave.

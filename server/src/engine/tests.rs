@@ -17,6 +17,21 @@ pub(crate) fn cfg(metric: Metric, precision: Precision, dim: u32) -> IndexConfig
     }
 }
 
+/// The redb store as the server opens it (each generation's bulk records in files of
+/// their own), in `dir`.
+fn redb(dir: &std::path::Path) -> Arc<dyn IndexStore> {
+    Arc::new(
+        sealdb_store_redb::RedbStore::open_dir_with(
+            dir,
+            sealdb_store_redb::WalOptions {
+                grouping: crate::plugins::redb_grouping(),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
 fn engine(store: Arc<dyn IndexStore>) -> Arc<Engine> {
     engine_with_cache(store, None)
 }

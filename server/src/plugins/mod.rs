@@ -126,6 +126,16 @@ impl KmsFactory for DylibKmsFactory {
 }
 
 struct Redb;
+
+/// How the built-in redb store lays out a new data directory: each generation's blocks, row
+/// records, codes and runs in files of their own, so that a training's final batch, which
+/// deletes the old generation, deletes its files (docs/FORMAT.md "Store files").
+pub fn redb_grouping() -> sealdb_store_redb::Grouping {
+    sealdb_store_redb::Grouping {
+        kinds: crate::engine::format::GENERATION_KINDS,
+        prefix_len: crate::engine::format::GENERATION_PREFIX_LEN,
+    }
+}
 struct Memory;
 struct Filesystem;
 struct S3;
@@ -142,8 +152,9 @@ impl StoreFactory for Redb {
     fn open(&self, s: &StoreSettings<'_>) -> Result<Stores, String> {
         if s.compact {
             let t = std::time::Instant::now();
-            let (before, after) = sealdb_store_redb::RedbStore::compact_dir(s.disk_path)
-                .map_err(|e| format!("--compact-on-start: {e}"))?;
+            let (before, after) =
+                sealdb_store_redb::RedbStore::compact_dir(s.disk_path, redb_grouping())
+                    .map_err(|e| format!("--compact-on-start: {e}"))?;
             tracing::info!(
                 before_bytes = before,
                 after_bytes = after,
@@ -159,6 +170,7 @@ impl StoreFactory for Redb {
                         Durability::Sync => sealdb_store_redb::Durability::Sync,
                         Durability::Relaxed => sealdb_store_redb::Durability::Relaxed,
                     },
+                    grouping: redb_grouping(),
                     ..Default::default()
                 },
             )

@@ -43,8 +43,21 @@ fn working_set(sample_rows: usize, dim: usize, n: usize) -> usize {
         + 2 * TRAIN_READ_CHUNK_BYTES
         + TRAIN_OPEN_BLOCKS_BYTES
         + 2 * TRAIN_WRITE_CHUNK_BYTES
-        + 2 * TRAIN_RUN_ENTRIES * 24
+        + 2 * train_run_entries(n) * 24
         + n * 4
+}
+
+/// Positions sorted in memory per run while a training of `n` items writes a generation:
+/// [`TRAIN_RUN_ENTRIES`], or more, up to [`TRAIN_RUN_ENTRIES_MAX`], so that the new
+/// generation has fewer runs than a level holds before it is merged. A training then leaves
+/// no merge behind, and the new generation's runs are written once: a merge right after
+/// would write every position a second time, into pages the old runs then leave free in the
+/// store (10M items: 245 MB of a redb file).
+/// A power of two, as the sort buffer grows by doubling.
+fn train_run_entries(n: usize) -> usize {
+    n.div_ceil(runs::FANOUT - 1)
+        .next_power_of_two()
+        .clamp(TRAIN_RUN_ENTRIES, TRAIN_RUN_ENTRIES_MAX)
 }
 
 /// Default early stop for k-means: fewer than this fraction of sample points changed list in
@@ -62,8 +75,10 @@ const TRAIN_READ_CHUNK_BYTES: usize = 32 << 20;
 /// as they are (a list then has a block below the usual size).
 const TRAIN_OPEN_BLOCKS_BYTES: usize = 128 << 20;
 
-/// Positions sorted in memory per run while training writes a generation (24 MiB).
+/// Positions sorted in memory per run while training writes a generation, at least (24 MiB).
 const TRAIN_RUN_ENTRIES: usize = 1 << 20;
+/// ... and at most (96 MiB): trainings of more than `7 × 2^22` items merge their runs.
+const TRAIN_RUN_ENTRIES_MAX: usize = 4 << 20;
 
 /// Queries (stored rows) the `n_probes` calibration measures recall with.
 const CALIBRATION_QUERIES: usize = 200;
@@ -360,7 +375,7 @@ impl Index {
                 &self.keys,
                 Sink::Index(self),
                 gen,
-                TRAIN_RUN_ENTRIES,
+                train_run_entries(count),
             ),
             all: idfilter::IdFilter::with_capacity(count.saturating_mul(2)),
         };
@@ -545,9 +560,10 @@ impl Index {
         *self.id_filter.lock() = Some(all_ids);
         self.cache.forget(&self.id, Some(old_gen));
         self.code_cached();
-        // The new generation's runs (one per 2^20 positions sorted) are merged before the
-        // training returns, under its writer lock: a training ends with the index settled,
-        // not with a merge of millions of positions competing with the first queries.
+        // Any merge the new generation's runs leave due (only above 7 x 2^22 items, see
+        // `train_run_entries`) runs before the training returns, under its writer lock: a
+        // training ends with the index settled, not with a merge of millions of positions
+        // competing with the first queries.
         self.compact_runs(None, true)?;
         Ok(k)
     }
@@ -930,3 +946,24 @@ fn keep_best(best: &mut Vec<(f32, u32)>, dist: f32, list: u32) {
 
 /// Recall@10 the default `n_probes` must reach on the calibration sample.
 const CALIBRATION_RECALL: f64 = 0.99;
+
+#[cfg(test)]
+mod run_size_tests {
+    use super::*;
+
+    /// Up to 7 x 2^22 items a training writes fewer runs than a level holds, so none is
+    /// merged (and rewritten) right after; below 2^20 per run it never goes.
+    #[test]
+    fn a_training_leaves_no_merge_due_up_to_its_largest_runs() {
+        for n in [0, 1, 1000, 1 << 20, 7 << 20, 10_000_000, 7 << 21, 7 << 22] {
+            let per = train_run_entries(n);
+            assert!(
+                per.is_power_of_two() && per >= TRAIN_RUN_ENTRIES,
+                "{n}: {per}"
+            );
+            assert!(n.div_ceil(per) < runs::FANOUT, "{n}: {per}");
+        }
+        assert_eq!(train_run_entries(10_000_000), 1 << 21);
+        assert_eq!(train_run_entries(100_000_000), TRAIN_RUN_ENTRIES_MAX);
+    }
+}

@@ -10,10 +10,6 @@ const DIM: usize = 16;
 /// Far below the index's decrypted size (checked below).
 const BUDGET: usize = 128 << 10;
 
-fn redb(dir: &std::path::Path) -> Arc<dyn IndexStore> {
-    Arc::new(sealdb_store_redb::RedbStore::open_dir(dir).unwrap())
-}
-
 fn vector(rng: &mut StdRng, cluster: usize) -> Vec<f32> {
     (0..DIM)
         .map(|d| (cluster * 7 + d) as f32 % 5.0 + rng.random::<f32>())

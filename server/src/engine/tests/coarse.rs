@@ -8,10 +8,6 @@ use super::*;
 const DIM: usize = 128;
 const N: usize = 20_000;
 
-fn redb(dir: &std::path::Path) -> Arc<dyn IndexStore> {
-    Arc::new(sealdb_store_redb::RedbStore::open_dir(dir).unwrap())
-}
-
 /// Eight well-separated clusters, so that 48 lists split each in six and queries
 /// probe few of them (no 8-bit pass).
 fn vector(rng: &mut StdRng, cluster: usize) -> Vec<f32> {
@@ -584,4 +580,83 @@ fn writes_to_a_split_generation_keep_one_row_record_per_31_rows_and_drop_the_res
     drop(ix);
     // The same answers from a fresh engine reading rows alone, and reading whole blocks.
     same_from_fresh_engines(&store, &kek, &want);
+}
+
+/// The generations that have files in the redb store at `dir`: `(kind, gen)` of each.
+fn generation_files(dir: &std::path::Path) -> std::collections::BTreeSet<(u8, u32)> {
+    std::fs::read_dir(dir.join("groups"))
+        .into_iter()
+        .flatten()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter_map(|n| n.strip_suffix(".redb").map(str::to_owned))
+        .map(|hex| {
+            let b: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            assert_eq!(b.len(), format::GENERATION_PREFIX_LEN);
+            (b[0], u32::from_be_bytes(b[17..21].try_into().unwrap()))
+        })
+        .collect()
+}
+
+/// Bytes the files under `dir` take on disk.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| match p.is_dir() {
+            true => disk_bytes(&p),
+            false => std::fs::metadata(&p).unwrap().blocks() * 512,
+        })
+        .sum()
+}
+
+/// On the redb store each generation's blocks, row records, codes and runs have files of
+/// their own, so the final batch of a training, which deletes the old generation, deletes
+/// its files: the data directory does not keep two generations' worth of pages after a
+/// retraining, and deleting the index leaves no generation file behind.
+#[test]
+fn a_training_deletes_the_old_generations_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = Kek::random();
+    let want = answers(&in_memory().3);
+    let kinds = |g: u32| -> std::collections::BTreeSet<(u8, u32)> {
+        format::GENERATION_KINDS.iter().map(|&k| (k, g)).collect()
+    };
+    // Stores are dropped before each look: their checkpointer has then carried out every
+    // batch (the deletes of files included).
+    let first = {
+        let e = engine(redb(dir.path()));
+        let ix = filled(&e, &kek, items(1, 0..N), true);
+        assert_eq!(answers(&ix), want);
+        let gen = ix.read().gen;
+        gen
+    };
+    assert_eq!(generation_files(dir.path()), kinds(first));
+    let trained_once = disk_bytes(dir.path());
+    let second = {
+        let e = engine(redb(dir.path()));
+        let ix = e.open("c", Some(&kek)).unwrap();
+        train(&e, &ix, true);
+        assert_eq!(answers(&ix), want);
+        let gen = ix.read().gen;
+        gen
+    };
+    assert!(second > first);
+    assert_eq!(generation_files(dir.path()), kinds(second));
+    let trained_twice = disk_bytes(dir.path());
+    // One generation on disk, not two (a file per store kept both: about 2x).
+    assert!(
+        trained_twice * 10 < trained_once * 12,
+        "{trained_once} -> {trained_twice}"
+    );
+    {
+        let e = engine(redb(dir.path()));
+        assert_eq!(answers(&e.open("c", Some(&kek)).unwrap()), want);
+        e.delete("c", Some(&kek)).unwrap();
+    }
+    assert!(generation_files(dir.path()).is_empty());
+    assert!(redb(dir.path()).scan_prefix(b"").unwrap().is_empty());
 }

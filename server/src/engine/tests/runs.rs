@@ -11,8 +11,7 @@ use super::*;
 #[test]
 fn position_runs_merge_and_answer_as_a_map() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn IndexStore> =
-        Arc::new(sealdb_store_redb::RedbStore::open_dir(dir.path()).unwrap());
+    let store = redb(dir.path());
     let kek = Kek::random();
     let e = engine(store.clone());
     create(&e, "r", &kek, cfg(Metric::Euclidean, Precision::F32, 2));
@@ -94,8 +93,7 @@ fn position_runs_merge_and_answer_as_a_map() {
 fn background_merges_answer_as_a_map() {
     use std::collections::BTreeMap;
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn IndexStore> =
-        Arc::new(sealdb_store_redb::RedbStore::open_dir(dir.path()).unwrap());
+    let store = redb(dir.path());
     let kek = Kek::random();
     let e = engine_with(store.clone(), Some(4 << 20), true);
     create(&e, "bg", &kek, cfg(Metric::Euclidean, Precision::F32, 4));

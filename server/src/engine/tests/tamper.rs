@@ -24,9 +24,7 @@ struct Setup {
 
 fn stores() -> Vec<(&'static str, OpenStore)> {
     vec![
-        ("redb", |p| {
-            Arc::new(sealdb_store_redb::RedbStore::open_dir(p).unwrap()) as Arc<dyn IndexStore>
-        }),
+        ("redb", redb as OpenStore),
         ("filesystem", |p| {
             Arc::new(sealdb_store_fs::FsStore::open(p).unwrap()) as Arc<dyn IndexStore>
         }),

@@ -11,36 +11,40 @@
 //! requests. Replaying a segment that was already checkpointed is harmless: the records are
 //! replayed in order, so every key ends with the value it had after the segment's last record.
 //!
-//! # Segment format (all integers little-endian)
-//! ```text
-//! file    := magic "SDBWAL1\n" (8 bytes) || record*
-//! record  := len u32 || crc32 u32 (of payload) || payload (len bytes)
-//! payload := seq u64 || n_ops u32 || op*
-//! op      := 0x01 || key_len u32 || key || value_len u32 || value    (put)
-//!          | 0x02 || key_len u32 || key                              (delete)
-//! ```
-//! `seq` counts records across segments. Reading a segment stops at the first record that is
+//! Keys live in the main redb file or in the file of their group ([`crate::files`]); a
+//! prefix delete that covers whole groups is logged as one drop per group, which the
+//! checkpointer carries out by deleting the group's file.
+//!
+//! The segment format is in [`record`]. `seq` counts records across segments. Reading a segment stops at the first record that is
 //! short, fails its CRC or breaks the sequence: a torn tail is a record whose append never
 //! returned, so it was never acknowledged.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use redb::{Database, ReadableDatabase};
+use redb::{ReadOnlyTable, ReadableDatabase};
 use sealdb_plugin_api::store::prefix_upper_bound;
 use sealdb_plugin_api::{StoreError, WriteOp};
 
-use crate::{io, RECORDS};
+use crate::files::{sync_dir, Files};
+use crate::{io, Grouping, RECORDS};
 
-const MAGIC: &[u8; 8] = b"SDBWAL1\n";
-const OP_PUT: u8 = 1;
-const OP_DELETE: u8 = 2;
+mod record;
+use record::{decode_segment, emit, Change, Op, Slot, MAGIC};
 /// Bytes per redb transaction while checkpointing (bounds redb's in-memory dirty pages).
 const CHECKPOINT_TX_BYTES: usize = 32 << 20;
+/// The file a key is in: its group's (by prefix), or the main file (`None`).
+type Route<'k> = Option<&'k [u8]>;
+/// The records table of one file, open for reading.
+type Records = ReadOnlyTable<&'static [u8], &'static [u8]>;
+
+/// A key and, when values were asked for, its value.
+pub(crate) type ScanEntry = (Vec<u8>, Option<Vec<u8>>);
+
 /// Frozen segments waiting for the checkpointer before writers wait for it.
 const MAX_FROZEN: usize = 2;
 
@@ -63,6 +67,9 @@ pub struct WalOptions {
     pub segment_bytes: u64,
     /// ...or this many distinct keys (bounds the overlay's memory).
     pub segment_keys: usize,
+    /// Which keys get a file of their own, for a store created with these options (an
+    /// existing store keeps the grouping it was created with; see [`crate::files`]).
+    pub grouping: Grouping,
 }
 
 impl Default for WalOptions {
@@ -71,15 +78,9 @@ impl Default for WalOptions {
             durability: Durability::Sync,
             segment_bytes: 64 << 20,
             segment_keys: 200_000,
+            grouping: Grouping::NONE,
         }
     }
-}
-
-/// Where the newest value of a key lives inside a segment file.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    Value { off: u64, len: u32 },
-    Gone,
 }
 
 /// One log segment: its file and the newest slot of every key it wrote.
@@ -89,9 +90,46 @@ struct Segment {
     path: PathBuf,
     file: Arc<File>,
     map: BTreeMap<Vec<u8>, Slot>,
+    /// Groups dropped in this segment. A drop removes the group's earlier keys from `map`,
+    /// so every key of a dropped group still in `map` was written after the drop.
+    dropped: BTreeSet<Vec<u8>>,
 }
 
 impl Segment {
+    /// What this segment says of `key` (in `group`): its newest slot, gone when its group
+    /// was dropped here, or nothing (look further back).
+    fn find(&self, key: &[u8], group: Option<&[u8]>) -> Option<Slot> {
+        if let Some(slot) = self.map.get(key) {
+            return Some(*slot);
+        }
+        group
+            .filter(|g| self.dropped.contains(*g))
+            .map(|_| Slot::Gone)
+    }
+
+    /// Replay a record's changes into the overlay, in order.
+    fn apply(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::Key(key, slot) => {
+                    self.map.insert(key, slot);
+                }
+                Change::Drop(group) => {
+                    let stale: Vec<Vec<u8>> = self
+                        .map
+                        .range(group.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&group))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in stale {
+                        self.map.remove(&k);
+                    }
+                    self.dropped.insert(group);
+                }
+            }
+        }
+    }
+
     fn read(&self, slot: Slot) -> Result<Option<Vec<u8>>, StoreError> {
         read_slot(&self.file, slot)
     }
@@ -134,7 +172,7 @@ struct Checkpoint {
 }
 
 pub(crate) struct Wal {
-    db: Arc<Database>,
+    files: Arc<Files>,
     dir: PathBuf,
     opts: WalOptions,
     tail: Mutex<Tail>,
@@ -154,21 +192,17 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("wal-{seq:016x}.log"))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
-}
-
 impl Wal {
-    /// Replay leftover segments into `db`, then start a fresh segment.
+    /// Replay leftover segments into the files, then start a fresh segment.
     pub(crate) fn open(
-        db: Arc<Database>,
+        files: Arc<Files>,
         dir: &Path,
         opts: WalOptions,
     ) -> Result<Self, StoreError> {
-        let next_seq = recover(&db, dir)?;
+        let next_seq = recover(&files, dir)?;
         let active = new_segment(dir, next_seq)?;
         Ok(Self {
-            db,
+            files,
             dir: dir.to_owned(),
             opts,
             tail: Mutex::new(Tail {
@@ -192,16 +226,17 @@ impl Wal {
 
     /// Newest value of `key`: the overlay if it knows the key, redb otherwise.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let group = self.files.layout.group_of(key);
         let (hit, tx) = {
             let v = self.view.read().map_err(poisoned)?;
             let hit = std::iter::once(&v.active)
                 .chain(v.frozen.iter().rev().map(|s| s.as_ref()))
-                .find_map(|s| s.map.get(key).map(|slot| (s.file.clone(), *slot)));
+                .find_map(|s| s.find(key, group).map(|slot| (s.file.clone(), slot)));
             // A redb snapshot taken while the view is locked holds nothing newer than the
             // view (segments leave the view only after their checkpoint committed).
-            let tx = match hit {
-                Some(_) => None,
-                None => Some(self.db.begin_read().map_err(io)?),
+            let tx = match (&hit, self.files.db_for(key)?) {
+                (None, Some(db)) => Some(db.begin_read().map_err(io)?),
+                _ => None,
             };
             (hit, tx)
         };
@@ -215,67 +250,106 @@ impl Wal {
         }
     }
 
-    /// Newest values of `keys`: one look at the overlay and one redb read transaction for all
-    /// of them (a transaction per key costs more than the lookup itself).
+    /// Newest values of `keys`: one look at the overlay and one redb read transaction per
+    /// file for all of them (a transaction per key costs more than the lookup itself).
     pub(crate) fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         type Hit = Option<(Arc<File>, Slot)>;
-        let (hits, tx) = {
+        let layout = &self.files.layout;
+        let (hits, txs) = {
             let v = self.view.read().map_err(poisoned)?;
             let hits: Vec<Hit> = keys
                 .iter()
                 .map(|key| {
+                    let group = layout.group_of(key);
                     std::iter::once(&v.active)
                         .chain(v.frozen.iter().rev().map(|s| s.as_ref()))
-                        .find_map(|s| s.map.get(key).map(|slot| (s.file.clone(), *slot)))
+                        .find_map(|s| s.find(key, group).map(|slot| (s.file.clone(), slot)))
                 })
                 .collect();
-            let tx = if hits.iter().any(Option::is_none) {
-                Some(self.db.begin_read().map_err(io)?)
-            } else {
-                None
-            };
-            (hits, tx)
+            let mut txs = BTreeMap::new();
+            for (key, _) in keys.iter().zip(&hits).filter(|(_, h)| h.is_none()) {
+                let route = layout.group_of(key);
+                if let std::collections::btree_map::Entry::Vacant(e) = txs.entry(route) {
+                    e.insert(match self.files.db_for(key)? {
+                        Some(db) => Some(db.begin_read().map_err(io)?),
+                        None => None,
+                    });
+                }
+            }
+            (hits, txs)
         };
-        let table = match &tx {
-            Some(tx) => Some(tx.open_table(RECORDS).map_err(io)?),
-            None => None,
-        };
+        let mut tables: BTreeMap<Route<'_>, Records> = BTreeMap::new();
+        for (route, tx) in &txs {
+            if let Some(tx) = tx {
+                tables.insert(*route, tx.open_table(RECORDS).map_err(io)?);
+            }
+        }
         keys.iter()
             .zip(hits)
-            .map(|(key, hit)| match (hit, &table) {
-                (Some((file, slot)), _) => read_slot(&file, slot),
-                (None, Some(t)) => Ok(t
-                    .get(key.as_slice())
-                    .map_err(io)?
-                    .map(|v| v.value().to_vec())),
-                (None, None) => Ok(None),
+            .map(|(key, hit)| match hit {
+                Some((file, slot)) => read_slot(&file, slot),
+                None => match tables.get(&layout.group_of(key)) {
+                    Some(t) => Ok(t
+                        .get(key.as_slice())
+                        .map_err(io)?
+                        .map(|v| v.value().to_vec())),
+                    None => Ok(None),
+                },
             })
             .collect()
     }
 
     /// Every live key under `prefix` with its value (when `values`), ascending.
     pub(crate) fn scan(&self, prefix: &[u8], values: bool) -> Result<Vec<ScanEntry>, StoreError> {
+        self.scan_except(prefix, values, None)
+    }
+
+    /// [`scan`](Self::scan), leaving out every group whose prefix starts with `skip`.
+    fn scan_except(
+        &self,
+        prefix: &[u8],
+        values: bool,
+        skip: Option<&[u8]>,
+    ) -> Result<Vec<ScanEntry>, StoreError> {
+        let layout = &self.files.layout;
         let upper = prefix_upper_bound(prefix);
         let in_range = |k: &Vec<u8>| upper.as_ref().is_none_or(|u| k < u);
+        let skipped =
+            |g: Option<&[u8]>| matches!((g, skip), (Some(g), Some(s)) if g.starts_with(s));
+        let meets = |g: &Vec<u8>| g.starts_with(prefix) || prefix.starts_with(g);
         // Layers oldest first, so that newer ones overwrite.
-        let (layers, tx) = {
+        type Layer = (Arc<File>, Vec<Vec<u8>>, Vec<(Vec<u8>, Slot)>);
+        let (layers, txs) = {
             let v = self.view.read().map_err(poisoned)?;
-            let mut layers = Vec::with_capacity(v.frozen.len() + 1);
+            let mut layers: Vec<Layer> = Vec::with_capacity(v.frozen.len() + 1);
             for s in v.frozen.iter().map(|s| s.as_ref()).chain([&v.active]) {
                 let entries: Vec<(Vec<u8>, Slot)> = s
                     .map
                     .range(prefix.to_vec()..)
                     .take_while(|(k, _)| in_range(k))
+                    .filter(|(k, _)| !skipped(layout.group_of(k)))
                     .map(|(k, slot)| (k.clone(), *slot))
                     .collect();
-                if !entries.is_empty() {
-                    layers.push((s.file.clone(), entries));
+                let drops: Vec<Vec<u8>> = s
+                    .dropped
+                    .iter()
+                    .filter(|g| meets(g) && !skipped(Some(g)))
+                    .cloned()
+                    .collect();
+                if !entries.is_empty() || !drops.is_empty() {
+                    layers.push((s.file.clone(), drops, entries));
                 }
             }
-            (layers, self.db.begin_read().map_err(io)?)
+            let mut txs = vec![self.files.main.begin_read().map_err(io)?];
+            for (g, db) in self.files.groups_under(prefix)? {
+                if !skipped(Some(&g)) {
+                    txs.push(db.begin_read().map_err(io)?);
+                }
+            }
+            (layers, txs)
         };
         let mut out: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        {
+        for tx in txs {
             let t = tx.open_table(RECORDS).map_err(io)?;
             let iter = match &upper {
                 Some(end) => t.range::<&[u8]>(prefix..end.as_slice()),
@@ -287,7 +361,17 @@ impl Wal {
                 out.insert(k.value().to_vec(), values.then(|| v.value().to_vec()));
             }
         }
-        for (file, entries) in layers {
+        for (file, drops, entries) in layers {
+            for g in drops {
+                let gone: Vec<Vec<u8>> = out
+                    .range(g.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&g))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in gone {
+                    out.remove(&k);
+                }
+            }
             for (k, slot) in entries {
                 match slot {
                     Slot::Gone => {
@@ -304,7 +388,6 @@ impl Wal {
         }
         Ok(out.into_iter().collect())
     }
-
     /// Append `ops` as one record, then publish them to readers.
     pub(crate) fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
         let mut tail = self.tail.lock().map_err(poisoned)?;
@@ -321,7 +404,7 @@ impl Wal {
             }
             Ok(r)
         });
-        let (record_len, slots) = match appended {
+        let (record_len, changes) = match appended {
             Ok(r) => r,
             Err(e) => {
                 // Cut the log back so that no later record lands behind a partial one.
@@ -338,9 +421,7 @@ impl Wal {
         let mut want_spare = false;
         let rotate = {
             let mut v = self.view.write().map_err(poisoned)?;
-            for (key, slot) in slots {
-                v.active.map.insert(key, slot);
-            }
+            v.active.apply(changes);
             let full =
                 tail.len >= self.opts.segment_bytes || v.active.map.len() >= self.opts.segment_keys;
             // A store appending to a new file: once it holds more than a trickle (1/256 of a
@@ -368,9 +449,10 @@ impl Wal {
         Ok(())
     }
 
-    /// `DeletePrefix` becomes one delete per key it covers at this point of the batch, so
-    /// that the log and the overlay only know puts and deletes. Runs under the tail lock: no
-    /// other writer can add keys meanwhile.
+    /// `DeletePrefix` becomes one drop per group it covers whole, and one delete per other
+    /// key it covers at this point of the batch, so that the log and the overlay only know
+    /// puts, deletes and drops. Runs under the tail lock: no other writer can add keys
+    /// meanwhile.
     fn expand_prefix_deletes(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOp>, StoreError> {
         if !ops
             .iter()
@@ -378,28 +460,91 @@ impl Wal {
         {
             return Ok(ops);
         }
+        let layout = &self.files.layout;
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
-            match op {
-                WriteOp::DeletePrefix { prefix } => {
-                    let mut keys: Vec<Vec<u8>> = self
-                        .scan(&prefix, false)?
-                        .into_iter()
-                        .map(|(k, _)| k)
-                        .collect();
-                    // Keys put earlier in this same batch.
-                    keys.extend(out.iter().filter_map(|o| match o {
-                        WriteOp::Put { key, .. } if key.starts_with(&prefix) => Some(key.clone()),
-                        _ => None,
-                    }));
-                    keys.sort();
-                    keys.dedup();
-                    out.extend(keys.into_iter().map(|key| WriteOp::Delete { key }));
+            let WriteOp::DeletePrefix { prefix } = op else {
+                out.push(op);
+                continue;
+            };
+            let whole = layout.covers_groups(&prefix);
+            let skip = whole.then_some(prefix.as_slice());
+            let in_whole_group = |k: &[u8]| whole && layout.group_of(k).is_some();
+            let mut keys: Vec<Vec<u8>> = self
+                .scan_except(&prefix, false, skip)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            // Keys put earlier in this same batch.
+            keys.extend(out.iter().filter_map(|o| match o {
+                WriteOp::Put { key, .. } if key.starts_with(&prefix) && !in_whole_group(key) => {
+                    Some(key.clone())
                 }
-                other => out.push(other),
-            }
+                _ => None,
+            }));
+            keys.sort();
+            keys.dedup();
+            let groups = if whole {
+                self.groups_under(&prefix, &out)?
+            } else {
+                BTreeSet::new()
+            };
+            out.extend(keys.into_iter().map(|key| WriteOp::Delete { key }));
+            out.extend(
+                groups
+                    .into_iter()
+                    .map(|prefix| WriteOp::DeletePrefix { prefix }),
+            );
         }
         Ok(out)
+    }
+
+    /// Every group under `prefix` that may hold a key: those with a file, those the log
+    /// wrote to, and those that `batch` (the ops before this point) puts to.
+    fn groups_under(
+        &self,
+        prefix: &[u8],
+        batch: &[WriteOp],
+    ) -> Result<BTreeSet<Vec<u8>>, StoreError> {
+        let layout = &self.files.layout;
+        let mut groups: BTreeSet<Vec<u8>> = self
+            .files
+            .groups_under(prefix)?
+            .into_iter()
+            .map(|(g, _)| g)
+            .filter(|g| g.starts_with(prefix))
+            .collect();
+        let v = self.view.read().map_err(poisoned)?;
+        for s in std::iter::once(&v.active).chain(v.frozen.iter().map(|s| s.as_ref())) {
+            // One step per group, not per key: after a group's first key, jump past it.
+            let mut from = prefix.to_vec();
+            while let Some((k, _)) = s.map.range(from.clone()..).next() {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                match layout.group_of(k) {
+                    Some(g) => {
+                        groups.insert(g.to_vec());
+                        match prefix_upper_bound(g) {
+                            Some(next) => from = next,
+                            None => break,
+                        }
+                    }
+                    None => {
+                        from = k.clone();
+                        from.push(0);
+                    }
+                }
+            }
+        }
+        for op in batch {
+            if let WriteOp::Put { key, .. } = op {
+                if let Some(g) = layout.group_of(key).filter(|g| g.starts_with(prefix)) {
+                    groups.insert(g.to_vec());
+                }
+            }
+        }
+        Ok(groups)
     }
 
     /// Freeze the active segment, start a new one and wake the checkpointer. Waits while
@@ -444,7 +589,11 @@ impl Wal {
     /// Freeze whatever the active segment holds (used at shutdown).
     pub(crate) fn freeze_active(&self) -> Result<(), StoreError> {
         let mut tail = self.tail.lock().map_err(poisoned)?;
-        if self.view.read().map_err(poisoned)?.active.map.is_empty() {
+        let idle = {
+            let v = self.view.read().map_err(poisoned)?;
+            v.active.map.is_empty() && v.active.dropped.is_empty()
+        };
+        if idle {
             return Ok(());
         }
         self.rotate(&mut tail)
@@ -525,34 +674,56 @@ impl Wal {
         }
     }
 
-    /// Copy a segment into redb. redb holds a transaction's pages in memory until a durable
-    /// commit, so the copy is split into durable commits of about [`CHECKPOINT_TX_BYTES`]. A
-    /// crash in between leaves part of the segment in redb; the segment is still on disk and
-    /// is replayed whole, which is harmless.
+    /// Copy a segment into redb: first delete the files of the groups it dropped, then
+    /// write its keys, file by file. redb holds a transaction's pages in memory until a
+    /// durable commit, so each file's share is split into durable commits of about
+    /// [`CHECKPOINT_TX_BYTES`]. A crash in between leaves part of the segment in redb; the
+    /// segment is still on disk and is replayed whole, which is harmless.
     fn checkpoint(&self, seg: &Segment) -> Result<(), StoreError> {
-        let mut entries = seg.map.iter().peekable();
-        while entries.peek().is_some() {
-            let tx = self.db.begin_write().map_err(io)?;
-            let mut bytes = 0usize;
-            {
-                let mut t = tx.open_table(RECORDS).map_err(io)?;
-                while bytes < CHECKPOINT_TX_BYTES {
-                    let Some((key, slot)) = entries.next() else {
-                        break;
-                    };
-                    match seg.read(*slot)? {
-                        Some(v) => {
-                            bytes += key.len() + v.len();
-                            t.insert(key.as_slice(), v.as_slice()).map_err(io)?;
-                        }
-                        None => {
-                            bytes += key.len();
-                            t.remove(key.as_slice()).map_err(io)?;
+        for g in &seg.dropped {
+            self.files.drop_group(g)?;
+        }
+        let mut routes: BTreeMap<Route<'_>, Vec<(&Vec<u8>, Slot)>> = BTreeMap::new();
+        for (key, slot) in &seg.map {
+            routes
+                .entry(self.files.layout.group_of(key))
+                .or_default()
+                .push((key, *slot));
+        }
+        for entries in routes.values() {
+            let any_put = entries.iter().any(|(_, s)| matches!(s, Slot::Value { .. }));
+            let db = match any_put {
+                true => self.files.db_for_write(entries[0].0)?,
+                // Only deletes, into a group without a file: nothing to delete.
+                false => match self.files.db_for(entries[0].0)? {
+                    Some(db) => db,
+                    None => continue,
+                },
+            };
+            let mut entries = entries.iter().peekable();
+            while entries.peek().is_some() {
+                let tx = db.begin_write().map_err(io)?;
+                let mut bytes = 0usize;
+                {
+                    let mut t = tx.open_table(RECORDS).map_err(io)?;
+                    while bytes < CHECKPOINT_TX_BYTES {
+                        let Some((key, slot)) = entries.next() else {
+                            break;
+                        };
+                        match seg.read(*slot)? {
+                            Some(v) => {
+                                bytes += key.len() + v.len();
+                                t.insert(key.as_slice(), v.as_slice()).map_err(io)?;
+                            }
+                            None => {
+                                bytes += key.len();
+                                t.remove(key.as_slice()).map_err(io)?;
+                            }
                         }
                     }
                 }
+                tx.commit().map_err(io)?;
             }
-            tx.commit().map_err(io)?;
         }
         Ok(())
     }
@@ -589,6 +760,7 @@ fn new_segment(dir: &Path, seq: u64) -> Result<Segment, StoreError> {
         path,
         file: Arc::new(file),
         map: BTreeMap::new(),
+        dropped: BTreeSet::new(),
     })
 }
 
@@ -615,175 +787,9 @@ fn prepare_spare(dir: &Path, bytes: u64) -> Result<(), StoreError> {
     std::fs::rename(&tmp, dir.join(SPARE)).map_err(io)
 }
 
-/// A key and where its newest value lives.
-type KeySlot = (Vec<u8>, Slot);
-
-/// Write one record through `sink(offset, bytes)`, the record starting at `start`: the
-/// payload first (small pieces gathered in a staging buffer, large values passed through
-/// without a copy), then the header with the payload's length and CRC. Returns where each
-/// key's newest value sits in the file.
-fn emit(
-    seq: u64,
-    ops: &[WriteOp],
-    start: u64,
-    mut sink: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
-) -> std::io::Result<(u64, Vec<KeySlot>)> {
-    const STAGE: usize = 256 << 10;
-    struct Out<F> {
-        sink: F,
-        stage: Vec<u8>,
-        stage_at: u64,
-        pos: u64,
-        crc: crc32fast::Hasher,
-    }
-    impl<F: FnMut(u64, &[u8]) -> std::io::Result<()>> Out<F> {
-        fn flush(&mut self) -> std::io::Result<()> {
-            if !self.stage.is_empty() {
-                (self.sink)(self.stage_at, &self.stage)?;
-                self.stage.clear();
-            }
-            self.stage_at = self.pos;
-            Ok(())
-        }
-        fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
-            self.crc.update(b);
-            if b.len() >= STAGE / 4 {
-                self.flush()?;
-                (self.sink)(self.pos, b)?;
-                self.pos += b.len() as u64;
-                self.stage_at = self.pos;
-                return Ok(());
-            }
-            self.stage.extend_from_slice(b);
-            self.pos += b.len() as u64;
-            if self.stage.len() >= STAGE {
-                self.flush()?;
-            }
-            Ok(())
-        }
-    }
-    let mut out = Out {
-        sink: &mut sink,
-        stage: Vec::with_capacity(STAGE),
-        stage_at: start + 8,
-        pos: start + 8,
-        crc: crc32fast::Hasher::new(),
-    };
-    out.put(&seq.to_le_bytes())?;
-    out.put(&(ops.len() as u32).to_le_bytes())?;
-    let mut slots = Vec::with_capacity(ops.len());
-    for op in ops {
-        match op {
-            WriteOp::Put { key, value } => {
-                out.put(&[OP_PUT])?;
-                out.put(&(key.len() as u32).to_le_bytes())?;
-                out.put(key)?;
-                out.put(&(value.len() as u32).to_le_bytes())?;
-                let off = out.pos;
-                out.put(value)?;
-                let len = value.len() as u32;
-                slots.push((key.clone(), Slot::Value { off, len }));
-            }
-            WriteOp::Delete { key } => {
-                out.put(&[OP_DELETE])?;
-                out.put(&(key.len() as u32).to_le_bytes())?;
-                out.put(key)?;
-                slots.push((key.clone(), Slot::Gone));
-            }
-            // Expanded by the writer before encoding.
-            WriteOp::DeletePrefix { .. } => {}
-        }
-    }
-    out.flush()?;
-    let end = out.pos;
-    let mut header = [0u8; 8];
-    header[0..4].copy_from_slice(&((end - start - 8) as u32).to_le_bytes());
-    header[4..8].copy_from_slice(&out.crc.finalize().to_le_bytes());
-    sink(start, &header)?;
-    Ok((end - start, slots))
-}
-
-/// The whole record as bytes (tests).
-#[cfg(test)]
-fn encode(seq: u64, ops: &[WriteOp], start: u64) -> (Vec<u8>, Vec<KeySlot>) {
-    let mut buf = Vec::new();
-    let (_, slots) = emit(seq, ops, start, |off, b| {
-        let at = (off - start) as usize;
-        if buf.len() < at + b.len() {
-            buf.resize(at + b.len(), 0);
-        }
-        buf[at..at + b.len()].copy_from_slice(b);
-        Ok(())
-    })
-    .expect("writing to memory cannot fail");
-    (buf, slots)
-}
-
-/// A key and, when values were asked for, its value.
-pub(crate) type ScanEntry = (Vec<u8>, Option<Vec<u8>>);
-
-/// One decoded op: put (`Some(value)`) or delete (`None`).
-type Op<'a> = (&'a [u8], Option<&'a [u8]>);
-
-/// Decode the records of one segment, stopping at a torn or foreign tail. Returns the ops
-/// of each record in order and the sequence number after the last record.
-fn decode_segment(buf: &[u8], mut seq: Option<u64>) -> (Vec<Vec<Op<'_>>>, Option<u64>) {
-    let mut records = Vec::new();
-    if buf.len() < MAGIC.len() || &buf[..MAGIC.len()] != MAGIC {
-        return (records, seq);
-    }
-    let mut pos = MAGIC.len();
-    while let Some(header) = buf.get(pos..pos + 8) {
-        let len = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
-        let Some(payload) = buf.get(pos + 8..pos + 8 + len) else {
-            break;
-        };
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
-        let Some((rec_seq, ops)) = decode_payload(payload) else {
-            break;
-        };
-        if seq.is_some_and(|s| s != rec_seq) {
-            break;
-        }
-        seq = Some(rec_seq + 1);
-        records.push(ops);
-        pos += 8 + len;
-    }
-    (records, seq)
-}
-
-fn decode_payload(p: &[u8]) -> Option<(u64, Vec<Op<'_>>)> {
-    let mut pos = 0usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = p.get(pos..pos + n)?;
-        pos += n;
-        Some(s)
-    };
-    let seq = u64::from_le_bytes(take(8)?.try_into().ok()?);
-    let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-    let mut ops = Vec::with_capacity(n.min(p.len() / 5));
-    for _ in 0..n {
-        let tag = take(1)?[0];
-        let klen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let key = take(klen)?;
-        match tag {
-            OP_PUT => {
-                let vlen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                ops.push((key, Some(take(vlen)?)));
-            }
-            OP_DELETE => ops.push((key, None)),
-            _ => return None,
-        }
-    }
-    Some((seq, ops))
-}
-
-/// Replay every segment in `dir` into `db` (one durable transaction per segment) and delete
-/// it. Returns the sequence number for the next record.
-fn recover(db: &Database, dir: &Path) -> Result<u64, StoreError> {
+/// Replay every segment in `dir` into the files (per file one durable transaction per
+/// segment) and delete it. Returns the sequence number for the next record.
+fn recover(files: &Files, dir: &Path) -> Result<u64, StoreError> {
     let mut segs: Vec<(u64, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
@@ -803,24 +809,41 @@ fn recover(db: &Database, dir: &Path) -> Result<u64, StoreError> {
     for (name_seq, path) in &segs {
         let buf = std::fs::read(path).map_err(io)?;
         let (records, after) = decode_segment(&buf, next.or(Some(*name_seq)));
-        if !records.is_empty() {
-            let tx = db.begin_write().map_err(io)?;
-            {
-                let mut t = tx.open_table(RECORDS).map_err(io)?;
-                for ops in &records {
-                    for (key, value) in ops {
-                        match value {
-                            Some(v) => {
-                                t.insert(*key, *v).map_err(io)?;
-                            }
-                            None => {
-                                t.remove(*key).map_err(io)?;
-                            }
-                        }
-                    }
+        // The ops of each file in order; a group's drop discards its ops before it (they
+        // touch only the group) and is carried out first.
+        let mut routes: BTreeMap<Option<&[u8]>, (bool, Vec<&Op<'_>>)> = BTreeMap::new();
+        for op in records.iter().flatten() {
+            match op {
+                Op::Put(key, _) | Op::Delete(key) => routes
+                    .entry(files.layout.group_of(key))
+                    .or_default()
+                    .1
+                    .push(op),
+                Op::Drop(g) => {
+                    routes.insert(Some(*g), (true, Vec::new()));
                 }
             }
-            tx.commit().map_err(io)?;
+        }
+        for (route, (dropped, ops)) in routes {
+            if let (Some(g), true) = (route, dropped) {
+                files.drop_group(g)?;
+            }
+            let Some(first) = ops.iter().find_map(|op| match op {
+                Op::Put(k, _) => Some(*k),
+                _ => None,
+            }) else {
+                // Deletes alone: only into a file that exists.
+                let db = match ops.first() {
+                    Some(Op::Delete(k)) => files.db_for(k)?,
+                    _ => None,
+                };
+                if let Some(db) = db {
+                    apply_ops(&db, &ops)?;
+                }
+                continue;
+            };
+            let db = files.db_for_write(first)?;
+            apply_ops(&db, &ops)?;
         }
         next = after.or(next);
     }
@@ -831,6 +854,26 @@ fn recover(db: &Database, dir: &Path) -> Result<u64, StoreError> {
         sync_dir(dir)?;
     }
     Ok(next.unwrap_or(0))
+}
+
+/// Puts and deletes into one file, in one durable transaction.
+fn apply_ops(db: &redb::Database, ops: &[&Op<'_>]) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(io)?;
+    {
+        let mut t = tx.open_table(RECORDS).map_err(io)?;
+        for op in ops {
+            match op {
+                Op::Put(k, v) => {
+                    t.insert(*k, *v).map_err(io)?;
+                }
+                Op::Delete(k) => {
+                    t.remove(*k).map_err(io)?;
+                }
+                Op::Drop(_) => {}
+            }
+        }
+    }
+    tx.commit().map_err(io)
 }
 
 #[cfg(test)]
@@ -845,50 +888,4 @@ pub(crate) fn segment_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_roundtrip_and_stop_at_a_torn_tail() {
-        let ops = vec![
-            WriteOp::Put {
-                key: b"k1".to_vec(),
-                value: b"v1".to_vec(),
-            },
-            WriteOp::Delete {
-                key: b"k2".to_vec(),
-            },
-        ];
-        let mut file = MAGIC.to_vec();
-        let (r1, slots) = encode(7, &ops, file.len() as u64);
-        match slots[0].1 {
-            Slot::Value { off, len } => {
-                assert_eq!(&r1[(off as usize - 8)..][..len as usize], b"v1");
-            }
-            Slot::Gone => panic!("put decoded as delete"),
-        }
-        file.extend_from_slice(&r1);
-        let (r2, _) = encode(8, &ops[..1], file.len() as u64);
-        file.extend_from_slice(&r2);
-        let (recs, next) = decode_segment(&file, Some(7));
-        assert_eq!(recs.len(), 2);
-        assert_eq!(
-            recs[0],
-            vec![(&b"k1"[..], Some(&b"v1"[..])), (&b"k2"[..], None)]
-        );
-        assert_eq!(next, Some(9));
-        // Cut inside the second record: only the first survives.
-        let (recs, next) = decode_segment(&file[..file.len() - 3], Some(7));
-        assert_eq!((recs.len(), next), (1, Some(8)));
-        // A flipped payload bit fails the CRC.
-        let mut bad = file.clone();
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        assert_eq!(decode_segment(&bad, Some(7)).0.len(), 1);
-        // A record from another sequence (a stale file) is not replayed.
-        assert_eq!(decode_segment(&file, Some(3)).0.len(), 0);
-    }
 }
