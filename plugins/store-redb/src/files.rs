@@ -132,6 +132,31 @@ pub(crate) fn open_db(path: &Path, cache: usize, create: bool) -> Result<Databas
     Ok(db)
 }
 
+/// A read transaction on one file that holds the file open. redb closes a database when its
+/// last handle is dropped and fails the transactions still reading it; a group's handle
+/// leaves the registry when the group is dropped, so every reader keeps its own.
+pub(crate) struct Snapshot {
+    // Declared first, so dropped before the handle.
+    tx: redb::ReadTransaction,
+    _db: Arc<Database>,
+}
+
+impl Snapshot {
+    pub(crate) fn of(db: Arc<Database>) -> Result<Self, StoreError> {
+        Ok(Self {
+            tx: db.begin_read().map_err(io)?,
+            _db: db,
+        })
+    }
+
+    /// The file's records table.
+    pub(crate) fn records(
+        &self,
+    ) -> Result<redb::ReadOnlyTable<&'static [u8], &'static [u8]>, StoreError> {
+        self.tx.open_table(RECORDS).map_err(io)
+    }
+}
+
 /// A group's prefix and its file.
 pub(crate) type GroupFile = (Vec<u8>, Arc<Database>);
 

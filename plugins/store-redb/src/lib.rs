@@ -593,11 +593,73 @@ mod tests {
         b.delete_prefix(b"0".to_vec());
         s.write(b).unwrap();
         assert!(s.scan_keys(b"0").unwrap().is_empty());
+        // The files go as soon as the checkpointer gets to the batch, which is handed to it
+        // at once, not when its log segment fills up (the wait only bounds a hung test).
+        let t = std::time::Instant::now();
+        while !files::group_paths(dir.path()).is_empty() {
+            assert!(t.elapsed().as_secs() < 60, "the dropped files stay");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(s.scan_keys(b"2").unwrap().len(), 1200);
         drop(s);
-        assert!(files::group_paths(dir.path()).is_empty());
         let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
         assert_eq!(s.scan_keys(b"2").unwrap().len(), 1200);
         assert!(std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len() <= main_before);
+    }
+
+    /// Readers racing a writer that drops a group and fills it again in each batch (every
+    /// batch checkpointed at once, so files are deleted and created under the readers) see
+    /// each batch whole: the group's ten keys, all from one batch.
+    #[test]
+    fn readers_see_whole_batches_while_groups_are_dropped_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            grouping: TEST_GROUPS,
+            durability: Durability::Relaxed,
+            ..WalOptions::default()
+        };
+        let s = std::sync::Arc::new(RedbStore::open_dir_with(dir.path(), opts).unwrap());
+        let keys: Vec<Vec<u8>> = (0..10).map(|i| format!("00/{i}").into_bytes()).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|r| {
+                let (s, keys, stop) = (s.clone(), keys.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut seen = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let values: Vec<Vec<u8>> = if r == 0 {
+                            s.scan_prefix(b"00")
+                                .unwrap()
+                                .into_iter()
+                                .map(|(_, v)| v)
+                                .collect()
+                        } else {
+                            s.get_many(&keys).unwrap().into_iter().flatten().collect()
+                        };
+                        if values.is_empty() {
+                            continue;
+                        }
+                        assert_eq!(values.len(), 10, "reader {r}");
+                        assert!(values.iter().all(|v| *v == values[0]), "reader {r}");
+                        seen += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for round in 0..600u32 {
+            let mut b = WriteBatch::new();
+            b.delete_prefix(b"00".to_vec());
+            for k in &keys {
+                b.put(k.clone(), round.to_le_bytes().to_vec());
+            }
+            s.write(b).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
+        assert_eq!(files::group_paths(dir.path()).len(), 1);
     }
 
     /// A store keeps the grouping it was created with: one written without groups is read

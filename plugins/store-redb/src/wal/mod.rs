@@ -26,11 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use redb::{ReadOnlyTable, ReadableDatabase};
+use redb::ReadOnlyTable;
 use sealdb_plugin_api::store::prefix_upper_bound;
 use sealdb_plugin_api::{StoreError, WriteOp};
 
-use crate::files::{sync_dir, Files};
+use crate::files::{sync_dir, Files, Snapshot};
 use crate::{io, Grouping, RECORDS};
 
 mod record;
@@ -235,7 +235,7 @@ impl Wal {
             // A redb snapshot taken while the view is locked holds nothing newer than the
             // view (segments leave the view only after their checkpoint committed).
             let tx = match (&hit, self.files.db_for(key)?) {
-                (None, Some(db)) => Some(db.begin_read().map_err(io)?),
+                (None, Some(db)) => Some(Snapshot::of(db)?),
                 _ => None,
             };
             (hit, tx)
@@ -243,7 +243,7 @@ impl Wal {
         match (hit, tx) {
             (Some((file, slot)), _) => read_slot(&file, slot),
             (None, Some(tx)) => {
-                let t = tx.open_table(RECORDS).map_err(io)?;
+                let t = tx.records()?;
                 Ok(t.get(key).map_err(io)?.map(|v| v.value().to_vec()))
             }
             (None, None) => Ok(None),
@@ -271,7 +271,7 @@ impl Wal {
                 let route = layout.group_of(key);
                 if let std::collections::btree_map::Entry::Vacant(e) = txs.entry(route) {
                     e.insert(match self.files.db_for(key)? {
-                        Some(db) => Some(db.begin_read().map_err(io)?),
+                        Some(db) => Some(Snapshot::of(db)?),
                         None => None,
                     });
                 }
@@ -281,7 +281,7 @@ impl Wal {
         let mut tables: BTreeMap<Route<'_>, Records> = BTreeMap::new();
         for (route, tx) in &txs {
             if let Some(tx) = tx {
-                tables.insert(*route, tx.open_table(RECORDS).map_err(io)?);
+                tables.insert(*route, tx.records()?);
             }
         }
         keys.iter()
@@ -340,17 +340,17 @@ impl Wal {
                     layers.push((s.file.clone(), drops, entries));
                 }
             }
-            let mut txs = vec![self.files.main.begin_read().map_err(io)?];
+            let mut txs = vec![Snapshot::of(self.files.main.clone())?];
             for (g, db) in self.files.groups_under(prefix)? {
                 if !skipped(Some(&g)) {
-                    txs.push(db.begin_read().map_err(io)?);
+                    txs.push(Snapshot::of(db)?);
                 }
             }
             (layers, txs)
         };
         let mut out: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for tx in txs {
-            let t = tx.open_table(RECORDS).map_err(io)?;
+            let t = tx.records()?;
             let iter = match &upper {
                 Some(end) => t.range::<&[u8]>(prefix..end.as_slice()),
                 None => t.range::<&[u8]>(prefix..),
@@ -421,6 +421,9 @@ impl Wal {
         let mut want_spare = false;
         let rotate = {
             let mut v = self.view.write().map_err(poisoned)?;
+            // A batch that drops groups hands its segment to the checkpointer at once: the
+            // space of the dropped files comes back now, not once the segment fills up.
+            let drops = changes.iter().any(|c| matches!(c, Change::Drop(_)));
             v.active.apply(changes);
             let full =
                 tail.len >= self.opts.segment_bytes || v.active.map.len() >= self.opts.segment_keys;
@@ -435,7 +438,7 @@ impl Wal {
                     false
                 }
             };
-            full || early
+            full || early || drops
         };
         // Lock order is checkpoint state, then view: wake only after the view lock is gone.
         if want_spare {
