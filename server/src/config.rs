@@ -120,9 +120,11 @@ pub struct Config {
     )]
     pub durability: Durability,
 
-    /// Compact the disk store before serving (redb backend): return the pages that earlier
-    /// trainings and deletes freed to the file system. Takes exclusive use of the file: about
-    /// a minute for a 15 GB file on a 2-core VM (README, "Disk space").
+    /// Compact the disk store before serving (redb backend): move every record to the file
+    /// the current layout puts it in (a data directory from before per-generation files gets
+    /// them), then return the pages that deletes freed inside each file to the file system.
+    /// Takes exclusive use of the files: about 20 s for 15 GB on a 2-core VM (README, "Disk
+    /// space").
     #[arg(long, env = "SEALDB_COMPACT_ON_START", default_value = "false", value_parser = parse_bool,
           num_args = 0..=1, default_missing_value = "true")]
     pub compact_on_start: bool,

@@ -16,7 +16,9 @@ Phases, each printed as it finishes and all together as one JSON line at the end
   5. cold: the server is restarted (empty block cache) and queries whose data centres differ
      are sent one by one; with --drop-caches (root) the kernel's page cache is dropped too, so
      their blocks come from the disk; bytes read per query come from /proc/PID/io;
-  6. disk: bytes under the data directory, against the raw vector bytes; the disk's random-read
+  6. disk: bytes under the data directory, against the raw vector bytes (after the upsert, right
+     after the training, and once the store has settled: the old generation's files go when
+     the store's log reaches the training's last batch); the disk's random-read
      throughput for blocks of the same size, read with O_DIRECT, as the anchor for cold queries.
 Peak RSS is the largest VmHWM of the server processes (sampled, and read before each stop).
 """
@@ -229,6 +231,20 @@ def passes(args):
     print(json.dumps({"passes": out, "peak_rss_mb": srv.peak_kb / 1024}))
 
 
+def settle(path, quiet_s=3.0, limit_s=120.0):
+    """`du(path)` once it has not changed for `quiet_s`, and the seconds until that began."""
+    t0 = time.perf_counter()
+    last, since = du(path), 0.0
+    while time.perf_counter() - t0 < limit_s:
+        time.sleep(0.25)
+        now = du(path)
+        if now != last:
+            last, since = now, time.perf_counter() - t0
+        elif time.perf_counter() - t0 - since >= quiet_s:
+            break
+    return last, since
+
+
 def fresh_server(args, data):
     """A server on an emptied data directory `data`, with the benchmark's index created."""
     subprocess.run(["rm", "-rf", data], check=True)
@@ -348,6 +364,10 @@ def main():
     info = conn.post("/v1/indexes/describe", json.dumps({"index_name": NAME, "index_key": key}).encode())
     report(train_s=time.perf_counter() - t0, n_lists=info.get("n_lists"), rss_after_train_mb=srv.peak_kb / 1024,
            disk_after_train_bytes=du(data))
+    # The store gives the old generation's space back once its log has reached the batch
+    # that dropped it: how long after the training that takes, and what is left then.
+    settled, t1 = settle(data)
+    report(disk_after_train_settled_bytes=settled, disk_settle_s=t1)
 
     singles(conn, qbodies[:20])
     lat, found = singles(conn, qbodies)

@@ -659,7 +659,12 @@ mod tests {
         for r in readers {
             assert!(r.join().unwrap() > 0);
         }
+        // Closed (every batch checkpointed): one file, holding the last batch.
+        drop(std::sync::Arc::into_inner(s).unwrap());
         assert_eq!(files::group_paths(dir.path()).len(), 1);
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        let last = 599u32.to_le_bytes().to_vec();
+        assert_eq!(s.get_many(&keys).unwrap(), vec![Some(last); 10]);
     }
 
     /// A store keeps the grouping it was created with: one written without groups is read
