@@ -26,6 +26,8 @@ use crate::{io, RECORDS};
 
 const LAYOUT: TableDefinition<&str, &[u8]> = TableDefinition::new("layout");
 const LAYOUT_KEY: &str = "grouping";
+/// The grouping a compaction is moving the records to; present only while it runs.
+const NEXT_KEY: &str = "grouping-next";
 /// redb page cache of each group file (the main file has [`crate::CACHE_BYTES`]).
 pub const GROUP_CACHE_BYTES: usize = 2 << 20;
 /// Directory of the group files, inside the data directory.
@@ -175,8 +177,35 @@ fn poisoned<T>(_: T) -> StoreError {
 impl Files {
     /// Open the main file `main` (its tables created) and every group file under `dir`.
     /// A new store takes `asked` as its grouping; an existing one keeps the grouping on
-    /// record (a store written before groups existed has none).
+    /// record (a store written before groups existed has none). A store whose records a
+    /// compaction was moving when it stopped is refused: until that compaction is finished
+    /// (`regroup`), some keys are not where either layout says.
     pub(crate) fn open(dir: &Path, main: Database, asked: Grouping) -> Result<Self, StoreError> {
+        let files = Self::open_any(dir, main, asked)?;
+        if files.next()?.is_some() {
+            return Err(StoreError::Unavailable(
+                "a compaction that moves records between the store's files was interrupted; \
+                 start the server with --compact-on-start to finish it"
+                    .into(),
+            ));
+        }
+        Ok(files)
+    }
+
+    /// The layout a compaction is moving the records to, if one was interrupted.
+    fn next(&self) -> Result<Option<Layout>, StoreError> {
+        let tx = self.main.begin_read().map_err(io)?;
+        let t = tx.open_table(LAYOUT).map_err(io)?;
+        let v = t.get(NEXT_KEY).map_err(io)?;
+        v.map(|v| Layout::decode(v.value())).transpose()
+    }
+
+    /// [`open`](Self::open), also when a compaction's move was interrupted.
+    pub(crate) fn open_any(
+        dir: &Path,
+        main: Database,
+        asked: Grouping,
+    ) -> Result<Self, StoreError> {
         let layout = {
             let tx = main.begin_write().map_err(io)?;
             let layout = {
@@ -316,103 +345,135 @@ impl Files {
 const REGROUP_TX_BYTES: usize = if cfg!(test) { 1 << 10 } else { 32 << 20 };
 
 /// Lay the store in `dir` (which no process has open, its log replayed) out by `target`:
-/// move every record whose file under `target` is not the one it is in, then record
-/// `target` and delete the group files left empty. Each step copies up to
-/// [`REGROUP_TX_BYTES`] into their new files, commits, then deletes them from the old one:
-/// until `target` is recorded, reads look where the old layout says, so a crash part-way
-/// loses nothing and the next call resumes. Returns whether anything changed.
+/// move every record that is not in the file `target` puts it in, then record `target` and
+/// delete the group files left empty. The move is recorded first (`grouping-next`), and
+/// [`Files::open`] refuses a store while that record is there; each step copies up to
+/// [`REGROUP_TX_BYTES`] into their new files, commits, then deletes them from the old one,
+/// so a key is always in one of its two places and a call after a crash finishes the move
+/// (asked for another layout, it first finishes the interrupted one). Returns whether
+/// anything moved.
 pub(crate) fn regroup(dir: &Path, main: Database, target: Grouping) -> Result<bool, StoreError> {
-    let mut files = Files::open(dir, main, target)?;
+    let mut files = Files::open_any(dir, main, target)?;
     let target = Layout::of(target);
-    if files.layout == target {
-        return Ok(false);
+    let mut moved = false;
+    for goal in [files.next()?, Some(target)].into_iter().flatten() {
+        if files.layout == goal && files.next()?.is_none() {
+            continue;
+        }
+        let tx = files.main.begin_write().map_err(io)?;
+        tx.open_table(LAYOUT)
+            .map_err(io)?
+            .insert(NEXT_KEY, goal.encode().as_slice())
+            .map_err(io)?;
+        tx.commit().map_err(io)?;
+        files.layout = goal;
+        files.move_misplaced()?;
+        let tx = files.main.begin_write().map_err(io)?;
+        {
+            let mut t = tx.open_table(LAYOUT).map_err(io)?;
+            t.insert(LAYOUT_KEY, files.layout.encode().as_slice())
+                .map_err(io)?;
+            t.remove(NEXT_KEY).map_err(io)?;
+        }
+        tx.commit().map_err(io)?;
+        moved = true;
     }
-    let old = std::mem::replace(&mut files.layout, target.clone());
-    let mut sources: Vec<(Option<Vec<u8>>, Arc<Database>)> = vec![(None, files.main.clone())];
-    sources.extend(
-        files
-            .groups
-            .read()
-            .map_err(poisoned)?
-            .iter()
-            .map(|(g, db)| (Some(g.clone()), db.clone())),
-    );
-    for (route, src) in &sources {
-        // Only keys that the old layout put in this file count: a target file of the same
-        // name (same prefix) may already hold keys moved in.
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            // New file (`None`: main) -> the records going there.
-            type Moves = BTreeMap<Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>>;
-            let mut moving = Moves::new();
-            let mut bytes = 0usize;
-            let mut done = true;
-            {
-                let tx = src.begin_read().map_err(io)?;
-                let t = tx.open_table(RECORDS).map_err(io)?;
-                for e in t.range::<&[u8]>(from.as_slice()..).map_err(io)? {
-                    let (k, v) = e.map_err(io)?;
-                    let k = k.value();
-                    let here = old.group_of(k).map(<[u8]>::to_vec);
-                    let there = target.group_of(k).map(<[u8]>::to_vec);
-                    if here != *route || there == *route {
-                        continue;
-                    }
-                    bytes += k.len() + v.value().len();
-                    moving
-                        .entry(there)
-                        .or_default()
-                        .push((k.to_vec(), v.value().to_vec()));
-                    if bytes >= REGROUP_TX_BYTES {
-                        from = [k, &[0]].concat();
-                        done = false;
-                        break;
+    Ok(moved)
+}
+
+impl Files {
+    /// Record a move to `g` as a compaction does before it starts, and route by `g` (tests
+    /// of an interrupted move).
+    #[cfg(test)]
+    pub(crate) fn start_move_for_test(&mut self, g: Grouping) {
+        let tx = self.main.begin_write().unwrap();
+        tx.open_table(LAYOUT)
+            .unwrap()
+            .insert(NEXT_KEY, Layout::of(g).encode().as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        self.layout = Layout::of(g);
+    }
+
+    /// Move every record that is not in the file `self.layout` puts it in, then delete the
+    /// group files that are left empty and that the layout would not name.
+    fn move_misplaced(&self) -> Result<(), StoreError> {
+        let mut sources: Vec<(Option<Vec<u8>>, Arc<Database>)> = vec![(None, self.main.clone())];
+        sources.extend(
+            self.groups
+                .read()
+                .map_err(poisoned)?
+                .iter()
+                .map(|(g, db)| (Some(g.clone()), db.clone())),
+        );
+        for (here, src) in &sources {
+            let mut from: Vec<u8> = Vec::new();
+            loop {
+                // New file (`None`: main) -> the records going there.
+                type Moves = BTreeMap<Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>>;
+                let mut moving = Moves::new();
+                let mut bytes = 0usize;
+                let mut done = true;
+                {
+                    let tx = src.begin_read().map_err(io)?;
+                    let t = tx.open_table(RECORDS).map_err(io)?;
+                    for e in t.range::<&[u8]>(from.as_slice()..).map_err(io)? {
+                        let (k, v) = e.map_err(io)?;
+                        let k = k.value();
+                        let there = self.layout.group_of(k);
+                        if there == here.as_deref() {
+                            continue;
+                        }
+                        bytes += k.len() + v.value().len();
+                        moving
+                            .entry(there.map(<[u8]>::to_vec))
+                            .or_default()
+                            .push((k.to_vec(), v.value().to_vec()));
+                        if bytes >= REGROUP_TX_BYTES {
+                            from = [k, &[0]].concat();
+                            done = false;
+                            break;
+                        }
                     }
                 }
-            }
-            for (there, kvs) in &moving {
-                let db = files.route_for_write(there.as_deref())?;
-                let tx = db.begin_write().map_err(io)?;
+                for (there, kvs) in &moving {
+                    let db = self.route_for_write(there.as_deref())?;
+                    let tx = db.begin_write().map_err(io)?;
+                    {
+                        let mut t = tx.open_table(RECORDS).map_err(io)?;
+                        for (k, v) in kvs {
+                            t.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+                        }
+                    }
+                    tx.commit().map_err(io)?;
+                }
+                let tx = src.begin_write().map_err(io)?;
                 {
                     let mut t = tx.open_table(RECORDS).map_err(io)?;
-                    for (k, v) in kvs {
-                        t.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+                    for (k, _) in moving.values().flatten() {
+                        t.remove(k.as_slice()).map_err(io)?;
                     }
                 }
                 tx.commit().map_err(io)?;
-            }
-            let tx = src.begin_write().map_err(io)?;
-            {
-                let mut t = tx.open_table(RECORDS).map_err(io)?;
-                for (k, _) in moving.values().flatten() {
-                    t.remove(k.as_slice()).map_err(io)?;
+                if done {
+                    break;
                 }
             }
-            tx.commit().map_err(io)?;
-            if done {
-                break;
+        }
+        for (here, db) in sources {
+            let Some(g) = here else { continue };
+            let empty = {
+                let tx = db.begin_read().map_err(io)?;
+                let t = tx.open_table(RECORDS).map_err(io)?;
+                t.is_empty().map_err(io)?
+            };
+            if empty && self.layout.group_of(&g) != Some(g.as_slice()) {
+                drop(db);
+                self.drop_group(&g)?;
             }
         }
+        Ok(())
     }
-    let tx = files.main.begin_write().map_err(io)?;
-    tx.open_table(LAYOUT)
-        .map_err(io)?
-        .insert(LAYOUT_KEY, target.encode().as_slice())
-        .map_err(io)?;
-    tx.commit().map_err(io)?;
-    for (route, db) in sources {
-        let Some(g) = route else { continue };
-        let empty = {
-            let tx = db.begin_read().map_err(io)?;
-            let t = tx.open_table(RECORDS).map_err(io)?;
-            t.is_empty().map_err(io)?
-        };
-        if empty && target.group_of(&g) != Some(g.as_slice()) {
-            drop(db);
-            files.drop_group(&g)?;
-        }
-    }
-    Ok(true)
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
