@@ -740,6 +740,41 @@ mod tests {
         assert_eq!(s.scan_prefix(b"").unwrap(), want);
     }
 
+    /// A segment that one large batch carried far past its size is cut back to a segment's
+    /// size (plus 1 MiB) when it is kept as the spare.
+    #[test]
+    fn the_spare_segment_is_no_bigger_than_a_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            segment_bytes: 64 << 10,
+            ..WalOptions::default()
+        };
+        let spare = dir.path().join("wal-spare.log");
+        let wait = |done: &dyn Fn() -> bool| {
+            let t = std::time::Instant::now();
+            while !done() {
+                assert!(t.elapsed().as_secs() < 60, "the checkpointer is stuck");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        let s = RedbStore::open_dir_with(dir.path(), opts).unwrap();
+        // A small batch gets a spare made; the next one moves over to it.
+        put(&s, "a", &"x".repeat(1000));
+        wait(&|| spare.exists());
+        put(&s, "b", "y");
+        wait(&|| spare.exists() && wal::segment_files(dir.path()).len() == 1);
+        // The recycled segment now takes a batch of 3 MiB, then is checkpointed and kept.
+        let mut b = WriteBatch::new();
+        for i in 0..48 {
+            b.put(format!("k{i:02}"), vec![7u8; 64 << 10]);
+        }
+        s.write(b).unwrap();
+        wait(&|| spare.exists() && wal::segment_files(dir.path()).len() == 1);
+        let len = std::fs::metadata(&spare).unwrap().len();
+        assert!(len <= (64 << 10) + (1 << 20), "{len}");
+        assert_eq!(s.scan_keys(b"k").unwrap().len(), 48);
+    }
+
     /// A store keeps the grouping it was created with: one written without groups is read
     /// whole when opened with a grouping, and the other way round, until a compaction moves
     /// its records (in many small steps here) to the layout it is asked for.
