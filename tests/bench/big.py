@@ -231,7 +231,7 @@ def passes(args):
     print(json.dumps({"passes": out, "peak_rss_mb": srv.peak_kb / 1024}))
 
 
-def settle(path, quiet_s=3.0, limit_s=120.0):
+def settle(path, quiet_s=15.0, limit_s=180.0):
     """`du(path)` once it has not changed for `quiet_s`, and the seconds until that began."""
     t0 = time.perf_counter()
     last, since = du(path), 0.0
