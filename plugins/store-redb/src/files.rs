@@ -350,12 +350,10 @@ const REGROUP_TX_BYTES: usize = if cfg!(test) { 1 << 10 } else { 32 << 20 };
 /// [`Files::open`] refuses a store while that record is there; each step copies up to
 /// [`REGROUP_TX_BYTES`] into their new files, commits, then deletes them from the old one,
 /// so a key is always in one of its two places and a call after a crash finishes the move
-/// (asked for another layout, it first finishes the interrupted one). Returns whether
-/// anything moved.
-pub(crate) fn regroup(dir: &Path, main: Database, target: Grouping) -> Result<bool, StoreError> {
+/// (asked for another layout, it first finishes the interrupted one).
+pub(crate) fn regroup(dir: &Path, main: Database, target: Grouping) -> Result<(), StoreError> {
     let mut files = Files::open_any(dir, main, target)?;
     let target = Layout::of(target);
-    let mut moved = false;
     for goal in [files.next()?, Some(target)].into_iter().flatten() {
         if files.layout == goal && files.next()?.is_none() {
             continue;
@@ -376,9 +374,8 @@ pub(crate) fn regroup(dir: &Path, main: Database, target: Grouping) -> Result<bo
             t.remove(NEXT_KEY).map_err(io)?;
         }
         tx.commit().map_err(io)?;
-        moved = true;
     }
-    Ok(moved)
+    Ok(())
 }
 
 impl Files {

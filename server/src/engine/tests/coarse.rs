@@ -584,7 +584,7 @@ fn writes_to_a_split_generation_keep_one_row_record_per_31_rows_and_drop_the_res
 
 /// The generations that have files in the redb store at `dir`: `(kind, gen)` of each.
 fn generation_files(dir: &std::path::Path) -> std::collections::BTreeSet<(u8, u32)> {
-    std::fs::read_dir(dir.join("groups"))
+    std::fs::read_dir(dir.join(sealdb_store_redb::files::GROUPS_DIR))
         .into_iter()
         .flatten()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
